@@ -1,0 +1,100 @@
+"""Shared CLI plumbing: options, config loading, delegation to stage environments, output.
+
+Commands stay thin: parse -> `load()` -> maybe `delegate()` -> call the stage -> `show_result()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from ftpipe.core.logs import console_stream
+
+console = Console(file=console_stream, highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+ConfigOpt = Annotated[
+    Path, typer.Option("--config", "-c", help="Config YAML (e.g. debug_config.yaml).")
+]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="Override a config value: section.key=value (repeatable)."),
+]
+RunOpt = Annotated[
+    Optional[str], typer.Option("--run", help="Run name (default: the latest run, logged).")
+]
+RuntimeOpt = Annotated[
+    Optional[str],
+    typer.Option("--runtime", help="local (stage venvs) or compose (Docker services)."),
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun even when up to date.")]
+
+DEFAULT_CONFIG = Path("config.yaml")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Show ftpipe's INFO logs on the console (warnings from other libraries too)."""
+    root = logging.getLogger()
+    if any(isinstance(h, RichHandler) for h in root.handlers):
+        return
+    handler = RichHandler(console=console, show_path=False, show_time=False, markup=False)
+    handler.setLevel(logging.DEBUG if verbose else logging.INFO)
+    handler.addFilter(_ConsoleFilter())
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+class _ConsoleFilter(logging.Filter):
+    # Our own INFO lines; everybody else's WARNING and above (their INFO goes to run.log only).
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name.startswith("ftpipe") or record.levelno >= logging.WARNING
+
+
+def load(config: Path, sets: list[str] | None, flags: dict[str, Any] | None = None):
+    """Load the config with overrides (see ftpipe.core.config.load_config)."""
+    from ftpipe.core.config import load_config
+
+    setup_logging(os.environ.get("FTPIPE_VERBOSE") == "1")
+    return load_config(config, sets or [], flags=flags)
+
+
+def delegate(stage: str, loaded) -> None:
+    """Re-run this very command in the stage's environment when we are not in it.
+
+    Exits with the child's exit code when it delegated; returns when the stage should run here.
+    """
+    from ftpipe.core.executor import environment_for, in_environment, run_in_environment
+
+    env = environment_for(stage)
+    runtime = loaded.config.runtime.mode
+    if runtime == "local" and in_environment(loaded.root, env):
+        return
+    if runtime == "compose" and os.environ.get("FTPIPE_SERVICE"):
+        return
+    code = run_in_environment(
+        loaded.root, stage, sys.argv[1:], runtime=runtime, compose_file=loaded.config.runtime.compose_file
+    )
+    raise typer.Exit(code)
+
+
+def show_result(result, title: str) -> None:
+    """Print a stage result: its summary line and a metrics table."""
+    style = "yellow" if result.skipped else "green"
+    console.print(f"[{style}]{result.summary or title}[/{style}]")
+    if result.metrics:
+        table = Table(title=title, show_header=True, header_style="bold")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for key, value in result.metrics.items():
+            if isinstance(value, (dict, list)):
+                continue
+            table.add_row(str(key), f"{value:.4g}" if isinstance(value, float) else str(value))
+        console.print(table)

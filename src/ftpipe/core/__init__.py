@@ -1,0 +1,1 @@
+"""Shared mechanisms: config, run folders, manifests, logging, executor, model references."""

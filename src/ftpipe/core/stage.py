@@ -1,0 +1,179 @@
+"""The stage lifecycle every stage goes through: skip check, logging, manifest, outputs.
+
+A stage module exposes `run(ctx: StageContext) -> StageResult` (plain function). `execute`
+wraps it:
+
+1. same config hash and same inputs as a `completed` manifest whose outputs are intact -> skip;
+2. manifest `running` written, logging goes to logs/.../<stage>/run.log and console.log;
+3. the stage runs; its outputs are hashed; the manifest is rewritten last, atomically, as
+   `completed` - or `failed` with the error, and the error re-raised.
+
+A crash (even SIGKILL) therefore leaves `running` or the previous manifest, never `completed`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ftpipe.core.config import LoadedConfig
+from ftpipe.core.errors import FtpipeError
+from ftpipe.core.logs import stage_logging
+from ftpipe.core.manifest import (
+    SCHEMA_VERSION,
+    environment_record,
+    file_records,
+    input_record,
+    now,
+    outputs_intact,
+    package_versions,
+    read_manifest,
+    write_manifest,
+)
+from ftpipe.core.runs import Project, RunDir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageContext:
+    """Everything a stage needs: its config, its run folder, where to log, whether to force."""
+
+    stage: str
+    loaded: LoadedConfig
+    project: Project
+    log_dir: Path
+    run: RunDir | None = None
+    force: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config(self):
+        return self.loaded.config
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.log_dir / "manifest.json"
+
+    @classmethod
+    def for_run(cls, stage: str, loaded: LoadedConfig, run: RunDir, force: bool = False, **options: Any) -> "StageContext":
+        """Context of a run-scoped stage: logs/<run>/<stage>/."""
+        return cls(stage, loaded, run.project, run.log_dir(stage), run, force, options)
+
+
+@dataclass
+class StageResult:
+    """What a stage produced: output files/folders to hash, metrics, a one-line summary."""
+
+    outputs: list[Path] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    summary: str = ""
+    skipped: bool = False
+    manifest: dict[str, Any] | None = None
+
+
+def execute(
+    ctx: StageContext,
+    fn: Callable[[StageContext], StageResult],
+    *,
+    sections: tuple[str, ...],
+    inputs: dict[str, Path],
+    environment: str = "train",
+) -> StageResult:
+    """Run `fn(ctx)` under the manifest lifecycle described in the module docstring.
+
+    Args:
+        ctx: the stage context.
+        fn: the stage body.
+        sections: config sections that affect the result (hashed, with `model`).
+        inputs: named input files/folders/upstream manifests (recorded and compared).
+        environment: the stage environment name recorded in the manifest.
+
+    Returns:
+        The stage's result, or the previous result with `skipped=True`.
+
+    Raises:
+        FtpipeError: re-raised from the stage after the manifest is marked `failed`.
+    """
+    project = ctx.project
+    config_hash = ctx.loaded.section_hash(*sections)
+    input_records = {name: input_record(project, path) for name, path in inputs.items()}
+    previous = read_manifest(ctx.manifest_path)
+    if (
+        not ctx.force
+        and previous is not None
+        and previous.get("status") == "completed"
+        and previous.get("config_hash") == config_hash
+        and previous.get("inputs") == input_records
+        and outputs_intact(project, previous)
+    ):
+        log.info("%s: up to date (same config and inputs); skipped - use --force to rerun", ctx.stage)
+        return StageResult(
+            outputs=[project.resolve(r["path"]) for r in previous.get("outputs", [])],
+            metrics=previous.get("metrics", {}),
+            summary=f"{ctx.stage}: up to date, skipped (use --force to rerun)",
+            skipped=True,
+            manifest=previous,
+        )
+
+    manifest: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "run": ctx.run.name if ctx.run else None,
+        "stage": ctx.stage,
+        "status": "running",
+        "started_at": now(),
+        "finished_at": None,
+        "config": ctx.loaded.redacted(),
+        "config_hash": config_hash,
+        "config_source": project.rel(ctx.loaded.source) if ctx.loaded.source else None,
+        "inputs": input_records,
+        "outputs": [],
+        "metrics": {},
+        "versions": package_versions(),
+        "environment": {**environment_record(project), "stage_environment": environment},
+    }
+    ctx.log_dir.mkdir(parents=True, exist_ok=True)
+    write_manifest(ctx.manifest_path, manifest)
+    start = time.monotonic()
+    with stage_logging(ctx.log_dir):
+        log.info("%s: started (config hash %s)", ctx.stage, config_hash[:12])
+        try:
+            result = fn(ctx)
+        except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised unchanged
+            manifest.update(
+                status="failed",
+                finished_at=now(),
+                error=exc.one_line() if isinstance(exc, FtpipeError) else f"{type(exc).__name__}: {exc}",
+            )
+            manifest["metrics"]["seconds"] = round(time.monotonic() - start, 3)
+            write_manifest(ctx.manifest_path, manifest)
+            log.error("%s: failed: %s", ctx.stage, manifest["error"])
+            raise
+        manifest["outputs"] = file_records(project, result.outputs)
+        manifest["metrics"] = {**result.metrics, "seconds": round(time.monotonic() - start, 3)}
+        manifest.update(status="completed", finished_at=now())
+        write_manifest(ctx.manifest_path, manifest)
+        log.info("%s: completed in %.1fs", ctx.stage, manifest["metrics"]["seconds"])
+    result.manifest = manifest
+    return result
+
+
+def require_completed(run: RunDir, stage: str, command: str) -> dict[str, Any]:
+    """The upstream stage's completed manifest, or an InputError naming the command to run.
+
+    Raises:
+        InputError: when the manifest is missing or not `completed`.
+    """
+    from ftpipe.core.errors import InputError
+
+    manifest = read_manifest(run.manifest_path(stage))
+    if manifest is None or manifest.get("status") != "completed":
+        state = "missing" if manifest is None else manifest.get("status")
+        raise InputError(
+            f"run {run.name}: stage {stage} is {state} ({run.project.rel(run.manifest_path(stage))})",
+            hint=f"{command} --run {run.name}",
+        )
+    return manifest

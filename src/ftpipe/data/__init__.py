@@ -1,0 +1,1 @@
+"""Data stages: reading, validating and normalising datasets (`preprocess-sft`)."""

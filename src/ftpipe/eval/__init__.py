@@ -1,0 +1,1 @@
+"""Evaluation stages: perplexity and prompt checks (`eval-sft`), the HTML report (`report`)."""

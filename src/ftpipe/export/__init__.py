@@ -1,0 +1,1 @@
+"""Export stages: merged weights, AWQ, GGUF and Ollama."""

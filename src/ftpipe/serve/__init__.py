@@ -1,0 +1,1 @@
+"""Serving: vLLM / llama.cpp OpenAI-compatible servers (`serve`) and the `smoke-test`."""

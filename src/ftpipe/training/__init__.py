@@ -1,0 +1,1 @@
+"""Training stages: LoRA SFT (`finetune-sft`) and the tiny local model (`make-tiny-model`)."""

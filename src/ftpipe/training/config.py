@@ -1,0 +1,64 @@
+"""Config sections `finetune` (LoRA SFT) and `model.tiny` (the locally built tiny model).
+
+Owned by `ftpipe/training/`; nested into the root config in `ftpipe/core/config.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from ftpipe.core.configbase import Section
+
+
+class TinyModelConfig(Section):
+    """A small random-init model with a locally trained tokenizer (no hub download)."""
+
+    arch: Literal["llama", "qwen2"] = Field("llama", description="Model family of the config.")
+    hidden_size: int = Field(128, gt=0, description="Hidden size (multiple of 128 for AWQ).")
+    intermediate_size: int = Field(256, gt=0, description="MLP size (multiple of 128 for AWQ).")
+    num_layers: int = Field(4, gt=0, description="Decoder layers.")
+    num_heads: int = Field(4, gt=0, description="Attention heads.")
+    num_kv_heads: int = Field(2, gt=0, description="Key/value heads (GQA).")
+    vocab_size: int = Field(4096, ge=300, description="Target BPE vocabulary size.")
+    max_position_embeddings: int = Field(1024, gt=0, description="Context length.")
+    tie_word_embeddings: bool = Field(True, description="Share input embeddings and lm_head.")
+    seed: int = Field(0, description="Seed for tokenizer corpus order and weight init.")
+
+
+class FinetuneConfig(Section):
+    """LoRA SFT with TRL (`finetune-sft`)."""
+
+    method: Literal["lora", "dora", "qlora", "full"] = Field("lora", description="Fine-tune method.")
+    lora_r: int = Field(16, gt=0, description="LoRA rank.")
+    lora_alpha: int = Field(32, gt=0, description="LoRA alpha.")
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Modules to adapt, or `all-linear`."
+    )
+    max_length: int = Field(1024, gt=0, description="Max tokens per training sequence.")
+    packing: Literal["auto", "on", "off"] = Field("auto", description="Sequence packing.")
+    assistant_only_loss: bool = Field(True, description="Train only on assistant tokens (chat data).")
+    epochs: float = Field(1.0, gt=0, description="Epochs (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs).")
+    batch_size: int = Field(4, gt=0, description="Per-device batch size.")
+    grad_accum: int = Field(1, gt=0, description="Gradient accumulation steps.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: str = Field("cosine", description="transformers LR scheduler name.")
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="Warm-up fraction of steps.")
+    logging_steps: int = Field(10, gt=0, description="Log loss every N steps.")
+    save_steps: int = Field(100, gt=0, description="Checkpoint every N steps.")
+    save_total_limit: int = Field(3, gt=0, description="Keep at most N checkpoints.")
+    eval_steps: int | None = Field(None, gt=0, description="Evaluate on val every N steps (None: off).")
+    seed: int = Field(42, description="Training seed.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="`auto`: CUDA bf16/fp16, CPU bf16 where supported, else fp32."
+    )
+    gradient_checkpointing: Literal["auto", "on", "off"] = Field(
+        "auto", description="`auto`: only when memory needs it."
+    )
+    num_processes: int = Field(1, gt=0, description="Processes (DDP) to launch.")
+    accelerate_config: str | None = Field(
+        None, description="accelerate config file (multi-GPU, FSDP, DeepSpeed) for scale-out."
+    )

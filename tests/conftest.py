@@ -1,0 +1,84 @@
+"""Shared fixtures: the tiny local models (built once per session) and a CLI runner.
+
+Tests never reach beyond loopback: HF_HUB_OFFLINE=1 is forced here as well as in scripts/test.sh.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 900) -> CliResult:
+    """Run `python -m ftpipe ARGS` in a subprocess (real exit codes, real error handler)."""
+    full_env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", **(env or {})}
+    full_env.pop("FTPIPE_DEBUG", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ftpipe", *args],
+        cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny Llama with tied embeddings, built locally (no hub)."""
+    from ftpipe.training.config import TinyModelConfig
+    from ftpipe.training.tiny_model import build
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    build(out, TinyModelConfig(arch="llama", vocab_size=2048, tie_word_embeddings=True),
+          [REPO / "data/demo/sentiment.jsonl"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory) -> Path:
+    """A tiny Qwen2 with untied embeddings."""
+    from ftpipe.training.config import TinyModelConfig
+    from ftpipe.training.tiny_model import build
+
+    out = tmp_path_factory.mktemp("tiny-qwen2")
+    build(out, TinyModelConfig(arch="qwen2", vocab_size=2048, tie_word_embeddings=False),
+          [REPO / "data/demo/sentiment.jsonl"])
+    return out
+
+
+@pytest.fixture
+def project(tmp_path, tiny_model_dir) -> Path:
+    """A project folder: config.yaml pointing at the tiny model and a copy of the demo data."""
+    import shutil
+
+    (tmp_path / "data").mkdir()
+    shutil.copy(REPO / "data/demo/sentiment.jsonl", tmp_path / "data/sentiment.jsonl")
+    (tmp_path / "config.yaml").write_text(
+        f"model:\n  path: {tiny_model_dir}\n"
+        "data:\n  name: sentiment\n  source: data/sentiment.jsonl\n"
+        "preprocess:\n  max_length: 256\n"
+        "finetune:\n  max_steps: 20\n  batch_size: 4\n  max_length: 256\n  logging_steps: 5\n  save_steps: 10\n",
+        encoding="utf-8",
+    )
+    return tmp_path
