@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create (or reuse) the stage environments from their lock files: bash scripts/bootstrap.sh [train awq serve gguf]
-# A venv is reused when its recorded hash of (lock file + pyproject.toml) matches; otherwise rebuilt.
+# A venv is reused when its recorded hash of (lock file + this script) matches; otherwise rebuilt.
+# ftpipe itself is installed editable, so code changes need no rebuild.
 # torch is pinned to the 2.13.0 CPU wheel first: an unpinned torch pulls a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +14,7 @@ for env in "$@"; do
   lock="requirements/$env.lock"
   [ -f "$lock" ] || { echo "bootstrap: no lock file $lock" >&2; exit 2; }
   dir=$(venv_dir "$env")
-  want=$(cat "$lock" pyproject.toml | sha256sum | cut -d' ' -f1)
+  want=$(cat "$lock" scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)
   if [ -f "$dir/.ftpipe-lock" ] && [ "$(cat "$dir/.ftpipe-lock")" = "$want" ]; then
     echo "bootstrap: $dir up to date"
     continue

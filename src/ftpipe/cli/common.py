@@ -16,10 +16,10 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from ftpipe.core.logs import console_stream
+from ftpipe.core.logs import console_err_stream, console_stream
 
 console = Console(file=console_stream, highlight=False)
-err_console = Console(stderr=True, highlight=False)
+err_console = Console(file=console_err_stream, highlight=False)
 
 ConfigOpt = Annotated[
     Path, typer.Option("--config", "-c", help="Config YAML (e.g. debug_config.yaml).")
@@ -45,7 +45,7 @@ def setup_logging(verbose: bool = False) -> None:
     root = logging.getLogger()
     if any(isinstance(h, RichHandler) for h in root.handlers):
         return
-    handler = RichHandler(console=console, show_path=False, show_time=False, markup=False)
+    handler = RichHandler(console=err_console, show_path=False, show_time=False, markup=False)
     handler.setLevel(logging.DEBUG if verbose else logging.INFO)
     handler.addFilter(_ConsoleFilter())
     root.addHandler(handler)

@@ -24,13 +24,14 @@ _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07|\r")
 class TeeStream(io.TextIOBase):
     """A text stream writing to the terminal and, while a stage runs, to its console.log."""
 
-    def __init__(self, primary: TextIO | None = None) -> None:
-        self._primary = primary
+    def __init__(self, stream: str = "stdout") -> None:
+        self._stream = stream
         self._copy: TextIO | None = None
 
     @property
     def primary(self) -> TextIO:
-        return self._primary or sys.stdout
+        # Looked up at each write so pytest's capture and redirections keep working.
+        return getattr(sys, self._stream)
 
     def write(self, text: str) -> int:
         text = redact(text)
@@ -62,7 +63,8 @@ class TeeStream(io.TextIOBase):
                 self._copy = previous
 
 
-console_stream = TeeStream()
+console_stream = TeeStream("stdout")  # results, tables, progress
+console_err_stream = TeeStream("stderr")  # log lines and errors: stdout stays clean for --format json
 
 
 @contextlib.contextmanager
@@ -84,7 +86,7 @@ def stage_logging(log_dir: Path, level: int = logging.INFO) -> Iterator[Path]:
     if root.level > level or root.level == logging.NOTSET:
         root.setLevel(level)
     try:
-        with console_stream.copy_to(log_dir / "console.log"):
+        with console_stream.copy_to(log_dir / "console.log"), console_err_stream.copy_to(log_dir / "console.log"):
             yield run_log
     finally:
         root.removeHandler(handler)

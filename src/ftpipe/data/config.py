@@ -72,5 +72,13 @@ class PreprocessConfig(Section):
     )
     dedupe: bool = Field(True, description="Drop exact duplicate conversations.")
     limit: int | None = Field(None, gt=0, description="Keep at most this many rows (after filtering).")
+    sample: bool = Field(
+        False, description="With `limit`: keep a seeded random sample of the rows instead of the first ones."
+    )
+    fast_render: bool = Field(
+        True,
+        description="Count tokens from a per-shape skeleton of the chat template (verified against "
+        "Jinja on the first rows of each shape and periodically); false renders every row with Jinja.",
+    )
     strict: bool = Field(False, description="Fail on the first bad row instead of dropping it.")
     errors_shown: int = Field(10, ge=0, description="How many bad rows to print (all are counted).")

@@ -14,14 +14,36 @@ class EvalConfig(Section):
 
     artifacts: list[Literal["base", "adapter", "merged", "awq"]] = Field(
         default_factory=lambda: ["base", "adapter", "merged", "awq"],
-        description="Artifacts to evaluate (those that exist).",
+        description="Artifacts to evaluate (those that exist; the others are reported as skipped).",
     )
-    prompts_file: str | None = Field(None, description="YAML file of prompt checks.")
+    prompts_file: str | None = Field(
+        None,
+        description="YAML or JSON file of prompt checks (name, system, prompt, expect: exact / "
+        "contains / regex / max_length / must_stop); relative to the project root. None: no checks.",
+    )
     max_val_rows: int | None = Field(None, gt=0, description="Limit val rows for perplexity.")
+    max_length: int = Field(2048, gt=1, description="Truncate val conversations to this many tokens.")
+    batch_tokens: int = Field(
+        4096, gt=0, description="Token budget per perplexity batch (rows x padded length)."
+    )
     max_new_tokens: int = Field(32, gt=0, description="Tokens generated per prompt (greedy).")
+    samples: int = Field(
+        3, ge=0, description="Greedy sample generations per artifact for the first val rows."
+    )
+    worker_timeout: float = Field(
+        3600.0, gt=0, description="Seconds the awq-environment worker may take before it is stopped."
+    )
+    lm_eval_tasks: list[str] = Field(
+        default_factory=list,
+        description="Optional lm-evaluation-harness tasks (local task data) run on the merged "
+        "model; needs `pip install lm-eval` in the train environment.",
+    )
 
 
 class ReportConfig(Section):
     """`report`: the one-page HTML report."""
 
     title: str | None = Field(None, description="Report title; default: the run name.")
+    generations_shown: int = Field(
+        20, ge=0, description="Generations per artifact shown in the report (from generations.jsonl)."
+    )

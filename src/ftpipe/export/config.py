@@ -15,18 +15,37 @@ class MergeConfig(Section):
     max_abs_logit_diff: float = Field(
         1e-3, gt=0, description="Fail when merged vs base+adapter logits differ by more."
     )
-    verify_prompts: int = Field(4, ge=1, description="Sample prompts used for the logit check.")
+    max_abs_logit_diff_16bit: float = Field(
+        0.5,
+        gt=0,
+        description="The same threshold for bfloat16/float16 bases (rounding W + BA to 16 bits "
+        "moves logits by ~1e-2..1e-1).",
+    )
+    verify_prompts: int = Field(
+        4, ge=1, description="Sample conversations (from the prepared val split) for the logit check."
+    )
 
 
 class AwqConfig(Section):
-    """`convert-awq`: 4-bit AWQ with llm-compressor."""
+    """`convert-awq`: 4-bit AWQ with llm-compressor, calibrated on the run's own training data."""
 
-    scheme: Literal["W4A16", "W4A16_ASYM"] = Field("W4A16", description="Quantization scheme.")
-    group_size: int = Field(128, gt=0, description="Quantization group size.")
-    calibration_samples: int = Field(64, gt=0, description="Calibration rows from the train split.")
-    calibration_max_length: int = Field(256, gt=0, description="Tokens per calibration row.")
+    scheme: Literal["W4A16", "W4A16_ASYM"] = Field(
+        "W4A16", description="Quantization scheme: 4-bit weights, 16-bit activations; symmetric or asymmetric."
+    )
+    group_size: int = Field(
+        128, gt=0, description="Weights per quantization group (presets use 128); hidden and MLP sizes must be multiples."
+    )
+    calibration_samples: int = Field(64, gt=0, description="Calibration rows drawn from the train split.")
+    calibration_max_length: int = Field(256, gt=0, description="Tokens per calibration row (longer rows are cut).")
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="dtype the model is quantized in; unquantized tensors (embeddings, norms) keep it."
+    )
+    seed: int = Field(0, description="Seed of the calibration row sampling.")
+    eval_rows: int = Field(64, gt=0, description="Val rows used for the perplexity comparison.")
+    verify_prompts: int = Field(8, ge=1, description="Val prompts used for the greedy agreement check.")
+    verify_max_new_tokens: int = Field(8, gt=0, description="Greedy tokens generated per verify prompt.")
     max_perplexity_increase: float = Field(
-        0.10, ge=0, description="Fail when val perplexity rises more than this fraction."
+        0.10, ge=0, description="Fail when val perplexity rises more than this fraction over the merged model's."
     )
 
 

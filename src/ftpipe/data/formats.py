@@ -1,0 +1,298 @@
+"""Row formats: detect which one a record is in and normalise it to chat messages.
+
+Part of `preprocess-sft` (ftpipe/data/preprocess.py): every reader yields plain dict records; the
+functions here turn one record into `{"messages": [...]}` (plus `tools` when the row has tool
+definitions) or raise `RowError(field, what)`, which the stage reports as
+`file:line: field: what is wrong`.
+
+    ftpipe preprocess-sft --config debug_config.yaml --format alpaca
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+ROLES = ("system", "user", "assistant", "tool")
+# ShareGPT speaker names (incl. the LLaMA-Factory variants) -> chat roles.
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "model": "assistant",
+    "system": "system",
+    "tool": "tool",
+    "observation": "tool",
+    "function": "tool",
+    "function_call": "assistant",
+}
+MESSAGE_KEYS = ("role", "content", "name", "tool_calls", "tool_call_id")
+ROW_FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "text")
+
+
+class RowError(Exception):
+    """One bad record: which field and what is wrong with it (the caller adds file:line)."""
+
+    def __init__(self, field: str, what: str, reason: str = "invalid") -> None:
+        super().__init__(f"{field}: {what}")
+        self.field = field
+        self.what = what
+        self.reason = reason
+
+
+def detect_row_format(record: Any) -> str | None:
+    """The row format a record looks like, or None.
+
+    Checked in order: messages, conversations (ShareGPT), instruction+output (alpaca),
+    prompt+completion, text.
+    """
+    if not isinstance(record, dict):
+        return None
+    if "messages" in record:
+        return "messages"
+    if "conversations" in record:
+        return "sharegpt"
+    if "instruction" in record and "output" in record:
+        return "alpaca"
+    if "prompt" in record and "completion" in record:
+        return "prompt_completion"
+    if "text" in record:
+        return "text"
+    return None
+
+
+def describe_keys(record: Any) -> str:
+    """Short description of a record's keys for 'cannot detect' messages."""
+    if not isinstance(record, dict):
+        return f"a JSON {_json_type(record)}, not an object"
+    keys = ", ".join(sorted(map(str, record))[:8]) or "no keys"
+    return f"keys {keys}"
+
+
+def _json_type(value: Any) -> str:
+    return {
+        dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
+        float: "number", type(None): "null",
+    }.get(type(value), type(value).__name__)
+
+
+def _string(record: dict, key: str, field: str | None = None, required: bool = True) -> str | None:
+    field = field or key
+    if key not in record or record[key] is None:
+        if required:
+            raise RowError(field, "missing")
+        return None
+    value = record[key]
+    if not isinstance(value, str):
+        raise RowError(field, f"expected a string, got {_json_type(value)}")
+    if required and not value.strip():
+        raise RowError(field, "empty")
+    return value
+
+
+def _need_object(record: Any) -> dict:
+    if not isinstance(record, dict):
+        raise RowError("<row>", f"expected a JSON object, got {_json_type(record)}")
+    return record
+
+
+def _content(value: Any, field: str) -> str:
+    """OpenAI content: a string, or a list of text parts (joined)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        texts = []
+        for j, part in enumerate(value):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise RowError(f"{field}[{j}]", "only text parts ({\"type\": \"text\", \"text\": ...}) are supported")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise RowError(field, f"expected a string, got {_json_type(value)}")
+
+
+def _tool_calls(value: Any, field: str) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise RowError(field, "expected a non-empty list of tool calls")
+    for j, call in enumerate(value):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise RowError(f"{field}[{j}].function.name", "missing")
+        args = fn.get("arguments")
+        if not isinstance(args, (str, dict)):
+            raise RowError(f"{field}[{j}].function.arguments", "expected a JSON string or an object")
+    return value
+
+
+def _check_conversation(messages: list[dict], field: str) -> list[dict]:
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RowError(field, "no assistant message: nothing to learn from this row")
+    return messages
+
+
+def normalise_messages(record: Any, field: str = "messages") -> dict:
+    """OpenAI-style `{"messages": [{"role", "content", ...}]}` (tool calls and `tools` kept)."""
+    record = _need_object(record)
+    raw = record.get(field)
+    if raw is None:
+        raise RowError(field, "missing")
+    if not isinstance(raw, list) or not raw:
+        raise RowError(field, f"expected a non-empty list of messages, got {_json_type(raw) if raw != [] else 'an empty list'}")
+    messages = []
+    for i, msg in enumerate(raw):
+        where = f"{field}[{i}]"
+        if not isinstance(msg, dict):
+            raise RowError(where, f"expected an object with role and content, got {_json_type(msg)}")
+        role = msg.get("role")
+        if role is None:
+            raise RowError(f"{where}.role", "missing")
+        if role not in ROLES:
+            raise RowError(f"{where}.role", f"{role!r} is not one of {', '.join(ROLES)}")
+        out: dict[str, Any] = {"role": role}
+        content = msg.get("content")
+        if "tool_calls" in msg and msg["tool_calls"] is not None:
+            if role != "assistant":
+                raise RowError(f"{where}.tool_calls", f"only assistant messages carry tool calls, not {role}")
+            out["content"] = "" if content is None else _content(content, f"{where}.content")
+            out["tool_calls"] = _tool_calls(msg["tool_calls"], f"{where}.tool_calls")
+        else:
+            if content is None:
+                raise RowError(f"{where}.content", "missing")
+            out["content"] = _content(content, f"{where}.content")
+        for key in ("name", "tool_call_id"):
+            if msg.get(key) is not None:
+                if not isinstance(msg[key], str):
+                    raise RowError(f"{where}.{key}", f"expected a string, got {_json_type(msg[key])}")
+                out[key] = msg[key]
+        messages.append(out)
+    row: dict[str, Any] = {"messages": _check_conversation(messages, field)}
+    if record.get("tools") is not None:
+        if not isinstance(record["tools"], list):
+            raise RowError("tools", f"expected a list of tool definitions, got {_json_type(record['tools'])}")
+        row["tools"] = record["tools"]
+    return row
+
+
+def normalise_alpaca(record: Any) -> dict:
+    """Alpaca: instruction (+ input) -> user, output -> assistant; optional system and history."""
+    record = _need_object(record)
+    instruction = _string(record, "instruction")
+    extra = _string(record, "input", required=False)
+    output = _string(record, "output")
+    system = _string(record, "system", required=False)
+    messages: list[dict] = []
+    if system:
+        messages.append({"role": "system", "content": system})
+    history = record.get("history")
+    if history is not None:
+        if not isinstance(history, list):
+            raise RowError("history", f"expected a list of [user, assistant] pairs, got {_json_type(history)}")
+        for i, pair in enumerate(history):
+            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+                raise RowError(f"history[{i}]", "expected a [user, assistant] pair of strings")
+            messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    prompt = f"{instruction}\n{extra}" if extra else instruction
+    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+    return {"messages": messages}
+
+
+def normalise_sharegpt(record: Any) -> dict:
+    """ShareGPT: `conversations` of {from, value}; human/gpt/system/tool (and function_call)."""
+    record = _need_object(record)
+    raw = record.get("conversations")
+    if raw is None:
+        raise RowError("conversations", "missing")
+    if not isinstance(raw, list) or not raw:
+        raise RowError("conversations", "expected a non-empty list of {from, value} turns")
+    messages: list[dict] = []
+    system = _string(record, "system", required=False)
+    if system:
+        messages.append({"role": "system", "content": system})
+    for i, turn in enumerate(raw):
+        where = f"conversations[{i}]"
+        if not isinstance(turn, dict):
+            raise RowError(where, f"expected an object with from and value, got {_json_type(turn)}")
+        speaker = turn.get("from")
+        if speaker is None:
+            raise RowError(f"{where}.from", "missing")
+        role = SHAREGPT_ROLES.get(str(speaker).lower())
+        if role is None:
+            raise RowError(f"{where}.from", f"{speaker!r} is not one of human, gpt, system, tool (or user, assistant, observation, function_call)")
+        value = turn.get("value")
+        if not isinstance(value, str):
+            raise RowError(f"{where}.value", "missing" if value is None else f"expected a string, got {_json_type(value)}")
+        if str(speaker).lower() == "function_call":
+            try:
+                call = json.loads(value)
+            except json.JSONDecodeError:
+                raise RowError(f"{where}.value", "a function_call value must be JSON {\"name\", \"arguments\"}") from None
+            if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+                raise RowError(f"{where}.value", "a function_call value must be JSON {\"name\", \"arguments\"}")
+            args = call.get("arguments", {})
+            messages.append({
+                "role": "assistant", "content": "",
+                "tool_calls": [{"type": "function", "function": {"name": call["name"], "arguments": args}}],
+            })
+        else:
+            messages.append({"role": role, "content": value})
+    row: dict[str, Any] = {"messages": _check_conversation(messages, "conversations")}
+    if record.get("tools") is not None:
+        tools = record["tools"]
+        if isinstance(tools, str):  # LLaMA-Factory stores tool definitions as a JSON string
+            try:
+                tools = json.loads(tools)
+            except json.JSONDecodeError:
+                raise RowError("tools", "not valid JSON") from None
+        if not isinstance(tools, list):
+            raise RowError("tools", f"expected a list of tool definitions, got {_json_type(tools)}")
+        row["tools"] = tools
+    return row
+
+
+def normalise_prompt_completion(record: Any) -> dict:
+    """prompt -> user, completion -> assistant (strings, or conversational lists of messages)."""
+    record = _need_object(record)
+    prompt, completion = record.get("prompt"), record.get("completion")
+    if isinstance(prompt, list) or isinstance(completion, list):
+        first = normalise_messages({"messages": prompt}, "prompt")["messages"] if isinstance(prompt, list) else None
+        if first is None:
+            raise RowError("prompt", "expected a list of messages like completion")
+        if not isinstance(completion, list) or not completion:
+            raise RowError("completion", "expected a non-empty list of messages like prompt")
+        rest = normalise_messages({"messages": completion}, "completion")["messages"]
+        return {"messages": first + rest}
+    prompt = _string(record, "prompt")
+    completion = _string(record, "completion")
+    messages = []
+    system = _string(record, "system", required=False)
+    if system:
+        messages.append({"role": "system", "content": system})
+    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    return {"messages": messages}
+
+
+def normalise_text(record: Any) -> dict:
+    """Plain `text` -> one assistant message (the whole text is the training target)."""
+    record = _need_object(record)
+    return {"messages": [{"role": "assistant", "content": _string(record, "text")}]}
+
+
+NORMALISERS: dict[str, Callable[[Any], dict]] = {
+    "alpaca": normalise_alpaca,
+    "messages": normalise_messages,
+    "sharegpt": normalise_sharegpt,
+    "prompt_completion": normalise_prompt_completion,
+    "text": normalise_text,
+}
+
+# The keys that identify each row format: used to say "this looks like X, not Y".
+REQUIRED_KEYS = {
+    "alpaca": "instruction, output",
+    "messages": "messages",
+    "sharegpt": "conversations",
+    "prompt_completion": "prompt, completion",
+    "text": "text",
+}

@@ -1,0 +1,156 @@
+"""Label Studio: turn exported tasks into chat rows, and export a project over its API.
+
+Part of `preprocess-sft`. A JSON export is a list of tasks `{id, data, annotations[]}`; each
+annotation has `result[]` items, and the generative-supervised ("supervised LLM fine-tuning")
+template stores the prompt in `data.prompt` and the answer in a `textarea` result
+(`value.text`). Cancelled (skipped) annotations are ignored; of the rest, the ground-truth one
+(or the latest, by `data.label_studio.annotation`) is used.
+
+A project is exported with the official `label-studio-sdk` (`GET /api/projects/<id>/export`).
+A legacy token is sent as `Token <key>`; a personal access token (a JWT refresh token) is first
+exchanged at `/api/token/refresh/` for a short-lived access token by the SDK. The token is never
+logged: it is registered with ftpipe's redaction (`ftpipe.core.secrets`).
+
+    ftpipe preprocess-sft --config config.yaml --format label_studio_api
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from ftpipe.core.errors import ConfigError, InputError
+from ftpipe.core.fsutil import sha256_file
+from ftpipe.core.secrets import register_secret
+from ftpipe.data.formats import RowError
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "LABEL_STUDIO_API_KEY"
+
+
+def is_export(record: Any) -> bool:
+    """True when a JSON array element looks like a Label Studio task."""
+    return isinstance(record, dict) and isinstance(record.get("data"), dict) and (
+        "annotations" in record or "predictions" in record or "id" in record
+    )
+
+
+def _when(annotation: dict) -> tuple:
+    return (str(annotation.get("updated_at") or annotation.get("created_at") or ""), annotation.get("id") or 0)
+
+
+def choose_annotation(annotations: list[dict], prefer: str) -> tuple[int, dict] | None:
+    """(index, annotation) to use: not cancelled; ground truth first when `prefer` says so; latest."""
+    usable = [(i, a) for i, a in enumerate(annotations) if isinstance(a, dict) and not a.get("was_cancelled")]
+    if not usable:
+        return None
+    if prefer == "ground_truth":
+        truth = [(i, a) for i, a in usable if a.get("ground_truth")]
+        usable = truth or usable
+    return max(usable, key=lambda item: _when(item[1]))
+
+
+def normalise_task(task: Any, cfg) -> dict:
+    """One exported task -> `{"messages": [user prompt, assistant answer]}`.
+
+    Args:
+        task: one element of the export.
+        cfg: `data.label_studio` (prompt_field, answer_from_name, annotation).
+
+    Raises:
+        RowError: no usable annotation (reason `no_annotation`), or a missing prompt / answer.
+    """
+    if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
+        raise RowError("data", "missing: not a Label Studio task")
+    data = task["data"]
+    prompt = data.get(cfg.prompt_field)
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise RowError(f"data.{cfg.prompt_field}", "missing" if prompt is None else "expected a non-empty string")
+    annotations = task.get("annotations") or []
+    if not isinstance(annotations, list):
+        raise RowError("annotations", "expected a list")
+    chosen = choose_annotation(annotations, cfg.annotation)
+    if chosen is None:
+        what = f"all {len(annotations)} annotations cancelled" if annotations else "no annotations"
+        raise RowError("annotations", what, reason="no_annotation")
+    index, annotation = chosen
+    texts = []
+    for item in annotation.get("result") or []:
+        if not isinstance(item, dict) or item.get("type") != "textarea":
+            continue
+        if cfg.answer_from_name and item.get("from_name") != cfg.answer_from_name:
+            continue
+        value = item.get("value") or {}
+        text = value.get("text")
+        texts.extend([text] if isinstance(text, str) else [t for t in text or [] if isinstance(t, str)])
+        if not cfg.answer_from_name:
+            break  # the first textarea is the answer
+    answer = "\n".join(texts)
+    if not answer.strip():
+        wanted = f"from_name {cfg.answer_from_name!r}" if cfg.answer_from_name else "any textarea"
+        raise RowError(f"annotations[{index}].result", f"no textarea answer ({wanted})")
+    messages = []
+    if isinstance(data.get("system"), str) and data["system"].strip():
+        messages.append({"role": "system", "content": data["system"]})
+    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    return {"messages": messages}
+
+
+def export_project(cfg, dest: Path) -> dict:
+    """Download a project's JSON export to `dest` with label-studio-sdk.
+
+    Args:
+        cfg: `data.label_studio` (url, project_id, token).
+        dest: file to write (the caller passes it to the stage as its input).
+
+    Returns:
+        {"url", "project_id", "title", "sha256"} (no token).
+
+    Raises:
+        ConfigError: url, project_id or token missing.
+        InputError: server unreachable, token rejected, project not found.
+    """
+    if not cfg.url:
+        raise ConfigError("data.label_studio.url: required for format label_studio_api", hint="--set data.label_studio.url=http://HOST:8080")
+    if cfg.project_id is None:
+        raise ConfigError("data.label_studio.project_id: required for format label_studio_api", hint="--set data.label_studio.project_id=ID")
+    token = cfg.token.get_secret_value() if cfg.token is not None else os.environ.get(TOKEN_ENV)
+    if not token:
+        raise ConfigError(f"data.label_studio.token: not set (and no {TOKEN_ENV} in the environment)", hint=f"export {TOKEN_ENV}=<your token>")
+    register_secret(token)
+
+    import httpx
+    from label_studio_sdk import LabelStudio
+    from label_studio_sdk.core.api_error import ApiError
+
+    base = cfg.url.rstrip("/") + "/"
+    where = f"Label Studio at {cfg.url}"
+    log.info("exporting project %s from %s", cfg.project_id, cfg.url)
+    try:
+        client = LabelStudio(base_url=base, api_key=token, timeout=120)
+        project = client.projects.get(id=cfg.project_id)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".part")
+        with open(tmp, "wb") as fh:
+            for chunk in client.projects.exports.download_sync(cfg.project_id, export_type="JSON"):
+                fh.write(chunk)
+        os.replace(tmp, dest)
+    except ApiError as exc:
+        status = exc.status_code
+        if status in (401, 403):
+            detail = exc.body.get("detail") if isinstance(exc.body, dict) else None
+            raise InputError(
+                f"{where}: the token was rejected ({status}{': ' + str(detail) if detail else ''})",
+                hint=f"create a new access token in Label Studio (Account & Settings) and set {TOKEN_ENV}",
+            ) from None
+        if status == 404:
+            raise InputError(f"{where}: project {cfg.project_id} not found (404)", hint="check data.label_studio.project_id") from None
+        raise InputError(f"{where}: export failed with HTTP {status}") from None
+    except httpx.HTTPError as exc:
+        raise InputError(f"{where}: cannot connect ({type(exc).__name__}: {exc})", hint="check data.label_studio.url and that the server runs") from None
+    title = getattr(project, "title", None)
+    log.info("exported project %s (%s) -> %s", cfg.project_id, title, dest.name)
+    return {"url": cfg.url, "project_id": cfg.project_id, "title": title, "sha256": sha256_file(dest)}

@@ -1,0 +1,469 @@
+"""Stage `preprocess-sft`: read a dataset, validate and normalise it to chat messages, split, measure.
+
+First stage of the pipeline; `finetune-sft` reads its output. Input: `data.source` in any
+supported format (alpaca JSON/JSONL, OpenAI `messages`, ShareGPT, prompt/completion, text, CSV,
+Parquet, a Label Studio export, or a Label Studio project over its API). Output:
+
+    prepared/<data.name>/train.jsonl, val.jsonl     {"messages": [...]} per line (+ "tools")
+    prepared/<data.name>/metadata.json              counts, token lengths, hashes, tokenizer
+    logs/_prepared/<data.name>/manifest.json        (written by ftpipe.core.stage.execute)
+
+Rows are streamed: read -> normalise -> dedupe -> render with the chat template and count tokens
+(in batches) -> drop/truncate over `preprocess.max_length` -> a temporary file; then the kept rows
+are sampled/limited and split by seed into train and val in a second pass. Memory holds one batch,
+a 64-bit digest per row (dedupe) and one 4-byte length per kept row.
+
+    ftpipe preprocess-sft --config debug_config.yaml
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import random
+import time
+from array import array
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from ftpipe.core.errors import ConfigError, InputError
+from ftpipe.core.fsutil import atomic_write_json, sha256_file
+from ftpipe.core.runs import Project
+from ftpipe.core.stage import StageContext, StageResult, execute
+from ftpipe.data import label_studio, readers
+from ftpipe.data.formats import NORMALISERS, REQUIRED_KEYS, ROW_FORMATS, RowError, describe_keys, detect_row_format
+from ftpipe.data.readers import Source
+from ftpipe.data.render import Renderer, load_tokenizer, tokenizer_record
+
+log = logging.getLogger(__name__)
+
+STAGE = "preprocess-sft"
+BATCH = 512
+ERRORS_KEPT = 100  # bad-row messages kept in metadata.json (all are counted)
+DETECT_PEEK = 100  # records looked at to detect the format
+HIST_BINS = 20
+NOT_ERRORS = ("no_annotation",)  # dropped, but not a malformed row: not shown, not --strict
+
+
+def stage(loaded, force: bool = False, **options: Any) -> StageResult:
+    """Entry point: resolve inputs (exporting a Label Studio project first), then `execute(run)`.
+
+    Args:
+        loaded: the loaded config.
+        force: rerun even when the manifest is up to date.
+        options: `progress=callable(done, total)` for a progress bar.
+
+    Raises:
+        ConfigError / InputError: bad config or input (exit 2).
+    """
+    from ftpipe.core.model_ref import resolve_model
+
+    cfg = loaded.config
+    project = Project.from_config(loaded)
+    name = cfg.data.name
+    log_dir = project.prepared_log_dir(name)
+    ctx = StageContext(STAGE, loaded, project, log_dir, None, force, dict(options))
+    inputs: dict[str, Path] = {}
+    if cfg.data.format == "label_studio_api":
+        dest = log_dir / f"label_studio_project_{cfg.data.label_studio.project_id}.json"
+        ctx.options["label_studio"] = label_studio.export_project(cfg.data.label_studio, dest)
+        inputs["source"] = dest
+    else:
+        if not cfg.data.source:
+            raise ConfigError("data.source: not set", hint="ftpipe preprocess-sft --source PATH (or set data.source)")
+        inputs["source"] = _existing(project, cfg.data.source, "data.source")
+    if cfg.data.val_source:
+        inputs["val_source"] = _existing(project, cfg.data.val_source, "data.val_source")
+    ref = resolve_model(cfg.model, project.root)
+    if ref.path:
+        inputs["model"] = Path(ref.path)
+    return execute(ctx, run, sections=("data", "preprocess"), inputs=inputs, environment="train")
+
+
+def _existing(project: Project, path: str, key: str) -> Path:
+    resolved = project.resolve(path)
+    if not resolved.is_file():
+        raise InputError(f"{key} {path}: dataset file not found", hint=f"check {key} (relative to {project.root})")
+    return resolved
+
+
+def run(ctx: StageContext) -> StageResult:
+    """Read, validate, normalise, dedupe, measure, split and write `prepared/<name>/`."""
+    cfg = ctx.config
+    data, pre = cfg.data, cfg.preprocess
+    project = ctx.project
+    start = time.monotonic()
+
+    tokenizer, ref = load_tokenizer(cfg.model, project.root)
+    renderer = Renderer(tokenizer, fast=pre.fast_render)
+    out_dir = project.prepared_dir(data.name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    if data.format == "label_studio_api":
+        main = Source(ctx.log_dir / f"label_studio_project_{data.label_studio.project_id}.json", "")
+        main.name = project.rel(main.path)
+    else:
+        path = project.resolve(data.source)
+        main = Source(path, project.rel(path))
+    sources = [("train", main)]
+    if data.val_source:
+        path = project.resolve(data.val_source)
+        sources.append(("val", Source(path, project.rel(path))))
+
+    stats = _Stats(strict=pre.strict, shown=pre.errors_shown)
+    seen: set[int] = set()
+    kept: dict[str, tuple[Path, array]] = {}
+    formats = {}
+    for role, source in sources:
+        fmt, records = open_records(source, data, ctx.options.get("progress") if role == "train" else None)
+        formats[role] = fmt
+        tmp = out_dir / f".{role}.kept.tmp"
+        lengths = array("I")
+        with open(tmp, "w", encoding="utf-8") as sink:
+            _process(source, fmt, records, data, pre, renderer, stats, seen, sink, lengths)
+        kept[role] = (tmp, lengths)
+        log.info("%s: %s format, %d rows read so far, %d kept", source.name, fmt, stats.read, len(lengths))
+
+    n_main = len(kept["train"][1])
+    if n_main == 0:
+        _cleanup(kept)
+        raise InputError(f"{main.name}: {stats.empty_reason()}", hint=stats.empty_hint())
+    if stats.errors:
+        log.warning(
+            "%d bad rows dropped (first %d shown above; all counted in metadata.json)",
+            stats.errors, min(stats.errors, pre.errors_shown),
+        )
+
+    train_out, val_out = out_dir / "train.jsonl", out_dir / "val.jsonl"
+    selected = _select(n_main, pre)
+    stats.dropped["over_limit"] += n_main - len(selected)
+    writers = {"train": _Writer(train_out), "val": _Writer(val_out)}
+    final_lengths = array("I")
+    if data.val_source:
+        val_pick: set[int] = set()
+        for i, line in _pick(kept["train"][0], selected):
+            writers["train"].write(line)
+            final_lengths.append(kept["train"][1][i])
+        val_tmp, val_lengths = kept["val"]
+        with open(val_tmp, encoding="utf-8") as fh:
+            for line in fh:
+                writers["val"].write(line)
+        final_lengths.extend(val_lengths)
+    else:
+        n_sel = len(selected)
+        n_val = min(max(1, round(n_sel * pre.val_fraction)), n_sel - 1) if pre.val_fraction > 0 else 0
+        val_pick = set(random.Random(pre.seed).sample(range(n_sel), n_val))
+        for j, (i, line) in enumerate(_pick(kept["train"][0], selected)):
+            writers["val" if j in val_pick else "train"].write(line)
+            final_lengths.append(kept["train"][1][i])
+    outputs = {}
+    for role, writer in writers.items():
+        outputs[role] = writer.close()
+    _cleanup(kept)
+
+    seconds = time.monotonic() - start
+    metadata = {
+        "dataset": data.name,
+        "source": _source_record(ctx, main, data),
+        "format": formats["train"],
+        "val_source": {"path": sources[1][1].name, "format": formats["val"], "sha256": sha256_file(sources[1][1].path)}
+        if data.val_source else None,
+        "counts": {
+            "read": stats.read,
+            "kept": outputs["train"]["rows"] + outputs["val"]["rows"],
+            "train": outputs["train"]["rows"],
+            "val": outputs["val"]["rows"],
+            "truncated": stats.truncated,
+            "dropped": dict(stats.dropped),
+        },
+        "errors": {"count": stats.errors, "first": stats.messages},
+        "tokens": token_stats(final_lengths, pre.max_length),
+        "tokenizer": tokenizer_record(tokenizer, ref, project.root),
+        "render": dict(renderer.stats),
+        "settings": pre.model_dump(mode="json"),
+        "outputs": {f"{role}.jsonl": rec for role, rec in outputs.items()},
+        "rows_per_second": round(stats.read / seconds, 1) if seconds > 0 else None,
+    }
+    meta_path = out_dir / "metadata.json"
+    atomic_write_json(meta_path, metadata)
+    tokens = metadata["tokens"]
+    dropped = sum(stats.dropped.values())
+    metrics = {
+        "rows_read": stats.read,
+        "rows_kept": metadata["counts"]["kept"],
+        "rows_train": outputs["train"]["rows"],
+        "rows_val": outputs["val"]["rows"],
+        **{f"dropped_{k}": v for k, v in sorted(stats.dropped.items())},
+        "truncated": stats.truncated,
+        "tokens_p50": tokens["p50"],
+        "tokens_p95": tokens["p95"],
+        "tokens_max": tokens["max"],
+        "rows_per_second": metadata["rows_per_second"],
+    }
+    summary = (
+        f"{project.rel(out_dir)}/: {outputs['train']['rows']} train + {outputs['val']['rows']} val rows"
+        f" ({dropped} dropped, {stats.truncated} truncated)"
+    )
+    return StageResult(outputs=[train_out, val_out, meta_path], metrics=metrics, summary=summary)
+
+
+class _Stats:
+    """Counts per drop reason and the bad-row messages (first few logged, first 100 kept)."""
+
+    def __init__(self, strict: bool, shown: int) -> None:
+        self.strict, self.shown = strict, shown
+        self.read = 0
+        self.truncated = 0
+        self.errors = 0
+        self.dropped: Counter = Counter({"invalid": 0, "duplicate": 0, "too_long": 0, "over_limit": 0})
+        self.messages: list[str] = []
+
+    def bad(self, source: Source, line: int, err: RowError) -> None:
+        self.dropped[err.reason] += 1
+        if err.reason in NOT_ERRORS:
+            return
+        message = f"{source.name}:{line}: {err.field}: {err.what}"
+        if self.strict:
+            raise InputError(message, hint="fix the row, or run without --strict to drop bad rows")
+        self.errors += 1
+        if self.errors <= self.shown:
+            log.warning("%s", message)
+        if len(self.messages) < ERRORS_KEPT:
+            self.messages.append(message)
+
+    def empty_reason(self) -> str:
+        if self.read == 0:
+            return "no rows in the file"
+        parts = [f"{n} {reason.replace('_', ' ')}" for reason, n in self.dropped.items() if n]
+        return f"no usable rows ({self.read} read; dropped: {', '.join(parts)})"
+
+    def empty_hint(self) -> str:
+        if self.dropped["too_long"] and self.dropped["too_long"] == sum(self.dropped.values()):
+            return "raise preprocess.max_length or set preprocess.overlength=truncate"
+        if self.errors:
+            return "fix the rows named above, or check --format"
+        return "check data.source"
+
+
+def open_records(source: Source, data, progress: Callable | None) -> tuple[str, Iterator[tuple[int, Any]]]:
+    """Detect the file type and row format; return (format, iterator of (line, record)).
+
+    Raises:
+        InputError: unreadable file, or a format that cannot be detected / does not match.
+    """
+    fmt = data.format
+    container = readers.container_of(source)
+    if fmt == "parquet" and container != "parquet":
+        container = "parquet"
+    elif fmt == "csv" and container != "csv":
+        container = "csv"
+    if container == "csv":
+        records = readers.read_csv(source, data.columns, progress)
+    elif container == "parquet":
+        records = readers.read_parquet(source, data.columns, progress)
+    elif container == "json":
+        records = readers.read_json_array(source, progress)
+    else:
+        records = readers.read_jsonl(source, progress)
+    if data.columns and container not in ("csv", "parquet"):
+        log.warning("data.columns applies to CSV and Parquet files only; %s is %s", source.name, container.upper())
+
+    head = list(itertools.islice(records, DETECT_PEEK))
+    records = itertools.chain(head, records)
+    first = next(((line, r) for line, r in head if not isinstance(r, RowError)), None)
+    if fmt in ("auto", "csv", "parquet", "label_studio_api"):
+        if fmt == "label_studio_api":
+            return "label_studio", records
+        if first is None:
+            return ("text" if head else "unknown"), records  # only bad lines, or none: reported later
+        line, record = first
+        if container == "json" and label_studio.is_export(record):
+            return "label_studio", records
+        detected = detect_row_format(record)
+        if detected is None:
+            raise InputError(
+                f"{source.name}:{line}: cannot detect the format: {describe_keys(record)} match none of "
+                "messages, conversations (sharegpt), instruction+output (alpaca), prompt+completion, text, "
+                "or a Label Studio export",
+                hint="pass --format, or map columns with data.columns",
+            )
+        return detected, records
+    if first is not None:
+        line, record = first
+        looks = "label_studio" if container == "json" and label_studio.is_export(record) else detect_row_format(record)
+        if looks is not None and looks != fmt:
+            keys = REQUIRED_KEYS.get(looks, "data, annotations")
+            raise InputError(
+                f"{source.name}:{line}: --format {fmt} does not match the file: rows look like {looks} ({keys})",
+                hint=f"--format {looks} (or --format auto)",
+            )
+    return fmt, records
+
+
+def _normaliser(fmt: str, data) -> Callable[[Any], dict]:
+    if fmt == "label_studio":
+        return lambda record: label_studio.normalise_task(record, data.label_studio)
+    if fmt in ROW_FORMATS:
+        return NORMALISERS[fmt]
+    return NORMALISERS["text"]
+
+
+def _process(source, fmt, records, data, pre, renderer: Renderer, stats: _Stats, seen: set[int], sink, lengths: array) -> None:
+    """Normalise, dedupe, count tokens and filter one source; kept rows go to `sink` as JSON lines."""
+    normalise = _normaliser(fmt, data)
+    batch: list[tuple[int, dict, str]] = []
+    for line, record in records:
+        stats.read += 1
+        if isinstance(record, RowError):
+            stats.bad(source, line, record)
+            continue
+        try:
+            row = normalise(record)
+        except RowError as err:
+            stats.bad(source, line, err)
+            continue
+        encoded = json.dumps(row, ensure_ascii=False)
+        if pre.dedupe:
+            key = hash(encoded)
+            if key in seen:
+                stats.dropped["duplicate"] += 1
+                continue
+            seen.add(key)
+        batch.append((line, row, encoded))
+        if len(batch) >= BATCH:
+            _flush(source, batch, pre, renderer, stats, sink, lengths)
+            batch = []
+    _flush(source, batch, pre, renderer, stats, sink, lengths)
+
+
+def _flush(source, batch, pre, renderer: Renderer, stats: _Stats, sink, lengths: array) -> None:
+    texts = renderer.texts([row for _, row, _ in batch])
+    good = []
+    for (line, row, encoded), text in zip(batch, texts):
+        if isinstance(text, Exception):
+            reason = " ".join(str(text).split())[:200] or type(text).__name__
+            stats.bad(source, line, RowError("messages", f"the chat template rejects this conversation: {reason}"))
+        else:
+            good.append((line, row, encoded, text))
+    counts = renderer.count([text for *_, text in good])
+    out = []
+    for (line, row, encoded, _), n in zip(good, counts):
+        if n > pre.max_length:
+            if pre.overlength == "truncate":
+                fitted = _truncate(row, renderer, pre.max_length)
+                if fitted is not None:
+                    row, n = fitted
+                    encoded = json.dumps(row, ensure_ascii=False)
+                    stats.truncated += 1
+                    out.append(encoded)
+                    lengths.append(n)
+                    continue
+            stats.dropped["too_long"] += 1
+            continue
+        out.append(encoded)
+        lengths.append(n)
+    if out:
+        sink.write("\n".join(out) + "\n")
+
+
+def _truncate(row: dict, renderer: Renderer, max_length: int) -> tuple[dict, int] | None:
+    """Keep the longest prefix of whole turns that ends with an assistant message and fits.
+
+    Answers are never cut mid-way (that would teach the model to stop early); a row whose first
+    exchange does not fit is dropped.
+    """
+    messages = row["messages"]
+    ends = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    for end in reversed(ends[:-1] if ends and ends[-1] == len(messages) - 1 else ends):
+        candidate = {**row, "messages": messages[: end + 1]}
+        try:
+            text = renderer.render(candidate)
+        except Exception:  # noqa: BLE001 - the template rejects this prefix: try a shorter one
+            continue
+        n = renderer.count([text])[0]
+        if n <= max_length:
+            return candidate, n
+    return None
+
+
+def _select(n: int, pre) -> list[int]:
+    """Indices of the kept rows to write: all, the first `limit`, or a seeded sample of `limit`."""
+    if pre.limit is None or pre.limit >= n:
+        return range(n)  # type: ignore[return-value]
+    if pre.sample:
+        return sorted(random.Random(pre.seed).sample(range(n), pre.limit))
+    return range(pre.limit)  # type: ignore[return-value]
+
+
+def _pick(path: Path, selected) -> Iterator[tuple[int, str]]:
+    """(index, line) of the selected lines of a kept-rows file, in order (one pass)."""
+    wanted = iter(selected)
+    target = next(wanted, None)
+    with open(path, encoding="utf-8") as fh:
+        for i, line in enumerate(fh):
+            if target is None:
+                return
+            if i == target:
+                yield i, line
+                target = next(wanted, None)
+
+
+class _Writer:
+    """Writes a JSONL output through a temp file, hashing as it goes; `close` renames it in place."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tmp = path.with_name(f".{path.name}.tmp")
+        self.fh = open(self.tmp, "w", encoding="utf-8")
+        self.sha = hashlib.sha256()
+        self.rows = 0
+
+    def write(self, line: str) -> None:
+        self.fh.write(line)
+        self.sha.update(line.encode("utf-8"))
+        self.rows += 1
+
+    def close(self) -> dict:
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.fh.close()
+        os.replace(self.tmp, self.path)
+        return {"rows": self.rows, "sha256": self.sha.hexdigest()}
+
+
+def _cleanup(kept: dict) -> None:
+    for tmp, _ in kept.values():
+        tmp.unlink(missing_ok=True)
+
+
+def _source_record(ctx: StageContext, main: Source, data) -> dict:
+    record: dict[str, Any] = {"path": main.name, "sha256": sha256_file(main.path), "bytes": main.path.stat().st_size}
+    if data.format == "label_studio_api":
+        record["label_studio"] = ctx.options.get("label_studio")
+    return record
+
+
+def token_stats(lengths: array, max_length: int) -> dict[str, Any]:
+    """Token-length summary: count, total, min/mean/max, percentiles and a histogram over [0, max_length]."""
+    import numpy as np
+
+    values = np.frombuffer(lengths, dtype=np.uint32) if len(lengths) else np.zeros(0, dtype=np.uint32)
+    if values.size == 0:
+        return {"rows": 0, "total": 0, "min": 0, "mean": 0.0, "max": 0, "p50": 0, "p90": 0, "p95": 0, "p99": 0,
+                "histogram": {"edges": [], "counts": []}}
+    edges = np.linspace(0, max_length, HIST_BINS + 1).round().astype(int)
+    counts, _ = np.histogram(values, bins=edges)
+    pct = {f"p{p}": int(np.percentile(values, p, method="nearest")) for p in (50, 90, 95, 99)}
+    return {
+        "rows": int(values.size),
+        "total": int(values.sum(dtype=np.uint64)),
+        "min": int(values.min()),
+        "mean": round(float(values.mean()), 2),
+        "max": int(values.max()),
+        **pct,
+        "histogram": {"edges": edges.tolist(), "counts": counts.tolist()},
+    }

@@ -1,0 +1,326 @@
+"""Stage `eval-sft`: base vs adapter vs merged vs AWQ, measured the same way, side by side.
+
+For each artifact of the run that exists (base = the adapter's base model from
+`ftpipe_base_model.json`; adapter = base + the run's LoRA adapter; merged = outputs/<run>/merged;
+awq = outputs/<run>/awq), it measures perplexity on the val split over assistant tokens, runs the
+prompt checks of `eval.prompts_file` and greedy sample generations (`ftpipe.eval.measure`).
+base / adapter / merged run here, in the train environment; the AWQ model runs in the awq
+environment through `python -m ftpipe.eval.worker`, and its result is merged in. An artifact that
+is absent, or whose environment is missing, is reported as skipped with the reason.
+
+Writes outputs/<run>/eval/metrics.json and generations.jsonl. Needs finetune-sft completed.
+
+    ftpipe eval-sft --config debug_config.yaml --run my-run
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from ftpipe.core.config import LoadedConfig
+from ftpipe.core.errors import ConfigError, InputError, StageError
+from ftpipe.core.executor import ENV_MARKER, ENVIRONMENTS, run_tool, venv_python
+from ftpipe.core.fsutil import atomic_write_json, atomic_write_text, read_json
+from ftpipe.core.manifest import read_manifest
+from ftpipe.core.model_ref import ModelRef, resolve_model
+from ftpipe.core.runs import Project, RunDir, open_run
+from ftpipe.core.stage import StageContext, StageResult, execute, require_completed
+
+log = logging.getLogger(__name__)
+
+STAGE = "eval-sft"
+ARTIFACTS = ("base", "adapter", "merged", "awq")
+# Artifacts other stages produce: (stage whose manifest vouches for it, command that makes it).
+PRODUCED_BY = {"merged": ("export-merged", "ftpipe export-merged"), "awq": ("convert-awq", "ftpipe convert-awq")}
+AWQ_ENV_MISSING = "awq environment not installed (bash scripts/bootstrap.sh awq)"
+
+
+@dataclass
+class Artifact:
+    """One artifact to evaluate, or the reason it is skipped."""
+
+    name: str
+    environment: str = "train"
+    model: str | None = None  # what from_pretrained loads (folder or hub id)
+    revision: str | None = None
+    tokenizer: str | None = None
+    adapter: str | None = None
+    skipped: str | None = None
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "model": self.model, "revision": self.revision,
+            "tokenizer": self.tokenizer, "adapter": self.adapter,
+        }
+
+
+def stage(loaded: LoadedConfig, run_name: str | None, force: bool = False, **opts: Any) -> StageResult:
+    """Check inputs, then evaluate every artifact of the run under the manifest lifecycle.
+
+    Raises:
+        InputError / ConfigError: finetune-sft not completed, no val split, bad checks file,
+            unresolvable base model, lm-eval tasks without lm-eval (exit 2).
+        StageError: an artifact failed to load or evaluate (exit 1; metrics.json still written).
+    """
+    project = Project.from_config(loaded)
+    run = open_run(project, run_name)
+    ctx = StageContext.for_run(STAGE, loaded, run, force, **opts)
+    ctx.options["plan"] = plan = preflight(ctx)
+    inputs = {"finetune": run.manifest_path("finetune-sft"), "val": plan["val_file"]}
+    if plan["prompts_file"] is not None:
+        inputs["prompts"] = plan["prompts_file"]
+    for name, (upstream, _) in PRODUCED_BY.items():
+        if run.manifest_path(upstream).exists():
+            inputs[name] = run.manifest_path(upstream)
+    inputs["awq_environment"] = venv_python(project.root, ENVIRONMENTS["awq"])
+    return execute(ctx, run_eval, sections=("eval", "data"), inputs=inputs, environment="train")
+
+
+def preflight(ctx: StageContext) -> dict[str, Any]:
+    """Everything eval-sft needs, checked before any model is loaded.
+
+    Returns:
+        The plan: val_file, prompts_file, checks, artifacts (list of `Artifact`).
+
+    Raises:
+        InputError / ConfigError: listing every problem found at once.
+    """
+    from ftpipe.eval.checks import load_checks
+
+    cfg, run, project = ctx.config.eval, ctx.run, ctx.project
+    require_completed(run, "finetune-sft", "ftpipe finetune-sft")
+    problems: list[str] = []
+    val_file = project.prepared_dir(ctx.config.data.name) / "val.jsonl"
+    if not val_file.is_file():
+        problems.append(f"no val split {project.rel(val_file)}")
+    elif val_file.stat().st_size == 0:
+        problems.append(f"val split {project.rel(val_file)} is empty (preprocess.val_fraction is 0?)")
+    base: ModelRef | None = None
+    try:
+        base = base_model(run)
+    except InputError as exc:
+        problems.append(exc.message)
+    prompts_file = checks = None
+    if cfg.prompts_file:
+        prompts_file = project.resolve(cfg.prompts_file)
+        try:
+            checks = load_checks(prompts_file, cfg.prompts_file)
+        except InputError as exc:
+            problems.append(exc.message)
+    if problems:
+        raise InputError("; ".join(problems), hint=f"ftpipe preprocess-sft, then ftpipe eval-sft --run {run.name}")
+    if cfg.lm_eval_tasks and importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError(
+            f"eval.lm_eval_tasks = {cfg.lm_eval_tasks} but lm-evaluation-harness is not installed in this environment",
+            hint="`.venv/bin/pip install lm-eval`, or --set eval.lm_eval_tasks=[]",
+        )
+    return {
+        "val_file": val_file,
+        "prompts_file": prompts_file,
+        "checks": checks or [],
+        "artifacts": plan_artifacts(ctx, base),
+    }
+
+
+def base_model(run: RunDir) -> ModelRef:
+    """The adapter's base model, from outputs/<run>/adapter/ftpipe_base_model.json.
+
+    Raises:
+        InputError: the file is missing or invalid, or the model it names cannot be found.
+    """
+    project = run.project
+    ref_file = run.adapter / "ftpipe_base_model.json"
+    data = read_json(ref_file)
+    if not isinstance(data, dict) or not (data.get("path") or data.get("id")):
+        raise InputError(
+            f"{project.rel(ref_file)}: missing or invalid (expected {{\"id\", \"revision\", \"path\"}})",
+            hint=f"ftpipe finetune-sft --run {run.name} --force",
+        )
+    ref = SimpleNamespace(id=data.get("id"), revision=data.get("revision"), path=data.get("path"), tiny=None)
+    try:
+        return resolve_model(ref, project.root)
+    except InputError as exc:
+        raise InputError(f"{project.rel(ref_file)}: base model: {exc.message}", hint=exc.hint) from None
+
+
+def plan_artifacts(ctx: StageContext, base: ModelRef) -> list[Artifact]:
+    """Which artifacts are evaluated, where, and why the others are skipped."""
+    run, project, wanted = ctx.run, ctx.project, ctx.config.eval.artifacts
+    adapter_dir = str(run.adapter)
+    plan = []
+    for name in ARTIFACTS:
+        art = Artifact(name)
+        plan.append(art)
+        if name not in wanted:
+            art.skipped = "not in eval.artifacts"
+            continue
+        if name in ("base", "adapter"):
+            art.model, art.revision, art.tokenizer = base.load_from, base.revision if not base.path else None, adapter_dir
+            art.adapter = adapter_dir if name == "adapter" else None
+            continue
+        folder = run.merged if name == "merged" else run.awq
+        upstream, command = PRODUCED_BY[name]
+        manifest = read_manifest(run.manifest_path(upstream))
+        status = manifest.get("status") if manifest else None
+        if not (folder / "config.json").is_file():
+            art.skipped = f"not produced ({command} --run {run.name})"
+        elif status != "completed":
+            art.skipped = f"{project.rel(folder)} exists but {upstream} is {status or 'missing'} ({command} --run {run.name})"
+        else:
+            art.model = art.tokenizer = str(folder)
+            if not (folder / "tokenizer_config.json").is_file():
+                art.tokenizer = str(run.merged if (run.merged / "tokenizer_config.json").is_file() else run.adapter)
+        if name == "awq" and art.skipped is None:
+            art.environment = "awq"
+            if ctx.config.runtime.mode == "compose" or os.environ.get("FTPIPE_SERVICE"):
+                art.skipped = "awq evaluation under --runtime compose is not supported yet (use --runtime local)"
+            elif not venv_python(project.root, ENVIRONMENTS["awq"]).exists():
+                art.skipped = AWQ_ENV_MISSING
+    for art in plan:
+        if art.skipped:
+            log.warning("eval %s: skipped: %s", art.name, art.skipped)
+    return plan
+
+
+def run_eval(ctx: StageContext) -> StageResult:
+    """Evaluate the planned artifacts, write metrics.json + generations.jsonl, fail on any failure."""
+    cfg, run, project, plan = ctx.config.eval, ctx.run, ctx.project, ctx.options["plan"]
+    out = run.eval
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "val_file": str(plan["val_file"]), "max_val_rows": cfg.max_val_rows, "max_length": cfg.max_length,
+        "batch_tokens": cfg.batch_tokens, "checks": plan["checks"], "max_new_tokens": cfg.max_new_tokens,
+        "samples": cfg.samples, "dtype": ctx.config.model.dtype,
+    }
+    artifacts: dict[str, dict[str, Any]] = {}
+    generations: list[dict[str, Any]] = []
+    todo = [a for a in plan["artifacts"] if not a.skipped]
+
+    local = [a for a in todo if a.environment == "train"]
+    if local:
+        from ftpipe.eval.measure import evaluate_spec
+
+        result = evaluate_spec({**settings, "environment": "train", "artifacts": [a.spec() for a in local]})
+        artifacts.update(result["artifacts"])
+        generations.extend(result["generations"])
+
+    for art in (a for a in todo if a.environment != "train"):
+        result = _run_worker(ctx, art, settings)
+        artifacts.update(result["artifacts"])
+        generations.extend(result["generations"])
+
+    for art in plan["artifacts"]:
+        if art.skipped:
+            artifacts[art.name] = {"status": "skipped", "reason": art.skipped}
+        else:
+            artifacts[art.name]["model"] = project.rel(Path(art.model)) if Path(art.model).exists() else art.model
+            if art.adapter:
+                artifacts[art.name]["adapter"] = project.rel(Path(art.adapter))
+    artifacts = {name: artifacts[name] for name in ARTIFACTS}
+
+    lm_eval_results = _lm_eval(cfg.lm_eval_tasks, plan["artifacts"]) if cfg.lm_eval_tasks else None
+    metrics_doc = {
+        "run": run.name,
+        "val_file": project.rel(plan["val_file"]),
+        "prompts_file": project.rel(plan["prompts_file"]) if plan["prompts_file"] else None,
+        "max_new_tokens": cfg.max_new_tokens,
+        "artifacts": artifacts,
+        "lm_eval": lm_eval_results,
+    }
+    atomic_write_json(out / "metrics.json", metrics_doc)
+    atomic_write_text(out / "generations.jsonl", "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in generations))
+
+    failed = {n: a["error"] for n, a in artifacts.items() if a["status"] == "failed"}
+    if failed:
+        detail = "; ".join(f"{n}: {e}" for n, e in failed.items())
+        raise StageError(
+            f"eval-sft: {', '.join(failed)} failed ({detail}); partial results in {project.rel(out / 'metrics.json')}",
+            hint=f"see {project.rel(ctx.log_dir / 'run.log')}",
+        )
+    return StageResult(
+        outputs=[out / "metrics.json", out / "generations.jsonl"],
+        metrics=summary_metrics(artifacts),
+        summary=_summary(artifacts),
+    )
+
+
+def _run_worker(ctx: StageContext, art: Artifact, settings: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate one artifact in its own environment via `python -m ftpipe.eval.worker`."""
+    import ftpipe
+
+    env = ENVIRONMENTS[art.environment]
+    spec_file = ctx.run.eval / f"{art.name}-spec.json"
+    result_file = ctx.run.eval / f"{art.name}-result.json"
+    result_file.unlink(missing_ok=True)
+    atomic_write_json(spec_file, {**settings, "environment": env.name, "artifacts": [art.spec()]})
+    python = venv_python(ctx.project.root, env)
+    # Same source tree as this process, whether or not the venv has ftpipe installed.
+    src = str(Path(ftpipe.__file__).resolve().parents[1])
+    child_env = {**os.environ, ENV_MARKER: env.name, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+    log.info("eval %s: running in environment %s (%s)", art.name, env.name, env.venv)
+    try:
+        run_tool(
+            [python, "-m", "ftpipe.eval.worker", "--spec", spec_file, "--out", result_file],
+            log_file=ctx.log_dir / f"{art.name}-worker.log", cwd=ctx.project.root, env=child_env,
+            timeout=ctx.config.eval.worker_timeout,
+        )
+        result = read_json(result_file)
+        if not isinstance(result, dict) or art.name not in result.get("artifacts", {}):
+            raise StageError(f"worker wrote no result for {art.name} ({ctx.project.rel(result_file)})")
+    except StageError as exc:
+        result = {"artifacts": {art.name: {"status": "failed", "error": exc.message, "environment": env.name}}, "generations": []}
+    finally:
+        spec_file.unlink(missing_ok=True)
+        result_file.unlink(missing_ok=True)
+    return result
+
+
+def _lm_eval(tasks: list[str], plan: list[Artifact]) -> dict[str, Any]:
+    """Optional lm-evaluation-harness tasks on the merged model (else base + adapter).
+
+    Not exercised by the test suite (lm-eval is not installed here); its import is checked in
+    `preflight`.
+    """
+    import lm_eval
+
+    target = next((a for a in plan if a.name == "merged" and not a.skipped), None)
+    if target is not None:
+        model_args = f"pretrained={target.model}"
+    else:
+        adapter = next(a for a in plan if a.name == "adapter")
+        model_args = f"pretrained={adapter.model},peft={adapter.adapter}"
+    log.info("lm-eval: tasks %s on %s", ", ".join(tasks), model_args)
+    out = lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=list(tasks))
+    return {"model_args": model_args, "results": json.loads(json.dumps(out.get("results", {}), default=str))}
+
+
+def summary_metrics(artifacts: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Manifest metrics: a compact per-artifact comparison plus the tuned model's perplexity."""
+    compact = {}
+    for name, a in artifacts.items():
+        keys = ("status", "reason", "error", "perplexity", "assistant_tokens", "checks_passed", "checks_total", "seconds", "environment")
+        compact[name] = {k: a[k] for k in keys if k in a}
+    metrics: dict[str, Any] = {"artifacts": compact}
+    for name, a in artifacts.items():
+        if a.get("perplexity") is not None:
+            metrics[f"perplexity_{name}"] = a["perplexity"]
+        if a.get("checks_total"):
+            metrics[f"checks_passed_{name}"] = a["checks_passed"]
+    tuned = next((artifacts[n] for n in ("adapter", "merged", "awq") if artifacts[n].get("perplexity") is not None), None)
+    if tuned is not None:
+        metrics["perplexity"] = tuned["perplexity"]
+    return metrics
+
+
+def _summary(artifacts: dict[str, dict[str, Any]]) -> str:
+    done = [n for n, a in artifacts.items() if a["status"] == "ok"]
+    skipped = [n for n, a in artifacts.items() if a["status"] == "skipped"]
+    text = f"eval-sft: evaluated {', '.join(done) or 'nothing'}"
+    return text + (f"; skipped {', '.join(skipped)}" if skipped else "")

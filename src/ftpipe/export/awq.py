@@ -1,0 +1,287 @@
+"""convert-awq: 4-bit AWQ (W4A16, group size 128) of the merged model, with its quality measured.
+
+Sits after `export-merged` and before `eval-sft` / `serve`: reads outputs/<run>/merged, calibrates
+llm-compressor's AWQ on rows of the run's own training data (prepared/<data.name>/train.jsonl,
+rendered with the chat template), writes outputs/<run>/awq/ (compressed-tensors safetensors,
+tokenizer, chat template) and verifies it before publishing: the output reloads with transformers,
+val perplexity next to the merged model's, size vs the fp16 size of the merged weights, and greedy
+agreement on val prompts. Runs in the awq environment (`.venv-awq`, Compose `awq-runner`) because
+llm-compressor pins its own transformers.
+
+    ftpipe convert-awq --config debug_config.yaml --run my-run
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+from ftpipe.core.errors import InputError, StageError
+from ftpipe.core.manifest import read_manifest
+from ftpipe.core.runs import Project, RunDir, open_run
+from ftpipe.core.stage import StageContext, StageResult, execute, require_completed
+from ftpipe.export import awq_quality as q
+
+log = logging.getLogger(__name__)
+
+STAGE = "convert-awq"
+# Copied from the merged folder when present (the tokenizer is re-saved; these are taken verbatim).
+CARRIED_FILES = ("chat_template.jinja", "generation_config.json", "ftpipe_base_model.json")
+
+
+def preflight(loaded, run_name: str | None) -> RunDir:
+    """Check everything convert-awq needs before any heavy work; report every problem at once.
+
+    Checks: a completed export-merged with its merged model, Linear sizes that are multiples of
+    `awq.group_size`, the prepared train/val splits, and (local runtime, outside the awq venv)
+    that the awq environment is installed.
+
+    Returns:
+        The run.
+
+    Raises:
+        InputError: one line listing the problems, with the commands that fix them.
+    """
+    from ftpipe.core.executor import environment_for, in_environment, venv_python
+
+    cfg = loaded.config
+    project = Project.from_config(loaded)
+    run = open_run(project, run_name)
+    problems: list[str] = []
+    hints: list[str] = []
+
+    merged_manifest = read_manifest(run.manifest_path("export-merged"))
+    config_json = run.merged / "config.json"
+    if merged_manifest is None or merged_manifest.get("status") != "completed":
+        state = "missing" if merged_manifest is None else merged_manifest.get("status")
+        problems.append(
+            f"run {run.name}: no merged model (stage export-merged is {state}: "
+            f"{project.rel(run.manifest_path('export-merged'))})"
+        )
+        hints.append(f"ftpipe export-merged --run {run.name}")
+    elif not config_json.is_file():
+        problems.append(f"run {run.name}: merged model missing ({project.rel(config_json)} not found)")
+        hints.append(f"ftpipe export-merged --run {run.name} --force")
+    else:
+        bad = q.size_problems(config_json, cfg.awq.group_size)
+        if bad:
+            problems.append(f"{project.rel(config_json)}: " + ", ".join(bad) + " (AWQ groups need whole multiples)")
+            hints.append("quantize a model whose sizes are multiples of the group size, or set --set awq.group_size=N to a divisor")
+
+    data_dir = project.prepared_dir(cfg.data.name)
+    missing = [project.rel(data_dir / f) for f in ("train.jsonl", "val.jsonl") if not (data_dir / f).is_file()]
+    if missing:
+        problems.append(f"prepared dataset {cfg.data.name!r} incomplete ({', '.join(missing)} not found)")
+        hints.append("ftpipe preprocess-sft")
+
+    env = environment_for(STAGE)
+    if cfg.runtime.mode == "local" and not in_environment(loaded.root, env):
+        if not venv_python(loaded.root, env).exists():
+            problems.append(f"environment 'awq' is not installed ({env.venv}/ missing)")
+            hints.append("bash scripts/bootstrap.sh awq")
+    elif in_environment(loaded.root, env) and importlib.util.find_spec("llmcompressor") is None:
+        problems.append("llmcompressor is not importable in this environment")
+        hints.append("bash scripts/bootstrap.sh awq")
+
+    if problems:
+        raise InputError("; ".join(problems), hint="; ".join(dict.fromkeys(hints)))
+    return run
+
+
+def stage(loaded, run_name: str | None, force: bool = False, **opts) -> StageResult:
+    """Entry point: pre-flight, then `run` under the manifest lifecycle (skip when up to date)."""
+    run = preflight(loaded, run_name)
+    require_completed(run, "export-merged", "ftpipe export-merged")
+    data_dir = run.project.prepared_dir(loaded.config.data.name)
+    ctx = StageContext.for_run(STAGE, loaded, run, force, **opts)
+    return execute(
+        ctx,
+        run_stage,
+        sections=("awq", "data"),
+        inputs={
+            "merged": run.manifest_path("export-merged"),
+            "train": data_dir / "train.jsonl",
+            "val": data_dir / "val.jsonl",
+        },
+        environment="awq",
+    )
+
+
+def run_stage(ctx: StageContext) -> StageResult:
+    """Quantize, verify in a temp folder, then publish outputs/<run>/awq/ by renaming it.
+
+    Raises:
+        StageError: quantization failed, or val perplexity rose more than awq.max_perplexity_increase.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = ctx.config.awq
+    run = ctx.run
+    merged = run.merged
+    data_dir = ctx.project.prepared_dir(ctx.config.data.name)
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    train_rows = q.read_rows(data_dir / "train.jsonl")
+    val_rows = q.read_rows(data_dir / "val.jsonl")
+    if not val_rows:
+        raise InputError(
+            f"{ctx.project.rel(data_dir / 'val.jsonl')} is empty: convert-awq measures perplexity on the val split",
+            hint="set preprocess.val_fraction > 0 and rerun ftpipe preprocess-sft",
+        )
+    eval_ids = [q.render(tokenizer, r["messages"], cfg.calibration_max_length) for r in val_rows[: cfg.eval_rows]]
+    # Prompts = the val conversations without their last assistant turn, ready for generation.
+    prompt_ids = [
+        q.render(tokenizer, r["messages"][:-1] or r["messages"], cfg.calibration_max_length, add_generation_prompt=True)
+        for r in val_rows[: cfg.verify_prompts]
+    ]
+
+    # 1. The merged model as shipped: the reference for perplexity and greedy outputs.
+    reference = AutoModelForCausalLM.from_pretrained(merged, dtype="auto")
+    merged_ppl = q.perplexity(reference, eval_ids)
+    merged_greedy = q.greedy(reference, prompt_ids, cfg.verify_max_new_tokens, tokenizer.pad_token_id)
+    del reference
+    log.info("merged model: val perplexity %.3f over %d rows", merged_ppl, len(eval_ids))
+
+    # 2. Quantize into a temp folder next to the final one (same filesystem: the rename is atomic).
+    tmp = run.path / f".awq.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        calibration = q.calibration_dataset(
+            tokenizer, train_rows, cfg.calibration_samples, cfg.calibration_max_length, cfg.seed
+        )
+        log.info("calibrating AWQ %s on %d train rows (max %d tokens)", cfg.scheme, len(calibration), cfg.calibration_max_length)
+        model = AutoModelForCausalLM.from_pretrained(merged, dtype=getattr(torch, cfg.dtype))
+        quantize(model, tokenizer, calibration, cfg)
+        model.save_pretrained(tmp, save_compressed=True)
+        tokenizer.save_pretrained(tmp)
+        for name in CARRIED_FILES:
+            if (merged / name).is_file():
+                shutil.copy2(merged / name, tmp / name)
+        del model
+
+        # 3. Verify the files as written: reload with plain transformers (compressed-tensors).
+        awq_model = AutoModelForCausalLM.from_pretrained(tmp, dtype=getattr(torch, cfg.dtype))
+        quant_method = (getattr(awq_model.config, "quantization_config", None) or {})
+        quant_method = quant_method.get("quant_method") if isinstance(quant_method, dict) else getattr(quant_method, "quant_method", None)
+        awq_ppl = q.perplexity(awq_model, eval_ids)
+        awq_greedy = q.greedy(awq_model, prompt_ids, cfg.verify_max_new_tokens, tokenizer.pad_token_id)
+        del awq_model
+
+        awq_bytes = q.safetensors_bytes(tmp)
+        fp16 = q.fp16_bytes(merged)
+        increase = awq_ppl / merged_ppl - 1.0
+        metrics = {
+            "scheme": cfg.scheme,
+            "group_size": cfg.group_size,
+            "quant_method": str(quant_method),
+            "calibration_rows": len(calibration),
+            "eval_rows": len(eval_ids),
+            "merged_perplexity": round(merged_ppl, 4),
+            "awq_perplexity": round(awq_ppl, 4),
+            "perplexity_increase": round(increase, 5),
+            "max_perplexity_increase": cfg.max_perplexity_increase,
+            "merged_bytes": q.safetensors_bytes(merged),
+            "merged_fp16_bytes": fp16,
+            "awq_bytes": awq_bytes,
+            "size_ratio_vs_fp16": round(awq_bytes / fp16, 4),
+            **{k: round(v, 4) for k, v in q.agreement(merged_greedy, awq_greedy).items()},
+            "greedy_samples": [
+                {"merged": tokenizer.decode(a), "awq": tokenizer.decode(b)}
+                for a, b in list(zip(merged_greedy, awq_greedy))[:3]
+            ],
+        }
+        log.info(
+            "awq: perplexity %.3f -> %.3f (%+.2f%%), size %d -> %d bytes (%.3fx of fp16), greedy agreement %.2f",
+            merged_ppl, awq_ppl, 100 * increase, fp16, awq_bytes, awq_bytes / fp16, metrics["greedy_token_agreement"],
+        )
+        if increase > cfg.max_perplexity_increase:
+            raise StageError(
+                f"AWQ raised val perplexity {merged_ppl:.3f} -> {awq_ppl:.3f} (+{100 * increase:.1f}%), "
+                f"over awq.max_perplexity_increase = {cfg.max_perplexity_increase}",
+                hint="more calibration rows (--set awq.calibration_samples=N), W4A16_ASYM, or a larger bound",
+            )
+        _publish(tmp, run.awq)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    return StageResult(
+        outputs=[run.awq],
+        metrics=metrics,
+        summary=(
+            f"convert-awq: {ctx.project.rel(run.awq)} ({metrics['size_ratio_vs_fp16']:.2f}x of fp16, "
+            f"perplexity {merged_ppl:.2f} -> {awq_ppl:.2f})"
+        ),
+    )
+
+
+def quantize(model, tokenizer, calibration, cfg) -> None:
+    """AWQ + W4A16 in place with llm-compressor's current recipe form (AWQ then quantization).
+
+    Raises:
+        StageError: llm-compressor failed (its message kept).
+    """
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+
+    if cfg.group_size == 128:
+        quant = QuantizationModifier(targets=["Linear"], scheme=cfg.scheme, ignore=["lm_head"])
+    else:
+        # The presets fix group size 128; other sizes use the same preset with its group size changed.
+        from compressed_tensors.quantization import preset_name_to_scheme
+
+        scheme = preset_name_to_scheme(cfg.scheme, ["Linear"])
+        scheme.weights.group_size = cfg.group_size
+        quant = QuantizationModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
+    recipe = [AWQModifier(duo_scaling=True), quant]
+    try:
+        with _no_pin_memory_without_accelerator():
+            oneshot(
+                model=model,
+                tokenizer=tokenizer,
+                dataset=calibration,
+                recipe=recipe,
+                max_seq_length=cfg.calibration_max_length,
+                num_calibration_samples=len(calibration),
+            )
+    except (RuntimeError, ValueError) as exc:
+        raise StageError(f"llm-compressor AWQ failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+
+
+@contextlib.contextmanager
+def _no_pin_memory_without_accelerator() -> Iterator[None]:
+    """Make `IntermediatesCache.pin_memory` a no-op while no accelerator exists.
+
+    Why: AWQ pins its cached activations before each smoothing grid search so that later
+    host->device copies can be asynchronous. On a CPU-only machine there is no device, and
+    `Tensor.pin_memory()` raises "Cannot access accelerator device when none is available"
+    (llm-compressor 0.14.0.1, llmcompressor/pipelines/cache.py). Pinning only speeds up copies
+    to an accelerator, so skipping it changes nothing on the CPU. The patch is narrow: only that
+    method, only when `torch.accelerator.is_available()` is False, only during `oneshot`.
+    """
+    import torch
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if torch.accelerator.is_available():
+        yield
+        return
+    original = IntermediatesCache.pin_memory
+    IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
+    try:
+        yield
+    finally:
+        IntermediatesCache.pin_memory = original
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Replace `final` with the verified `tmp` folder by renames (never a half-written awq/)."""
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)

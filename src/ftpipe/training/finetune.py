@@ -1,0 +1,232 @@
+"""Stage `finetune-sft`: LoRA / DoRA / QLoRA / full SFT of the base model on prepared/<data.name>/.
+
+Second stage of the pipeline (after `preprocess-sft`, before `export-merged`). Reads
+prepared/<data.name>/train.jsonl and val.jsonl, picks device / precision / checkpointing /
+packing for this machine (`plan.py`), trains with TRL's SFTTrainer (`sft.py`) in this process or,
+with `finetune.num_processes > 1` or `finetune.accelerate_config`, in workers started by torchrun
+(CPU, gloo) or `accelerate launch` (GPUs), and writes outputs/<run>/adapter/ and
+outputs/<run>/trainer_state/ (checkpoints, tensorboard/).
+
+    ftpipe finetune-sft --config debug_config.yaml --run demo
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from ftpipe.core.errors import ConfigError, InputError, StageError
+from ftpipe.core.manifest import read_manifest
+from ftpipe.core.model_ref import resolve_model
+from ftpipe.core.runs import Project, RunDir, new_run
+from ftpipe.core.stage import StageContext, StageResult, execute
+from ftpipe.training.checkpoints import list_checkpoints, resolve_resume
+from ftpipe.training.sft import RESULTS_FILE, TENSORBOARD_DIR, TrainJob
+
+log = logging.getLogger(__name__)
+
+STAGE = "finetune-sft"
+SAMPLE_ROWS = 200  # conversations tokenized to decide on packing
+
+
+def stage(loaded, run_name: str | None = None, force: bool = False, **options: Any) -> StageResult:
+    """Create (or reuse with --run) the run and execute the stage under the manifest lifecycle.
+
+    Options: `resume_from` (None | "latest" | "auto" | checkpoint path), `progress` (callable
+    receiving progress events, used by the CLI's progress bar).
+
+    Raises:
+        InputError: prepared dataset missing (names `ftpipe preprocess-sft`), bad run name.
+        ConfigError: settings this machine cannot run (QLoRA without CUDA...).
+    """
+    cfg = loaded.config
+    project = Project.from_config(loaded)
+    inputs = _inputs(project, cfg)  # checked before a run folder is created
+    run_dir = new_run(project, run_name, model=cfg.model.id or cfg.model.path or "model", data=cfg.data.name)
+    ctx = StageContext.for_run(STAGE, loaded, run_dir, force, **options)
+    return execute(ctx, run, sections=("data", "finetune"), inputs=inputs, environment="train")
+
+
+def _inputs(project: Project, cfg) -> dict[str, Path]:
+    prepared = project.prepared_dir(cfg.data.name)
+    train = prepared / "train.jsonl"
+    if not train.is_file():
+        raise InputError(
+            f"no prepared dataset {cfg.data.name!r}: {project.rel(train)} is missing",
+            hint="ftpipe preprocess-sft",
+        )
+    inputs = {"train": train}
+    val = prepared / "val.jsonl"
+    if val.is_file():
+        inputs["val"] = val
+    prepared_manifest = project.prepared_log_dir(cfg.data.name) / "manifest.json"
+    if prepared_manifest.is_file():
+        inputs["prepared_manifest"] = prepared_manifest
+    model_ref = resolve_model(cfg.model, project.root)
+    if model_ref.path:
+        inputs["base_model"] = Path(model_ref.path)
+    return inputs
+
+
+def run(ctx: StageContext) -> StageResult:
+    """The stage body: plan, prepare the trainer_state folder, train (here or in workers), report."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ftpipe.training.plan import make_plan
+    from ftpipe.training.sft import read_messages, train
+
+    cfg = ctx.config
+    ft = cfg.finetune
+    run_dir: RunDir = ctx.run
+    project = ctx.project
+    model_ref = resolve_model(cfg.model, project.root)
+    prepared = project.prepared_dir(cfg.data.name)
+    train_file = prepared / "train.jsonl"
+    val_file = prepared / "val.jsonl"
+    model_kwargs: dict[str, Any] = {**model_ref.pretrained_kwargs(), "trust_remote_code": cfg.model.trust_remote_code}
+
+    # 1. Plan: device, precision, base dtype, checkpointing, packing (each with its reason).
+    model_config = AutoConfig.from_pretrained(model_ref.load_from, **model_kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(model_ref.load_from, **model_kwargs)
+    rows = read_messages(train_file)
+    if not rows:
+        raise InputError(f"{project.rel(train_file)}: no rows", hint="ftpipe preprocess-sft --force")
+    plan = make_plan(ft, model_config, ft.method, _sample_lengths(tokenizer, rows[:SAMPLE_ROWS]))
+    if cfg.model.dtype != "auto" and ft.method != "qlora":
+        plan.base_dtype = cfg.model.dtype
+        plan.reasons["base_dtype"] = "model.dtype"
+    for key, why in plan.reasons.items():
+        log.info("plan: %s = %s (%s)", key, getattr(plan, key), why)
+
+    # 2. Resume or start over: never silently drop the checkpoints of an interrupted run.
+    output_dir = run_dir.trainer_state
+    resume = resolve_resume(ctx.options.get("resume_from"), output_dir, project.rel)
+    if resume is None:
+        _clear_previous_state(ctx, output_dir)
+    else:
+        log.info("resuming from %s", project.rel(resume))
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    final_dir = run_dir.merged if ft.method == "full" else run_dir.adapter
+    job = TrainJob(
+        finetune=ft.model_dump(mode="json"),
+        plan=plan.record(),
+        load_from=model_ref.load_from,
+        model_kwargs=model_kwargs,
+        base_model_record=model_ref.record(project.root),
+        train_file=str(train_file),
+        val_file=str(val_file) if val_file.is_file() else None,
+        output_dir=str(output_dir),
+        final_dir=str(final_dir),
+        resume_from=str(resume) if resume else None,
+        run_name=run_dir.name,
+    )
+
+    # 3. Train: in this process, or in N workers running the same `train(job)`.
+    results_file = output_dir / RESULTS_FILE
+    results_file.unlink(missing_ok=True)
+    if ft.num_processes > 1 or ft.accelerate_config:
+        _launch_workers(ctx, job, plan.device)
+        metrics = _read_results(results_file)
+    else:
+        metrics = train(job, progress=ctx.options.get("progress"))
+
+    metrics.update(
+        device=plan.device, precision=plan.precision, base_dtype=plan.base_dtype,
+        gradient_checkpointing=plan.gradient_checkpointing, packing=plan.packing,
+        plan_reasons=plan.reasons, method=ft.method, tensorboard_dir=project.rel(output_dir / TENSORBOARD_DIR),
+    )
+    summary = (
+        f"finetune-sft: run {run_dir.name}: {metrics['global_step']} steps, loss "
+        f"{metrics.get('first_logged_loss')} -> {metrics.get('last_logged_loss')}, "
+        f"{metrics['tokens_per_s']:.0f} tokens/s ({plan.device}, {plan.precision}) -> {project.rel(final_dir)}/"
+    )
+    return StageResult(outputs=[final_dir, results_file], metrics=metrics, summary=summary)
+
+
+def _sample_lengths(tokenizer, rows: list[dict]) -> list[int]:
+    lengths = []
+    for row in rows:
+        text = tokenizer.apply_chat_template(row["messages"], tokenize=False)
+        lengths.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    return lengths
+
+
+def _clear_previous_state(ctx: StageContext, output_dir: Path) -> None:
+    """Start over: remove old checkpoints and TensorBoard events, refusing to drop an interrupted run's work."""
+    checkpoints = list_checkpoints(output_dir)
+    previous = read_manifest(ctx.manifest_path)
+    interrupted = previous is not None and previous.get("status") in ("running", "failed")
+    if checkpoints and interrupted and not ctx.force:
+        raise InputError(
+            f"run {ctx.run.name} has checkpoints from an unfinished training "
+            f"({', '.join(p.name for p in checkpoints)})",
+            hint=f"ftpipe finetune-sft --run {ctx.run.name} --resume-from latest (or --force to start over)",
+        )
+    for path in [*checkpoints, output_dir / TENSORBOARD_DIR]:
+        if path.exists():
+            log.warning("starting over: removing %s", ctx.project.rel(path))
+            shutil.rmtree(path)
+
+
+def _launch_workers(ctx: StageContext, job: TrainJob, device: str) -> None:
+    """Run `python -m ftpipe.training.worker JOB` under torchrun (CPU) or accelerate launch (GPU).
+
+    Raises:
+        ConfigError: accelerate config file missing.
+        StageError: a worker failed (with the tail of workers.log).
+    """
+    ft = ctx.config.finetune
+    job_file = ctx.log_dir / "train_job.json"
+    job.to_json(job_file)
+    bin_dir = Path(sys.executable).parent
+    worker = ["-m", "ftpipe.training.worker", str(job_file)]
+    if ft.accelerate_config:
+        config_file = ctx.project.resolve(ft.accelerate_config)
+        if not config_file.is_file():
+            raise ConfigError(f"finetune.accelerate_config: {ft.accelerate_config} not found",
+                              hint="see configs/accelerate/ for multi-GPU, FSDP2 and ZeRO-3 examples")
+        argv = [str(bin_dir / "accelerate"), "launch", "--config_file", str(config_file),
+                "--num_processes", str(ft.num_processes), *worker]
+    elif device == "cpu":
+        # accelerate launch --cpu starts one process here; torchrun gives real DDP over gloo.
+        argv = [str(bin_dir / "torchrun"), "--standalone", "--nproc_per_node", str(ft.num_processes), *worker]
+    else:
+        argv = [str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(ft.num_processes), *worker]
+    env = {**os.environ, "FTPIPE_WORKER_LOG": str(ctx.log_dir / "run.log")}
+    if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        from ftpipe.training.plan import thread_count
+
+        env["OMP_NUM_THREADS"] = str(max(1, thread_count() // ft.num_processes))
+    workers_log = ctx.log_dir / "workers.log"
+    log.info("launching %d processes: %s (output in %s)", ft.num_processes, " ".join(argv), ctx.project.rel(workers_log))
+    with open(workers_log, "a", encoding="utf-8") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=ctx.project.root, env=env)
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:
+            # The workers got the same Ctrl-C (same process group): they save and exit together.
+            code = proc.wait()
+    if code != 0:
+        tail = " | ".join(workers_log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-3:])
+        if code == 130:
+            from ftpipe.training.sft import Interrupted
+
+            raise Interrupted(f"training interrupted; checkpoint saved under {ctx.project.rel(Path(job.output_dir))}/",
+                              hint=f"ftpipe finetune-sft --run {job.run_name} --resume-from latest")
+        raise StageError(f"training workers failed with exit {code}: {tail}",
+                         hint=f"see {ctx.project.rel(workers_log)}")
+
+
+def _read_results(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise StageError(f"training workers exited without writing {path.name}") from None

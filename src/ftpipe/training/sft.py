@@ -1,0 +1,397 @@
+"""The training body of `finetune-sft`: TRL SFTTrainer + peft on a prepared chat dataset.
+
+Runs in the stage process (one process) or in every worker started by torchrun / accelerate
+(`python -m ftpipe.training.worker`), from the same `TrainJob`, so single- and multi-process runs
+share one code path. Writes checkpoints and TensorBoard events under outputs/<run>/trainer_state/
+and, on rank 0, the adapter (or the full model for `method: full`) and `ftpipe_train_results.json`.
+
+    ftpipe finetune-sft --config debug_config.yaml
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ftpipe.core.errors import ConfigError, InputError, StageError
+from ftpipe.core.fsutil import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "ftpipe_train_results.json"
+TENSORBOARD_DIR = "tensorboard"
+BASE_MODEL_FILE = "ftpipe_base_model.json"
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+class Interrupted(StageError):
+    """Training stopped by Ctrl-C (SIGINT) / SIGTERM after saving a checkpoint (exit 130)."""
+
+    exit_code = 130
+
+
+@dataclass
+class TrainJob:
+    """Everything one training process needs; JSON-serialisable for the multi-process workers."""
+
+    finetune: dict[str, Any]  # the `finetune` config section
+    plan: dict[str, Any]  # TrainPlan.record()
+    load_from: str  # base model folder or hub id
+    model_kwargs: dict[str, Any]  # revision / trust_remote_code for from_pretrained
+    base_model_record: dict[str, Any]  # {"id", "revision", "path"} -> ftpipe_base_model.json
+    train_file: str
+    val_file: str | None
+    output_dir: str  # outputs/<run>/trainer_state
+    final_dir: str  # outputs/<run>/adapter (or merged/ for method=full)
+    resume_from: str | None
+    run_name: str
+
+    def to_json(self, path: Path) -> None:
+        atomic_write_json(path, asdict(self))
+
+    @classmethod
+    def from_json(cls, path: Path) -> "TrainJob":
+        return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def read_messages(path: Path) -> list[dict[str, Any]]:
+    """Rows of a prepared jsonl file, as {"messages": [...]} (other keys dropped).
+
+    Raises:
+        InputError: naming the file and line of a row that is not a messages row.
+    """
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}:{lineno}: invalid JSON ({exc.msg})", hint="ftpipe preprocess-sft --force") from None
+            messages = row.get("messages") if isinstance(row, dict) else None
+            if not isinstance(messages, list) or not messages:
+                raise InputError(f"{path}:{lineno}: expected a row with a non-empty `messages` list", hint="ftpipe preprocess-sft --force")
+            rows.append({"messages": [{"role": m["role"], "content": m.get("content") or ""} for m in messages]})
+    return rows
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; a second Ctrl-C raises KeyboardInterrupt at once."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        self.signal_name = ""
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, _frame) -> None:
+        if self.stop and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.stop = True
+        self.signal_name = signal.Signals(signum).name
+        log.warning("%s received: saving a checkpoint at the end of this step (Ctrl-C again to abort now)", self.signal_name)
+
+    def __enter__(self) -> "StopFlag":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _make_callback(stop: StopFlag, progress: ProgressFn | None):
+    from transformers import TrainerCallback
+
+    class FtpipeCallback(TrainerCallback):
+        """Progress lines in run.log (and to the CLI's bar), and the save-on-Ctrl-C switch."""
+
+        def __init__(self) -> None:
+            self.start_time = 0.0
+            self.start_tokens = 0
+            self.start_step = 0
+            self.last_time = 0.0
+            self.last_tokens = 0
+            self.tokens_per_s = 0.0
+            self.first_loss: float | None = None
+            self.last_loss: float | None = None
+            self.interrupted_at: int | None = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start_time = self.last_time = time.monotonic()
+            self.start_tokens = self.last_tokens = state.num_input_tokens_seen
+            self.start_step = state.global_step
+            if state.is_world_process_zero:
+                log.info("training: step %d -> %d (%d processes)", state.global_step, state.max_steps, args.world_size)
+
+        def _eta(self, state) -> float | None:
+            done = state.global_step - self.start_step
+            if done <= 0:
+                return None
+            return (time.monotonic() - self.start_time) / done * (state.max_steps - state.global_step)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            stop = stop_requested(stop_flag=stop.stop)
+            if stop and self.interrupted_at is None:
+                self.interrupted_at = state.global_step
+                control.should_save = True
+                control.should_training_stop = True
+            if progress is not None and state.is_world_process_zero:
+                progress({"event": "step", "step": state.global_step, "max_steps": state.max_steps,
+                          "loss": self.last_loss, "tokens_per_s": self.tokens_per_s, "eta_s": self._eta(state)})
+            return control
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            now = time.monotonic()
+            tokens = state.num_input_tokens_seen
+            if now > self.last_time and tokens > self.last_tokens:
+                self.tokens_per_s = (tokens - self.last_tokens) / (now - self.last_time)
+            self.last_time, self.last_tokens = now, tokens
+            if "loss" in logs:
+                self.last_loss = float(logs["loss"])
+                if self.first_loss is None:
+                    self.first_loss = self.last_loss
+                eta = self._eta(state)
+                log.info(
+                    "step %d/%d loss %.4f lr %.3g tokens %d tokens/s %.0f eta %s",
+                    state.global_step, state.max_steps, logs["loss"], logs.get("learning_rate", float("nan")),
+                    tokens, self.tokens_per_s, "?" if eta is None else f"{eta:.0f}s",
+                )
+            if "eval_loss" in logs:
+                log.info("step %d eval_loss %.4f", state.global_step, logs["eval_loss"])
+            if progress is not None:
+                progress({"event": "log", "step": state.global_step, "max_steps": state.max_steps, **logs})
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                log.info("checkpoint saved: checkpoint-%d", state.global_step)
+
+        def session_tokens_per_s(self, state) -> float:
+            elapsed = time.monotonic() - self.start_time
+            return (state.num_input_tokens_seen - self.start_tokens) / elapsed if elapsed > 0 else 0.0
+
+    return FtpipeCallback()
+
+
+def stop_requested(stop_flag: bool) -> bool:
+    """The stop flag agreed across ranks (any rank interrupted -> all save and stop together)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return stop_flag
+    flag = torch.tensor([1 if stop_flag else 0], dtype=torch.int32)
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _peft_config(ft: dict[str, Any]):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=ft["lora_r"],
+        lora_alpha=ft["lora_alpha"],
+        lora_dropout=ft["lora_dropout"],
+        target_modules=ft["target_modules"],
+        use_dora=ft["method"] == "dora",
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_model(job: TrainJob):
+    """The base model in the planned dtype (4-bit for QLoRA)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base_dtype = job.plan["base_dtype"]
+    kwargs: dict[str, Any] = dict(job.model_kwargs)
+    if base_dtype == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True,
+        )
+        kwargs["dtype"] = torch.bfloat16
+    else:
+        kwargs["dtype"] = getattr(torch, base_dtype)
+    return AutoModelForCausalLM.from_pretrained(job.load_from, **kwargs)
+
+
+def sft_config(job: TrainJob, has_eval: bool):
+    """The TRL SFTConfig for this job (one place, so the bench measures the same settings)."""
+    from trl import SFTConfig
+
+    ft, plan = job.finetune, job.plan
+    eval_steps = ft["eval_steps"] if has_eval else None
+    return SFTConfig(
+        output_dir=job.output_dir,
+        max_length=ft["max_length"],
+        packing=plan["packing"],
+        assistant_only_loss=ft["assistant_only_loss"],
+        num_train_epochs=ft["epochs"],
+        max_steps=ft["max_steps"],
+        per_device_train_batch_size=ft["batch_size"],
+        per_device_eval_batch_size=ft["batch_size"],
+        gradient_accumulation_steps=ft["grad_accum"],
+        learning_rate=ft["learning_rate"],
+        lr_scheduler_type=ft["lr_scheduler"],
+        warmup_steps=ft["warmup_ratio"],  # transformers 5: a float < 1 is a ratio of the total steps
+        logging_steps=ft["logging_steps"],
+        save_strategy="steps",
+        save_steps=ft["save_steps"],
+        save_total_limit=ft["save_total_limit"],
+        eval_strategy="steps" if eval_steps else "no",
+        eval_steps=eval_steps,
+        seed=ft["seed"],
+        data_seed=ft["seed"],
+        bf16=plan["precision"] == "bf16",
+        fp16=plan["precision"] == "fp16",
+        use_cpu=plan["device"] == "cpu",
+        gradient_checkpointing=plan["gradient_checkpointing"],
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",  # the TensorBoard callback is added with a fixed folder (see train())
+        disable_tqdm=True,  # library code never prints; progress goes to run.log and the CLI bar
+        dataloader_num_workers=0,
+        save_only_model=False,
+        model_init_kwargs=None,
+        dataset_num_proc=None,
+        ddp_find_unused_parameters=False,
+    )
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def train(job: TrainJob, progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Train, save the adapter (rank 0) and return the metrics.
+
+    Args:
+        job: what to train and where to write.
+        progress: called on rank 0 with {"event": "step"|"log", "step", "max_steps", ...}.
+
+    Returns:
+        Metrics: losses, steps, tokens, tokens/s, trainable parameters, resumed_from.
+
+    Raises:
+        Interrupted: SIGINT/SIGTERM stopped training after a checkpoint was saved.
+        ConfigError: TRL rejected a setting (e.g. assistant-only loss with an unusable template).
+    """
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, set_seed
+    from transformers.integrations import TensorBoardCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from trl import SFTTrainer
+
+    ft, plan = job.finetune, job.plan
+    if plan["device"] == "cpu":
+        from ftpipe.training.plan import thread_count
+
+        # Under torchrun each rank gets its share of the cores (the launcher sets OMP_NUM_THREADS).
+        torch.set_num_threads(thread_count())
+    set_seed(ft["seed"])
+    tokenizer = AutoTokenizer.from_pretrained(job.load_from, **job.model_kwargs)
+    train_ds = Dataset.from_list(read_messages(Path(job.train_file)))
+    eval_ds = Dataset.from_list(read_messages(Path(job.val_file))) if job.val_file else None
+    model = load_model(job)
+    peft_config = None if ft["method"] == "full" else _peft_config(ft)
+
+    stop = StopFlag()
+    callback = _make_callback(stop, progress)
+    tensorboard = TensorBoardCallback()
+    tensorboard.logging_dir = str(Path(job.output_dir) / TENSORBOARD_DIR)  # stable folder per run
+    args = sft_config(job, has_eval=eval_ds is not None)
+    try:
+        trainer = SFTTrainer(
+            model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+            processing_class=tokenizer, peft_config=peft_config, callbacks=[callback, tensorboard],
+        )
+    except ValueError as exc:
+        raise ConfigError(f"finetune: TRL rejected the settings: {exc}".splitlines()[0],
+                          hint="check finetune.assistant_only_loss / packing / max_length") from None
+    for noisy in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(noisy)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in trainer.model.parameters())
+    if trainer.is_world_process_zero():
+        log.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))
+
+    started = time.monotonic()
+    with stop:
+        output = trainer.train(resume_from_checkpoint=job.resume_from)
+    state = trainer.state
+    if callback.interrupted_at is not None:
+        saved = Path(job.output_dir) / f"checkpoint-{state.global_step}"
+        raise Interrupted(
+            f"{stop.signal_name or 'stop signal'}: training stopped at step {state.global_step}/{state.max_steps}; "
+            f"checkpoint saved in {saved.name}/",
+            hint=f"ftpipe finetune-sft --run {job.run_name} --resume-from latest",
+        )
+    train_seconds = time.monotonic() - started
+
+    metrics: dict[str, Any] = {
+        "train_loss": round(float(output.training_loss), 6),
+        "first_logged_loss": callback.first_loss,
+        "last_logged_loss": callback.last_loss,
+        "global_step": state.global_step,
+        "max_steps": state.max_steps,
+        "epochs": round(float(state.epoch or 0.0), 4),
+        "tokens_seen": int(state.num_input_tokens_seen),
+        "tokens_per_s": round(callback.session_tokens_per_s(state), 2),
+        "train_seconds": round(train_seconds, 2),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "world_size": trainer.args.world_size,
+        "resumed_from": Path(job.resume_from).name if job.resume_from else None,
+    }
+    if eval_ds is not None:
+        eval_metrics = trainer.evaluate()
+        metrics["eval_loss"] = round(float(eval_metrics["eval_loss"]), 6)
+        metrics["eval_perplexity"] = round(math.exp(min(eval_metrics["eval_loss"], 50.0)), 4)
+        log.info("final eval_loss %.4f", metrics["eval_loss"])
+
+    if trainer.is_world_process_zero():
+        save_final(trainer, tokenizer, job)
+        atomic_write_json(Path(job.output_dir) / RESULTS_FILE, metrics)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return metrics
+
+
+def save_final(trainer, tokenizer, job: TrainJob) -> None:
+    """Write the adapter (or full model), tokenizer, chat template and base model reference."""
+    import shutil
+
+    final = Path(job.final_dir)
+    if final.exists():
+        shutil.rmtree(final)  # a rerun (--force) must not leave stale shards behind
+    final.mkdir(parents=True)
+    trainer.save_model(str(final))
+    tokenizer.save_pretrained(str(final))
+    template = final / "chat_template.jinja"
+    if not template.exists() and isinstance(tokenizer.chat_template, str):
+        template.write_text(tokenizer.chat_template, encoding="utf-8")
+    if job.finetune["method"] == "full":
+        model = trainer.model
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(str(final))
+    atomic_write_json(final / BASE_MODEL_FILE, job.base_model_record)
+    log.info("saved %s to %s", "model" if job.finetune["method"] == "full" else "adapter", final)

@@ -1,0 +1,54 @@
+"""Executor: which environment each stage runs in, and the exact commands it builds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ftpipe.core.errors import InputError, StageError
+from ftpipe.core.executor import (
+    ENVIRONMENTS,
+    compose_command,
+    environment_for,
+    in_environment,
+    local_command,
+    run_tool,
+)
+
+
+def test_stage_environments() -> None:
+    assert environment_for("finetune-sft").venv == ".venv"
+    assert environment_for("convert-awq").venv == ".venv-awq"
+    assert environment_for("serve").service == "vllm-server"
+    assert environment_for("export-gguf").name == "gguf"
+
+
+def test_compose_command_exact() -> None:
+    cmd = compose_command(Path("/proj"), ENVIRONMENTS["awq"], ["convert-awq", "--run", "r1"], uid=1001, gid=1002)
+    assert cmd == [
+        "docker", "compose", "-f", "/proj/docker-compose.yml", "run", "--rm", "--user", "1001:1002",
+        "-e", "FTPIPE_ENV=awq", "-e", "FTPIPE_SERVICE=awq-runner", "awq-runner",
+        "ftpipe", "convert-awq", "--run", "r1",
+    ]
+
+
+def test_local_command_and_missing_venv(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"environment 'awq' is not installed \(\.venv-awq/ missing\)") as exc:
+        local_command(tmp_path, ENVIRONMENTS["awq"], ["convert-awq"])
+    assert exc.value.hint == "bash scripts/bootstrap.sh awq"
+    python = tmp_path / ".venv-awq/bin/python"
+    python.parent.mkdir(parents=True)
+    python.write_text("")
+    assert local_command(tmp_path, ENVIRONMENTS["awq"], ["convert-awq"]) == [str(python), "-m", "ftpipe", "convert-awq"]
+    assert not in_environment(tmp_path, ENVIRONMENTS["awq"])
+
+
+def test_run_tool_failure_names_command_and_tail(tmp_path: Path) -> None:
+    log = tmp_path / "tool.log"
+    assert run_tool(["echo", "hello"], log_file=log).strip() == "hello"
+    with pytest.raises(StageError, match=r"`sh -c echo nope >&2; exit 3` failed with exit 3: nope"):
+        run_tool(["sh", "-c", "echo nope >&2; exit 3"], log_file=log)
+    assert "hello" in log.read_text() and "nope" in log.read_text()
+    with pytest.raises(StageError, match="not found"):
+        run_tool(["definitely-not-a-tool-xyz"])

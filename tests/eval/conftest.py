@@ -1,0 +1,158 @@
+"""Fixtures of the eval tests: a project whose run went through a short, real fine-tune.
+
+The fine-tune is done here directly with TRL's SFTTrainer + peft (not with ftpipe's finetune
+stage), on the demo sentiment data, inside `ftpipe.core.stage.execute` so the run has a genuine
+completed `finetune-sft` manifest; TensorBoard events go under outputs/<run>/trainer_state/.
+The merged model is made with peft's merge_and_unload under an `export-merged` manifest.
+ENVIRONMENT.md: the tiny model learns the labels 0% -> 100% in 200 steps (hidden 128, 4 layers,
+r=32).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+RUN = "r1"
+SYSTEM = "Label the sentiment of the review as positive or negative."
+
+CHECKS_YAML = f"""\
+# Prompt checks for the eval tests: two the tuned model must pass, one nobody can pass.
+checks:
+  - name: label-positive
+    system: {SYSTEM}
+    prompt: "Review of the scarf: lovely, sturdy."
+    expect:
+      exact: positive
+      must_stop: true
+  - name: label-negative
+    system: {SYSTEM}
+    prompt: "A flimsy and awful scarf, in my opinion."
+    expect:
+      regex: "^negative$"
+      max_length: 20
+  - name: impossible
+    system: {SYSTEM}
+    prompt: "A great and fantastic speaker, in my opinion."
+    expect:
+      contains: "this sentence is never generated"
+"""
+
+
+def make_project(root: Path, model_dir: Path) -> Path:
+    """config.yaml, the tiny model copied in (so the adapter's base path is project-relative),
+    the demo data split 90/10 into prepared/sentiment/, a metadata.json, and the checks file."""
+    root.mkdir(parents=True, exist_ok=True)
+    # The executor finds stage venvs under the project root; link the train venv so the CLI runs
+    # the stage here instead of delegating. .venv-awq is deliberately absent (see the tests).
+    (root / ".venv").symlink_to(REPO / ".venv", target_is_directory=True)
+    shutil.copytree(model_dir, root / "models" / "tiny")
+    (root / "config.yaml").write_text(
+        "model:\n  path: models/tiny\n"
+        "data:\n  name: sentiment\n  source: data/sentiment.jsonl\n"
+        "eval:\n  prompts_file: eval_checks.yaml\n  max_new_tokens: 8\n  samples: 2\n"
+        "report:\n  title: Eval test report <sentiment & co>\n",
+        encoding="utf-8",
+    )
+    (root / "eval_checks.yaml").write_text(CHECKS_YAML, encoding="utf-8")
+    rows = (REPO / "data/demo/sentiment.jsonl").read_text(encoding="utf-8").splitlines()
+    random.Random(0).shuffle(rows)
+    val, train = rows[:80], rows[80:]
+    prepared = root / "prepared" / "sentiment"
+    prepared.mkdir(parents=True)
+    (prepared / "train.jsonl").write_text("\n".join(train) + "\n", encoding="utf-8")
+    (prepared / "val.jsonl").write_text("\n".join(val) + "\n", encoding="utf-8")
+    (prepared / "metadata.json").write_text(json.dumps({
+        "source": "data/sentiment.jsonl", "format": "messages",
+        "counts": {"train": len(train), "val": len(val), "dropped": {"overlength": 0, "duplicate": 0}},
+        "token_lengths": {"p50": 31, "p95": 38, "max": 41,
+                          "histogram": {"edges": [20, 25, 30, 35, 40, 45], "counts": [40, 300, 380, 70, 10]}},
+    }), encoding="utf-8")
+    return root
+
+
+def fine_tune(root: Path, max_steps: int = 200) -> None:
+    """A real LoRA fine-tune with TRL, recorded as a completed finetune-sft stage of run r1."""
+    import os
+
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from ftpipe.core.config import load_config
+    from ftpipe.core.runs import Project, new_run
+    from ftpipe.core.stage import StageContext, StageResult, execute
+
+    loaded = load_config(root / "config.yaml")
+    project = Project.from_config(loaded)
+    run = new_run(project, RUN)
+    model_dir = root / "models" / "tiny"
+    prepared = project.prepared_dir("sentiment")
+
+    def body(ctx):
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        data = load_dataset("json", data_files={"train": str(prepared / "train.jsonl"), "val": str(prepared / "val.jsonl")})
+        args = SFTConfig(
+            output_dir=str(run.trainer_state), max_steps=max_steps, per_device_train_batch_size=8,
+            learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0, logging_steps=10,
+            eval_strategy="steps", eval_steps=50, per_device_eval_batch_size=16, save_strategy="no",
+            report_to=["tensorboard"], use_cpu=True, bf16=False, gradient_checkpointing=False,
+            assistant_only_loss=True, max_length=256, packing=False, seed=0, dataloader_num_workers=0,
+            disable_tqdm=True,
+        )
+        trainer = SFTTrainer(
+            model=str(model_dir), args=args, train_dataset=data["train"], eval_dataset=data["val"],
+            processing_class=tok,
+            peft_config=LoraConfig(r=32, lora_alpha=64, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"),
+        )
+        trainer.train()
+        trainer.model.save_pretrained(run.adapter)
+        tok.save_pretrained(run.adapter)
+        (run.adapter / "ftpipe_base_model.json").write_text(
+            json.dumps({"id": None, "revision": None, "path": "models/tiny"}), encoding="utf-8"
+        )
+        return StageResult(outputs=[run.adapter], metrics={"train_loss": trainer.state.log_history[-1].get("train_loss")})
+
+    os.environ.pop("TENSORBOARD_LOGGING_DIR", None)  # events go to trainer_state/runs/
+    ctx = StageContext.for_run("finetune-sft", loaded, run)
+    execute(ctx, body, sections=("finetune",), inputs={"train": prepared / "train.jsonl"}, environment="train")
+
+
+def merge(root: Path) -> None:
+    """outputs/r1/merged via peft merge_and_unload, recorded as a completed export-merged stage."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftpipe.core.config import load_config
+    from ftpipe.core.runs import Project, RunDir
+    from ftpipe.core.stage import StageContext, StageResult, execute
+
+    loaded = load_config(root / "config.yaml")
+    run = RunDir(Project.from_config(loaded), RUN)
+
+    def body(ctx):
+        base = AutoModelForCausalLM.from_pretrained(root / "models" / "tiny", dtype=torch.float32)
+        merged = PeftModel.from_pretrained(base, run.adapter).merge_and_unload()
+        merged.save_pretrained(run.merged)
+        AutoTokenizer.from_pretrained(run.adapter).save_pretrained(run.merged)
+        shutil.copy(run.adapter / "ftpipe_base_model.json", run.merged / "ftpipe_base_model.json")
+        return StageResult(outputs=[run.merged])
+
+    ctx = StageContext.for_run("export-merged", loaded, run)
+    execute(ctx, body, sections=("merge",), inputs={"adapter": run.adapter}, environment="train")
+
+
+@pytest.fixture(scope="session")
+def tuned_project(tmp_path_factory, tiny_model_dir) -> Path:
+    """Project with run r1: 200 real LoRA steps on the sentiment data, then merged."""
+    root = make_project(tmp_path_factory.mktemp("eval-proj"), tiny_model_dir)
+    fine_tune(root)
+    merge(root)
+    return root
