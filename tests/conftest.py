@@ -34,8 +34,8 @@ class CliResult:
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 900) -> CliResult:
     """Run `python -m ftpipe ARGS` in a subprocess (real exit codes, real error handler)."""
-    full_env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", **(env or {})}
-    full_env.pop("FTPIPE_DEBUG", None)
+    full_env = {k: v for k, v in os.environ.items() if k != "FTPIPE_DEBUG"}
+    full_env.update({"COLUMNS": "200", "NO_COLOR": "1", **(env or {})})
     proc = subprocess.run(
         [sys.executable, "-m", "ftpipe", *args],
         cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout,

@@ -144,7 +144,6 @@ def run(ctx: StageContext) -> StageResult:
     writers = {"train": _Writer(train_out), "val": _Writer(val_out)}
     final_lengths = array("I")
     if data.val_source:
-        val_pick: set[int] = set()
         for i, line in _pick(kept["train"][0], selected):
             writers["train"].write(line)
             final_lengths.append(kept["train"][1][i])
