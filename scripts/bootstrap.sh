@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Create (or reuse) the stage environments from their lock files: bash scripts/bootstrap.sh [train awq serve gguf]
-# A venv is reused when its recorded hash of (lock file + this script) matches; otherwise rebuilt.
+# Create (or reuse) the stage environments from their lock files: bash scripts/bootstrap.sh [all | train awq serve gguf]
+# A venv is reused when its recorded hash of (lock file + scripts/post-install-<env>.sh) matches;
+# otherwise it is rebuilt from scratch.
 # ftpipe itself is installed editable, so code changes need no rebuild.
 # torch is pinned to the 2.13.0 CPU wheel first: an unpinned torch pulls a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ $# -eq 0 ] && set -- train
+if [ "$1" = all ]; then set -- $(ls requirements/*.lock | xargs -n1 basename | sed 's/\.lock$//' | sort); fi
+
+# pip, with the machine's noisy "Location ... is ignored" index warnings filtered; its exit code is kept.
+pipq() { "$dir/bin/pip" install -q --disable-pip-version-check "$@" 2> >(grep -v '^WARNING: Location' >&2); }
 
 venv_dir() { case "$1" in train) echo .venv ;; *) echo ".venv-$1" ;; esac; }
 
@@ -14,7 +19,7 @@ for env in "$@"; do
   lock="requirements/$env.lock"
   [ -f "$lock" ] || { echo "bootstrap: no lock file $lock" >&2; exit 2; }
   dir=$(venv_dir "$env")
-  want=$(cat "$lock" scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)
+  want=$(cat "$lock" $(ls "scripts/post-install-$env.sh" 2>/dev/null) | sha256sum | cut -d' ' -f1)
   if [ -f "$dir/.ftpipe-lock" ] && [ "$(cat "$dir/.ftpipe-lock")" = "$want" ]; then
     echo "bootstrap: $dir up to date"
     continue
@@ -22,13 +27,12 @@ for env in "$@"; do
   echo "bootstrap: building $dir from $lock"
   rm -rf "$dir"
   "$PYTHON" -m venv "$dir"
-  "$dir/bin/pip" install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
   if grep -q '^torch==' "$lock"; then
-    "$dir/bin/pip" install -q "$(grep '^torch==' "$lock")" 2>&1 | grep -v '^WARNING: Location' || true
+    pipq "$(grep '^torch==' "$lock")"
   fi
-  "$dir/bin/pip" install -q -r "$lock" 2>&1 | grep -v '^WARNING: Location' || true
-  "$dir/bin/pip" install -q --no-deps -e . 2>&1 | grep -v '^WARNING: Location' || true
-  if [ -x "scripts/post-install-$env.sh" ]; then bash "scripts/post-install-$env.sh" "$dir"; fi
+  pipq -r "$lock"
+  pipq --no-deps -e .
+  if [ -f "scripts/post-install-$env.sh" ]; then bash "scripts/post-install-$env.sh" "$dir"; fi
   "$dir/bin/python" -c "import ftpipe" # fail here, not in the middle of a test run
   echo "$want" > "$dir/.ftpipe-lock"
 done

@@ -33,7 +33,8 @@ def test_compose_command_exact() -> None:
     ]
 
 
-def test_local_command_and_missing_venv(tmp_path: Path) -> None:
+def test_local_command_and_missing_venv(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("FTPIPE_VENV_ROOT", str(tmp_path))
     with pytest.raises(InputError, match=r"environment 'awq' is not installed \(\.venv-awq/ missing\)") as exc:
         local_command(tmp_path, ENVIRONMENTS["awq"], ["convert-awq"])
     assert exc.value.hint == "bash scripts/bootstrap.sh awq"

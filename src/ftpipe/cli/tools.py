@@ -8,7 +8,7 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from ftpipe.cli.common import DEFAULT_CONFIG, ConfigOpt, RunOpt, SetOpt, console, delegate, load
+from ftpipe.cli.common import DEFAULT_CONFIG, ConfigOpt, ForceOpt, RunOpt, SetOpt, console, load
 
 
 def register(app: typer.Typer) -> None:
@@ -17,7 +17,9 @@ def register(app: typer.Typer) -> None:
 
 
 def make_tiny_model(
-    out: Annotated[Path, typer.Option("--out", help="Folder to write the model into.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder to write the model into (default: model.path of --config).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Take model.tiny and model.path from this config.")] = None,
+    sets: SetOpt = None,
     arch: Annotated[str, typer.Option(help="llama or qwen2.")] = "llama",
     hidden_size: Annotated[int, typer.Option(help="Hidden size (multiple of 128).")] = 128,
     intermediate_size: Annotated[int, typer.Option(help="MLP size (multiple of 128).")] = 256,
@@ -26,23 +28,47 @@ def make_tiny_model(
     tie_embeddings: Annotated[bool, typer.Option("--tie-embeddings/--untied", help="Tie lm_head to the embeddings.")] = True,
     text: Annotated[Optional[list[Path]], typer.Option("--text", help="Extra text files for the tokenizer.")] = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    force: ForceOpt = False,
 ) -> None:
-    """Build a tiny local model + tokenizer + chat template (no hub download)."""
+    """Build a tiny local model + tokenizer + chat template (no hub download).
+
+    With --config, the `model.tiny` section gives the shape, `model.path` the folder and the
+    dataset (`data.source`) is added to the tokenizer text; an existing model is kept unless --force.
+    """
+    from pydantic import ValidationError
+
     from ftpipe.cli.common import setup_logging
     from ftpipe.core.errors import ConfigError
     from ftpipe.training.config import TinyModelConfig
     from ftpipe.training.tiny_model import build
-    from pydantic import ValidationError
 
     setup_logging()
-    try:
-        cfg = TinyModelConfig(
-            arch=arch, hidden_size=hidden_size, intermediate_size=intermediate_size,
-            num_layers=num_layers, vocab_size=vocab_size, tie_word_embeddings=tie_embeddings, seed=seed,
-        )
-    except ValidationError as exc:
-        raise ConfigError("; ".join(f"--{'-'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
-    info = build(out, cfg, text or [])
+    texts = list(text or [])
+    if config is not None:
+        loaded = load(config, sets)
+        cfg_model = loaded.config.model
+        if cfg_model.tiny is None:
+            raise ConfigError(f"{config}: model.tiny is not set: nothing to build", hint="ftpipe make-tiny-model --out DIR")
+        cfg = cfg_model.tiny
+        out = out or loaded.root / cfg_model.path
+        if loaded.config.data.source:
+            source = loaded.root / loaded.config.data.source
+            if source.is_file():
+                texts.append(source)
+    else:
+        if out is None:
+            raise ConfigError("make-tiny-model needs --out DIR or --config FILE", hint="ftpipe make-tiny-model --out models/tiny")
+        try:
+            cfg = TinyModelConfig(
+                arch=arch, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                num_layers=num_layers, vocab_size=vocab_size, tie_word_embeddings=tie_embeddings, seed=seed,
+            )
+        except ValidationError as exc:
+            raise ConfigError("; ".join(f"--{'-'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+    if (Path(out) / "config.json").is_file() and not force:
+        console.print(f"[yellow]{out} already holds a model; kept (use --force to rebuild)[/yellow]")
+        return
+    info = build(out, cfg, texts)
     console.print(f"[green]tiny {info['arch']} model[/green] -> {out} ({info['parameters']:,} parameters, vocab {info['vocab_size']})")
 
 

@@ -63,16 +63,34 @@ def environment_for(stage: str) -> Environment:
     return ENVIRONMENTS[STAGE_ENVIRONMENT.get(stage, "train")]
 
 
+def _checkout_root() -> Path:
+    # src/ftpipe/core/executor.py -> the checkout holding the venvs of an editable install.
+    return Path(__file__).resolve().parents[3]
+
+
+def venv_dir(root: Path, env: Environment) -> Path:
+    """Where an environment's venv lives: $FTPIPE_VENV_ROOT, else the project root when it has
+    one, else the ftpipe checkout (so a project folder elsewhere reuses the installed venvs)."""
+    override = os.environ.get("FTPIPE_VENV_ROOT")
+    if override:
+        return Path(override) / env.venv
+    local = Path(root) / env.venv
+    if local.exists():
+        return local
+    installed = _checkout_root() / env.venv
+    return installed if installed.exists() else local
+
+
 def venv_python(root: Path, env: Environment) -> Path:
     """The interpreter of an environment's local venv."""
-    return root / env.venv / "bin" / "python"
+    return venv_dir(root, env) / "bin" / "python"
 
 
 def in_environment(root: Path, env: Environment) -> bool:
     """True when this process already runs in `env` (its venv, or its container)."""
     if os.environ.get(ENV_MARKER) == env.name:
         return True
-    return Path(sys.prefix).resolve() == (root / env.venv).resolve()
+    return Path(sys.prefix).resolve() == venv_dir(root, env).resolve()
 
 
 def local_command(root: Path, env: Environment, argv: list[str]) -> list[str]:
@@ -82,7 +100,7 @@ def local_command(root: Path, env: Environment, argv: list[str]) -> list[str]:
         InputError: the venv is missing, naming the command that creates it.
     """
     python = venv_python(root, env)
-    if not python.exists():
+    if not python.exists():  # not in the project, not in the ftpipe checkout
         raise InputError(
             f"environment {env.name!r} is not installed ({env.venv}/ missing)",
             hint=f"bash scripts/bootstrap.sh {env.name}",

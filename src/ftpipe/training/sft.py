@@ -143,8 +143,7 @@ def _make_callback(stop: StopFlag, progress: ProgressFn | None):
             return (time.monotonic() - self.start_time) / done * (state.max_steps - state.global_step)
 
         def on_step_end(self, args, state, control, **kwargs):
-            stop = stop_requested(stop_flag=stop.stop)
-            if stop and self.interrupted_at is None:
+            if stop_requested(stop.stop) and self.interrupted_at is None:
                 self.interrupted_at = state.global_step
                 control.should_save = True
                 control.should_training_stop = True

@@ -1,0 +1,117 @@
+"""Benchmark `preprocess-sft` against a `datasets.map` tokenization of the same file.
+
+Writes an N-row messages JSONL (the demo rows, each made unique), then in separate processes
+(so each peak RSS is its own): ftpipe's stage, and `datasets.load_dataset("json") +
+.map(apply_chat_template, batched=True)`; prints rows/s, the speed-up and peak RSS, and ftpipe's
+peak RSS at N/10 rows to show memory stays flat in rows. Not part of the test suite.
+
+    .venv/bin/python bench/preprocess.py --rows 1000000
+    .venv/bin/python bench/preprocess.py --rows 20000 --model models/tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "data" / "demo" / "sentiment.jsonl"
+
+BASELINE = r"""
+import sys, datasets
+from transformers import AutoTokenizer
+datasets.disable_progress_bars()
+src, model, cache = sys.argv[1:4]
+tok = AutoTokenizer.from_pretrained(model)
+ds = datasets.load_dataset("json", data_files=src, split="train", cache_dir=cache)
+def count(batch):
+    ids = tok.apply_chat_template(batch["messages"], tokenize=True, return_dict=False)
+    return {"n_tokens": [len(x) for x in ids]}
+ds = ds.map(count, batched=True, batch_size=1000, remove_columns=ds.column_names, cache_file_name=cache + "/map.arrow")
+print(len(ds), sum(ds["n_tokens"]))
+"""
+
+
+def make_data(path: Path, rows: int) -> None:
+    """An N-row messages JSONL: the demo rows cycled, each user turn made unique."""
+    base = [json.loads(line) for line in DEMO.read_text(encoding="utf-8").splitlines() if line.strip()]
+    with open(path, "w", encoding="utf-8") as fh:
+        for i in range(rows):
+            row = base[i % len(base)]
+            msgs = [dict(m) for m in row["messages"]]
+            msgs[1]["content"] = f"{msgs[1]['content']} (review {i})"
+            fh.write(json.dumps({"messages": msgs}) + "\n")
+
+
+def timed(argv: list[str], cwd: Path, env: dict) -> tuple[float, float, str]:
+    """(seconds, peak RSS in MiB, stdout) of a child process."""
+    start = time.monotonic()
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.monotonic() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"failed: {' '.join(argv)}\n{out[-2000:]}")
+    return seconds, usage.ru_maxrss / 1024, out
+
+
+def ftpipe_run(work: Path, model: Path, source: Path, rows: int, env: dict) -> tuple[float, float, dict]:
+    cfg = work / f"config-{rows}.yaml"
+    cfg.write_text(
+        f"model:\n  path: {model}\ndata:\n  name: bench{rows}\n  source: {source}\n"
+        "preprocess:\n  max_length: 256\n", encoding="utf-8",
+    )
+    seconds, rss, _ = timed([sys.executable, "-m", "ftpipe", "preprocess-sft", "--config", str(cfg), "--force"], work, env)
+    meta = json.loads((work / "prepared" / f"bench{rows}" / "metadata.json").read_text())
+    return seconds, rss, meta
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_000_000, help="rows in the benchmark file")
+    parser.add_argument("--model", type=Path, help="model folder with a chat template (default: build a tiny one)")
+    parser.add_argument("--workdir", type=Path, help="where to write (default: a temp folder, removed)")
+    parser.add_argument("--skip-baseline", action="store_true", help="only time ftpipe")
+    args = parser.parse_args()
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "FTPIPE_ENV": "train"}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = (args.workdir or Path(tmp)).resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        model = args.model.resolve() if args.model else work / "tiny"
+        if not (model / "config.json").exists():
+            from ftpipe.training.config import TinyModelConfig
+            from ftpipe.training.tiny_model import build
+
+            build(model, TinyModelConfig(vocab_size=2048), [DEMO])
+        small_rows = max(1, args.rows // 10)
+        big, small = work / f"rows-{args.rows}.jsonl", work / f"rows-{small_rows}.jsonl"
+        make_data(big, args.rows)
+        make_data(small, small_rows)
+        print(f"file: {args.rows} rows, {big.stat().st_size / 2**20:.1f} MiB")
+
+        s_sec, s_rss, _ = ftpipe_run(work, model, small, small_rows, env)
+        f_sec, f_rss, meta = ftpipe_run(work, model, big, args.rows, env)
+        kept = meta["counts"]["kept"]
+        print(f"ftpipe          {args.rows / f_sec:10.0f} rows/s  ({f_sec:.1f} s wall, {kept} kept, "
+              f"in-stage {meta['rows_per_second']:.0f} rows/s)  peak RSS {f_rss:.0f} MiB")
+        print(f"ftpipe (N/10)   {small_rows / s_sec:10.0f} rows/s  ({s_sec:.1f} s wall)  peak RSS {s_rss:.0f} MiB"
+              f"  -> RSS grows {f_rss - s_rss:.0f} MiB for {args.rows - small_rows} more rows")
+        if args.skip_baseline:
+            return
+        cache = work / "hf-cache"
+        cache.mkdir(exist_ok=True)
+        b_sec, b_rss, out = timed([sys.executable, "-c", BASELINE, str(big), str(model), str(cache)], work, env)
+        print(f"datasets.map    {args.rows / b_sec:10.0f} rows/s  ({b_sec:.1f} s wall)  peak RSS {b_rss:.0f} MiB"
+              f"  [{out.strip().splitlines()[-1]}]")
+        print(f"speed-up: {b_sec / f_sec:.2f}x (target >= 3x)")
+
+
+if __name__ == "__main__":
+    main()
