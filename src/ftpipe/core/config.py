@@ -212,6 +212,8 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
         ) from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or type(exc).__name__})") from None
     try:
         node = yaml.compose(text)
         data = yaml.safe_load(text)
