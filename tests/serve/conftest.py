@@ -1,133 +1,17 @@
-"""Fixtures for the serve tests: a tiny model that answers a fixed word and then stops at EOS, a
-project whose run holds it as a completed `export-merged` output, and a free loopback port.
-
-A random-init tiny model never emits EOS, so a smoke test of "answers stop at EOS" would always
-fail on it. `make_answering_model` turns the tiny untied Qwen2 into a deterministic bigram model:
-attention and MLP outputs are zeroed (the last hidden state is the current token's embedding), and
-the embeddings / lm_head chain every prompt token -> the answer's tokens -> <|im_end|>.
-"""
+"""Fixtures for the serve tests (helpers in serve/helpers.py)."""
 
 from __future__ import annotations
 
-import json
-import shutil
-import socket
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-SERVE_PYTHON = REPO / ".venv-serve" / "bin" / "python"
-ANSWER = "positive"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def make_answering_model(src: Path, out: Path, answer: str = ANSWER) -> list[int]:
-    """Copy the untied tiny model `src` to `out`, rewired to answer `answer` then EOS (greedy).
-
-    Returns:
-        The answer's token ids.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(src)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    assert not model.config.tie_word_embeddings, "needs an untied model (tiny_qwen_dir)"
-    ids = tok.encode(answer, add_special_tokens=False)
-    assert len(set(ids)) == len(ids) and len(ids) + 1 < model.config.hidden_size
-    eos = tok.convert_tokens_to_ids("<|im_end|>")
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        emb = model.model.embed_tokens.weight
-        head = model.lm_head.weight
-        emb.zero_()
-        head.zero_()
-        emb[:, 0] = 1.0  # every token: direction 0 ...
-        for k, t in enumerate(ids, start=1):  # ... except the answer's k-th token: direction k
-            emb[t, 0] = 0.0
-            emb[t, k] = 1.0
-        head[ids[0], 0] = 4.0  # any token -> first answer token
-        for k in range(1, len(ids)):
-            head[ids[k], k] = 4.0  # answer token k -> k+1
-        head[eos, len(ids)] = 4.0  # last answer token -> EOS
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    for extra in ("generation_config.json", "chat_template.jinja"):
-        if (src / extra).exists() and not (out / extra).exists():
-            shutil.copy(src / extra, out / extra)
-    return ids
-
-
-def fabricate_merged(project_dir: Path, run_name: str, model_dir: Path) -> None:
-    """outputs/<run>/merged = `model_dir`, with a completed export-merged manifest written by execute()."""
-    from ftpipe.core.config import load_config
-    from ftpipe.core.runs import Project, new_run
-    from ftpipe.core.stage import StageContext, StageResult, execute
-
-    loaded = load_config(project_dir / "config.yaml", environ={})
-    run = new_run(Project.from_config(loaded), run_name)
-
-    def body(ctx):
-        shutil.copytree(model_dir, run.merged, dirs_exist_ok=True)
-        (run.merged / "ftpipe_base_model.json").write_text(json.dumps({"id": None, "revision": None, "path": "models/base"}))
-        return StageResult(outputs=[run.merged], summary="fabricated for the serve tests")
-
-    ctx = StageContext.for_run("export-merged", loaded, run)
-    result = execute(ctx, body, sections=("merge",), inputs={}, environment="train")
-    assert result.manifest["status"] == "completed"
-
-
-def write_project(root: Path, base_model: Path, port: int, checks: list[dict] | None = None) -> Path:
-    """config.yaml + prepared/sentiment/val.jsonl (+ a prompt-checks file); returns the config path."""
-    (root / "prepared/sentiment").mkdir(parents=True, exist_ok=True)
-    rows = [
-        {"messages": [
-            {"role": "system", "content": "Label the sentiment of the review as positive or negative."},
-            {"role": "user", "content": f"Review {i}: a lovely, sturdy scarf."},
-            {"role": "assistant", "content": "positive"},
-        ]}
-        for i in range(6)
-    ]
-    (root / "prepared/sentiment/val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    checks = checks if checks is not None else [
-        {"name": "exact", "system": "Label it.", "prompt": "A lovely scarf.", "expect": {"exact": ANSWER}},
-        {"name": "contains", "prompt": "Anything at all?", "expect": {"contains": "posit"}},
-        {"name": "regex", "prompt": "Say something.", "expect": {"regex": "^pos.*ve$"}},
-    ]
-    (root / "checks.json").write_text(json.dumps({"checks": checks}))
-    config = root / "config.yaml"
-    config.write_text(
-        f"model:\n  path: {base_model}\n"
-        "data:\n  name: sentiment\n  source: data/sentiment.jsonl\n"
-        "eval:\n  prompts_file: checks.json\n"
-        f"serve:\n  port: {port}\n  startup_timeout: 900\n  max_model_len: 256\n"
-        "smoke_test:\n  prompts: 3\n  max_tokens: 16\n  timeout: 120\n",
-        encoding="utf-8",
-    )
-    return config
+from serve.helpers import make_answering_model
 
 
 @pytest.fixture(scope="session")
 def answering_model(tiny_qwen_dir, tmp_path_factory) -> Path:
+    """The tiny untied Qwen2 rewired to answer "positive" and stop at EOS (see serve/helpers.py)."""
     out = tmp_path_factory.mktemp("answering-model")
     make_answering_model(tiny_qwen_dir, out)
     return out
-
-
-def require_serve_env() -> None:
-    """The serve environment is part of CI (scripts/test.sh bootstraps it): missing = failure."""
-    assert SERVE_PYTHON.exists(), "the serve environment is missing: bash scripts/bootstrap.sh serve"
-
-
-__all__ = ["REPO", "SERVE_PYTHON", "ANSWER", "free_port", "make_answering_model", "fabricate_merged",
-           "write_project", "require_serve_env", "sys"]

@@ -73,7 +73,7 @@ def serve(
             "(see docs/compose.md)",
         )
     # llama.cpp's server lives in the gguf environment, vLLM in the serve environment.
-    delegate("export-gguf" if loaded.config.serve.artifact == "gguf" else "serve", loaded)
+    delegate("serve-gguf" if loaded.config.serve.artifact == "gguf" else "serve", loaded)
 
     def ready(state) -> None:
         console.print(f"[green]serving {state.model_name!r} ({state.artifact}, {state.kind}) at {state.url}[/green] "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ STAGE_ENVIRONMENT: dict[str, str] = {
     "serve": "serve",
     "smoke-test": "serve",
     "export-gguf": "gguf",
+    "serve-gguf": "gguf",  # `serve --artifact gguf`: llama.cpp's server lives in the gguf env
 }
 
 
@@ -166,7 +168,14 @@ def run_in_environment(root: Path, stage: str, argv: list[str], runtime: str = "
         cmd = local_command(root, env, argv)
     child_env = {**os.environ, ENV_MARKER: env.name}
     log.info("running %s in environment %s: %s", stage, env.name, redact(" ".join(cmd)))
-    return subprocess.run(cmd, cwd=root, env=child_env).returncode
+    proc = subprocess.Popen(cmd, cwd=root, env=child_env)
+    # Forward Ctrl-C / SIGTERM so the child saves a checkpoint or stops its server cleanly.
+    previous = {s: signal.signal(s, lambda n, _f: proc.send_signal(n)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def run_tool(argv: list[str], log_file: Path | None = None, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float | None = None) -> str:

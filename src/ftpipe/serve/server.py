@@ -299,7 +299,8 @@ def stop_process_group(pid: int, timeout: float) -> bool:
         return True
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        # Done when the server and every process of its group (vLLM's engine core...) are gone.
+        if not _alive(pid) and not _group_alive(pid):
             return True
         time.sleep(0.25)
     log.warning("server pid %d did not exit %.0fs after SIGTERM (serve.stop_timeout): killing it", pid, timeout)
@@ -328,6 +329,16 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -341,7 +352,12 @@ def read_state(run: RunDir) -> ServerState | None:
     data = read_json(path)
     if not isinstance(data, dict):
         return None
-    state = ServerState(**data)
+    try:
+        state = ServerState(**data)
+    except TypeError:
+        log.info("removing unreadable %s", run.project.rel(path))
+        path.unlink(missing_ok=True)
+        return None
     cmd = _cmdline(state.pid)
     if not _alive(state.pid) or ("vllm" not in cmd and "llama_cpp" not in cmd):
         log.info("removing stale %s (pid %d is not running a server)", run.project.rel(path), state.pid)

@@ -214,8 +214,8 @@ def stage(loaded, run_name: str | None, force: bool = True, **opts) -> StageResu
     """
     cfg = loaded.config
     project = Project.from_config(loaded)
-    run = open_run(project, run_name)
-    served = resolve_artifact(run, cfg.serve.artifact, cfg.serve.gguf_type)
+    run_dir = open_run(project, run_name)
+    served = resolve_artifact(run_dir, cfg.serve.artifact, cfg.serve.gguf_type)
     val_file = project.prepared_dir(cfg.data.name) / "val.jsonl"
     if not val_file.is_file():
         raise InputError(f"no val split for dataset {cfg.data.name} ({project.rel(val_file)} missing)",
@@ -231,5 +231,5 @@ def stage(loaded, run_name: str | None, force: bool = True, **opts) -> StageResu
     inputs = {"artifact": served.upstream_manifest, "val": val_file}
     if checks_file is not None:
         inputs["prompts_file"] = checks_file
-    ctx = StageContext.for_run(STAGE, loaded, run, force=True, served=served, prompts=prompts, checks_file=checks_file)
+    ctx = StageContext.for_run(STAGE, loaded, run_dir, force=True, served=served, prompts=prompts, checks_file=checks_file)
     return execute(ctx, run, sections=("serve", "smoke_test", "eval", "data"), inputs=inputs, environment="serve")

@@ -1,0 +1,72 @@
+"""End-to-end: the demo pipeline with a smaller budget, every manifest `completed`; a second run
+skips every stage; changing one training value reruns training and what follows, nothing before.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_cli
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["--set", "finetune.max_steps=120", "--set", "awq.calibration_samples=16"]
+
+
+@pytest.fixture(scope="module")
+def demo_project(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("demo-project")
+    shutil.copy(REPO / "debug_config.yaml", root / "debug_config.yaml")
+    shutil.copytree(REPO / "data/demo", root / "data/demo")
+    return root
+
+
+def stamps(root: Path) -> dict[str, tuple]:
+    out = {}
+    for path in sorted(root.glob("logs/**/manifest.json")):
+        m = json.loads(path.read_text())
+        out[str(path.relative_to(root))] = (m["status"], m["started_at"], m["finished_at"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def first_run(demo_project: Path):
+    result = run_cli("demo", "--config", str(demo_project / "debug_config.yaml"), *SMALL, timeout=1800)
+    assert result.code == 0, result.output[-4000:]
+    return result
+
+
+def test_demo_completes_every_stage(demo_project: Path, first_run) -> None:
+    manifests = stamps(demo_project)
+    stages = {Path(p).parent.name for p in manifests}
+    assert {"sentiment", "finetune-sft", "export-merged", "convert-awq", "eval-sft", "smoke-test", "report"} <= stages
+    assert all(status == "completed" for status, _, _ in manifests.values()), manifests
+    run = demo_project / "outputs/demo"
+    for sub in ("adapter", "merged", "awq", "eval", "report.html"):
+        assert (run / sub).exists(), sub
+    assert (demo_project / "outputs/latest.txt").read_text().strip() == "demo"
+
+
+def test_second_run_skips_everything(demo_project: Path, first_run) -> None:
+    before = stamps(demo_project)
+    result = run_cli("demo", "--config", str(demo_project / "debug_config.yaml"), *SMALL, timeout=900)
+    assert result.code == 0, result.output[-3000:]
+    assert stamps(demo_project) == before
+    assert result.stdout.count(": skipped") >= 6 and ": completed" not in result.stdout
+
+
+def test_training_change_reruns_training_and_after_only(demo_project: Path, first_run) -> None:
+    before = stamps(demo_project)
+    changed = [*SMALL, "--set", "finetune.learning_rate=0.002"]
+    result = run_cli("demo", "--config", str(demo_project / "debug_config.yaml"), *changed, "--to", "export-merged", timeout=1800)
+    assert result.code == 0, result.output[-3000:]
+    after = stamps(demo_project)
+    prep = "logs/_prepared/sentiment/manifest.json"
+    assert after[prep] == before[prep]  # nothing before training reran
+    for stage in ("finetune-sft", "export-merged"):
+        key = f"logs/demo/{stage}/manifest.json"
+        assert after[key][0] == "completed" and after[key][1] != before[key][1], stage
