@@ -22,7 +22,8 @@ RUN = "r1"
 SYSTEM = "Label the sentiment of the review as positive or negative."
 
 CHECKS_YAML = f"""\
-# Prompt checks for the eval tests: two the tuned model must pass, one nobody can pass.
+# Prompt checks for the eval tests: two the tuned model must pass (held-out reviews, labelled
+# right, a bare label, then end-of-turn), one nobody can pass. The random base fails all three.
 checks:
   - name: label-positive
     system: {SYSTEM}
@@ -35,7 +36,7 @@ checks:
     prompt: "A flimsy and awful scarf, in my opinion."
     expect:
       regex: "^negative$"
-      max_length: 20
+      max_length: 10
   - name: impossible
     system: {SYSTEM}
     prompt: "A great and fantastic speaker, in my opinion."
@@ -48,8 +49,8 @@ def make_project(root: Path, model_dir: Path) -> Path:
     """config.yaml, the tiny model copied in (so the adapter's base path is project-relative),
     the demo data split 90/10 into prepared/sentiment/, a metadata.json, and the checks file."""
     root.mkdir(parents=True, exist_ok=True)
-    # The executor finds stage venvs under the project root; link the train venv so the CLI runs
-    # the stage here instead of delegating. .venv-awq is deliberately absent (see the tests).
+    # Stage venvs are looked up in the project root first (then the ftpipe checkout): the train
+    # venv is linked here, .venv-awq is not (the awq test points FTPIPE_VENV_ROOT here to hide it).
     (root / ".venv").symlink_to(REPO / ".venv", target_is_directory=True)
     shutil.copytree(model_dir, root / "models" / "tiny")
     (root / "config.yaml").write_text(
@@ -67,16 +68,16 @@ def make_project(root: Path, model_dir: Path) -> Path:
     prepared.mkdir(parents=True)
     (prepared / "train.jsonl").write_text("\n".join(train) + "\n", encoding="utf-8")
     (prepared / "val.jsonl").write_text("\n".join(val) + "\n", encoding="utf-8")
-    (prepared / "metadata.json").write_text(json.dumps({
-        "source": "data/sentiment.jsonl", "format": "messages",
-        "counts": {"train": len(train), "val": len(val), "dropped": {"overlength": 0, "duplicate": 0}},
-        "token_lengths": {"p50": 31, "p95": 38, "max": 41,
-                          "histogram": {"edges": [20, 25, 30, 35, 40, 45], "counts": [40, 300, 380, 70, 10]}},
+    (prepared / "metadata.json").write_text(json.dumps({  # the shape preprocess-sft writes
+        "dataset": "sentiment", "source": {"path": "data/sentiment.jsonl"}, "format": "messages",
+        "counts": {"read": 800, "kept": 800, "train": len(train), "val": len(val), "truncated": 0, "dropped": {}},
+        "tokens": {"rows": 800, "min": 22, "mean": 31.5, "max": 41, "p50": 31, "p90": 36, "p95": 38, "p99": 40,
+                   "histogram": {"edges": [20, 25, 30, 35, 40, 45], "counts": [40, 300, 380, 70, 10]}},
     }), encoding="utf-8")
     return root
 
 
-def fine_tune(root: Path, max_steps: int = 200) -> None:
+def fine_tune(root: Path, max_steps: int = 200, lr: float = 1e-3, scheduler: str = "cosine") -> None:
     """A real LoRA fine-tune with TRL, recorded as a completed finetune-sft stage of run r1."""
     import os
 
@@ -98,16 +99,17 @@ def fine_tune(root: Path, max_steps: int = 200) -> None:
     def body(ctx):
         tok = AutoTokenizer.from_pretrained(model_dir)
         data = load_dataset("json", data_files={"train": str(prepared / "train.jsonl"), "val": str(prepared / "val.jsonl")})
+        eval_rows = data["val"].select(range(16))  # two eval points on the loss curve, cheaply
         args = SFTConfig(
             output_dir=str(run.trainer_state), max_steps=max_steps, per_device_train_batch_size=8,
-            learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0, logging_steps=10,
+            learning_rate=lr, lr_scheduler_type=scheduler, warmup_steps=0, logging_steps=10,
             eval_strategy="steps", eval_steps=50, per_device_eval_batch_size=16, save_strategy="no",
             report_to=["tensorboard"], use_cpu=True, bf16=False, gradient_checkpointing=False,
             assistant_only_loss=True, max_length=256, packing=False, seed=0, dataloader_num_workers=0,
             disable_tqdm=True,
         )
         trainer = SFTTrainer(
-            model=str(model_dir), args=args, train_dataset=data["train"], eval_dataset=data["val"],
+            model=str(model_dir), args=args, train_dataset=data["train"], eval_dataset=eval_rows,
             processing_class=tok,
             peft_config=LoraConfig(r=32, lora_alpha=64, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"),
         )
@@ -119,9 +121,18 @@ def fine_tune(root: Path, max_steps: int = 200) -> None:
         )
         return StageResult(outputs=[run.adapter], metrics={"train_loss": trainer.state.log_history[-1].get("train_loss")})
 
+    import torch
+
     os.environ.pop("TENSORBOARD_LOGGING_DIR", None)  # events go to trainer_state/runs/
-    ctx = StageContext.for_run("finetune-sft", loaded, run)
-    execute(ctx, body, sections=("finetune",), inputs={"train": prepared / "train.jsonl"}, environment="train")
+    threads = torch.get_num_threads()
+    # One thread: on this shared 2-core box two OpenMP threads spin against other jobs and run
+    # these tiny matmuls ~10x slower (measured: 60 steps 12 s with one thread, minutes with two).
+    torch.set_num_threads(1)
+    try:
+        ctx = StageContext.for_run("finetune-sft", loaded, run)
+        execute(ctx, body, sections=("finetune",), inputs={"train": prepared / "train.jsonl"}, environment="train")
+    finally:
+        torch.set_num_threads(threads)
 
 
 def merge(root: Path) -> None:
@@ -151,8 +162,21 @@ def merge(root: Path) -> None:
 
 @pytest.fixture(scope="session")
 def tuned_project(tmp_path_factory, tiny_model_dir) -> Path:
-    """Project with run r1: 200 real LoRA steps on the sentiment data, then merged."""
+    """Project with run r1: 200 real LoRA steps on the sentiment data (~35 s), then merged."""
     root = make_project(tmp_path_factory.mktemp("eval-proj"), tiny_model_dir)
     fine_tune(root)
     merge(root)
     return root
+
+
+def cli(command: str, root: Path, *args: str, env: dict | None = None):
+    """`ftpipe <command> --config <root>/config.yaml ARGS` in a subprocess, one OpenMP thread."""
+    from tests.conftest import run_cli
+
+    return run_cli(command, "--config", str(root / "config.yaml"), *args, env={"OMP_NUM_THREADS": "1", **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def evaluated(tuned_project):
+    """`ftpipe eval-sft` run once on the tuned project: (project root, CLI result)."""
+    return tuned_project, cli("eval-sft", tuned_project, "--run", RUN)

@@ -107,11 +107,11 @@ def _expect_problems(expect: dict[str, Any], where: str) -> list[str]:
         if key not in EXPECT_KEYS:
             problems.append(f"{where}.{key}: unknown expectation (use {', '.join(EXPECT_KEYS)})")
         elif key == "exact" and not isinstance(value, str):
-            problems.append(f"{where}.exact: expected a string")
+            problems.append(f"{where}.exact: expected a string, got {type(value).__name__} (quote it in YAML)")
         elif key == "contains" and not (
             isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value))
         ):
-            problems.append(f"{where}.contains: expected a string or a list of strings")
+            problems.append(f"{where}.contains: expected a string or a list of strings (quote them in YAML)")
         elif key == "regex":
             if not isinstance(value, str):
                 problems.append(f"{where}.regex: expected a string")

@@ -4,7 +4,7 @@ Sections: data stats (prepared/<dataset>/metadata.json, token-length histogram),
 (TensorBoard event files under outputs/<run>/trainer_state/, read with TensorBoard's
 EventAccumulator), the eval comparison across artifacts (outputs/<run>/eval/metrics.json and
 generations.jsonl), artifact sizes, stage timings, versions and output hashes from every
-logs/<run>/*/manifest.json. Plots are inline SVG; the page loads nothing from anywhere. Every
+logs/<run>/*/manifest.json and preprocess-sft's logs/_prepared/<dataset>/manifest.json. Plots are inline SVG; the page loads nothing from anywhere. Every
 text is HTML-escaped; configs come from manifests, where secrets are already redacted. Whatever
 is missing is shown as "not available": the report works on a partial run.
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from datetime import datetime, timezone
 from html import escape
 from pathlib import Path
@@ -47,6 +48,7 @@ def stage(loaded: LoadedConfig, run_name: str | None, force: bool = False, **opt
     inputs: dict[str, Path] = {
         f"manifest:{s}": run.manifest_path(s) for s in run.stages() if s != STAGE
     }
+    inputs["manifest:preprocess-sft"] = project.prepared_log_dir(loaded.config.data.name) / "manifest.json"
     inputs["metadata"] = project.prepared_dir(loaded.config.data.name) / "metadata.json"
     inputs["eval_metrics"] = run.eval / "metrics.json"
     inputs["generations"] = run.eval / "generations.jsonl"
@@ -57,7 +59,7 @@ def stage(loaded: LoadedConfig, run_name: str | None, force: bool = False, **opt
 def run_report(ctx: StageContext) -> StageResult:
     """Collect everything the page shows, render it, write report.html atomically."""
     run, cfg = ctx.run, ctx.config.report
-    manifests = {s: m for s in run.stages() if s != STAGE and (m := read_manifest(run.manifest_path(s)))}
+    manifests = _manifests(ctx)
     metadata = read_json(ctx.project.prepared_dir(ctx.config.data.name) / "metadata.json")
     scalars = read_scalars(run.trainer_state)
     eval_doc = read_json(run.eval / "metrics.json")
@@ -74,12 +76,25 @@ def run_report(ctx: StageContext) -> StageResult:
         generations_shown=cfg.generations_shown,
     )
     atomic_write_text(run.report, page)
+    os.chmod(run.report, 0o644)  # a page to share: the atomic temp file is created owner-only
     log.info("report: %s (%d bytes)", ctx.project.rel(run.report), len(page.encode()))
     return StageResult(
         outputs=[run.report],
         metrics={"stages_shown": len(manifests), "scalar_tags": len(scalars), "bytes": len(page.encode())},
         summary=f"report: {ctx.project.rel(run.report)}",
     )
+
+
+def _manifests(ctx: StageContext) -> dict[str, dict[str, Any]]:
+    """preprocess-sft's manifest for the dataset, then every stage manifest of the run but ours."""
+    found: dict[str, dict[str, Any]] = {}
+    prepared = read_manifest(ctx.project.prepared_log_dir(ctx.config.data.name) / "manifest.json")
+    if prepared:
+        found["preprocess-sft"] = prepared
+    for s in ctx.run.stages():
+        if s != STAGE and (m := read_manifest(ctx.run.manifest_path(s))):
+            found[s] = m
+    return dict(sorted(found.items(), key=lambda item: str(item[1].get("started_at") or "")))  # run order
 
 
 def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
@@ -302,14 +317,20 @@ def _section_data(dataset: str, metadata: dict[str, Any] | None) -> str:
     head = f'<h2 id="data">Data: <code>{_e(dataset)}</code></h2>'
     if metadata is None:
         return head + NA
-    rows = [[_e(k), f'<td class="num">{_num(v)}</td>' if _is_num(v) else _e(v)] for k, v in _flatten(metadata)]
-    table = _table(["key", "value"], rows) if rows else NA
+    def rows(items: list[tuple[str, Any]]) -> list[list[str]]:
+        return [[_e(k), f'<td class="num">{_num(v)}</td>' if _is_num(v) else _e("-" if v is None else v)] for k, v in items]
+
+    everything = _flatten(metadata)
+    # Counts and token lengths up front (the keys preprocess-sft writes); everything else folded.
+    key = [(k, v) for k, v in everything if k.split(".")[0] in ("counts", "tokens", "rows", "format", "dataset")]
     hists = find_histograms(metadata)
     charts = "".join(bar_chart(bars, f"token lengths: {name}", "rows") for name, bars in hists)
     return (
-        head + "<h3>Token-length histogram</h3>"
-        + (f'<div class="charts">{charts}</div>' if charts else NA)
-        + "<details open><summary>metadata.json</summary>" + table + "</details>"
+        head + '<div class="charts"><div><h3>Counts and token lengths</h3>'
+        + (_table(["key", "value"], rows(key)) if key else NA)
+        + "</div><div><h3>Token-length histogram</h3>" + (charts or NA) + "</div></div>"
+        + "<details><summary>all of metadata.json</summary>"
+        + (_table(["key", "value"], rows(everything)) if everything else NA) + "</details>"
     )
 
 

@@ -39,7 +39,7 @@ def line_chart(
     title: str,
     x_label: str = "step",
     y_label: str = "",
-    width: int = 600,
+    width: int = 570,
     height: int = 280,
 ) -> str:
     """An SVG line chart: one `<path>` per series, axes with ticks, a legend.
@@ -104,7 +104,7 @@ def line_chart(
     return "".join(parts)
 
 
-def bar_chart(bars: list[tuple[str, float]], title: str, y_label: str = "", width: int = 600, height: int = 260) -> str:
+def bar_chart(bars: list[tuple[str, float]], title: str, y_label: str = "", width: int = 570, height: int = 260) -> str:
     """An SVG bar chart (e.g. a histogram): one `<rect>` per (label, value)."""
     left, right, top, bottom = 56, 12, 28, 52
     pw, ph = width - left - right, height - top - bottom
