@@ -68,3 +68,25 @@ def test_merge_without_finetune_exits_2(tmp_path, tiny_model_dir):
     assert result.code == 2
     assert "run r0: stage finetune-sft is missing (logs/r0/finetune-sft/manifest.json)" in result.stderr
     assert "ftpipe finetune-sft --run r0" in result.stderr
+
+
+def test_full_model_as_adapter_is_refused(tmp_path, tiny_model_dir):
+    """A merged/full model where the adapter should be: nothing to merge, one clear line, exit 2."""
+    import shutil
+
+    from ftpipe.core.config import load_config
+    from ftpipe.core.runs import Project, new_run
+    from ftpipe.core.stage import StageContext, StageResult, execute
+    from tests.export.conftest import make_project
+
+    root = make_project(tmp_path / "p", tiny_model_dir)
+    loaded = load_config(root / "config.yaml")
+    run = new_run(Project.from_config(loaded), "r1")
+    execute(StageContext.for_run("finetune-sft", loaded, run),
+            lambda ctx: (shutil.copytree(tiny_model_dir, run.adapter), StageResult(outputs=[run.adapter]))[1],
+            sections=("finetune",), inputs={})
+    result = run_cli("export-merged", "--config", str(root / "config.yaml"), "--run", "r1", cwd=root)
+    assert result.code == 2
+    assert ("error: outputs/r1/adapter is a full model (config.json, no adapter_config.json): there is "
+            "nothing to merge; use it directly (next: ftpipe export-gguf --run r1)") in result.stderr
+    assert not (root / "outputs/r1/merged").exists()

@@ -52,6 +52,7 @@ STAGE_ENVIRONMENT: dict[str, str] = {
     "eval-sft": "train",
     "report": "train",
     "make-tiny-model": "train",
+    "ollama-load": "train",
     "convert-awq": "awq",
     "serve": "serve",
     "smoke-test": "serve",

@@ -1,0 +1,89 @@
+"""Run llama.cpp's `convert_hf_to_gguf.py` unchanged, recognising self-trained byte-level BPE tokenizers.
+
+The converter identifies a BPE tokenizer's pre-tokenizer by hashing how it splits a probe string
+and refuses any hash it does not know ("BPE pre-tokenizer was not recognized"). A tokenizer
+trained locally with `tokenizers` (ByteLevel pre-tokenizer with the GPT-2 regex, no normalizer)
+has a new hash but *is* the GPT-2 pre-tokenizer, so this wrapper answers "gpt-2" for exactly that
+case (and "qwen2" / "llama-bpe" for a Split + ByteLevel pipeline with exactly those families'
+regexes, which transformers 5 writes for qwen2 / llama-3 tokenizers) and re-raises otherwise.
+export-gguf then checks that llama.cpp tokenizes sample prompts exactly like HF. The vendored converter file is not edited: the fallback is added
+by wrapping `TextModel.get_vocab_base_pre` before the converter's own `main()` runs.
+
+Called by the export-gguf stage (ftpipe/export/gguf.py) as a subprocess:
+
+    python -m ftpipe.export.gguf_convert LLAMA_CPP_DIR MODEL_DIR --outfile out.gguf --outtype f16
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import runpy
+import sys
+from pathlib import Path
+
+log = logging.getLogger("ftpipe.gguf_convert")
+
+
+# Split regexes of byte-level BPE pipelines -> llama.cpp pre-tokenizer names. transformers 5
+# re-creates a model family's own pipeline on load (a qwen2 model's tokenizer is saved as
+# Split(Qwen2 regex) + ByteLevel(use_regex=False) + NFC, whatever tokenizer.json said before).
+KNOWN_SPLIT_REGEXES = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
+}
+
+
+def byte_level_pre(model_dir: Path) -> str | None:
+    """The llama.cpp pre-tokenizer of a byte-level BPE tokenizer.json whose split rule is known:
+    a plain ByteLevel pre-tokenizer (GPT-2 regex, no normalizer) is "gpt-2"; Split(known regex) +
+    ByteLevel(use_regex=False) is that regex's name. None otherwise."""
+    try:
+        data = json.loads((Path(model_dir) / "tokenizer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if (data.get("model") or {}).get("type") != "BPE":
+        return None
+    pre = data.get("pre_tokenizer") or {}
+    normalizer = data.get("normalizer")
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) is True and normalizer is None:
+        return "gpt-2"
+    parts = pre.get("pretokenizers") or []
+    if (
+        pre.get("type") == "Sequence"
+        and len(parts) == 2
+        and parts[0].get("type") == "Split"
+        and parts[1].get("type") == "ByteLevel"
+        and parts[1].get("use_regex") is False
+        and normalizer in (None, {"type": "NFC"})
+    ):
+        return KNOWN_SPLIT_REGEXES.get((parts[0].get("pattern") or {}).get("Regex"))
+    return None
+
+
+def main(argv: list[str]) -> None:
+    llama_cpp_dir, model_dir = Path(argv[0]), Path(argv[1])
+    sys.path.insert(0, str(llama_cpp_dir / "gguf-py"))  # the converter must use its own gguf-py
+    sys.path.insert(0, str(llama_cpp_dir))
+    from conversion.base import TextModel
+
+    original = TextModel.get_vocab_base_pre
+
+    def get_vocab_base_pre(self, tokenizer) -> str:
+        try:
+            return original(self, tokenizer)
+        except NotImplementedError:
+            pre = byte_level_pre(self.dir_model)
+            if pre is None:
+                raise
+            log.warning("unknown BPE pre-tokenizer hash; tokenizer.json is byte-level BPE with a known split rule: using %r", pre)
+            return pre
+
+    TextModel.get_vocab_base_pre = get_vocab_base_pre
+    sys.argv = [str(llama_cpp_dir / "convert_hf_to_gguf.py"), str(model_dir), *argv[2:]]
+    runpy.run_path(str(llama_cpp_dir / "convert_hf_to_gguf.py"), run_name="__main__")
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    main(sys.argv[1:])

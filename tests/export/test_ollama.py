@@ -1,0 +1,110 @@
+"""ollama-load against a fake Ollama server (see fake_ollama.py): REST call sequence, template,
+stops, and the errors users meet. The GGUF and merged folder are fabricated (real conversion is
+covered by test_gguf.py, which also runs ollama-load on a real GGUF)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.export.conftest import make_project
+from tests.export.fake_ollama import FakeOllama
+
+
+@pytest.fixture(scope="module")
+def gguf_run(tmp_path_factory, tiny_model_dir):
+    """A run whose export-gguf is completed: merged/ = the tiny model, gguf/model-q8_0.gguf = bytes."""
+    from ftpipe.core.config import load_config
+    from ftpipe.core.runs import Project, new_run
+    from ftpipe.core.stage import StageContext, StageResult, execute
+
+    root = make_project(tmp_path_factory.mktemp("proj-ollama"), tiny_model_dir)
+    loaded = load_config(root / "config.yaml")
+    run = new_run(Project.from_config(loaded), "r1")
+
+    def body(ctx):
+        shutil.copytree(tiny_model_dir, run.merged)
+        run.gguf.mkdir(parents=True)
+        (run.gguf / "model-q8_0.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 64)
+        return StageResult(outputs=[run.gguf])
+
+    execute(StageContext.for_run("export-gguf", loaded, run), body, sections=("gguf",), inputs={})
+    return root
+
+
+def _load(root, url, *extra):
+    return run_cli("ollama-load", "--config", str(root / "config.yaml"), "--run", "r1",
+                   "--set", f"ollama.host={url}", *extra, cwd=root)
+
+
+@pytest.mark.slow
+def test_rest_call_sequence_template_and_stops(gguf_run):
+    data = (gguf_run / "outputs/r1/gguf/model-q8_0.gguf").read_bytes()
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with FakeOllama() as fake:
+        result = _load(gguf_run, fake.url)
+        assert result.code == 0, result.output
+        assert fake.calls == [
+            ("HEAD", f"/api/blobs/{digest}"),
+            ("POST", f"/api/blobs/{digest}"),
+            ("POST", "/api/create"),
+            ("POST", "/api/chat"),
+        ]
+        created = fake.models["r1"]
+        assert created["files"] == {"model-q8_0.gguf": digest}
+        assert created["parameters"] == {"stop": ["<|im_start|>", "<|im_end|>"]}
+        assert created["template"].startswith("{{- range .Messages }}<|im_start|>")
+        assert created["stream"] is False
+        # The prompt the server built is the tiny model's ChatML for the val conversation.
+        assert fake.prompts == [
+            "<|im_start|>system\nYou label reviews.<|im_end|>\n"
+            "<|im_start|>user\nLabel the review: the film was wonderful.<|im_end|>\n<|im_start|>assistant\n"
+        ]
+        # Second time: the server has the blob, so no upload.
+        again = _load(gguf_run, fake.url)
+        assert again.code == 0, again.output
+        assert fake.calls[4:] == [("HEAD", f"/api/blobs/{digest}"), ("POST", "/api/create"), ("POST", "/api/chat")]
+    manifest = json.loads((gguf_run / "logs/r1/ollama-load/manifest.json").read_text())
+    assert manifest["status"] == "completed"
+    assert manifest["metrics"]["template_family"] == "chatml"
+    assert manifest["metrics"]["blob_uploaded"] is False
+    assert manifest["metrics"]["done_reason"] == "stop"
+
+
+@pytest.mark.slow
+def test_answer_that_does_not_stop_fails(gguf_run):
+    with FakeOllama(answer_stops=False) as fake:
+        result = _load(gguf_run, fake.url)
+    assert result.code == 1
+    assert "error: Ollama model 'r1' did not stop within ollama.max_tokens=64 (done_reason 'length')" in result.stderr
+
+
+@pytest.mark.slow
+def test_no_server_exits_2(gguf_run):
+    with FakeOllama() as fake:
+        url = fake.url  # the port is free again once the fake is closed
+    result = _load(gguf_run, url)
+    assert result.code == 2
+    assert f"error: no Ollama server at {url} (connection refused)" in result.stderr
+
+
+def test_missing_gguf_type_exits_2(gguf_run):
+    result = run_cli("ollama-load", "--config", str(gguf_run / "config.yaml"), "--run", "r1",
+                     "--set", "ollama.gguf=f16", cwd=gguf_run)
+    assert result.code == 2
+    assert "outputs/r1/gguf/model-f16.gguf not found: ollama.gguf is f16 but export-gguf did not write it" in result.stderr
+
+
+def test_unknown_template_family_exits_2(gguf_run, tmp_path):
+    root = tmp_path / "p"
+    shutil.copytree(gguf_run, root, symlinks=True)
+    (root / "outputs/r1/merged/chat_template.jinja").write_text(
+        "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}", encoding="utf-8"
+    )
+    result = run_cli("ollama-load", "--config", str(root / "config.yaml"), "--run", "r1", cwd=root)
+    assert result.code == 2
+    assert "outputs/r1/merged/chat_template.jinja: the chat template is not one of the known families" in result.stderr
