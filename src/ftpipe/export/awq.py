@@ -125,7 +125,8 @@ def run_stage(ctx: StageContext) -> StageResult:
     run = ctx.run
     merged = run.merged
     data_dir = ctx.project.prepared_dir(ctx.config.data.name)
-    tokenizer = AutoTokenizer.from_pretrained(merged)
+    trust = ctx.config.model.trust_remote_code
+    tokenizer = AutoTokenizer.from_pretrained(merged, trust_remote_code=trust)
     train_rows = q.read_rows(data_dir / "train.jsonl")
     val_rows = q.read_rows(data_dir / "val.jsonl")
     if not val_rows:
@@ -141,7 +142,7 @@ def run_stage(ctx: StageContext) -> StageResult:
     ]
 
     # 1. The merged model as shipped: the reference for perplexity and greedy outputs.
-    reference = AutoModelForCausalLM.from_pretrained(merged, dtype="auto")
+    reference = AutoModelForCausalLM.from_pretrained(merged, dtype="auto", trust_remote_code=trust)
     merged_ppl = q.perplexity(reference, eval_ids)
     merged_greedy = q.greedy(reference, prompt_ids, cfg.verify_max_new_tokens, tokenizer.pad_token_id)
     del reference
@@ -155,7 +156,7 @@ def run_stage(ctx: StageContext) -> StageResult:
             tokenizer, train_rows, cfg.calibration_samples, cfg.calibration_max_length, cfg.seed
         )
         log.info("calibrating AWQ %s on %d train rows (max %d tokens)", cfg.scheme, len(calibration), cfg.calibration_max_length)
-        model = AutoModelForCausalLM.from_pretrained(merged, dtype=getattr(torch, cfg.dtype))
+        model = AutoModelForCausalLM.from_pretrained(merged, dtype=getattr(torch, cfg.dtype), trust_remote_code=trust)
         quantize(model, tokenizer, calibration, cfg)
         model.save_pretrained(tmp, save_compressed=True)
         tokenizer.save_pretrained(tmp)
@@ -165,9 +166,8 @@ def run_stage(ctx: StageContext) -> StageResult:
         del model
 
         # 3. Verify the files as written: reload with plain transformers (compressed-tensors).
-        awq_model = AutoModelForCausalLM.from_pretrained(tmp, dtype=getattr(torch, cfg.dtype))
-        quant_method = (getattr(awq_model.config, "quantization_config", None) or {})
-        quant_method = quant_method.get("quant_method") if isinstance(quant_method, dict) else getattr(quant_method, "quant_method", None)
+        awq_model = AutoModelForCausalLM.from_pretrained(tmp, dtype=getattr(torch, cfg.dtype), trust_remote_code=trust)
+        quant_method = _quant_method(awq_model.config)
         awq_ppl = q.perplexity(awq_model, eval_ids)
         awq_greedy = q.greedy(awq_model, prompt_ids, cfg.verify_max_new_tokens, tokenizer.pad_token_id)
         del awq_model
@@ -178,7 +178,7 @@ def run_stage(ctx: StageContext) -> StageResult:
         metrics = {
             "scheme": cfg.scheme,
             "group_size": cfg.group_size,
-            "quant_method": str(quant_method),
+            "quant_method": quant_method,
             "calibration_rows": len(calibration),
             "eval_rows": len(eval_ids),
             "merged_perplexity": round(merged_ppl, 4),
@@ -204,6 +204,12 @@ def run_stage(ctx: StageContext) -> StageResult:
                 f"AWQ raised val perplexity {merged_ppl:.3f} -> {awq_ppl:.3f} (+{100 * increase:.1f}%), "
                 f"over awq.max_perplexity_increase = {cfg.max_perplexity_increase}",
                 hint="more calibration rows (--set awq.calibration_samples=N), W4A16_ASYM, or a larger bound",
+            )
+        if quant_method != "compressed-tensors":
+            raise StageError(
+                f"the AWQ output reloaded without its quantization (quant_method {quant_method!r}, "
+                "expected 'compressed-tensors')",
+                hint="bash scripts/bootstrap.sh awq (compressed-tensors must be importable)",
             )
         _publish(tmp, run.awq)
     finally:
@@ -238,7 +244,7 @@ def quantize(model, tokenizer, calibration, cfg) -> None:
         scheme = preset_name_to_scheme(cfg.scheme, ["Linear"])
         scheme.weights.group_size = cfg.group_size
         quant = QuantizationModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
-    recipe = [AWQModifier(duo_scaling=True), quant]
+    recipe = [AWQModifier(duo_scaling=True, n_grid=cfg.n_grid), quant]
     try:
         with _no_pin_memory_without_accelerator():
             oneshot(
@@ -249,7 +255,7 @@ def quantize(model, tokenizer, calibration, cfg) -> None:
                 max_seq_length=cfg.calibration_max_length,
                 num_calibration_samples=len(calibration),
             )
-    except (RuntimeError, ValueError) as exc:
+    except Exception as exc:  # a library failure becomes one line; the traceback stays chained
         raise StageError(f"llm-compressor AWQ failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
 
 
@@ -276,6 +282,13 @@ def _no_pin_memory_without_accelerator() -> Iterator[None]:
         yield
     finally:
         IntermediatesCache.pin_memory = original
+
+
+def _quant_method(config) -> str | None:
+    """`quant_method` of a reloaded model's quantization config (a dict or a transformers object)."""
+    qc = getattr(config, "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    return getattr(method, "value", method)
 
 
 def _publish(tmp: Path, final: Path) -> None:

@@ -40,6 +40,9 @@ class AwqConfig(Section):
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="dtype the model is quantized in; unquantized tensors (embeddings, norms) keep it."
     )
+    n_grid: int = Field(
+        20, ge=3, description="AWQ grid-search points per smoothed layer (fewer: faster, slightly worse scales)."
+    )
     seed: int = Field(0, description="Seed of the calibration row sampling.")
     eval_rows: int = Field(64, gt=0, description="Val rows used for the perplexity comparison.")
     verify_prompts: int = Field(8, ge=1, description="Val prompts used for the greedy agreement check.")
@@ -50,16 +53,40 @@ class AwqConfig(Section):
 
 
 class GgufConfig(Section):
-    """`export-gguf`: llama.cpp conversion."""
+    """`export-gguf`: llama.cpp conversion of the merged model, verified in llama.cpp."""
 
     outtypes: list[Literal["f16", "q8_0", "q4_k_m"]] = Field(
-        default_factory=lambda: ["f16", "q8_0"], description="GGUF types to write."
+        default_factory=lambda: ["f16", "q8_0"],
+        min_length=1,
+        description="GGUF types to write; q4_k_m is made from f16 by llama-quantize (or its "
+        "llama-cpp-python binding) and its greedy agreement is reported, not enforced.",
+    )
+    verify_prompts: int = Field(
+        3, ge=1, description="Sample prompts (from the prepared val split) for the llama.cpp check."
+    )
+    verify_new_tokens: int = Field(8, ge=1, description="Greedy tokens compared per prompt.")
+    greedy_tie_tolerance: float = Field(
+        0.05,
+        ge=0,
+        description="A greedy divergence is accepted only when HF's logit for llama.cpp's token is "
+        "within this of HF's top logit (a near-tie flipped by f16/q8_0 rounding).",
+    )
+    converter_dir: str | None = Field(
+        None,
+        description="llama.cpp tree holding convert_hf_to_gguf.py + gguf-py; default: "
+        "$FTPIPE_LLAMA_CPP_DIR, else <gguf venv>/share/llama.cpp (scripts/post-install-gguf.sh).",
     )
 
 
 class OllamaConfig(Section):
-    """`ollama-load`: create an Ollama model over its REST API."""
+    """`ollama-load`: create an Ollama model over its REST API, with an explicit template and stops."""
 
     host: str = Field("http://127.0.0.1:11434", description="Ollama server URL.")
     model_name: str | None = Field(None, description="Ollama model name; default: the run name.")
-    gguf: Literal["f16", "q8_0", "q4_k_m"] = Field("q8_0", description="Which GGUF to load.")
+    gguf: Literal["f16", "q8_0", "q4_k_m"] = Field(
+        "q8_0", description="Which GGUF of outputs/<run>/gguf/ to load (must be in gguf.outtypes)."
+    )
+    max_tokens: int = Field(
+        64, ge=1, description="num_predict of the check chat; the answer must stop before it."
+    )
+    timeout: float = Field(600.0, gt=0, description="Seconds per REST call (blob upload included).")
