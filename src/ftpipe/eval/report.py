@@ -32,6 +32,7 @@ from ftpipe.eval.svg import bar_chart, line_chart
 log = logging.getLogger(__name__)
 
 STAGE = "report"
+SMOKE_RESULTS = "results.json"  # written by ftpipe.serve.smoke into logs/<run>/smoke-test/
 NA = '<p class="na">not available</p>'
 ARTIFACT_DIRS = ("adapter", "merged", "awq", "gguf")
 
@@ -53,6 +54,7 @@ def stage(loaded: LoadedConfig, run_name: str | None, force: bool = False, **opt
     inputs["eval_metrics"] = run.eval / "metrics.json"
     inputs["generations"] = run.eval / "generations.jsonl"
     inputs["trainer_state"] = run.trainer_state
+    inputs["smoke_results"] = run.log_dir("smoke-test") / SMOKE_RESULTS
     return execute(ctx, run_report, sections=("report", "data"), inputs=inputs, environment="train")
 
 
@@ -64,6 +66,7 @@ def run_report(ctx: StageContext) -> StageResult:
     scalars = read_scalars(run.trainer_state)
     eval_doc = read_json(run.eval / "metrics.json")
     generations = _read_jsonl(run.eval / "generations.jsonl")
+    smoke = read_json(run.log_dir("smoke-test") / SMOKE_RESULTS)
     page = render(
         title=cfg.title or f"ftpipe run {run.name}",
         run=run,
@@ -74,6 +77,7 @@ def run_report(ctx: StageContext) -> StageResult:
         eval_doc=eval_doc if isinstance(eval_doc, dict) else None,
         generations=generations,
         generations_shown=cfg.generations_shown,
+        smoke=smoke if isinstance(smoke, dict) else None,
     )
     atomic_write_text(run.report, page)
     os.chmod(run.report, 0o644)  # a page to share: the atomic temp file is created owner-only
@@ -195,6 +199,7 @@ def render(
     eval_doc: dict[str, Any] | None,
     generations: list[dict[str, Any]],
     generations_shown: int = 20,
+    smoke: dict[str, Any] | None = None,
 ) -> str:
     """The whole page as one HTML string (inline CSS and SVG, nothing external)."""
     generated = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -203,6 +208,7 @@ def render(
         _section_data(dataset, metadata),
         _section_training(scalars, manifests.get("finetune-sft")),
         _section_eval(eval_doc, generations, generations_shown),
+        _section_served(smoke, eval_doc),
         _section_sizes(run, manifests),
         _section_versions(manifests),
         _section_hashes(manifests),
@@ -423,6 +429,28 @@ def _section_eval(doc: dict[str, Any] | None, generations: list[dict[str, Any]],
     if doc.get("lm_eval"):
         body += "<h3>lm-evaluation-harness</h3><pre class=\"mono\">" + _e(json.dumps(doc["lm_eval"], indent=1)[:20000]) + "</pre>"
     return head + body
+
+
+def _section_served(smoke: dict[str, Any] | None, eval_doc: dict[str, Any] | None) -> str:
+    """Held-out prompt checks answered by the served model (smoke-test), next to eval-sft's
+    in-process accuracy of each artifact - the base model's row is the baseline."""
+    head = '<h2 id="served">Served model: held-out prompt checks over the OpenAI API</h2>'
+    checks = (smoke or {}).get("prompt_checks") or []
+    if not checks:
+        return head + '<p class="na">no smoke-test with prompt checks in this run (ftpipe serve + ftpipe smoke-test)</p>'
+    rows = []
+    for name, a in ((eval_doc or {}).get("artifacts") or {}).items():
+        if isinstance(a, dict) and a.get("checks_total"):
+            acc = a["checks_passed"] / a["checks_total"]
+            rows.append([_e(f"{name} (eval-sft, in-process)"), f'<td class="num">{a["checks_passed"]}/{a["checks_total"]}</td>',
+                         f'<td class="num">{acc:.0%}</td>'])
+    passed = sum(bool(c.get("passed")) for c in checks)
+    rows.append([_e(f"{smoke.get('model')} ({smoke.get('artifact')}, served at {smoke.get('url')})"),
+                 f'<td class="num">{passed}/{len(checks)}</td>', f'<td class="num" id="served-accuracy">{passed / len(checks):.0%}</td>'])
+    body = _table(["model", "checks passed", "accuracy"], rows, "served")
+    answers = [[_e(c.get("name", "")), _e(c.get("prompt", "")), f'<code>{_e(str(c.get("answer", ""))[:80])}</code>',
+                '<span class="ok">pass</span>' if c.get("passed") else '<span class="fail">fail</span>'] for c in checks]
+    return head + body + "<h3>Served answers</h3>" + _table(["check", "prompt", "answer", "result"], answers)
 
 
 def _folder_bytes(folder: Path) -> int | None:

@@ -48,3 +48,7 @@ class SmokeTestConfig(Section):
         True, description="Compare the server's /tokenize of chat messages with HF apply_chat_template (vLLM only)."
     )
     prompt_checks: bool = Field(True, description="Run the checks in eval.prompts_file when that file exists.")
+    min_check_pass_rate: float = Field(
+        1.0, ge=0.0, le=1.0,
+        description="Fraction of eval.prompts_file checks the served model must pass (1.0: all).",
+    )

@@ -176,9 +176,16 @@ def run(ctx: StageContext) -> StageResult:
             text, finish = _chat(client, served.name, messages, st.max_tokens)
             wrong = check_answer(text, check["expect"])
             name = check.get("name") or f"checks[{i}]"
-            if wrong:
-                problems.append(f"prompt check {name}: answer {text.strip()[:40]!r} {'; '.join(wrong)}")
-            checks_out.append({"name": name, "answer": text, "finish_reason": finish, "passed": not wrong, "problems": wrong})
+            checks_out.append({"name": name, "prompt": check["prompt"], "answer": text, "finish_reason": finish,
+                               "passed": not wrong, "problems": wrong})
+        if checks_out:
+            passed = sum(c["passed"] for c in checks_out)
+            rate = passed / len(checks_out)
+            if rate < st.min_check_pass_rate:
+                failed = [c for c in checks_out if not c["passed"]]
+                first = "; ".join(f"{c['name']}: answer {c['answer'].strip()[:40]!r} {'; '.join(c['problems'])}" for c in failed[:2])
+                problems.append(f"prompt checks: {passed}/{len(checks_out)} passed ({rate:.0%}) < "
+                                f"smoke_test.min_check_pass_rate {st.min_check_pass_rate:.0%} ({first})")
 
     results_path = ctx.log_dir / RESULTS
     atomic_write_json(results_path, {
@@ -193,6 +200,8 @@ def run(ctx: StageContext) -> StageResult:
         "checks_passed": sum(c["passed"] for c in checks_out),
         "checks": len(checks_out),
     }
+    if checks_out:
+        metrics["check_accuracy"] = round(metrics["checks_passed"] / len(checks_out), 4)
     if problems:
         shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
         raise StageError(f"smoke-test of {served.name} at {url}: {len(problems)} problem(s): {shown}",
