@@ -41,7 +41,8 @@ def preprocess_sft(
     loaded = load(config, sets, flags)
     delegate("preprocess-sft", loaded)
     columns = [TextColumn("reading"), BarColumn(), DownloadColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=err_console, transient=True, disable=not err_console.is_terminal) as bar:
+    with Progress(*columns, console=err_console, transient=True, disable=not err_console.is_terminal,
+                  redirect_stdout=False, redirect_stderr=False) as bar:
         task = bar.add_task("read", total=None)
         result = stage(loaded, force=force, progress=lambda done, total: bar.update(task, completed=done, total=total))
     show_result(result, "preprocess-sft")

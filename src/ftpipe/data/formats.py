@@ -133,10 +133,37 @@ def _check_conversation(messages: list[dict], field: str) -> list[dict]:
     return messages
 
 
+_ROLE_SET = frozenset(ROLES)
+
+
+def is_plain_messages(record: Any) -> bool:
+    """True for the common case, a valid row already in output form: `{"messages": [...]}` with
+    only role/content string pairs and an assistant turn (checked fast, without copying)."""
+    raw = record.get("messages") if type(record) is dict and len(record) == 1 else None
+    if type(raw) is not list or not raw:
+        return False
+    assistant = False
+    for m in raw:
+        if type(m) is not dict or len(m) != 2 or type(m.get("content")) is not str or m.get("role") not in _ROLE_SET:
+            return False
+        assistant = assistant or m["role"] == "assistant"
+    return assistant
+
+
 def normalise_messages(record: Any, field: str = "messages") -> dict:
     """OpenAI-style `{"messages": [{"role", "content", ...}]}` (tool calls and `tools` kept)."""
+    if field == "messages" and is_plain_messages(record):
+        return {"messages": [{"role": m["role"], "content": m["content"]} for m in record["messages"]]}
     record = _need_object(record)
-    raw = record.get(field)
+    row: dict[str, Any] = {"messages": _check_conversation(_message_list(record.get(field), field), field)}
+    if record.get("tools") is not None:
+        if not isinstance(record["tools"], list):
+            raise RowError("tools", f"expected a list of tool definitions, got {_json_type(record['tools'])}")
+        row["tools"] = record["tools"]
+    return row
+
+
+def _message_list(raw: Any, field: str) -> list[dict]:
     if raw is None:
         raise RowError(field, "missing")
     if not isinstance(raw, list) or not raw:
@@ -168,12 +195,7 @@ def normalise_messages(record: Any, field: str = "messages") -> dict:
                     raise RowError(f"{where}.{key}", f"expected a string, got {_json_type(msg[key])}")
                 out[key] = msg[key]
         messages.append(out)
-    row: dict[str, Any] = {"messages": _check_conversation(messages, field)}
-    if record.get("tools") is not None:
-        if not isinstance(record["tools"], list):
-            raise RowError("tools", f"expected a list of tool definitions, got {_json_type(record['tools'])}")
-        row["tools"] = record["tools"]
-    return row
+    return messages
 
 
 def normalise_alpaca(record: Any) -> dict:
@@ -189,10 +211,10 @@ def normalise_alpaca(record: Any) -> dict:
     history = record.get("history")
     if history is not None:
         if not isinstance(history, list):
-            raise RowError("history", f"expected a list of [user, assistant] pairs, got {_json_type(history)}")
+            raise RowError("history", f"expected a list of (user, assistant) pairs, got {_json_type(history)}")
         for i, pair in enumerate(history):
             if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
-                raise RowError(f"history[{i}]", "expected a [user, assistant] pair of strings")
+                raise RowError(f"history[{i}]", "expected a (user, assistant) pair of strings")
             messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     prompt = f"{instruction}\n{extra}" if extra else instruction
     messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
@@ -257,13 +279,12 @@ def normalise_prompt_completion(record: Any) -> dict:
     record = _need_object(record)
     prompt, completion = record.get("prompt"), record.get("completion")
     if isinstance(prompt, list) or isinstance(completion, list):
-        first = normalise_messages({"messages": prompt}, "prompt")["messages"] if isinstance(prompt, list) else None
-        if first is None:
+        if not isinstance(prompt, list):
             raise RowError("prompt", "expected a list of messages like completion")
-        if not isinstance(completion, list) or not completion:
-            raise RowError("completion", "expected a non-empty list of messages like prompt")
-        rest = normalise_messages({"messages": completion}, "completion")["messages"]
-        return {"messages": first + rest}
+        if not isinstance(completion, list):
+            raise RowError("completion", "expected a list of messages like prompt")
+        messages = _message_list(prompt, "prompt") + _message_list(completion, "completion")
+        return {"messages": _check_conversation(messages, "completion")}
     prompt = _string(record, "prompt")
     completion = _string(record, "completion")
     messages = []

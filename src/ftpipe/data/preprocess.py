@@ -11,7 +11,7 @@ Parquet, a Label Studio export, or a Label Studio project over its API). Output:
 Rows are streamed: read -> normalise -> dedupe -> render with the chat template and count tokens
 (in batches) -> drop/truncate over `preprocess.max_length` -> a temporary file; then the kept rows
 are sampled/limited and split by seed into train and val in a second pass. Memory holds one batch,
-a 64-bit digest per row (dedupe) and one 4-byte length per kept row.
+an 8-byte digest per row (dedupe), a 4-byte token length and a 1-byte split flag per kept row.
 
     ftpipe preprocess-sft --config debug_config.yaml
 """
@@ -23,7 +23,6 @@ import itertools
 import json
 import logging
 import os
-import random
 import time
 from array import array
 from collections import Counter
@@ -35,7 +34,15 @@ from ftpipe.core.fsutil import atomic_write_json, sha256_file
 from ftpipe.core.runs import Project
 from ftpipe.core.stage import StageContext, StageResult, execute
 from ftpipe.data import label_studio, readers
-from ftpipe.data.formats import NORMALISERS, REQUIRED_KEYS, ROW_FORMATS, RowError, describe_keys, detect_row_format
+from ftpipe.data.formats import (
+    NORMALISERS,
+    REQUIRED_KEYS,
+    ROW_FORMATS,
+    RowError,
+    describe_keys,
+    detect_row_format,
+    is_plain_messages,
+)
 from ftpipe.data.readers import Source
 from ftpipe.data.render import Renderer, load_tokenizer, tokenizer_record
 
@@ -46,14 +53,17 @@ BATCH = 512
 ERRORS_KEPT = 100  # bad-row messages kept in metadata.json (all are counted)
 DETECT_PEEK = 100  # records looked at to detect the format
 HIST_BINS = 20
-NOT_ERRORS = ("no_annotation",)  # dropped, but not a malformed row: not shown, not --strict
+NOT_ERRORS = ("no_annotation",)
+_encode = json.JSONEncoder(ensure_ascii=False).encode  # one encoder: json.dumps(..., ensure_ascii=False) builds one per call  # dropped, but not a malformed row: not shown, not --strict
 
 
-def stage(loaded, force: bool = False, **options: Any) -> StageResult:
+def stage(loaded, run_name: str | None = None, force: bool = False, **options: Any) -> StageResult:
     """Entry point: resolve inputs (exporting a Label Studio project first), then `execute(run)`.
 
     Args:
         loaded: the loaded config.
+        run_name: accepted for the common stage signature and ignored: a prepared dataset belongs
+            to the project (prepared/<data.name>/), not to a run.
         force: rerun even when the manifest is up to date.
         options: `progress=callable(done, total)` for a progress bar.
 
@@ -93,13 +103,14 @@ def _existing(project: Project, path: str, key: str) -> Path:
 
 def run(ctx: StageContext) -> StageResult:
     """Read, validate, normalise, dedupe, measure, split and write `prepared/<name>/`."""
+    import numpy as np
+
     cfg = ctx.config
     data, pre = cfg.data, cfg.preprocess
     project = ctx.project
     start = time.monotonic()
 
-    tokenizer, ref = load_tokenizer(cfg.model, project.root)
-    renderer = Renderer(tokenizer, fast=pre.fast_render)
+    renderer = _LazyRenderer(cfg.model, project.root, pre.fast_render)
     out_dir = project.prepared_dir(data.name)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -115,7 +126,7 @@ def run(ctx: StageContext) -> StageResult:
         sources.append(("val", Source(path, project.rel(path))))
 
     stats = _Stats(strict=pre.strict, shown=pre.errors_shown)
-    seen: set[int] = set()
+    seen = _Seen()
     kept: dict[str, tuple[Path, array]] = {}
     formats = {}
     for role, source in sources:
@@ -155,9 +166,10 @@ def run(ctx: StageContext) -> StageResult:
     else:
         n_sel = len(selected)
         n_val = min(max(1, round(n_sel * pre.val_fraction)), n_sel - 1) if pre.val_fraction > 0 else 0
-        val_pick = set(random.Random(pre.seed).sample(range(n_sel), n_val))
+        is_val = np.zeros(n_sel, dtype=bool)  # one byte per row, not a set of indices
+        is_val[np.random.default_rng(pre.seed).choice(n_sel, n_val, replace=False)] = True
         for j, (i, line) in enumerate(_pick(kept["train"][0], selected)):
-            writers["val" if j in val_pick else "train"].write(line)
+            writers["val" if is_val[j] else "train"].write(line)
             final_lengths.append(kept["train"][1][i])
     outputs = {}
     for role, writer in writers.items():
@@ -181,8 +193,8 @@ def run(ctx: StageContext) -> StageResult:
         },
         "errors": {"count": stats.errors, "first": stats.messages},
         "tokens": token_stats(final_lengths, pre.max_length),
-        "tokenizer": tokenizer_record(tokenizer, ref, project.root),
-        "render": dict(renderer.stats),
+        "tokenizer": tokenizer_record(renderer.get().tokenizer, renderer.ref, project.root),
+        "render": dict(renderer.get().stats),
         "settings": pre.model_dump(mode="json"),
         "outputs": {f"{role}.jsonl": rec for role, rec in outputs.items()},
         "rows_per_second": round(stats.read / seconds, 1) if seconds > 0 else None,
@@ -208,6 +220,51 @@ def run(ctx: StageContext) -> StageResult:
         f" ({dropped} dropped, {stats.truncated} truncated)"
     )
     return StageResult(outputs=[train_out, val_out, meta_path], metrics=metrics, summary=summary)
+
+
+class _Seen:
+    """Exact-duplicate filter holding 8 bytes per row: a sorted int64 array plus a small set of
+    recent digests merged into it every `MERGE` rows (a Python set would take ~70 bytes a row)."""
+
+    MERGE = 1 << 16
+
+    def __init__(self) -> None:
+        import numpy as np
+
+        self.np = np
+        self.sorted = np.empty(0, dtype=np.int64)
+        self.recent: set[int] = set()
+
+    def add(self, key: int) -> bool:
+        """Record `key`; False when it was seen before."""
+        if key in self.recent:
+            return False
+        if self.sorted.size:
+            i = int(self.sorted.searchsorted(key))
+            if i < self.sorted.size and self.sorted[i] == key:
+                return False
+        self.recent.add(key)
+        if len(self.recent) >= self.MERGE:
+            merged = self.np.concatenate([self.sorted, self.np.fromiter(self.recent, self.np.int64, len(self.recent))])
+            merged.sort()
+            self.sorted, self.recent = merged, set()
+        return True
+
+
+class _LazyRenderer:
+    """Loads the tokenizer at the first row that needs it: bad files fail fast, without importing
+    transformers."""
+
+    def __init__(self, model_cfg, root: Path, fast: bool) -> None:
+        self.model_cfg, self.root, self.fast = model_cfg, root, fast
+        self.renderer: Renderer | None = None
+        self.ref = None
+
+    def get(self) -> Renderer:
+        if self.renderer is None:
+            tokenizer, self.ref = load_tokenizer(self.model_cfg, self.root)
+            self.renderer = Renderer(tokenizer, fast=self.fast)
+        return self.renderer
 
 
 class _Stats:
@@ -248,7 +305,7 @@ class _Stats:
         return "check data.source"
 
 
-def open_records(source: Source, data, progress: Callable | None) -> tuple[str, Iterator[tuple[int, Any]]]:
+def open_records(source: Source, data, progress: Callable | None) -> tuple[str, Iterator[tuple[int, Any, str | None]]]:
     """Detect the file type and row format; return (format, iterator of (line, record)).
 
     Raises:
@@ -273,7 +330,7 @@ def open_records(source: Source, data, progress: Callable | None) -> tuple[str, 
 
     head = list(itertools.islice(records, DETECT_PEEK))
     records = itertools.chain(head, records)
-    first = next(((line, r) for line, r in head if not isinstance(r, RowError)), None)
+    first = next(((line, r) for line, r, _ in head if not isinstance(r, RowError)), None)
     if fmt in ("auto", "csv", "parquet", "label_studio_api"):
         if fmt == "label_studio_api":
             return "label_studio", records
@@ -311,27 +368,28 @@ def _normaliser(fmt: str, data) -> Callable[[Any], dict]:
     return NORMALISERS["text"]
 
 
-def _process(source, fmt, records, data, pre, renderer: Renderer, stats: _Stats, seen: set[int], sink, lengths: array) -> None:
+def _process(source, fmt, records, data, pre, renderer: _LazyRenderer, stats: _Stats, seen: _Seen, sink, lengths: array) -> None:
     """Normalise, dedupe, count tokens and filter one source; kept rows go to `sink` as JSON lines."""
     normalise = _normaliser(fmt, data)
     batch: list[tuple[int, dict, str]] = []
-    for line, record in records:
+    for line, record, text in records:
         stats.read += 1
         if isinstance(record, RowError):
             stats.bad(source, line, record)
             continue
-        try:
-            row = normalise(record)
-        except RowError as err:
-            stats.bad(source, line, err)
-            continue
-        encoded = json.dumps(row, ensure_ascii=False)
-        if pre.dedupe:
-            key = hash(encoded)
-            if key in seen:
-                stats.dropped["duplicate"] += 1
+        if text is not None and fmt == "messages" and is_plain_messages(record):
+            # Already a plain {"messages": [{role, content}...]} line: keep its JSON text as is.
+            row, encoded = record, text.strip()
+        else:
+            try:
+                row = normalise(record)
+            except RowError as err:
+                stats.bad(source, line, err)
                 continue
-            seen.add(key)
+            encoded = _encode(row)
+        if pre.dedupe and not seen.add(hash(encoded)):
+            stats.dropped["duplicate"] += 1
+            continue
         batch.append((line, row, encoded))
         if len(batch) >= BATCH:
             _flush(source, batch, pre, renderer, stats, sink, lengths)
@@ -339,24 +397,26 @@ def _process(source, fmt, records, data, pre, renderer: Renderer, stats: _Stats,
     _flush(source, batch, pre, renderer, stats, sink, lengths)
 
 
-def _flush(source, batch, pre, renderer: Renderer, stats: _Stats, sink, lengths: array) -> None:
-    texts = renderer.texts([row for _, row, _ in batch])
+def _flush(source, batch, pre, lazy: _LazyRenderer, stats: _Stats, sink, lengths: array) -> None:
+    if not batch:
+        return
+    renderer = lazy.get()
+    counts = renderer.measure([row for _, row, _ in batch])
     good = []
-    for (line, row, encoded), text in zip(batch, texts):
-        if isinstance(text, Exception):
-            reason = " ".join(str(text).split())[:200] or type(text).__name__
+    for (line, row, encoded), n in zip(batch, counts):
+        if isinstance(n, Exception):
+            reason = " ".join(str(n).split())[:200] or type(n).__name__
             stats.bad(source, line, RowError("messages", f"the chat template rejects this conversation: {reason}"))
         else:
-            good.append((line, row, encoded, text))
-    counts = renderer.count([text for *_, text in good])
+            good.append((line, row, encoded, n))
     out = []
-    for (line, row, encoded, _), n in zip(good, counts):
+    for line, row, encoded, n in good:
         if n > pre.max_length:
             if pre.overlength == "truncate":
                 fitted = _truncate(row, renderer, pre.max_length)
                 if fitted is not None:
                     row, n = fitted
-                    encoded = json.dumps(row, ensure_ascii=False)
+                    encoded = _encode(row)
                     stats.truncated += 1
                     out.append(encoded)
                     lengths.append(n)
@@ -394,7 +454,9 @@ def _select(n: int, pre) -> list[int]:
     if pre.limit is None or pre.limit >= n:
         return range(n)  # type: ignore[return-value]
     if pre.sample:
-        return sorted(random.Random(pre.seed).sample(range(n), pre.limit))
+        import numpy as np
+
+        return np.sort(np.random.default_rng(pre.seed + 1).choice(n, pre.limit, replace=False)).tolist()
     return range(pre.limit)  # type: ignore[return-value]
 
 

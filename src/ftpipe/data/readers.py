@@ -12,7 +12,6 @@ UTF-8, truncated, not Parquet, a missing mapped column) raises `InputError` (exi
 from __future__ import annotations
 
 import csv
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any, Callable, Iterator
 from ftpipe.core.errors import InputError
 from ftpipe.data.formats import RowError
 
+# Every reader yields (line, record or RowError, the line's JSON text when it is one JSONL line).
 Progress = Callable[[int, int], None]  # (done, total): bytes for text files, rows for Parquet
 JSON_CELLS = ("messages", "conversations", "history", "tools")  # CSV cells that may hold JSON
 UTF8_HINT = "re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8 IN > OUT"
@@ -75,7 +75,7 @@ def _not_utf8(source: Source, data: bytes, pos: int, line_offset: int = 0) -> In
     )
 
 
-def read_jsonl(source: Source, progress: Progress | None = None) -> Iterator[tuple[int, Any]]:
+def read_jsonl(source: Source, progress: Progress | None = None) -> Iterator[tuple[int, Any, str | None]]:
     """Yield `(line, record)` from a JSONL file, one line at a time.
 
     A line that is not valid JSON yields a `RowError`; a last line cut in the middle (no newline,
@@ -97,19 +97,19 @@ def read_jsonl(source: Source, progress: Progress | None = None) -> Iterator[tup
             if not text.strip():
                 continue
             try:
-                yield number, json.loads(text)
+                yield number, json.loads(text), text
             except json.JSONDecodeError as exc:
                 if not raw.endswith(b"\n") and done == total:
                     raise InputError(
                         f"{source.name}:{number}: truncated JSON: the file ends inside a record ({exc.msg})",
                         hint="the file was cut short: export or copy it again",
                     ) from None
-                yield number, RowError("<line>", f"not valid JSON: {exc.msg} at column {exc.colno}")
+                yield number, RowError("<line>", f"not valid JSON: {exc.msg} at column {exc.colno}"), None
     if progress is not None:
         progress(total, total)
 
 
-def read_json_array(source: Source, progress: Progress | None = None) -> Iterator[tuple[int, Any]]:
+def read_json_array(source: Source, progress: Progress | None = None) -> Iterator[tuple[int, Any, str | None]]:
     """Yield `(line, element)` from a file holding one JSON array (line = where the element starts).
 
     Raises:
@@ -152,7 +152,7 @@ def read_json_array(source: Source, progress: Progress | None = None) -> Iterato
                 f"{source.name}:{exc.lineno}: invalid JSON: {exc.msg} at column {exc.colno}",
                 hint="fix the file (a JSON array is parsed as a whole); JSONL drops only bad lines",
             ) from None
-        yield where(pos), element
+        yield where(pos), element, None
         pos = skip_ws(end)
         if progress is not None:
             progress(pos, total)
@@ -199,7 +199,7 @@ def _cell(name: str, value: Any) -> Any:
     return value
 
 
-def read_csv(source: Source, columns: dict[str, str], progress: Progress | None = None) -> Iterator[tuple[int, Any]]:
+def read_csv(source: Source, columns: dict[str, str], progress: Progress | None = None) -> Iterator[tuple[int, Any, str | None]]:
     """Yield `(line, record)` from a CSV/TSV file with a header row, columns renamed by `columns`.
 
     Empty cells count as absent; cells of JSON columns (messages, conversations, history, tools)
@@ -207,9 +207,22 @@ def read_csv(source: Source, columns: dict[str, str], progress: Progress | None 
     """
     total = source.path.stat().st_size
     delimiter = "\t" if source.path.suffix.lower() == ".tsv" else ","
-    with open(source.path, "rb") as raw:
-        fh = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
-        reader = csv.reader(fh, delimiter=delimiter)
+    done = 0
+
+    def lines(fh) -> Iterator[str]:
+        # Decode line by line so a bad byte is reported on its own line.
+        nonlocal done
+        for number, raw in enumerate(fh, start=1):
+            done += len(raw)
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise _not_utf8(source, raw, exc.start, number - 1) from None
+
+    with open(source.path, "rb") as fh:
+        reader = csv.reader(lines(fh), delimiter=delimiter)
         try:
             try:
                 header = next(reader)
@@ -223,18 +236,18 @@ def read_csv(source: Source, columns: dict[str, str], progress: Progress | None 
                 if not cells or all(not c.strip() for c in cells):
                     continue
                 if len(cells) != len(header):
-                    yield start, RowError("<row>", f"{len(cells)} cells but the header has {len(header)} columns")
+                    yield start, RowError("<row>", f"{len(cells)} cells but the header has {len(header)} columns"), None
                     continue
-                yield start, {name: _cell(name, cells[i]) for name, i in index.items()}
+                yield start, {name: _cell(name, cells[i]) for name, i in index.items()}, None
                 if progress is not None and start % 4096 == 0:
-                    progress(raw.tell(), total)
-        except UnicodeDecodeError:
-            raise InputError(f"{source.name}:{reader.line_num + 1}: not UTF-8 text", hint=UTF8_HINT) from None
+                    progress(done, total)
         except csv.Error as exc:
             raise InputError(f"{source.name}:{reader.line_num}: invalid CSV: {exc}") from None
+    if progress is not None:
+        progress(total, total)
 
 
-def read_parquet(source: Source, columns: dict[str, str], progress: Progress | None = None) -> Iterator[tuple[int, Any]]:
+def read_parquet(source: Source, columns: dict[str, str], progress: Progress | None = None) -> Iterator[tuple[int, Any, str | None]]:
     """Yield `(row number, record)` from a Parquet file, a batch at a time, columns renamed."""
     import pyarrow.parquet as pq
 
@@ -251,6 +264,6 @@ def read_parquet(source: Source, columns: dict[str, str], progress: Progress | N
         cols = {name: data[col] for name, col in mapping.items()}
         for i in range(batch.num_rows):
             number += 1
-            yield number, {name: _cell(name, values[i]) for name, values in cols.items()}
+            yield number, {name: _cell(name, values[i]) for name, values in cols.items()}, None
         if progress is not None:
             progress(number, total)

@@ -1,15 +1,22 @@
 """Token counting with the model's chat template, fast enough for millions of rows.
 
 Part of `preprocess-sft`. The tokenizer comes from the `model` config section
-(`ftpipe.core.model_ref.resolve_model`). Rendering every row through Jinja dominates the cost, so
-by default each conversation *shape* (its sequence of roles) is rendered once with sentinel
-contents and split into a skeleton; a row of that shape is then the skeleton's pieces joined with
-its contents. A shape uses the skeleton only when the Jinja rendering of its first rows matches it
-exactly, and every `VERIFY_EVERY`-th row is checked again; rows with tool calls or tool
-definitions, rows whose content holds one of the template's own markers (`<|im_end|>`,
-`</think>`...), and templates that alter contents (e.g. `strip()`) always go through Jinja.
-`preprocess.fast_render: false` renders every row with Jinja. Token ids come from the fast
-tokenizer's batch encoder (Rust), without special tokens (the template already holds them).
+(`ftpipe.core.model_ref.resolve_model`), loaded with AutoTokenizer (`model.trust_remote_code`).
+Rendering every row through Jinja and encoding the whole text dominates the cost, so by default:
+
+1. each conversation *shape* (its sequence of roles) is rendered once with sentinel contents and
+   split into a skeleton; a row of that shape is the skeleton's pieces joined with its contents.
+   A shape uses its skeleton only when the Jinja rendering of its first rows matches exactly, and
+   every `VERIFY_EVERY`-th row is checked again;
+2. when the tokenizer splits at the piece/content boundaries (checked the same way against the
+   full encoding), a row's count is the shape's piece tokens plus each content's tokens, and
+   repeated contents (system prompts, labels) are encoded once.
+
+Rows with tool calls or tool definitions, rows whose content holds one of the template's own
+markers (`<|im_end|>`, `</think>`...), and templates that alter contents (e.g. `strip()`) always go
+through Jinja and a full encoding; so does everything with `preprocess.fast_render: false`.
+Token ids come from the fast tokenizer's batch encoder (Rust), without special tokens (the
+template already holds them), exactly as `apply_chat_template(tokenize=True)` counts them.
 
     ftpipe preprocess-sft --config debug_config.yaml
 """
@@ -27,6 +34,8 @@ log = logging.getLogger(__name__)
 
 VERIFY_FIRST = 2  # rows of each shape compared with Jinja before the skeleton is trusted
 VERIFY_EVERY = 997  # then every n-th fast-rendered row is compared again
+CACHE_ROWS = 20_000  # token counts of repeated contents kept between batches
+CACHE_CHARS = 512
 _SENTINEL = "\n\x1f@ftpipe{}@\x1f \n"
 _LITERAL = re.compile(r"'((?:[^'\\]|\\.)*)'|\"((?:[^\"\\]|\\.)*)\"")
 _MARKUP = re.compile(r"[<\[|{}]")
@@ -83,7 +92,11 @@ class Renderer:
         self.markers = sorted(m for m in literals if len(m) >= 3 and _MARKUP.search(m) and "\\" not in m)
         self.skeletons: dict[tuple, list[str] | None] = {}
         self.checked: dict[tuple, int] = {}
-        self.stats = {"fast": 0, "jinja": 0, "mismatches": 0}
+        self.pieces_of: dict[tuple, list[str]] = {}
+        self.additive: dict[tuple, bool] = {}
+        self.piece_tokens: dict[tuple, int] = {}
+        self.content_tokens: dict[str, int] = {}
+        self.stats = {"fast": 0, "jinja": 0, "mismatches": 0, "segmented": 0}
 
     def render(self, row: dict) -> str:
         """The full Jinja rendering of one row (messages + tools)."""
@@ -92,15 +105,13 @@ class Renderer:
     def _shape(self, row: dict) -> tuple | None:
         if not self.fast or "tools" in row:
             return None
-        roles = []
-        for m in row["messages"]:
-            if len(m) != 2:  # tool_calls, name, tool_call_id: let Jinja handle them
-                return None
-            content = m["content"]
-            if any(marker in content for marker in self.markers) or "\x1f@ftpipe" in content:
-                return None
-            roles.append(m["role"])
-        return tuple(roles)
+        messages = row["messages"]
+        if any(len(m) != 2 for m in messages):  # tool_calls, name, tool_call_id: Jinja handles them
+            return None
+        joined = "\x00".join([m["content"] for m in messages])
+        if "\x1f@ftpipe" in joined or any(marker in joined for marker in self.markers):
+            return None
+        return tuple([m["role"] for m in messages])
 
     def _skeleton(self, shape: tuple) -> list[str] | None:
         if shape not in self.skeletons:
@@ -119,35 +130,95 @@ class Renderer:
                 head, rest = rest.split(s)
                 pieces.append(head)
             pieces.append(rest)
-            self.skeletons[shape] = pieces
+            self.skeletons[shape] = self.pieces_of[shape] = pieces
         return self.skeletons[shape]
 
-    def texts(self, rows: list[dict]) -> list[str | Exception]:
-        """Rendered text of each row (or the exception the template raised for it)."""
-        out: list[str | Exception] = []
-        for row in rows:
+    def _join(self, pieces: list[str], row: dict) -> str:
+        parts = [pieces[0]]
+        for m, piece in zip(row["messages"], pieces[1:]):
+            parts += [m["content"], piece]
+        return "".join(parts)
+
+    def measure(self, rows: list[dict]) -> list[int | Exception]:
+        """Token count of each rendered row (or the exception the chat template raised for it).
+
+        Rows of a verified shape are counted as the shape's piece tokens plus the tokens of each
+        content (contents cached: system prompts and short answers repeat), when the tokenizer
+        splits at the piece/content boundaries - checked against the full encoding on the first
+        rows of each shape and every `VERIFY_EVERY`-th; otherwise the full text is encoded.
+        """
+        results: list[Any] = [None] * len(rows)
+        full: dict[int, str] = {}  # row index -> text to encode whole
+        segmented: list[tuple[int, tuple]] = []
+        checks: list[tuple[int, tuple]] = []
+        for i, row in enumerate(rows):
             shape = self._shape(row)
             pieces = self._skeleton(shape) if shape is not None else None
-            if pieces is not None:
-                n = self.checked.get(shape, 0)
-                self.checked[shape] = n + 1
-                parts = [pieces[0]]
-                for m, piece in zip(row["messages"], pieces[1:]):
-                    parts += [m["content"], piece]
-                text = "".join(parts)
-                if n < VERIFY_FIRST or n % VERIFY_EVERY == 0:
-                    slow = self._jinja(row)
-                    if slow != text:
-                        self.stats["mismatches"] += 1
-                        self.skeletons[shape] = None  # this shape renders content-dependently
-                        log.info("chat template renders shape %s content-dependently: using Jinja for it", "/".join(shape))
-                        out.append(slow)
-                        continue
-                self.stats["fast"] += 1
-                out.append(text)
+            if pieces is None:
+                text = self._jinja(row)
+                if isinstance(text, Exception):
+                    results[i] = text
+                else:
+                    full[i] = text
+                continue
+            n = self.checked.get(shape, 0)
+            self.checked[shape] = n + 1
+            additive = self.additive.get(shape, True)
+            if n < VERIFY_FIRST or n % VERIFY_EVERY == 0:
+                text = self._join(pieces, row)
+                slow = self._jinja(row)
+                if slow != text:
+                    self.stats["mismatches"] += 1
+                    self.skeletons[shape] = None  # this shape renders content-dependently
+                    log.info("chat template renders %s content-dependently: using Jinja for it", "/".join(shape))
+                    full[i] = slow
+                    continue
+                full[i] = text
+                if additive:
+                    checks.append((i, shape))
+                continue
+            self.stats["fast"] += 1
+            if additive:
+                segmented.append((i, shape))
             else:
-                out.append(self._jinja(row))
-        return out
+                full[i] = self._join(pieces, row)
+        contents = {m["content"] for i, _ in segmented + checks for m in rows[i]["messages"]}
+        cache = self.content_tokens
+        new = [c for c in contents if c not in cache]
+        counted = dict(zip(new, self.count(new)))
+        # Cache short contents only (system prompts and labels repeat; most prompts do not), and
+        # start over when full: memory stays bounded whatever the number of rows.
+        lookup = {**counted, **{c: cache[c] for c in contents if c not in counted}}
+        if len(cache) > CACHE_ROWS:
+            cache.clear()
+        cache.update((c, n) for c, n in counted.items() if len(c) <= CACHE_CHARS)
+        order = list(full)
+        for i, n in zip(order, self.count([full[i] for i in order])):
+            results[i] = n
+
+        def by_segments(i: int, shape: tuple) -> int:
+            if shape not in self.piece_tokens:
+                self.piece_tokens[shape] = sum(self.count([p for p in self.skeleton_pieces(shape) if p]))
+            return self.piece_tokens[shape] + sum(lookup[m["content"]] for m in rows[i]["messages"])
+
+        failed = set()
+        for i, shape in checks:
+            if by_segments(i, shape) != results[i]:
+                failed.add(shape)
+                self.additive[shape] = False
+                log.info("tokenizer merges across the template of %s: encoding whole texts for it", "/".join(shape))
+        redo = [(i, shape) for i, shape in segmented if shape in failed]
+        for (i, shape), n in zip(redo, self.count([self._join(self.skeleton_pieces(s), rows[i]) for i, s in redo])):
+            results[i] = n
+        for i, shape in segmented:
+            if shape not in failed:
+                results[i] = by_segments(i, shape)
+                self.stats["segmented"] += 1
+        return results
+
+    def skeleton_pieces(self, shape: tuple) -> list[str]:
+        """The literal pieces of a shape's skeleton (kept even after a content-dependent mismatch)."""
+        return self.pieces_of[shape]
 
     def _jinja(self, row: dict) -> str | Exception:
         self.stats["jinja"] += 1
