@@ -64,12 +64,12 @@ def finetune_sft(
         "finetune.accelerate_config": str(accelerate_config) if accelerate_config else None,
     })
     delegate("finetune-sft", loaded)
-    with _progress_bar() as progress:
+    with ProgressBar() as progress:
         result = stage(loaded, run, force, resume_from=resume_from, progress=progress)
     show_result(result, "finetune-sft")
 
 
-class _progress_bar:
+class ProgressBar:
     """A rich progress bar fed by the training callback: step, loss, tokens/s, ETA."""
 
     def __enter__(self):
@@ -85,8 +85,9 @@ class _progress_bar:
         return self
 
     def __call__(self, event: dict) -> None:
-        loss = event.get("loss")
-        fields = {"loss": f"{loss:.4f}" if isinstance(loss, float) else "-"}
+        fields = {}
+        if isinstance(event.get("loss"), float):
+            fields["loss"] = f"{event['loss']:.4f}"
         if event.get("tokens_per_s"):
             fields["speed"] = f"{event['tokens_per_s']:.0f}"
         if self.task is None:

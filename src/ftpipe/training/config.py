@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ftpipe.core.configbase import Section
 
@@ -62,3 +62,11 @@ class FinetuneConfig(Section):
     accelerate_config: str | None = Field(
         None, description="accelerate config file (multi-GPU, FSDP, DeepSpeed) for scale-out."
     )
+
+    @field_validator("packing", "gradient_checkpointing", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value):
+        # YAML reads `on`/`off` (and `--set finetune.packing=on`) as booleans.
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return value

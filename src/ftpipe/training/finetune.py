@@ -47,9 +47,25 @@ def stage(loaded, run_name: str | None = None, force: bool = False, **options: A
     cfg = loaded.config
     project = Project.from_config(loaded)
     inputs = _inputs(project, cfg)  # checked before a run folder is created
+    _check_hardware(cfg.finetune)
     run_dir = new_run(project, run_name, model=cfg.model.id or cfg.model.path or "model", data=cfg.data.name)
     ctx = StageContext.for_run(STAGE, loaded, run_dir, force, **options)
     return execute(ctx, run, sections=("data", "finetune"), inputs=inputs, environment="train")
+
+
+def _check_hardware(ft) -> None:
+    """GPU-only settings fail here, in a second, not after the model is loaded."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    if ft.method == "qlora":
+        raise ConfigError(
+            "finetune.method=qlora needs a CUDA GPU with bitsandbytes (4-bit base); this machine has no GPU",
+            hint="--set finetune.method=lora",
+        )
+    if ft.precision == "fp16":
+        raise ConfigError("finetune.precision=fp16 needs a CUDA GPU", hint="--set finetune.precision=auto")
 
 
 def _inputs(project: Project, cfg) -> dict[str, Path]:
@@ -93,6 +109,12 @@ def run(ctx: StageContext) -> StageResult:
     # 1. Plan: device, precision, base dtype, checkpointing, packing (each with its reason).
     model_config = AutoConfig.from_pretrained(model_ref.load_from, **model_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(model_ref.load_from, **model_kwargs)
+    if not tokenizer.chat_template:
+        raise InputError(
+            f"base model {model_ref.id or cfg.model.path}: its tokenizer has no chat template, needed to render "
+            "the messages rows",
+            hint="use an instruct/chat model, or add chat_template.jinja to the model folder",
+        )
     rows = read_messages(train_file)
     if not rows:
         raise InputError(f"{project.rel(train_file)}: no rows", hint="ftpipe preprocess-sft --force")
@@ -112,7 +134,9 @@ def run(ctx: StageContext) -> StageResult:
         log.info("resuming from %s", project.rel(resume))
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    final_dir = run_dir.merged if ft.method == "full" else run_dir.adapter
+    # method=full writes the whole model here too (config.json, no adapter_config.json):
+    # export-merged recognises it and says there is nothing to merge.
+    final_dir = run_dir.adapter
     job = TrainJob(
         finetune=ft.model_dump(mode="json"),
         plan=plan.record(),
@@ -141,9 +165,10 @@ def run(ctx: StageContext) -> StageResult:
         gradient_checkpointing=plan.gradient_checkpointing, packing=plan.packing,
         plan_reasons=plan.reasons, method=ft.method, tensorboard_dir=project.rel(output_dir / TENSORBOARD_DIR),
     )
+    first, last = metrics.get("first_logged_loss"), metrics.get("last_logged_loss")
+    losses = f"loss {first:.4f} -> {last:.4f}" if first is not None and last is not None else "no loss logged"
     summary = (
-        f"finetune-sft: run {run_dir.name}: {metrics['global_step']} steps, loss "
-        f"{metrics.get('first_logged_loss')} -> {metrics.get('last_logged_loss')}, "
+        f"finetune-sft: run {run_dir.name}: {metrics['global_step']} steps, {losses}, "
         f"{metrics['tokens_per_s']:.0f} tokens/s ({plan.device}, {plan.precision}) -> {project.rel(final_dir)}/"
     )
     return StageResult(outputs=[final_dir, results_file], metrics=metrics, summary=summary)
@@ -191,8 +216,9 @@ def _launch_workers(ctx: StageContext, job: TrainJob, device: str) -> None:
         if not config_file.is_file():
             raise ConfigError(f"finetune.accelerate_config: {ft.accelerate_config} not found",
                               hint="see configs/accelerate/ for multi-GPU, FSDP2 and ZeRO-3 examples")
-        argv = [str(bin_dir / "accelerate"), "launch", "--config_file", str(config_file),
-                "--num_processes", str(ft.num_processes), *worker]
+        # The config file's num_processes counts unless --num-processes / finetune.num_processes > 1.
+        processes = ["--num_processes", str(ft.num_processes)] if ft.num_processes > 1 else []
+        argv = [str(bin_dir / "accelerate"), "launch", "--config_file", str(config_file), *processes, *worker]
     elif device == "cpu":
         # accelerate launch --cpu starts one process here; torchrun gives real DDP over gloo.
         argv = [str(bin_dir / "torchrun"), "--standalone", "--nproc_per_node", str(ft.num_processes), *worker]
@@ -205,6 +231,7 @@ def _launch_workers(ctx: StageContext, job: TrainJob, device: str) -> None:
         env["OMP_NUM_THREADS"] = str(max(1, thread_count() // ft.num_processes))
     workers_log = ctx.log_dir / "workers.log"
     log.info("launching %d processes: %s (output in %s)", ft.num_processes, " ".join(argv), ctx.project.rel(workers_log))
+    start = workers_log.stat().st_size if workers_log.exists() else 0
     with open(workers_log, "a", encoding="utf-8") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=ctx.project.root, env=env)
         try:
@@ -213,8 +240,12 @@ def _launch_workers(ctx: StageContext, job: TrainJob, device: str) -> None:
             # The workers got the same Ctrl-C (same process group): they save and exit together.
             code = proc.wait()
     if code != 0:
-        tail = " | ".join(workers_log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-3:])
-        if code == 130:
+        with open(workers_log, encoding="utf-8", errors="replace") as fh:
+            fh.seek(start)
+            text = fh.read()  # this launch's output only
+        tail = " | ".join(text.strip().splitlines()[-3:])
+        # torchrun reports a worker's 130 as its own failure: recognise the Ctrl-C message instead.
+        if code == 130 or "training stopped at step" in text:
             from ftpipe.training.sft import Interrupted
 
             raise Interrupted(f"training interrupted; checkpoint saved under {ctx.project.rel(Path(job.output_dir))}/",

@@ -1,30 +1,35 @@
 """Pick device, precision, base-weight dtype, gradient checkpointing and packing for finetune-sft.
 
 Choices are made once, before training, from the hardware and the model shape, and recorded in
-the manifest metrics with the reason for each. Measured on the 2-core AVX-512-bf16 CPU this
-project is developed on (docs/finetune.md, bench/train_throughput.py):
+the manifest metrics with the reason for each. What was measured (docs/finetune.md,
+bench/train_throughput.py):
 
-- tiny model (hidden 128): fp32 3335 tokens/s vs bf16 autocast 1229 -> small matmuls lose to the
-  casts, so the CPU uses bf16 only from `BF16_CPU_MIN_HIDDEN` up;
-- 135M Llama shape (hidden 576): bf16 weights + autocast is the fastest setup and halves the
-  frozen base's memory.
+- on an AVX-512 Xeon *without* avx512_bf16 (this project's CI machine) oneDNN emulates bf16:
+  ~6 GFLOP/s per thread vs ~28 for fp32, and the tiny model trains at 1229 tokens/s with bf16
+  autocast vs 3335 in fp32 -> bf16 on the CPU needs the avx512_bf16 / amx_bf16 flag;
+- on an AMD EPYC *with* avx512_bf16 (ENVIRONMENT.md) a plain bf16-autocast loop on the 135M
+  Llama shape did 178 tokens/s vs 103 in fp32 -> bf16 pays off there. Whether it does for a given
+  shape is measured at plan time with one training-shaped matmul (`bf16_matmul_speedup`);
+  below hidden 512 (`BF16_CPU_MIN_HIDDEN`) the casts are assumed to dominate (not measured on a
+  native-bf16 CPU);
+- with bf16, the frozen base is loaded in bf16 (no per-matmul casts, half the memory); adapters
+  stay fp32.
 
     ftpipe finetune-sft --config debug_config.yaml --set finetune.precision=fp32
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from ftpipe.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 BF16_CPU_MIN_HIDDEN = 512  # below this, bf16 autocast is slower than fp32 on the CPU (measured)
+BF16_MIN_SPEEDUP = 1.3  # bf16 autocast also pays casts and fp32 elementwise ops: needs a clear matmul win
 ACTIVATION_MEMORY_FRACTION = 0.5  # checkpointing turns on when activations would exceed this share
 
 
@@ -45,13 +50,38 @@ class TrainPlan:
 
 
 def cpu_supports_bf16() -> bool:
-    """True when this CPU has native bf16 matmul support (AVX512-BF16 / AMX) in oneDNN."""
-    import torch
+    """True when the CPU has native bf16 dot products (AVX512-BF16 or AMX-BF16).
 
+    oneDNN also "supports" bf16 on plain AVX-512 by emulation, which is several times slower than
+    fp32 (measured on an AVX-512 Xeon without avx512_bf16: 6 vs 28 GFLOP/s per thread), so the
+    CPU flags are what counts, not `torch.ops.mkldnn._is_mkldnn_bf16_supported()`.
+    """
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
+    except OSError:
         return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def bf16_matmul_speedup(rows: int, hidden: int, inner: int, seconds: float = 0.3) -> float:
+    """Measured bf16 / fp32 speed of one training-shaped matmul on this CPU (> 1: bf16 faster)."""
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    def rate(dtype) -> float:
+        x = torch.randn(rows, hidden).to(dtype)
+        w = torch.randn(inner, hidden).to(dtype)
+        F.linear(x, w)
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 2:
+            F.linear(x, w)
+            n += 1
+        return n / (time.perf_counter() - start)
+
+    return rate(torch.bfloat16) / rate(torch.float32)
 
 
 def _available_memory() -> int:
@@ -110,15 +140,17 @@ def make_plan(cfg, model_config, method: str, sample_lengths: list[int]) -> Trai
         if cuda:
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
             reasons["precision"] = f"CUDA {'with' if precision == 'bf16' else 'without'} bf16 support"
-        elif cpu_supports_bf16() and hidden >= BF16_CPU_MIN_HIDDEN:
-            precision = "bf16"
-            reasons["precision"] = f"CPU has native bf16 and hidden size {hidden} >= {BF16_CPU_MIN_HIDDEN}"
-        else:
+        elif not cpu_supports_bf16():
             precision = "fp32"
-            reasons["precision"] = (
-                f"hidden size {hidden} < {BF16_CPU_MIN_HIDDEN}: fp32 is faster than bf16 autocast on small matmuls"
-                if cpu_supports_bf16() else "CPU without native bf16"
-            )
+            reasons["precision"] = "CPU without native bf16 (no avx512_bf16/amx_bf16): emulated bf16 is slower"
+        elif hidden < BF16_CPU_MIN_HIDDEN:
+            precision = "fp32"
+            reasons["precision"] = f"hidden size {hidden} < {BF16_CPU_MIN_HIDDEN}: fp32 beats bf16 autocast on small matmuls"
+        else:
+            inner = getattr(model_config.get_text_config(), "intermediate_size", 4 * hidden)
+            speedup = bf16_matmul_speedup(min(1024, cfg.batch_size * cfg.max_length), hidden, inner)
+            precision = "bf16" if speedup >= BF16_MIN_SPEEDUP else "fp32"
+            reasons["precision"] = f"measured bf16/fp32 matmul speed {speedup:.2f}x (bf16 from {BF16_MIN_SPEEDUP}x)"
     else:
         reasons["precision"] = "finetune.precision"
     if precision == "fp16" and not cuda:
@@ -159,11 +191,6 @@ def make_plan(cfg, model_config, method: str, sample_lengths: list[int]) -> Trai
         reasons["packing"] = "finetune.packing"
 
     return TrainPlan(device, precision, base_dtype, checkpointing, packing, reasons)
-
-
-def plan_from_json(path: Path) -> TrainPlan:
-    """Read a plan written by the parent process (multi-process workers use the same plan)."""
-    return TrainPlan(**json.loads(Path(path).read_text(encoding="utf-8")))
 
 
 def thread_count() -> int:

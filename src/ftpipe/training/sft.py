@@ -3,7 +3,7 @@
 Runs in the stage process (one process) or in every worker started by torchrun / accelerate
 (`python -m ftpipe.training.worker`), from the same `TrainJob`, so single- and multi-process runs
 share one code path. Writes checkpoints and TensorBoard events under outputs/<run>/trainer_state/
-and, on rank 0, the adapter (or the full model for `method: full`) and `ftpipe_train_results.json`.
+and, on rank 0, the adapter (the full model for `method: full`) and `ftpipe_train_results.json`.
 
     ftpipe finetune-sft --config debug_config.yaml
 """
@@ -50,7 +50,7 @@ class TrainJob:
     train_file: str
     val_file: str | None
     output_dir: str  # outputs/<run>/trainer_state
-    final_dir: str  # outputs/<run>/adapter (or merged/ for method=full)
+    final_dir: str  # outputs/<run>/adapter (the full model for method=full)
     resume_from: str | None
     run_name: str
 
@@ -279,12 +279,13 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def train(job: TrainJob, progress: ProgressFn | None = None) -> dict[str, Any]:
+def train(job: TrainJob, progress: ProgressFn | None = None, extra_callbacks: list | None = None) -> dict[str, Any]:
     """Train, save the adapter (rank 0) and return the metrics.
 
     Args:
         job: what to train and where to write.
         progress: called on rank 0 with {"event": "step"|"log", "step", "max_steps", ...}.
+        extra_callbacks: more TrainerCallbacks (bench/train_throughput.py times steps with one).
 
     Returns:
         Metrics: losses, steps, tokens, tokens/s, trainable parameters, resumed_from.
@@ -321,7 +322,7 @@ def train(job: TrainJob, progress: ProgressFn | None = None) -> dict[str, Any]:
     try:
         trainer = SFTTrainer(
             model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-            processing_class=tokenizer, peft_config=peft_config, callbacks=[callback, tensorboard],
+            processing_class=tokenizer, peft_config=peft_config, callbacks=[callback, tensorboard, *(extra_callbacks or [])],
         )
     except ValueError as exc:
         raise ConfigError(f"finetune: TRL rejected the settings: {exc}".splitlines()[0],
@@ -365,25 +366,38 @@ def train(job: TrainJob, progress: ProgressFn | None = None) -> dict[str, Any]:
         eval_metrics = trainer.evaluate()
         metrics["eval_loss"] = round(float(eval_metrics["eval_loss"]), 6)
         metrics["eval_perplexity"] = round(math.exp(min(eval_metrics["eval_loss"], 50.0)), 4)
-        log.info("final eval_loss %.4f", metrics["eval_loss"])
 
+    save_final(trainer, tokenizer, job)
     if trainer.is_world_process_zero():
-        save_final(trainer, tokenizer, job)
         atomic_write_json(Path(job.output_dir) / RESULTS_FILE, metrics)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    _barrier()
     return metrics
 
 
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def save_final(trainer, tokenizer, job: TrainJob) -> None:
-    """Write the adapter (or full model), tokenizer, chat template and base model reference."""
+    """Write the adapter (or full model), tokenizer, chat template and base model reference.
+
+    Called on every rank: FSDP / ZeRO-3 gather the weights collectively inside `save_model`;
+    only rank 0 writes files.
+    """
     import shutil
 
     final = Path(job.final_dir)
-    if final.exists():
-        shutil.rmtree(final)  # a rerun (--force) must not leave stale shards behind
-    final.mkdir(parents=True)
+    if trainer.is_world_process_zero():
+        if final.exists():
+            shutil.rmtree(final)  # a rerun (--force) must not leave stale shards behind
+        final.mkdir(parents=True)
+    _barrier()
     trainer.save_model(str(final))
+    if not trainer.is_world_process_zero():
+        return
     tokenizer.save_pretrained(str(final))
     template = final / "chat_template.jinja"
     if not template.exists() and isinstance(tokenizer.chat_template, str):

@@ -11,6 +11,7 @@ starts TensorBoard from the training environment with one named entry per run, b
 from __future__ import annotations
 
 import logging
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -68,9 +69,24 @@ def serve(project: Project, run_name: str | None, all_runs: bool, host: str = "1
         log.warning("TensorBoard will listen on %s: reachable from other machines, without authentication", host)
     log.info("TensorBoard for %s at http://%s:%d/ (Ctrl-C to stop)", ", ".join(sorted(dirs)), host, port)
     proc = subprocess.Popen(argv)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
+    stopped = False
+
+    def _stop(_signum, _frame) -> None:
+        # SIGTERM (docker stop, a test's terminate()) must not orphan the TensorBoard process.
+        nonlocal stopped
+        stopped = True
         proc.terminate()
-        proc.wait()
-        return 0
+
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        stopped = True
+        proc.terminate()
+        code = proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return 0 if stopped else code
