@@ -50,9 +50,12 @@ def main() -> None:
     except FtpipeError as exc:
         if os.environ.get("FTPIPE_DEBUG") == "1":
             raise
+        from rich.markup import escape
+
         from ftpipe.cli.common import err_console
 
-        err_console.print(f"[bold red]error:[/bold red] {exc.one_line()}", soft_wrap=True)
+        # escape(): the message quotes user data ('[admin]' roles...), never rich markup.
+        err_console.print(f"[bold red]error:[/bold red] {escape(exc.one_line())}", soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -30,8 +30,10 @@ class TeeStream(io.TextIOBase):
 
     @property
     def primary(self) -> TextIO:
-        # Looked up at each write so pytest's capture and redirections keep working.
-        return getattr(sys, self._stream)
+        # Looked up at each write so pytest's capture and redirections keep working. While a rich
+        # Progress/Live redirects sys.stdout to itself, write to the file it wraps (else: a loop).
+        stream = getattr(sys, self._stream)
+        return getattr(stream, "rich_proxied_file", stream)
 
     def write(self, text: str) -> int:
         text = redact(text)
