@@ -14,7 +14,7 @@ from conftest import REPO, run_cli
 
 pytestmark = pytest.mark.slow
 
-SMALL = ["--set", "finetune.max_steps=120", "--set", "awq.calibration_samples=16"]
+SMALL = ["--set", "finetune.max_steps=80", "--set", "awq.calibration_samples=16", "--set", "smoke_test.min_check_pass_rate=0.6"]
 
 
 @pytest.fixture(scope="module")

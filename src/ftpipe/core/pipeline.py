@@ -81,6 +81,18 @@ def _stamp(paths: list[Path]) -> list[tuple]:
     return out
 
 
+def _smoke_test_current(loaded, run: RunDir) -> bool:
+    # Starting a server only to repeat a passing smoke test of the same artifact is the one
+    # expensive no-op a second `ftpipe run` would do; the smoke stage knows its own inputs.
+    from ftpipe.core.errors import FtpipeError
+    from ftpipe.serve.smoke import passed_for_current_inputs
+
+    try:
+        return passed_for_current_inputs(loaded, run.name)
+    except FtpipeError:
+        return False  # not servable yet: let `serve` say why
+
+
 def run_pipeline(
     loaded,
     config_path: Path,
@@ -123,6 +135,13 @@ def run_pipeline(
         paths = _manifest_paths(project, run, stage, loaded.config.data.name)
         before = _stamp(paths)
         start = time.monotonic()
+        if stage == "serve" and not force and _smoke_test_current(loaded, run):
+            outcome = StageOutcome(stage, "skipped", time.monotonic() - start, [project.rel(p) for p in paths])
+            log.info("serve: a smoke test of this artifact, prompts and config already passed; skipped (--force reruns)")
+            outcomes.append(outcome)
+            if on_stage:
+                on_stage(stage, outcome)
+            continue
         scoped = [] if stage in NOT_RUN_SCOPED else ["--run", run.name]
         extra = ["--force"] if force else []
         if stage == "serve":

@@ -101,15 +101,8 @@ def execute(
     project = ctx.project
     config_hash = ctx.loaded.section_hash(*sections)
     input_records = {name: input_record(project, path) for name, path in inputs.items()}
-    previous = read_manifest(ctx.manifest_path)
-    if (
-        not ctx.force
-        and previous is not None
-        and previous.get("status") == "completed"
-        and previous.get("config_hash") == config_hash
-        and previous.get("inputs") == input_records
-        and outputs_intact(project, previous)
-    ):
+    previous = None if ctx.force else completed_for(ctx, config_hash, input_records)
+    if previous is not None:
         log.info("%s: up to date (same config and inputs); skipped - use --force to rerun", ctx.stage)
         return StageResult(
             outputs=[project.resolve(r["path"]) for r in previous.get("outputs", [])],
@@ -159,6 +152,27 @@ def execute(
         log.info("%s: completed in %.1fs", ctx.stage, manifest["metrics"]["seconds"])
     result.manifest = manifest
     return result
+
+
+def completed_for(ctx: StageContext, config_hash: str, input_records: dict[str, Any]) -> dict[str, Any] | None:
+    """The stage's manifest when it is `completed` for exactly this config and these inputs, with
+    its outputs intact; None when the stage has to run."""
+    previous = read_manifest(ctx.manifest_path)
+    if (
+        previous is not None
+        and previous.get("status") == "completed"
+        and previous.get("config_hash") == config_hash
+        and previous.get("inputs") == input_records
+        and outputs_intact(ctx.project, previous)
+    ):
+        return previous
+    return None
+
+
+def up_to_date(ctx: StageContext, *, sections: tuple[str, ...], inputs: dict[str, Path]) -> bool:
+    """Whether `execute` would skip this stage (same config sections, inputs, intact outputs)."""
+    records = {name: input_record(ctx.project, path) for name, path in inputs.items()}
+    return completed_for(ctx, ctx.loaded.section_hash(*sections), records) is not None
 
 
 def require_completed(run: RunDir, stage: str, command: str) -> dict[str, Any]:

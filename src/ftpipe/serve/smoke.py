@@ -21,7 +21,7 @@ from typing import Any
 from ftpipe.core.errors import InputError, StageError
 from ftpipe.core.fsutil import atomic_write_json
 from ftpipe.core.runs import Project, open_run
-from ftpipe.core.stage import StageContext, StageResult, execute
+from ftpipe.core.stage import StageContext, StageResult, execute, up_to_date
 from ftpipe.serve.server import Served, base_url, resolve_artifact
 
 log = logging.getLogger(__name__)
@@ -215,12 +215,8 @@ def run(ctx: StageContext) -> StageResult:
     )
 
 
-def stage(loaded, run_name: str | None, force: bool = True, **opts) -> StageResult:
-    """Entry point: resolve the run, the served artifact and the prompts, then execute().
-
-    The smoke test always runs (a server that was up yesterday proves nothing today), so an
-    up-to-date manifest never skips it.
-    """
+def _prepare(loaded, run_name: str | None, force: bool):
+    """The stage context and inputs: the run, the served artifact, val prompts, checks file."""
     cfg = loaded.config
     project = Project.from_config(loaded)
     run_dir = open_run(project, run_name)
@@ -240,5 +236,25 @@ def stage(loaded, run_name: str | None, force: bool = True, **opts) -> StageResu
     inputs = {"artifact": served.upstream_manifest, "val": val_file}
     if checks_file is not None:
         inputs["prompts_file"] = checks_file
-    ctx = StageContext.for_run(STAGE, loaded, run_dir, force=True, served=served, prompts=prompts, checks_file=checks_file)
-    return execute(ctx, run, sections=("serve", "smoke_test", "eval", "data"), inputs=inputs, environment="serve")
+    ctx = StageContext.for_run(STAGE, loaded, run_dir, force=force, served=served, prompts=prompts, checks_file=checks_file)
+    return ctx, inputs
+
+
+SECTIONS = ("serve", "smoke_test", "eval", "data")
+
+
+def stage(loaded, run_name: str | None, force: bool = True, **opts) -> StageResult:
+    """Entry point: resolve the run, the served artifact and the prompts, then execute().
+
+    The smoke test always runs when called on its own (a server that was up yesterday proves
+    nothing today); `ftpipe run` asks `passed_for_current_inputs` first and does not even start a
+    server when the same artifact, prompts and config already passed.
+    """
+    ctx, inputs = _prepare(loaded, run_name, force)
+    return execute(ctx, run, sections=SECTIONS, inputs=inputs, environment="serve")
+
+
+def passed_for_current_inputs(loaded, run_name: str | None) -> bool:
+    """True when a completed smoke test exists for exactly this artifact, prompts and config."""
+    ctx, inputs = _prepare(loaded, run_name, force=False)
+    return up_to_date(ctx, sections=SECTIONS, inputs=inputs)
