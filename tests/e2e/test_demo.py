@@ -49,6 +49,13 @@ def test_demo_completes_every_stage(demo_project: Path, first_run) -> None:
     for sub in ("adapter", "merged", "awq", "eval", "report.html"):
         assert (run / sub).exists(), sub
     assert (demo_project / "outputs/latest.txt").read_text().strip() == "demo"
+    # The fine-tune learned what the base cannot: held-out prompts, in-process and over the API.
+    artifacts = json.loads((run / "eval/metrics.json").read_text())["artifacts"]
+    base = artifacts["base"]
+    assert base["checks_total"] == 20 and base["checks_passed"] / base["checks_total"] <= 0.2
+    served = json.loads((demo_project / "logs/demo/smoke-test/results.json").read_text())["prompt_checks"]
+    assert len(served) == 20 and sum(c["passed"] for c in served) / 20 >= 0.6
+    assert 'id="served-accuracy"' in (run / "report.html").read_text()
 
 
 def test_second_run_skips_everything(demo_project: Path, first_run) -> None:
