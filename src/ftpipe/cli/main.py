@@ -16,8 +16,8 @@ import sys
 
 import typer
 
+from ftpipe.cli import awq, evaluate, export, finetune, pipeline, preprocess, serve, tools
 from ftpipe.cli import runs as runs_cli
-from ftpipe.cli import tools as tools_cli
 
 app = typer.Typer(
     name="ftpipe",
@@ -28,17 +28,10 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-tools_cli.register(app)
+# One module per command group, in pipeline order (each module's `register` adds its commands).
+for _module in (preprocess, finetune, export, awq, evaluate, serve, pipeline, tools):
+    _module.register(app)
 app.add_typer(runs_cli.app, name="runs", help="List runs and show their stages.")
-# Stage commands register themselves here (one module each under ftpipe/cli/).
-for _module in ("preprocess", "finetune", "export", "awq", "evaluate", "serve", "pipeline"):
-    try:
-        _mod = __import__(f"ftpipe.cli.{_module}", fromlist=["register"])
-    except ModuleNotFoundError as _exc:
-        if _exc.name != f"ftpipe.cli.{_module}":
-            raise
-        continue
-    _mod.register(app)
 
 
 def main() -> None:
