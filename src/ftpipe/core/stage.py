@@ -49,6 +49,9 @@ class StageContext:
     run: RunDir | None = None
     force: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    # The manifest as it was before this attempt (execute() overwrites it with `running` first):
+    # how a stage tells an interrupted attempt from a finished one.
+    previous_manifest: dict[str, Any] | None = None
 
     @property
     def config(self):
@@ -112,6 +115,7 @@ def execute(
             manifest=previous,
         )
 
+    ctx.previous_manifest = read_manifest(ctx.manifest_path)
     manifest: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "run": ctx.run.name if ctx.run else None,

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from ftpipe.core.errors import ConfigError, InputError, StageError
-from ftpipe.core.manifest import read_manifest
 from ftpipe.core.model_ref import resolve_model
 from ftpipe.core.runs import Project, RunDir, new_run
 from ftpipe.core.stage import StageContext, StageResult, execute
@@ -185,7 +184,7 @@ def _sample_lengths(tokenizer, rows: list[dict]) -> list[int]:
 def _clear_previous_state(ctx: StageContext, output_dir: Path) -> None:
     """Start over: remove old checkpoints and TensorBoard events, refusing to drop an interrupted run's work."""
     checkpoints = list_checkpoints(output_dir)
-    previous = read_manifest(ctx.manifest_path)
+    previous = ctx.previous_manifest  # before this attempt: ours already says `running`
     interrupted = previous is not None and previous.get("status") in ("running", "failed")
     if checkpoints and interrupted and not ctx.force:
         raise InputError(
