@@ -144,7 +144,7 @@ def is_plain_messages(record: Any) -> bool:
         return False
     assistant = False
     for m in raw:
-        if type(m) is not dict or len(m) != 2 or type(m.get("content")) is not str or m.get("role") not in _ROLE_SET:
+        if type(m) is not dict or len(m) != 2 or type(m.get("content")) is not str or type(m.get("role")) is not str or m["role"] not in _ROLE_SET:
             return False
         assistant = assistant or m["role"] == "assistant"
     return assistant
@@ -249,7 +249,7 @@ def normalise_sharegpt(record: Any) -> dict:
         if str(speaker).lower() == "function_call":
             try:
                 call = json.loads(value)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 raise RowError(f"{where}.value", "a function_call value must be JSON {\"name\", \"arguments\"}") from None
             if not isinstance(call, dict) or not isinstance(call.get("name"), str):
                 raise RowError(f"{where}.value", "a function_call value must be JSON {\"name\", \"arguments\"}")
@@ -266,7 +266,7 @@ def normalise_sharegpt(record: Any) -> dict:
         if isinstance(tools, str):  # LLaMA-Factory stores tool definitions as a JSON string
             try:
                 tools = json.loads(tools)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 raise RowError("tools", "not valid JSON") from None
         if not isinstance(tools, list):
             raise RowError("tools", f"expected a list of tool definitions, got {_json_type(tools)}")

@@ -39,7 +39,9 @@ def is_export(record: Any) -> bool:
 
 
 def _when(annotation: dict) -> tuple:
-    return (str(annotation.get("updated_at") or annotation.get("created_at") or ""), annotation.get("id") or 0)
+    ident = annotation.get("id")
+    ident = ident if isinstance(ident, (int, float)) and not isinstance(ident, bool) else 0  # comparable
+    return (str(annotation.get("updated_at") or annotation.get("created_at") or ""), ident)
 
 
 def choose_annotation(annotations: list[dict], prefer: str) -> tuple[int, dict] | None:
@@ -78,14 +80,15 @@ def normalise_task(task: Any, cfg) -> dict:
         raise RowError("annotations", what, reason="no_annotation")
     index, annotation = chosen
     texts = []
-    for item in annotation.get("result") or []:
+    result = annotation.get("result") or []
+    for item in result if isinstance(result, list) else []:
         if not isinstance(item, dict) or item.get("type") != "textarea":
             continue
         if cfg.answer_from_name and item.get("from_name") != cfg.answer_from_name:
             continue
-        value = item.get("value") or {}
-        text = value.get("text")
-        texts.extend([text] if isinstance(text, str) else [t for t in text or [] if isinstance(t, str)])
+        value = item.get("value")
+        text = value.get("text") if isinstance(value, dict) else None
+        texts.extend([text] if isinstance(text, str) else [t for t in text if isinstance(t, str)] if isinstance(text, list) else [])
         if not cfg.answer_from_name:
             break  # the first textarea is the answer
     answer = "\n".join(texts)

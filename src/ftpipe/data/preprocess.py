@@ -23,6 +23,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import time
 from array import array
 from collections import Counter
@@ -54,6 +55,11 @@ ERRORS_KEPT = 100  # bad-row messages kept in metadata.json (all are counted)
 DETECT_PEEK = 100  # records looked at to detect the format
 HIST_BINS = 20
 NOT_ERRORS = ("no_annotation",)
+# A lone UTF-16 surrogate (JSON "\ud800" without its pair) is not text: the tokenizer and the UTF-8
+# output file both reject it, so such a row is a bad row. The escaped form is looked for in raw
+# JSONL lines (the fast path), the decoded form in every normalised row.
+_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _encode = json.JSONEncoder(ensure_ascii=False).encode  # one encoder: json.dumps(..., ensure_ascii=False) builds one per call  # dropped, but not a malformed row: not shown, not --strict
 
 
@@ -377,7 +383,7 @@ def _process(source, fmt, records, data, pre, renderer: _LazyRenderer, stats: _S
         if isinstance(record, RowError):
             stats.bad(source, line, record)
             continue
-        if text is not None and fmt == "messages" and is_plain_messages(record):
+        if text is not None and fmt == "messages" and not _ESCAPED_SURROGATE.search(text) and is_plain_messages(record):
             # Already a plain {"messages": [{role, content}...]} line: keep its JSON text as is.
             row, encoded = record, text.strip()
         else:
@@ -386,7 +392,15 @@ def _process(source, fmt, records, data, pre, renderer: _LazyRenderer, stats: _S
             except RowError as err:
                 stats.bad(source, line, err)
                 continue
-            encoded = _encode(row)
+            try:
+                encoded = _encode(row)
+            except RecursionError:  # e.g. tool definitions nested ~1000 deep
+                stats.bad(source, line, RowError("<row>", "nested too deeply"))
+                continue
+            bad = _SURROGATE.search(encoded)
+            if bad:
+                stats.bad(source, line, RowError("<row>", f"not valid Unicode: a lone surrogate \\u{ord(bad.group()):04x}"))
+                continue
         if pre.dedupe and not seen.add(hash(encoded)):
             stats.dropped["duplicate"] += 1
             continue

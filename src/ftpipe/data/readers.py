@@ -97,7 +97,10 @@ def read_jsonl(source: Source, progress: Progress | None = None) -> Iterator[tup
             if not text.strip():
                 continue
             try:
-                yield number, json.loads(text), text
+                record = json.loads(text)
+            except RecursionError:
+                yield number, RowError("<line>", "not valid JSON: nested too deeply"), None
+                continue
             except json.JSONDecodeError as exc:
                 if not raw.endswith(b"\n") and done == total:
                     raise InputError(
@@ -105,6 +108,8 @@ def read_jsonl(source: Source, progress: Progress | None = None) -> Iterator[tup
                         hint="the file was cut short: export or copy it again",
                     ) from None
                 yield number, RowError("<line>", f"not valid JSON: {exc.msg} at column {exc.colno}"), None
+                continue
+            yield number, record, text
     if progress is not None:
         progress(total, total)
 
@@ -145,6 +150,11 @@ def read_json_array(source: Source, progress: Progress | None = None) -> Iterato
             raise _truncated(source, where(total))
         try:
             element, end = decoder.raw_decode(text, pos)
+        except RecursionError:
+            raise InputError(
+                f"{source.name}:{where(pos)}: invalid JSON: an element is nested too deeply",
+                hint="fix the file (a JSON array is parsed as a whole); JSONL drops only bad lines",
+            ) from None
         except json.JSONDecodeError as exc:
             if skip_ws(exc.pos) >= total:
                 raise _truncated(source, where(total)) from None
@@ -194,7 +204,7 @@ def _cell(name: str, value: Any) -> Any:
     if name in JSON_CELLS and isinstance(value, str) and value.lstrip()[:1] in ("[", "{"):
         try:
             return json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return value
     return value
 

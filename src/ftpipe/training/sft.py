@@ -399,6 +399,8 @@ def save_final(trainer, tokenizer, job: TrainJob) -> None:
     if not trainer.is_world_process_zero():
         return
     tokenizer.save_pretrained(str(final))
+    # Trainer.save_model pickles its arguments there; the published adapter is safetensors only.
+    (final / "training_args.bin").unlink(missing_ok=True)
     template = final / "chat_template.jinja"
     if not template.exists() and isinstance(tokenizer.chat_template, str):
         template.write_text(tokenizer.chat_template, encoding="utf-8")
