@@ -104,7 +104,8 @@ def execute(
     project = ctx.project
     config_hash = ctx.loaded.section_hash(*sections)
     input_records = {name: input_record(project, path) for name, path in inputs.items()}
-    previous = None if ctx.force else completed_for(ctx, config_hash, input_records)
+    ctx.previous_manifest = read_manifest(ctx.manifest_path)
+    previous = None if ctx.force else _completed_match(ctx, ctx.previous_manifest, config_hash, input_records)
     if previous is not None:
         log.info("%s: up to date (same config and inputs); skipped - use --force to rerun", ctx.stage)
         return StageResult(
@@ -115,7 +116,6 @@ def execute(
             manifest=previous,
         )
 
-    ctx.previous_manifest = read_manifest(ctx.manifest_path)
     manifest: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "run": ctx.run.name if ctx.run else None,
@@ -158,10 +158,11 @@ def execute(
     return result
 
 
-def completed_for(ctx: StageContext, config_hash: str, input_records: dict[str, Any]) -> dict[str, Any] | None:
-    """The stage's manifest when it is `completed` for exactly this config and these inputs, with
-    its outputs intact; None when the stage has to run."""
-    previous = read_manifest(ctx.manifest_path)
+def _completed_match(
+    ctx: StageContext, previous: dict[str, Any] | None, config_hash: str, input_records: dict[str, Any]
+) -> dict[str, Any] | None:
+    """`previous` when it is `completed` for exactly this config and these inputs, with its outputs
+    intact; None when the stage has to run."""
     if (
         previous is not None
         and previous.get("status") == "completed"
@@ -176,7 +177,8 @@ def completed_for(ctx: StageContext, config_hash: str, input_records: dict[str, 
 def up_to_date(ctx: StageContext, *, sections: tuple[str, ...], inputs: dict[str, Path]) -> bool:
     """Whether `execute` would skip this stage (same config sections, inputs, intact outputs)."""
     records = {name: input_record(ctx.project, path) for name, path in inputs.items()}
-    return completed_for(ctx, ctx.loaded.section_hash(*sections), records) is not None
+    previous = read_manifest(ctx.manifest_path)
+    return _completed_match(ctx, previous, ctx.loaded.section_hash(*sections), records) is not None
 
 
 def require_completed(run: RunDir, stage: str, command: str) -> dict[str, Any]:

@@ -34,6 +34,17 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}"
 
 
+def _open(title: str, width: int, height: int) -> list[str]:
+    """The opening of every chart: the <svg> element, a white background and the title."""
+    return [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title)}">',
+        f'<rect x="0" y="0" width="{width}" height="{height}" fill="#ffffff"/>',
+        f'<text x="{width / 2}" y="18" text-anchor="middle" font-family="sans-serif" font-size="13" '
+        f'font-weight="bold">{escape(title)}</text>',
+    ]
+
+
 def line_chart(
     series: dict[str, list[tuple[float, float]]],
     title: str,
@@ -51,13 +62,7 @@ def line_chart(
     clean = {k: v for k, v in clean.items() if v}
     left, right, top, bottom = 64, 16, 28, 40
     pw, ph = width - left - right, height - top - bottom
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title)}">',
-        f'<rect x="0" y="0" width="{width}" height="{height}" fill="#ffffff"/>',
-        f'<text x="{width / 2}" y="18" text-anchor="middle" font-family="sans-serif" font-size="13" '
-        f'font-weight="bold">{escape(title)}</text>',
-    ]
+    parts = _open(title, width, height)
     if not clean:
         parts.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" {FONT}>no data</text></svg>')
         return "".join(parts)
@@ -108,13 +113,7 @@ def bar_chart(bars: list[tuple[str, float]], title: str, y_label: str = "", widt
     """An SVG bar chart (e.g. a histogram): one `<rect>` per (label, value)."""
     left, right, top, bottom = 56, 12, 28, 52
     pw, ph = width - left - right, height - top - bottom
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title)}">',
-        f'<rect x="0" y="0" width="{width}" height="{height}" fill="#ffffff"/>',
-        f'<text x="{width / 2}" y="18" text-anchor="middle" font-family="sans-serif" font-size="13" '
-        f'font-weight="bold">{escape(title)}</text>',
-    ]
+    parts = _open(title, width, height)
     values = [v for _, v in bars if math.isfinite(v)]
     if not bars or not values:
         parts.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" {FONT}>no data</text></svg>')
