@@ -2,4 +2,5 @@
 
 from ftpipe.cli.main import main
 
-main()
+if __name__ == "__main__":  # not when a spawned worker process (preprocess-sft) imports this module
+    main()

@@ -12,6 +12,7 @@ import tracemalloc
 import pytest
 
 from conftest import REPO
+from ftpipe.core.errors import InputError
 from ftpipe.data.readers import Source, read_jsonl
 
 
@@ -215,3 +216,67 @@ def test_progress_bar_in_a_terminal(proj):
     text = out.decode(errors="replace")
     assert code == 0, text[-2000:]
     assert "reading" in text and "720 train + 80 val rows" in text
+
+
+def _mixed_rows(n: int) -> list[str]:
+    """Good rows, duplicates far apart, bad JSON, invalid rows and over-long multi-turn rows."""
+    lines = []
+    for i in range(n):
+        if i % 97 == 0:
+            lines.append('{"messages": [}')
+        elif i % 89 == 0:
+            lines.append(json.dumps({"messages": [{"role": "user", "content": f"only a question {i}"}]}))
+        elif i % 53 == 0:
+            lines.append(json.dumps(chat(f"q{i % 5}", "a")))  # duplicates across batches
+        elif i % 31 == 0:
+            long = " ".join(f"word{j}" for j in range(300))
+            lines.append(json.dumps({"messages": [
+                {"role": "user", "content": f"short {i}"}, {"role": "assistant", "content": "yes"},
+                {"role": "user", "content": long}, {"role": "assistant", "content": long}]}))
+        else:
+            lines.append(json.dumps(chat(f"question {i}", f"answer {i % 7}")))
+    return lines
+
+
+def test_worker_processes_give_the_same_output_as_in_process(proj):
+    proj.write("in.jsonl", "\n".join(_mixed_rows(6000)) + "\n")
+    outputs = {}
+    for workers in (0, 2):
+        proj.stage(f"data.name=w{workers}", f"preprocess.workers={workers}", "preprocess.overlength=truncate")
+        meta = proj.metadata(f"w{workers}")
+        assert meta["workers"] == workers
+        outputs[workers] = (
+            (proj.root / f"prepared/w{workers}/train.jsonl").read_bytes(),
+            (proj.root / f"prepared/w{workers}/val.jsonl").read_bytes(),
+            meta["counts"], meta["errors"], meta["tokens"], meta["tokenizer"],
+        )
+    assert outputs[0] == outputs[2]
+    counts = outputs[0][2]
+    assert counts["read"] == 6000 and counts["truncated"] > 100
+    assert counts["dropped"]["duplicate"] > 0 and counts["dropped"]["invalid"] > 100
+
+
+def test_worker_processes_report_errors_like_in_process(proj):
+    good = [json.dumps(chat(f"q{i}", "a")) for i in range(5000)]
+    proj.write("in.jsonl", "\n".join(good) + '\n{"messages": [{"role": "user"')  # truncated at the end
+    messages = set()
+    for workers in (0, 2):
+        with pytest.raises(InputError) as err:
+            proj.stage(f"preprocess.workers={workers}")
+        messages.add(err.value.one_line())
+    assert messages == {"data/in.jsonl:5001: truncated JSON: the file ends inside a record (Expecting ',' delimiter)"
+                        " (next: the file was cut short: export or copy it again)"}
+    proj.write("in.jsonl", "\n".join(good[:4000] + ["[1, 2]"] + good[4000:]) + "\n")
+    messages = set()
+    for workers in (0, 2):
+        with pytest.raises(InputError) as err:
+            proj.stage(f"preprocess.workers={workers}", "preprocess.strict=true")
+        messages.add(err.value.one_line())
+    assert len(messages) == 1 and messages.pop().startswith("data/in.jsonl:4001: ")
+
+
+def test_worker_count_is_not_part_of_the_config_hash(proj):
+    proj.jsonl("in.jsonl", [chat(f"q{i}", "a") for i in range(50)])
+    assert proj.cli().code == 0
+    again = proj.cli("--set", "preprocess.workers=2")
+    assert again.code == 0 and "preprocess-sft: up to date, skipped" in again.output

@@ -140,12 +140,23 @@ class LoadedConfig:
 
     def section_hash(self, *sections: str) -> str:
         """sha256 of the named sections (plus `model`), the basis of stage skipping."""
-        data = {name: getattr(self.config, name).model_dump(mode="json") for name in ("model", *sections)}
+        data = {name: _hashed(getattr(self.config, name)) for name in ("model", *sections)}
         return sha256_text(json.dumps(data, sort_keys=True))
 
     def redacted(self) -> dict[str, Any]:
         """The whole resolved config as JSON data, secrets shown as `**********`."""
         return self.config.model_dump(mode="json")
+
+
+def _hashed(section) -> dict[str, Any]:
+    """A section's values, without the fields marked `in_hash: False` (they cannot change the output,
+    e.g. a worker count), so changing them does not rerun the stage."""
+    data = section.model_dump(mode="json")
+    for name, field in type(section).model_fields.items():
+        extra = field.json_schema_extra
+        if isinstance(extra, dict) and extra.get("in_hash") is False:
+            data.pop(name, None)
+    return data
 
 
 def load_config(

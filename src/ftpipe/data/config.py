@@ -81,4 +81,10 @@ class PreprocessConfig(Section):
         "Jinja on the first rows of each shape and periodically); false renders every row with Jinja.",
     )
     strict: bool = Field(False, description="Fail on the first bad row instead of dropping it.")
+    workers: int | None = Field(
+        None, ge=0, le=64,
+        description="Worker processes that parse and count tokens (the output is the same whatever the "
+        "number); null = one per CPU core, up to 4, for files of 16 MiB or more, else none; 0 = in-process.",
+        json_schema_extra={"in_hash": False},
+    )
     errors_shown: int = Field(10, ge=0, description="How many bad rows to print (all are counted).")

@@ -43,6 +43,9 @@ class RowError(Exception):
         self.what = what
         self.reason = reason
 
+    def __reduce__(self):  # pickled whole: preprocess workers send row errors back to the main process
+        return (RowError, (self.field, self.what, self.reason))
+
 
 def detect_row_format(record: Any) -> str | None:
     """The row format a record looks like, or None.

@@ -35,34 +35,19 @@ from ftpipe.core.fsutil import atomic_write_json, sha256_file
 from ftpipe.core.runs import Project
 from ftpipe.core.stage import StageContext, StageResult, execute
 from ftpipe.data import label_studio, readers
-from ftpipe.data.formats import (
-    NORMALISERS,
-    REQUIRED_KEYS,
-    ROW_FORMATS,
-    RowError,
-    describe_keys,
-    detect_row_format,
-    is_plain_messages,
-)
-from ftpipe.data.readers import Source
-from ftpipe.data.render import Renderer, load_tokenizer, tokenizer_record
+from ftpipe.data.formats import REQUIRED_KEYS, RowError, describe_keys, detect_row_format
+from ftpipe.data.readers import Source, Unparsed, parse_jsonl_line
+from ftpipe.data.rowwork import LazyRenderer, Workers, batches, prepare, worker_count
 
 log = logging.getLogger(__name__)
 
 STAGE = "preprocess-sft"
-BATCH = 512
+BATCH = 512  # rows per batch in-process
+WORKER_BATCH = 2048  # rows per batch sent to a worker process
 ERRORS_KEPT = 100  # bad-row messages kept in metadata.json (all are counted)
 DETECT_PEEK = 100  # records looked at to detect the format
 HIST_BINS = 20
-NOT_ERRORS = ("no_annotation",)
-# A lone UTF-16 surrogate (JSON "\ud800" without its pair) is not text: the tokenizer and the UTF-8
-# output file both reject it, so such a row is a bad row. The escaped form is looked for in raw
-# JSONL lines (the fast path), the decoded form in every normalised row.
-_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
-_SURROGATE = re.compile("[\ud800-\udfff]")
-_encode = json.JSONEncoder(ensure_ascii=False).encode  # one encoder: json.dumps(..., ensure_ascii=False) builds one per call  # dropped, but not a malformed row: not shown, not --strict
-
-
+NOT_ERRORS = ("no_annotation",)  # dropped, but not a malformed row: not shown, not --strict
 def stage(loaded, run_name: str | None = None, force: bool = False, **options: Any) -> StageResult:
     """Entry point: resolve inputs (exporting a Label Studio project first), then `execute(run)`.
 
@@ -116,7 +101,7 @@ def run(ctx: StageContext) -> StageResult:
     project = ctx.project
     start = time.monotonic()
 
-    renderer = _LazyRenderer(cfg.model, project.root, pre.fast_render)
+    renderer = LazyRenderer(cfg.model, project.root, pre.fast_render)
     out_dir = project.prepared_dir(data.name)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -135,15 +120,24 @@ def run(ctx: StageContext) -> StageResult:
     seen = _Seen()
     kept: dict[str, tuple[Path, array]] = {}
     formats = {}
-    for role, source in sources:
-        fmt, records = open_records(source, data, ctx.options.get("progress") if role == "train" else None)
-        formats[role] = fmt
-        tmp = out_dir / f".{role}.kept.tmp"
-        lengths = array("I")
-        with open(tmp, "w", encoding="utf-8") as sink:
-            _process(source, fmt, records, data, pre, renderer, stats, seen, sink, lengths)
-        kept[role] = (tmp, lengths)
-        log.info("%s: %s format, %d rows read so far, %d kept", source.name, fmt, stats.read, len(lengths))
+    n_workers = worker_count(pre.workers, main.path)
+    workers = Workers(n_workers, cfg.model, project.root, pre.fast_render, data, pre) if n_workers else None
+    if workers:
+        log.info("parsing and token counting in %d worker processes", n_workers)
+    try:
+        for role, source in sources:
+            fmt, records = open_records(source, data, ctx.options.get("progress") if role == "train" else None)
+            formats[role] = fmt
+            tmp = out_dir / f".{role}.kept.tmp"
+            lengths = array("I")
+            with open(tmp, "w", encoding="utf-8") as sink:
+                _process(source, fmt, records, data, pre, renderer, stats, seen, sink, lengths, workers)
+            kept[role] = (tmp, lengths)
+            log.info("%s: %s format, %d rows read so far, %d kept", source.name, fmt, stats.read, len(lengths))
+        tokenizer = (workers.record() if workers else renderer.record()) if len(kept["train"][1]) else None
+    finally:
+        if workers:
+            workers.close()
 
     n_main = len(kept["train"][1])
     if n_main == 0:
@@ -199,8 +193,9 @@ def run(ctx: StageContext) -> StageResult:
         },
         "errors": {"count": stats.errors, "first": stats.messages},
         "tokens": token_stats(final_lengths, pre.max_length),
-        "tokenizer": tokenizer_record(renderer.get().tokenizer, renderer.ref, project.root),
-        "render": dict(renderer.get().stats),
+        "tokenizer": tokenizer,
+        "render": {key: stats.render.get(key, 0) for key in ("fast", "jinja", "mismatches", "segmented")},
+        "workers": n_workers,
         "settings": pre.model_dump(mode="json"),
         "outputs": {f"{role}.jsonl": rec for role, rec in outputs.items()},
         "rows_per_second": round(stats.read / seconds, 1) if seconds > 0 else None,
@@ -257,20 +252,7 @@ class _Seen:
         return True
 
 
-class _LazyRenderer:
-    """Loads the tokenizer at the first row that needs it: bad files fail fast, without importing
-    transformers."""
-
-    def __init__(self, model_cfg, root: Path, fast: bool) -> None:
-        self.model_cfg, self.root, self.fast = model_cfg, root, fast
-        self.renderer: Renderer | None = None
-        self.ref = None
-
-    def get(self) -> Renderer:
-        if self.renderer is None:
-            tokenizer, self.ref = load_tokenizer(self.model_cfg, self.root)
-            self.renderer = Renderer(tokenizer, fast=self.fast)
-        return self.renderer
+_LazyRenderer = LazyRenderer  # the name the fuzz suite uses
 
 
 class _Stats:
@@ -282,6 +264,7 @@ class _Stats:
         self.truncated = 0
         self.errors = 0
         self.dropped: Counter = Counter({"invalid": 0, "duplicate": 0, "too_long": 0, "over_limit": 0})
+        self.render: Counter = Counter()  # the renderer's counters, summed over batches (and workers)
         self.messages: list[str] = []
 
     def bad(self, source: Source, line: int, err: RowError) -> None:
@@ -311,6 +294,14 @@ class _Stats:
         return "check data.source"
 
 
+def _parsed(source: Source, item: tuple[int, Any, str | None]) -> tuple[int, Any, str | None]:
+    line, record, text = item
+    if isinstance(record, Unparsed):
+        record = parse_jsonl_line(source.name, line, text, record.last)
+        return line, record, (None if isinstance(record, RowError) else text)
+    return item
+
+
 def open_records(source: Source, data, progress: Callable | None) -> tuple[str, Iterator[tuple[int, Any, str | None]]]:
     """Detect the file type and row format; return (format, iterator of (line, record)).
 
@@ -330,11 +321,11 @@ def open_records(source: Source, data, progress: Callable | None) -> tuple[str, 
     elif container == "json":
         records = readers.read_json_array(source, progress)
     else:
-        records = readers.read_jsonl(source, progress)
+        records = readers.read_jsonl(source, progress, parse=False)  # lines parsed in the batches (or workers)
     if data.columns and container not in ("csv", "parquet"):
         log.warning("data.columns applies to CSV and Parquet files only; %s is %s", source.name, container.upper())
 
-    head = list(itertools.islice(records, DETECT_PEEK))
+    head = [_parsed(source, item) for item in itertools.islice(records, DETECT_PEEK)]
     records = itertools.chain(head, records)
     first = next(((line, r) for line, r, _ in head if not isinstance(r, RowError)), None)
     if fmt in ("auto", "csv", "parquet", "label_studio_api"):
@@ -366,101 +357,46 @@ def open_records(source: Source, data, progress: Callable | None) -> tuple[str, 
     return fmt, records
 
 
-def _normaliser(fmt: str, data) -> Callable[[Any], dict]:
-    if fmt == "label_studio":
-        return lambda record: label_studio.normalise_task(record, data.label_studio)
-    if fmt in ROW_FORMATS:
-        return NORMALISERS[fmt]
-    return NORMALISERS["text"]
+def _process(source, fmt, records, data, pre, renderer, stats: _Stats, seen: _Seen, sink, lengths: array, workers: Workers | None = None) -> None:
+    """Normalise, count tokens, dedupe and filter one source; kept rows go to `sink` as JSON lines.
+
+    The per-row work runs in batches, in-process or in `workers`; the outcomes are committed here in
+    input order, so the result does not depend on the number of workers.
+    """
+    if workers is None:
+        results = (prepare(source.name, batch, fmt, data, pre, renderer) for batch in batches(records, BATCH))
+    else:
+        results = workers.map(source.name, batches(records, WORKER_BATCH), fmt)
+    for outcomes, counters in results:
+        stats.render.update(counters)
+        _commit(source, outcomes, pre, stats, seen, sink, lengths)
 
 
-def _process(source, fmt, records, data, pre, renderer: _LazyRenderer, stats: _Stats, seen: _Seen, sink, lengths: array) -> None:
-    """Normalise, dedupe, count tokens and filter one source; kept rows go to `sink` as JSON lines."""
-    normalise = _normaliser(fmt, data)
-    batch: list[tuple[int, dict, str]] = []
-    for line, record, text in records:
+def _commit(source, outcomes, pre, stats: _Stats, seen: _Seen, sink, lengths: array) -> None:
+    out = []
+    for outcome in outcomes:
+        if outcome[0] == "fatal":
+            raise InputError(outcome[1], hint=outcome[2])
         stats.read += 1
-        if isinstance(record, RowError):
-            stats.bad(source, line, record)
+        if outcome[0] == "bad":
+            stats.bad(source, outcome[1], outcome[2])
             continue
-        if text is not None and fmt == "messages" and not _ESCAPED_SURROGATE.search(text) and is_plain_messages(record):
-            # Already a plain {"messages": [{role, content}...]} line: keep its JSON text as is.
-            row, encoded = record, text.strip()
-        else:
-            try:
-                row = normalise(record)
-            except RowError as err:
-                stats.bad(source, line, err)
-                continue
-            try:
-                encoded = _encode(row)
-            except RecursionError:  # e.g. tool definitions nested ~1000 deep
-                stats.bad(source, line, RowError("<row>", "nested too deeply"))
-                continue
-            bad = _SURROGATE.search(encoded)
-            if bad:
-                stats.bad(source, line, RowError("<row>", f"not valid Unicode: a lone surrogate \\u{ord(bad.group()):04x}"))
-                continue
+        _, line, encoded, n, kind, extra = outcome
         if pre.dedupe and not seen.add(hash(encoded)):
             stats.dropped["duplicate"] += 1
-            continue
-        batch.append((line, row, encoded))
-        if len(batch) >= BATCH:
-            _flush(source, batch, pre, renderer, stats, sink, lengths)
-            batch = []
-    _flush(source, batch, pre, renderer, stats, sink, lengths)
-
-
-def _flush(source, batch, pre, lazy: _LazyRenderer, stats: _Stats, sink, lengths: array) -> None:
-    if not batch:
-        return
-    renderer = lazy.get()
-    counts = renderer.measure([row for _, row, _ in batch])
-    good = []
-    for (line, row, encoded), n in zip(batch, counts):
-        if isinstance(n, Exception):
-            reason = " ".join(str(n).split())[:200] or type(n).__name__
-            stats.bad(source, line, RowError("messages", f"the chat template rejects this conversation: {reason}"))
-        else:
-            good.append((line, row, encoded, n))
-    out = []
-    for line, row, encoded, n in good:
-        if n > pre.max_length:
-            if pre.overlength == "truncate":
-                fitted = _truncate(row, renderer, pre.max_length)
-                if fitted is not None:
-                    row, n = fitted
-                    encoded = _encode(row)
-                    stats.truncated += 1
-                    out.append(encoded)
-                    lengths.append(n)
-                    continue
+        elif kind == "ok":
+            out.append(encoded)
+            lengths.append(n)
+        elif kind == "truncated":
+            stats.truncated += 1
+            out.append(extra)
+            lengths.append(n)
+        elif kind == "too_long":
             stats.dropped["too_long"] += 1
-            continue
-        out.append(encoded)
-        lengths.append(n)
+        else:
+            stats.bad(source, line, RowError("messages", f"the chat template rejects this conversation: {extra}"))
     if out:
         sink.write("\n".join(out) + "\n")
-
-
-def _truncate(row: dict, renderer: Renderer, max_length: int) -> tuple[dict, int] | None:
-    """Keep the longest prefix of whole turns that ends with an assistant message and fits.
-
-    Answers are never cut mid-way (that would teach the model to stop early); a row whose first
-    exchange does not fit is dropped.
-    """
-    messages = row["messages"]
-    ends = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    for end in reversed(ends[:-1] if ends and ends[-1] == len(messages) - 1 else ends):
-        candidate = {**row, "messages": messages[: end + 1]}
-        try:
-            text = renderer.render(candidate)
-        except Exception:  # noqa: BLE001 - the template rejects this prefix: try a shorter one
-            continue
-        n = renderer.count([text])[0]
-        if n <= max_length:
-            return candidate, n
-    return None
 
 
 def _select(n: int, pre) -> list[int]:

@@ -75,11 +75,44 @@ def _not_utf8(source: Source, data: bytes, pos: int, line_offset: int = 0) -> In
     )
 
 
-def read_jsonl(source: Source, progress: Progress | None = None) -> Iterator[tuple[int, Any, str | None]]:
-    """Yield `(line, record)` from a JSONL file, one line at a time.
+class Unparsed:
+    """Stands in for the record of a JSONL line whose parsing was deferred (`read_jsonl(parse=False)`):
+    `parse_jsonl_line` turns it into the record later, possibly in a worker process."""
+
+    __slots__ = ("last",)
+
+    def __init__(self, last: bool) -> None:
+        self.last = last  # the file's last line, with no newline after it: a parse error means truncation
+
+    def __reduce__(self):
+        return (Unparsed, (self.last,))
+
+
+def parse_jsonl_line(source_name: str, number: int, text: str, last: bool) -> Any:
+    """The record of one JSONL line, or a `RowError` when it is not valid JSON.
+
+    Raises:
+        InputError: the line is the file's unterminated last line and not valid JSON (truncated file).
+    """
+    try:
+        return json.loads(text)
+    except RecursionError:
+        return RowError("<line>", "not valid JSON: nested too deeply")
+    except json.JSONDecodeError as exc:
+        if last:
+            raise InputError(
+                f"{source_name}:{number}: truncated JSON: the file ends inside a record ({exc.msg})",
+                hint="the file was cut short: export or copy it again",
+            ) from None
+        return RowError("<line>", f"not valid JSON: {exc.msg} at column {exc.colno}")
+
+
+def read_jsonl(source: Source, progress: Progress | None = None, parse: bool = True) -> Iterator[tuple[int, Any, str | None]]:
+    """Yield `(line, record, text)` from a JSONL file, one line at a time.
 
     A line that is not valid JSON yields a `RowError`; a last line cut in the middle (no newline,
-    invalid JSON) raises `InputError`: the file was truncated.
+    invalid JSON) raises `InputError`: the file was truncated. With `parse=False` the record is an
+    `Unparsed` marker and `parse_jsonl_line` does that work later (in preprocess workers).
     """
     total = source.path.stat().st_size
     done = 0
@@ -96,20 +129,12 @@ def read_jsonl(source: Source, progress: Progress | None = None) -> Iterator[tup
                 raise _not_utf8(source, raw, exc.start, number - 1) from None
             if not text.strip():
                 continue
-            try:
-                record = json.loads(text)
-            except RecursionError:
-                yield number, RowError("<line>", "not valid JSON: nested too deeply"), None
+            last = not raw.endswith(b"\n") and done == total
+            if not parse:
+                yield number, Unparsed(last), text
                 continue
-            except json.JSONDecodeError as exc:
-                if not raw.endswith(b"\n") and done == total:
-                    raise InputError(
-                        f"{source.name}:{number}: truncated JSON: the file ends inside a record ({exc.msg})",
-                        hint="the file was cut short: export or copy it again",
-                    ) from None
-                yield number, RowError("<line>", f"not valid JSON: {exc.msg} at column {exc.colno}"), None
-                continue
-            yield number, record, text
+            record = parse_jsonl_line(source.name, number, text, last)
+            yield number, record, (None if isinstance(record, RowError) else text)
     if progress is not None:
         progress(total, total)
 

@@ -1,0 +1,248 @@
+"""The per-row work of `preprocess-sft`, in batches: parse, normalise, validate, render, count tokens.
+
+`prepare` depends on nothing but its batch and the settings (no dedupe, no output, no counters), so
+it runs either in-process or in worker processes (`Workers`); the main process then commits the
+outcomes in input order (ftpipe/data/preprocess.py: dedupe, drop/keep, write). The output is
+therefore the same, byte for byte, whatever the number of workers.
+
+Workers are forked from a `forkserver` (never from the main process, which may hold threads and
+locks) that imported transformers once; they ignore Ctrl-C (the main process stops them), and each
+loads the tokenizer once, at its first batch.
+
+    ftpipe preprocess-sft --config debug_config.yaml --set preprocess.workers=2
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from ftpipe.core.errors import FtpipeError, StageError
+from ftpipe.data import label_studio
+from ftpipe.data.formats import NORMALISERS, ROW_FORMATS, RowError, is_plain_messages
+from ftpipe.data.readers import Unparsed, parse_jsonl_line
+from ftpipe.data.render import Renderer, load_tokenizer, tokenizer_record
+
+log = logging.getLogger(__name__)
+
+AUTO_MIN_BYTES = 16 * 2**20  # `preprocess.workers: null` starts workers for files at least this big
+AUTO_MAX_WORKERS = 4
+PRELOAD = ("ftpipe.data.rowwork", "torch", "transformers", "transformers.models.auto.tokenization_auto",
+           "transformers.tokenization_utils_tokenizers")
+# A lone UTF-16 surrogate (JSON "\ud800" without its pair) is not text: the tokenizer and the UTF-8
+# output file both reject it, so such a row is a bad row. The escaped form is looked for in raw
+# JSONL lines (the fast path), the decoded form in every normalised row.
+_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+encode_row = json.JSONEncoder(ensure_ascii=False).encode  # one encoder: json.dumps(..., ensure_ascii=False) builds one per call
+
+# Outcomes of one record, in input order:
+#   ("bad", line, RowError)                  a malformed row
+#   ("fatal", message, hint)                 the file or the tokenizer cannot be used: stop here
+#   ("row", line, encoded, n, kind, extra)   a valid row, `encoded` its JSON line (the dedupe key),
+#       n its token count; kind "ok", "truncated" (extra: the shortened JSON line), "too_long",
+#       or "rejected" (extra: why the chat template refused it)
+Outcome = tuple
+
+
+class LazyRenderer:
+    """Loads the tokenizer at the first row that needs it: bad files fail fast, without importing
+    transformers."""
+
+    def __init__(self, model_cfg, root: Path, fast: bool) -> None:
+        self.model_cfg, self.root, self.fast = model_cfg, root, fast
+        self.renderer: Renderer | None = None
+        self.ref = None
+
+    def get(self) -> Renderer:
+        if self.renderer is None:
+            tokenizer, self.ref = load_tokenizer(self.model_cfg, self.root)
+            self.renderer = Renderer(tokenizer, fast=self.fast)
+        return self.renderer
+
+    def record(self) -> dict[str, Any]:
+        """What metadata.json says about the tokenizer."""
+        return tokenizer_record(self.get().tokenizer, self.ref, self.root)
+
+
+def normaliser(fmt: str, data) -> Callable[[Any], dict]:
+    """The function turning one record of format `fmt` into `{"messages": [...], ...}`."""
+    if fmt == "label_studio":
+        return lambda record: label_studio.normalise_task(record, data.label_studio)
+    if fmt in ROW_FORMATS:
+        return NORMALISERS[fmt]
+    return NORMALISERS["text"]
+
+
+def prepare(source_name: str, items: list[tuple[int, Any, str | None]], fmt: str, data, pre, lazy) -> tuple[list[Outcome], dict[str, int]]:
+    """Outcomes of a batch of `(line, record, text)` items, and the renderer's counters for it."""
+    normalise = normaliser(fmt, data)
+    outcomes: list[Outcome] = []
+    rows: list[tuple[int, int, dict, str]] = []  # (index in outcomes, line, row, encoded)
+    for line, record, text in items:
+        if isinstance(record, Unparsed):
+            try:
+                record = parse_jsonl_line(source_name, line, text, record.last)
+            except FtpipeError as err:  # a truncated file: nothing follows
+                outcomes.append(("fatal", err.message, err.hint))
+                break
+        if isinstance(record, RowError):
+            outcomes.append(("bad", line, record))
+            continue
+        if text is not None and fmt == "messages" and not _ESCAPED_SURROGATE.search(text) and is_plain_messages(record):
+            # Already a plain {"messages": [{role, content}...]} line: keep its JSON text as is.
+            row, encoded = record, text.strip()
+        else:
+            try:
+                row = normalise(record)
+            except RowError as err:
+                outcomes.append(("bad", line, err))
+                continue
+            try:
+                encoded = encode_row(row)
+            except RecursionError:  # e.g. tool definitions nested ~1000 deep
+                outcomes.append(("bad", line, RowError("<row>", "nested too deeply")))
+                continue
+            bad = _SURROGATE.search(encoded)
+            if bad:
+                outcomes.append(("bad", line, RowError("<row>", f"not valid Unicode: a lone surrogate \\u{ord(bad.group()):04x}")))
+                continue
+        rows.append((len(outcomes), line, row, encoded))
+        outcomes.append(())
+    if not rows:
+        return outcomes, {}
+    try:
+        renderer = lazy.get()
+    except FtpipeError as err:  # the tokenizer cannot load: reported at the first valid row
+        first = rows[0][0]
+        return [*outcomes[:first], ("fatal", err.message, err.hint)], {}
+    before = dict(renderer.stats)
+    counts = renderer.measure([row for _, _, row, _ in rows])
+    for (index, line, row, encoded), n in zip(rows, counts):
+        if isinstance(n, Exception):
+            reason = " ".join(str(n).split())[:200] or type(n).__name__
+            outcomes[index] = ("row", line, encoded, 0, "rejected", reason)
+        elif n > pre.max_length:
+            fitted = truncate(row, renderer, pre.max_length) if pre.overlength == "truncate" else None
+            if fitted is None:
+                outcomes[index] = ("row", line, encoded, n, "too_long", None)
+            else:
+                outcomes[index] = ("row", line, encoded, fitted[1], "truncated", encode_row(fitted[0]))
+        else:
+            outcomes[index] = ("row", line, encoded, n, "ok", None)
+    return outcomes, {k: v - before.get(k, 0) for k, v in renderer.stats.items()}
+
+
+def truncate(row: dict, renderer: Renderer, max_length: int) -> tuple[dict, int] | None:
+    """Keep the longest prefix of whole turns that ends with an assistant message and fits.
+
+    Answers are never cut mid-way (that would teach the model to stop early); a row whose first
+    exchange does not fit is dropped.
+    """
+    messages = row["messages"]
+    ends = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    for end in reversed(ends[:-1] if ends and ends[-1] == len(messages) - 1 else ends):
+        candidate = {**row, "messages": messages[: end + 1]}
+        try:
+            text = renderer.render(candidate)
+        except Exception:  # noqa: BLE001 - the template rejects this prefix: try a shorter one
+            continue
+        n = renderer.count([text])[0]
+        if n <= max_length:
+            return candidate, n
+    return None
+
+
+def worker_count(setting: int | None, path: Path | None) -> int:
+    """Worker processes to start: the setting, or (None) one per CPU up to 4 for big files, else 0."""
+    if setting is not None:
+        return setting
+    try:
+        size = path.stat().st_size if path is not None else 0
+    except OSError:
+        size = 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(cpus, AUTO_MAX_WORKERS) if cpus > 1 and size >= AUTO_MIN_BYTES else 0
+
+
+# ---- worker processes -----------------------------------------------------------------------
+
+_STATE: dict[str, Any] = {}
+
+
+def _init(model_cfg, root: Path, fast: bool, data, pre) -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers are the parallelism
+    logging.getLogger().addHandler(logging.NullHandler())  # counters travel back in the results
+    _STATE.update(lazy=LazyRenderer(model_cfg, root, fast), data=data, pre=pre)
+
+
+def _work(source_name: str, items: list, fmt: str) -> tuple[list[Outcome], dict[str, int]]:
+    return prepare(source_name, items, fmt, _STATE["data"], _STATE["pre"], _STATE["lazy"])
+
+
+def _describe() -> dict[str, Any]:
+    return _STATE["lazy"].record()
+
+
+class Workers:
+    """A pool of `n` spawned processes running `prepare`, results returned in submission order."""
+
+    def __init__(self, n: int, model_cfg, root: Path, fast: bool, data, pre) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.n = n
+        self.depth = 2 * n + 1  # batches in flight: bounded, so memory stays flat in rows
+        context = multiprocessing.get_context("forkserver")
+        # The fork server (one clean, single-threaded process) imports transformers and torch once;
+        # every worker forked from it starts with them loaded (a missing one is skipped silently).
+        context.set_forkserver_preload(list(PRELOAD))
+        self.pool = ProcessPoolExecutor(n, mp_context=context, initializer=_init, initargs=(model_cfg, root, fast, data, pre))
+
+    def map(self, source_name: str, batches: Iterable[list], fmt: str) -> Iterator[tuple[list[Outcome], dict[str, int]]]:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append(self.pool.submit(_work, source_name, batch, fmt))
+            if len(pending) >= self.depth:
+                yield self._result(pending.popleft())
+        while pending:
+            yield self._result(pending.popleft())
+
+    def record(self) -> dict[str, Any]:
+        """The tokenizer record, as a worker loaded it."""
+        return self._result(self.pool.submit(_describe))
+
+    @staticmethod
+    def _result(future):
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            raise StageError(
+                "a preprocess worker process died (out of memory, or killed)",
+                hint="rerun; or use fewer workers: --set preprocess.workers=0",
+            ) from None
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def batches(records: Iterable, size: int) -> Iterator[list]:
+    """`records` in lists of `size`."""
+    batch: list = []
+    for item in records:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
