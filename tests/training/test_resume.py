@@ -118,3 +118,37 @@ def test_two_processes_on_the_cpu(ft_project):
     assert (ft_project / "outputs/ddp/adapter/adapter_model.safetensors").is_file()
     run_log = (ft_project / "logs/ddp/finetune-sft/run.log").read_text()
     assert "(2 processes)" in run_log
+
+
+@pytest.mark.slow
+def test_resume_from_the_last_checkpoint_trains_no_extra_step(ft_project, uninterrupted):
+    """Killed after checkpoint-<max_steps> but before the stage completed (e.g. while evaluating or
+    saving the adapter), then resumed: that checkpoint is published as is, no 9th step is trained."""
+    straight, late = ft_project / "outputs/straight", ft_project / "outputs/late"
+    # The state such a kill leaves: every checkpoint written, no adapter, the manifest `running`.
+    shutil.copytree(straight / "trainer_state", late / "trainer_state")
+    (late / "trainer_state/ftpipe_train_results.json").unlink()
+    straight_manifest = json.loads((ft_project / "logs/straight/finetune-sft/manifest.json").read_text())
+    (ft_project / "logs/late/finetune-sft").mkdir(parents=True)
+    (ft_project / "logs/late/finetune-sft/manifest.json").write_text(json.dumps({**straight_manifest, "status": "running"}))
+    checkpoints = sorted(p.name for p in (late / "trainer_state").glob("checkpoint-*"))
+    assert "checkpoint-8" in checkpoints
+
+    resumed = run_cli("finetune-sft", "--config", str(ft_project / "config.yaml"), "--run", "late",
+                      "--resume-from", "latest", cwd=ft_project, env=ENV)
+    assert resumed.code == 0, resumed.output
+    manifest = json.loads((ft_project / "logs/late/finetune-sft/manifest.json").read_text())
+    assert manifest["status"] == "completed"
+    assert manifest["metrics"]["global_step"] == 8 and manifest["metrics"]["resumed_from"] == "checkpoint-8"
+    for key in ("first_logged_loss", "last_logged_loss", "train_loss", "eval_loss"):
+        assert manifest["metrics"][key] == pytest.approx(straight_manifest["metrics"][key], rel=1e-5), key
+    assert sorted(p.name for p in (late / "trainer_state").glob("checkpoint-*")) == checkpoints  # no checkpoint-9
+    assert log_history(late) == uninterrupted
+
+    from safetensors.torch import load_file
+
+    got = load_file(late / "adapter/adapter_model.safetensors")
+    want = load_file(straight / "adapter/adapter_model.safetensors")
+    assert got.keys() == want.keys() and all(got[k].equal(want[k]) for k in want)
+    assert "checkpoint-8 is already at the last step (8/8): publishing it without training" in \
+        (ft_project / "logs/late/finetune-sft/run.log").read_text()

@@ -178,9 +178,11 @@ def replace_dir(tmp: Path, target: Path) -> None:
 
 
 def fresh_tmp_dir(target: Path) -> Path:
-    """An empty `.<name>.tmp-<pid>` folder next to `target` (stale ones from crashes removed)."""
-    for stale in target.parent.glob(f".{target.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    """An empty `.<name>.tmp-<pid>` folder next to `target` (stale temp and set-aside `.old-` folders
+    of killed earlier attempts removed)."""
+    for pattern in (f".{target.name}.tmp-*", f".{target.name}.old-*"):
+        for stale in target.parent.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True)
     return tmp

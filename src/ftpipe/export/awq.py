@@ -16,9 +16,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-import os
 import shutil
-from pathlib import Path
 from typing import Iterator
 
 from ftpipe.core.errors import InputError, StageError
@@ -26,6 +24,7 @@ from ftpipe.core.manifest import read_manifest
 from ftpipe.core.runs import Project, RunDir, open_run
 from ftpipe.core.stage import StageContext, StageResult, execute, require_completed
 from ftpipe.export import awq_quality as q
+from ftpipe.export.artifacts import fresh_tmp_dir, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +147,9 @@ def run_stage(ctx: StageContext) -> StageResult:
     del reference
     log.info("merged model: val perplexity %.3f over %d rows", merged_ppl, len(eval_ids))
 
-    # 2. Quantize into a temp folder next to the final one (same filesystem: the rename is atomic).
-    tmp = run.path / f".awq.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    # 2. Quantize into a temp folder next to the final one (same filesystem: the rename is atomic);
+    # temp folders left by a killed earlier attempt are removed first.
+    tmp = fresh_tmp_dir(run.awq)
     try:
         calibration = q.calibration_dataset(
             tokenizer, train_rows, cfg.calibration_samples, cfg.calibration_max_length, cfg.seed
@@ -211,7 +210,7 @@ def run_stage(ctx: StageContext) -> StageResult:
                 "expected 'compressed-tensors')",
                 hint="bash scripts/bootstrap.sh awq (compressed-tensors must be importable)",
             )
-        _publish(tmp, run.awq)
+        replace_dir(tmp, run.awq)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -290,11 +289,3 @@ def _quant_method(config) -> str | None:
     method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
     return getattr(method, "value", method)
 
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Replace `final` with the verified `tmp` folder by renames (never a half-written awq/)."""
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)

@@ -46,18 +46,36 @@ def stage(loaded, run_name: str | None = None, force: bool = False, **options: A
     cfg = loaded.config
     project = Project.from_config(loaded)
     inputs = _inputs(project, cfg)  # checked before a run folder is created
-    _check_hardware(cfg.finetune)
+    _check_hardware(cfg.finetune, project)
     run_dir = new_run(project, run_name, model=cfg.model.id or cfg.model.path or "model", data=cfg.data.name)
     ctx = StageContext.for_run(STAGE, loaded, run_dir, force, **options)
     return execute(ctx, run, sections=("data", "finetune"), inputs=inputs, environment="train")
 
 
-def _check_hardware(ft) -> None:
+def _check_hardware(ft, project: Project) -> None:
     """GPU-only settings fail here, in a second, not after the model is loaded."""
     import torch
 
+    if ft.accelerate_config:
+        config_file = project.resolve(ft.accelerate_config)
+        if not config_file.is_file():
+            raise ConfigError(f"finetune.accelerate_config: {ft.accelerate_config} not found",
+                              hint="see configs/accelerate/ for multi-GPU, FSDP2 and ZeRO-3 examples")
     if torch.cuda.is_available():
         return
+    if ft.accelerate_config:
+        import yaml
+
+        launch = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+        kind = str(launch.get("distributed_type", "NO")) if isinstance(launch, dict) else "NO"
+        # Without CUDA, accelerate quietly runs a GPU config on CPU processes (emulated bf16, ~20x
+        # slower than one process) or dies after loading the model (DeepSpeed): refuse it here.
+        if kind not in ("NO", "MULTI_CPU") and not launch.get("use_cpu", False):
+            raise ConfigError(
+                f"finetune.accelerate_config {ft.accelerate_config} is a GPU config (distributed_type {kind}) "
+                "and this machine has no CUDA GPU",
+                hint="--num-processes 2 runs DDP over gloo on the CPU (docs/scaling.md)",
+            )
     if ft.method == "qlora":
         raise ConfigError(
             "finetune.method=qlora needs a CUDA GPU with bitsandbytes (4-bit base); this machine has no GPU",
@@ -186,7 +204,10 @@ def _clear_previous_state(ctx: StageContext, output_dir: Path) -> None:
     checkpoints = list_checkpoints(output_dir)
     previous = ctx.previous_manifest  # before this attempt: ours already says `running`
     interrupted = previous is not None and previous.get("status") in ("running", "failed")
-    if checkpoints and interrupted and not ctx.force:
+    # `--resume-from auto` found no complete checkpoint (a kill before or while the first one was
+    # written): starting over is what it asks for, and the incomplete folders hold nothing usable.
+    fresh_asked = ctx.options.get("resume_from") == "auto"
+    if checkpoints and interrupted and not ctx.force and not fresh_asked:
         raise InputError(
             f"run {ctx.run.name} has checkpoints from an unfinished training "
             f"({', '.join(p.name for p in checkpoints)})",

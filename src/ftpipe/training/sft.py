@@ -38,6 +38,10 @@ class Interrupted(StageError):
     exit_code = 130
 
 
+class _AlreadyTrained(Exception):
+    """Raised from `on_train_begin`: the checkpoint resumed from is already at the last step."""
+
+
 @dataclass
 class TrainJob:
     """Everything one training process needs; JSON-serialisable for the multi-process workers."""
@@ -133,6 +137,11 @@ def _make_callback(stop: StopFlag, progress: ProgressFn | None):
             self.start_time = self.last_time = time.monotonic()
             self.start_tokens = self.last_tokens = state.num_input_tokens_seen
             self.start_step = state.global_step
+            if state.global_step > 0 and state.global_step >= state.max_steps:
+                # Resumed from the last checkpoint (killed after it, before the stage completed).
+                # HF Trainer would run one more step (global_step = max_steps + 1): stop here,
+                # with the checkpoint's weights and state already loaded.
+                raise _AlreadyTrained()
             if state.is_world_process_zero:
                 log.info("training: step %d -> %d (%d processes)", state.global_step, state.max_steps, args.world_size)
 
@@ -246,9 +255,10 @@ def sft_config(job: TrainJob, has_eval: bool):
         assistant_only_loss=ft["assistant_only_loss"],
         num_train_epochs=ft["epochs"],
         max_steps=ft["max_steps"],
-        per_device_train_batch_size=ft["batch_size"],
+        # The plan may split the batch into micro-batches (same rows per optimizer step, see plan.py).
+        per_device_train_batch_size=plan.get("micro_batch_size") or ft["batch_size"],
         per_device_eval_batch_size=ft["batch_size"],
-        gradient_accumulation_steps=ft["grad_accum"],
+        gradient_accumulation_steps=plan.get("grad_accum") or ft["grad_accum"],
         learning_rate=ft["learning_rate"],
         lr_scheduler_type=ft["lr_scheduler"],
         warmup_steps=ft["warmup_ratio"],  # transformers 5: a float < 1 is a ratio of the total steps
@@ -336,7 +346,10 @@ def train(job: TrainJob, progress: ProgressFn | None = None, extra_callbacks: li
 
     started = time.monotonic()
     with stop:
-        output = trainer.train(resume_from_checkpoint=job.resume_from)
+        try:
+            train_loss = float(trainer.train(resume_from_checkpoint=job.resume_from).training_loss)
+        except _AlreadyTrained:
+            train_loss = _finished_checkpoint(trainer.state, callback, Path(job.resume_from).name)
     state = trainer.state
     if callback.interrupted_at is not None:
         saved = Path(job.output_dir) / f"checkpoint-{state.global_step}"
@@ -348,7 +361,7 @@ def train(job: TrainJob, progress: ProgressFn | None = None, extra_callbacks: li
     train_seconds = time.monotonic() - started
 
     metrics: dict[str, Any] = {
-        "train_loss": round(float(output.training_loss), 6),
+        "train_loss": round(train_loss, 6),
         "first_logged_loss": callback.first_loss,
         "last_logged_loss": callback.last_loss,
         "global_step": state.global_step,
@@ -372,6 +385,24 @@ def train(job: TrainJob, progress: ProgressFn | None = None, extra_callbacks: li
         atomic_write_json(Path(job.output_dir) / RESULTS_FILE, metrics)
     _barrier()
     return metrics
+
+
+def _finished_checkpoint(state, callback, checkpoint: str) -> float:
+    """Metrics of a run resumed from its last checkpoint, taken from that checkpoint's log history.
+
+    The first / last logged losses and the mean training loss are those of the whole run, as an
+    uninterrupted run reports them; nothing is trained, so no new checkpoint or log entry is written.
+    """
+    log.info("%s is already at the last step (%d/%d): publishing it without training",
+             checkpoint, state.global_step, state.max_steps)
+    logged = [(h["step"], float(h["loss"])) for h in state.log_history if "loss" in h]
+    if logged:
+        callback.first_loss, callback.last_loss = logged[0][1], logged[-1][1]
+    # Each logged loss is the mean over the steps since the previous log: weight it by them.
+    total, previous = 0.0, 0
+    for step, loss in logged:
+        total, previous = total + loss * (step - previous), step
+    return total / previous if previous else 0.0
 
 
 def _barrier() -> None:
