@@ -60,3 +60,27 @@ def test_yaml_on_off_values_are_accepted(tmp_path):
     loaded = load_config(None, ["model.path=m", "finetune.packing=on", "finetune.gradient_checkpointing=off"])
     assert loaded.config.finetune.packing == "on"
     assert loaded.config.finetune.gradient_checkpointing == "off"
+
+
+def smollm_135m() -> LlamaConfig:
+    return LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                       num_key_value_heads=3, vocab_size=49152)
+
+
+def test_cpu_splits_a_big_batch_into_micro_batches():
+    plan = make_plan(FinetuneConfig(batch_size=4, max_length=256, grad_accum=2), smollm_135m(), "lora", [40])
+    # Same rows per optimizer step (4 x 2), in passes of >= 256 tokens whose activations fit 512 MiB.
+    assert (plan.micro_batch_size, plan.grad_accum) == (1, 8)
+    assert plan.reasons["micro_batch_size"].startswith("CPU: 1 x 256 tokens per pass")
+    short = make_plan(FinetuneConfig(batch_size=8, max_length=64), smollm_135m(), "lora", [40])
+    assert (short.micro_batch_size, short.grad_accum) == (4, 2)  # 4 x 64 = 256 tokens per pass
+    tiny = make_plan(FinetuneConfig(batch_size=8, max_length=256), llama(128), "lora", [40])
+    assert (tiny.micro_batch_size, tiny.grad_accum) == (8, 1)  # small activations: one pass is faster
+    assert tiny.reasons["micro_batch_size"].startswith("CPU: the whole batch")
+
+
+def test_micro_batch_size_setting_must_divide_the_batch():
+    plan = make_plan(FinetuneConfig(batch_size=6, micro_batch_size=3), llama(128), "lora", [40])
+    assert (plan.micro_batch_size, plan.grad_accum) == (3, 2)
+    with pytest.raises(ConfigError, match="finetune.micro_batch_size 4 does not divide finetune.batch_size 6"):
+        make_plan(FinetuneConfig(batch_size=6, micro_batch_size=4), llama(128), "lora", [40])

@@ -44,6 +44,12 @@ class FinetuneConfig(Section):
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs).")
     batch_size: int = Field(4, gt=0, description="Per-device batch size.")
     grad_accum: int = Field(1, gt=0, description="Gradient accumulation steps.")
+    micro_batch_size: int | None = Field(
+        None, gt=0,
+        description="Rows per forward/backward pass; the batch (batch_size x grad_accum rows per optimizer "
+        "step) is unchanged. Must divide batch_size. null = auto: on the CPU the smallest divisor of batch_size "
+        "giving >= 256 tokens per pass (faster and lighter there), on a GPU batch_size.",
+    )
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     lr_scheduler: str = Field("cosine", description="transformers LR scheduler name.")
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="Warm-up fraction of steps.")

@@ -180,7 +180,7 @@ def run(ctx: StageContext) -> StageResult:
     metrics.update(
         device=plan.device, precision=plan.precision, base_dtype=plan.base_dtype,
         gradient_checkpointing=plan.gradient_checkpointing, packing=plan.packing,
-        plan_reasons=plan.reasons, method=ft.method, tensorboard_dir=project.rel(output_dir / TENSORBOARD_DIR),
+        micro_batch_size=plan.micro_batch_size, grad_accum=plan.grad_accum, plan_reasons=plan.reasons, method=ft.method, tensorboard_dir=project.rel(output_dir / TENSORBOARD_DIR),
     )
     first, last = metrics.get("first_logged_loss"), metrics.get("last_logged_loss")
     losses = f"loss {first:.4f} -> {last:.4f}" if first is not None and last is not None else "no loss logged"

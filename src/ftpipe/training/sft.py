@@ -317,6 +317,11 @@ def train(job: TrainJob, progress: ProgressFn | None = None, extra_callbacks: li
 
         # Under torchrun each rank gets its share of the cores (the launcher sets OMP_NUM_THREADS).
         torch.set_num_threads(thread_count())
+        from ftpipe.training.cpu_fastpath import fuse_lora_linear, return_freed_memory_to_os
+
+        return_freed_memory_to_os()
+        if ft["method"] in ("lora", "qlora"):
+            fuse_lora_linear()
     set_seed(ft["seed"])
     tokenizer = AutoTokenizer.from_pretrained(job.load_from, **job.model_kwargs)
     train_ds = Dataset.from_list(read_messages(Path(job.train_file)))
@@ -329,8 +334,15 @@ def train(job: TrainJob, progress: ProgressFn | None = None, extra_callbacks: li
     tensorboard = TensorBoardCallback()
     tensorboard.logging_dir = str(Path(job.output_dir) / TENSORBOARD_DIR)  # stable folder per run
     args = sft_config(job, has_eval=eval_ds is not None)
+    trainer_cls = SFTTrainer
+    if plan["device"] == "cpu":
+        from ftpipe.training.cpu_fastpath import plain_loss_fits, plain_loss_trainer
+
+        pass_tokens = (plan.get("micro_batch_size") or ft["batch_size"]) * ft["max_length"]
+        if plain_loss_fits(pass_tokens, model.config.get_text_config().vocab_size):
+            trainer_cls = plain_loss_trainer(SFTTrainer)
     try:
-        trainer = SFTTrainer(
+        trainer = trainer_cls(
             model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
             processing_class=tokenizer, peft_config=peft_config, callbacks=[callback, tensorboard, *(extra_callbacks or [])],
         )
