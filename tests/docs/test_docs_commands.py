@@ -2,7 +2,7 @@
 
 Each command line is split like a shell would, and handed to the CLI's own parser (click's
 `make_context`), so a renamed command, a removed option or a misspelt flag in the docs fails here.
-The commands are parsed, not run: running them all (servers, training) is the e2e tier's job.
+The commands are parsed here, in seconds; tests/docs/test_docs_run.py (slow) runs each of them.
 """
 
 from __future__ import annotations
@@ -24,12 +24,20 @@ _LINE = re.compile(r"^\s*(?:\$ )?(?:\.venv/bin/)?(ftpipe\s.*)$")
 
 
 def doc_commands() -> list[tuple[str, str]]:
+    """(file:line, command) for every `ftpipe ...` in inline code, and every line of a code block
+    (fenced, or indented by 4 spaces) that starts with `ftpipe` (a prose line never does: one that
+    starts with `ftpipe` is the tail of a quoted error message broken over two lines)."""
     found: list[tuple[str, str]] = []
     for path in DOC_FILES:
+        fenced = False
         for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.lstrip().startswith("```"):
+                fenced = not fenced
+                continue
             candidates = _INLINE.findall(line)
             m = _LINE.match(line)
-            if m and not candidates:
+            in_code = fenced or line.startswith(("    ", "\t"))
+            if m and in_code and not candidates:
                 candidates = [m.group(1)]
             for cmd in candidates:
                 cmd = cmd.split(" #")[0].strip()

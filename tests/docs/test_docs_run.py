@@ -1,0 +1,363 @@
+"""Every `ftpipe ...` command written in README.md and docs/ is executed, as written.
+
+test_docs_commands.py parses each command against the CLI; this module runs each distinct one in
+a scratch project, in the order a reader meets them (guide.md's first run, then the README and the
+stage pages), so a command that still parses but no longer works fails here. A command added to
+the docs without a row in STEPS fails `test_every_doc_command_has_a_step`.
+
+The scratch project (one per module) holds a copy of data/demo and configs/accelerate, and
+`debug_config.yaml` AND `config.yaml`, both the same small-budget variant of the repo's
+debug_config.yaml (the tiny local model, 12 training steps, small AWQ / eval / GGUF / smoke-test
+budgets, serve on a free port, `run.name: first`). So config.yaml here is the CPU debug config:
+the repo's config.yaml names a hub model and the compose runtime, which cannot be downloaded or
+run here. `run.name: first` makes the README's bare `ftpipe run` reuse the guide's run (where it
+skips every stage) instead of training a new one.
+
+How each step is executed (STEPS, in order; each later step may rely on earlier ones):
+
+- ok: runs to exit 0 (`expect`: a regex its stdout must match, e.g. an up-to-date skip).
+- server: long-running (`ftpipe tensorboard`, foreground `ftpipe serve`): started, must answer
+  HTTP on 127.0.0.1 with the expected runs / model, then gets SIGINT (Ctrl-C) and must exit 0.
+- refused: cannot run on this machine (no Docker engine, no CUDA GPU, no Ollama server): exit 2
+  with exactly one `error:` line naming the reason and a `(next: ...)` step, no traceback.
+- setup: not written in the docs; creates what a documented command assumes (the user's
+  data/my.csv and data/my.jsonl, a server for `ftpipe serve stop --run R` to stop).
+
+Run alone (7 minutes on this 2-core CPU, 13 when other work loads it):
+    HF_HUB_OFFLINE=1 .venv/bin/python -m pytest tests/docs/test_docs_run.py -q -x
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_cli
+from docs.test_docs_commands import doc_commands
+
+pytestmark = pytest.mark.slow
+
+SMALL_CONFIG = """\
+# tests/docs/test_docs_run.py: the repo's debug_config.yaml with a small budget (CPU, no download)
+model:
+  path: models/tiny
+  tiny:
+    arch: llama
+    hidden_size: 128
+    intermediate_size: 768
+    num_layers: 4
+    vocab_size: 1024
+    tie_word_embeddings: true
+data:
+  name: sentiment
+  source: data/demo/sentiment.jsonl
+  format: auto
+preprocess:
+  val_fraction: 0.1
+  max_length: 256
+finetune:
+  lora_r: 32
+  lora_alpha: 64
+  lora_dropout: 0.0
+  max_length: 128
+  max_steps: 12            # enough for the answers to stop at EOS (smoke-test), not to be right
+  batch_size: 4
+  learning_rate: 3.0e-3
+  warmup_ratio: 0.0
+  logging_steps: 3
+  save_steps: 6
+awq:
+  n_grid: 4
+  calibration_samples: 8
+  calibration_max_length: 64
+  eval_rows: 8
+  verify_prompts: 2
+eval:
+  prompts_file: data/demo/eval_prompts.json
+  max_new_tokens: 8
+  max_val_rows: 16
+  samples: 1
+gguf:
+  verify_prompts: 1
+serve:
+  artifact: merged
+  port: {port}
+  startup_timeout: 600
+  extra_args: [--enforce-eager]
+smoke_test:
+  prompts: 2
+  max_tokens: 8
+  min_check_pass_rate: 0.0   # 12 steps teach the format, not the labels
+run:
+  name: first
+  stages: [preprocess-sft, finetune-sft, export-merged, convert-awq, eval-sft, export-gguf, serve, report]
+runtime:
+  mode: local
+"""
+
+# The user's own data that preprocess.md's examples read (question/answer CSV, alpaca JSONL).
+_REVIEWS = [(f"Is review {i} about the {thing} positive?", "yes" if i % 2 else "no")
+            for i, thing in enumerate(["kettle", "chair", "tent", "scarf", "lamp"] * 4)]
+FILES = {
+    "data/my.csv": "question,answer\n" + "".join(f'"{q}",{a}\n' for q, a in _REVIEWS),
+    "data/my.jsonl": "".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in _REVIEWS),
+}
+
+
+@dataclass(frozen=True)
+class Step:
+    command: str  # as written in the docs (or a setup command / a FILES key for kind "setup")
+    kind: str = "ok"  # ok | server | refused | setup
+    expect: str | None = None  # ok: regex on stdout; refused: regex on the error line
+    serves: tuple[str, ...] = ()  # server: names the HTTP answer must list (runs / served model)
+    why: str = ""
+
+
+REFUSED_COMPOSE = r"Docker engine"
+REFUSED_GPU = r"is a GPU config \(distributed_type \w+\) and this machine has no CUDA GPU"
+SKIPPED = r"up to date, skipped"
+
+STEPS: list[Step] = [
+    # docs/guide.md: the first run, step by step.
+    Step("ftpipe make-tiny-model --config debug_config.yaml"),
+    Step("ftpipe preprocess-sft --config debug_config.yaml"),
+    Step("ftpipe finetune-sft --config debug_config.yaml --run first"),
+    Step("ftpipe tensorboard --run first --config debug_config.yaml", "server", serves=("first",)),
+    Step("ftpipe export-merged --config debug_config.yaml --run first"),
+    Step("ftpipe convert-awq --config debug_config.yaml --run first"),
+    Step("ftpipe eval-sft --config debug_config.yaml --run first"),
+    Step("ftpipe serve --config debug_config.yaml --run first --detach"),
+    Step("ftpipe smoke-test --config debug_config.yaml --run first", expect=r"smoke-test passed"),
+    Step("ftpipe serve stop --config debug_config.yaml --run first", expect=r"stopped the server of run first"),
+    Step("ftpipe report --config debug_config.yaml --run first"),
+    Step("ftpipe runs list --config debug_config.yaml", expect=r"first"),
+    Step("ftpipe runs show first --config debug_config.yaml"),
+    Step("ftpipe run --config debug_config.yaml --run first", expect=r"export-gguf: completed"),
+    # README (config.yaml = the same small config; run.name first): the latest run is `first`.
+    Step("ftpipe preprocess-sft", expect=SKIPPED),
+    Step("ftpipe run", expect=r"run first.*finetune-sft: skipped"),
+    Step("ftpipe run --to export-merged", expect=r"export-merged: skipped"),  # docs/reliability.md
+    Step("ftpipe export-merged", expect=SKIPPED),
+    Step("ftpipe convert-awq", expect=SKIPPED),
+    Step("ftpipe eval-sft", expect=SKIPPED),
+    Step("ftpipe export-gguf", expect=SKIPPED),
+    Step("ftpipe report"),
+    Step("ftpipe ollama-load", "refused", expect=r"no Ollama server at http://127.0.0.1:11434"),
+    Step("ftpipe runs list"),
+    Step("ftpipe runs show"),  # docs/eval-report.md
+    Step("ftpipe print-runtime --format json"),  # docs/setup.md
+    Step("ftpipe serve", "server", serves=("first",)),
+    # docs/serve.md: detached server on the latest run (first), checked, stopped.
+    Step("ftpipe serve --config debug_config.yaml --detach"),
+    Step("ftpipe smoke-test --config debug_config.yaml", expect=r"smoke-test passed"),
+    Step("ftpipe smoke-test", expect=r"smoke-test passed"),
+    Step("ftpipe serve stop --config debug_config.yaml", expect=r"stopped the server of run first"),
+    Step("ftpipe serve --detach"),  # serve.md's answer to `no server answers at ...`
+    Step("ftpipe serve stop", expect=r"stopped the server of run first"),
+    # docs/finetune.md, docs/scaling.md, docs/tensorboard.md.
+    Step("ftpipe finetune-sft --config debug_config.yaml", expect=r"run run-tiny-sentiment-1\b"),
+    Step("ftpipe finetune-sft --config config.yaml --run my-run"),
+    Step("ftpipe finetune-sft --config config.yaml --run my-run --resume-from latest", expect=SKIPPED),
+    Step("ftpipe finetune-sft --run my-run", expect=SKIPPED),
+    Step("ftpipe tensorboard --config config.yaml", "server", serves=("my-run",)),
+    Step("ftpipe tensorboard --config config.yaml --run my-run --port 6007", "server", serves=("my-run",)),
+    Step("ftpipe tensorboard --config config.yaml --all", "server", serves=("first", "my-run")),
+    Step("ftpipe tensorboard --config config.yaml --all --host 0.0.0.0", "server", serves=("first", "my-run")),
+    Step("ftpipe finetune-sft --config config.yaml --num-processes 2", expect=r"\(cpu, fp32\)"),
+    Step("ftpipe finetune-sft --config config.yaml --num-processes 8", expect=r"\(cpu, fp32\)",
+         why="8 DDP processes over gloo on the CPU: slow, but it runs"),
+    Step("ftpipe finetune-sft --config config.yaml --set finetune.method=dora --set finetune.lora_r=8"),
+    Step("ftpipe finetune-sft", expect=r"run run-tiny-sentiment-\d+"),  # README, docs/reliability.md
+    Step("ftpipe finetune-sft --config config.yaml --accelerate-config configs/accelerate/multi_gpu.yaml",
+         "refused", expect=REFUSED_GPU),
+    Step("ftpipe finetune-sft --config config.yaml --accelerate-config configs/accelerate/fsdp2.yaml --num-processes 8",
+         "refused", expect=REFUSED_GPU),
+    Step("ftpipe finetune-sft --config config.yaml --accelerate-config configs/accelerate/zero3.yaml",
+         "refused", expect=REFUSED_GPU),
+    Step("ftpipe preprocess-sft --force"),
+    # docs/export-merged.md, awq.md, eval-report.md, gguf-ollama.md on my-run.
+    Step("ftpipe export-merged --config debug_config.yaml --run my-run"),
+    Step("ftpipe convert-awq --config debug_config.yaml --run my-run"),
+    Step("ftpipe eval-sft --config debug_config.yaml --run my-run"),
+    Step("ftpipe eval-sft --run my-run --set eval.artifacts='[merged, awq]' --force"),
+    Step("ftpipe report --config debug_config.yaml --run my-run"),
+    Step("ftpipe export-gguf  --config debug_config.yaml --run my-run"),
+    Step("ftpipe ollama-load  --config debug_config.yaml --run my-run --set ollama.host=http://127.0.0.1:11434",
+         "refused", expect=r"no Ollama server at http://127.0.0.1:11434"),
+    # The run R that the error tables name, created by their first hint.
+    Step("ftpipe finetune-sft --run R"),  # docs/export-merged.md
+    Step("ftpipe finetune-sft --run R --resume-from latest", expect=SKIPPED),
+    Step("ftpipe tensorboard --run R", "server", serves=("R",)),
+    Step("ftpipe export-merged --run R"),
+    Step("ftpipe export-merged --run R --force"),
+    Step("ftpipe export-gguf --run R"),
+    Step("ftpipe serve --run R --detach", "setup", why="the server that `ftpipe serve stop --run R` stops"),
+    Step("ftpipe serve stop --run R", expect=r"stopped the server of run R"),
+    # docs/compose.md and the README's GPU quick start: no Docker engine here.
+    Step("ftpipe run --config config.yaml --runtime compose", "refused", expect=REFUSED_COMPOSE),
+    Step("ftpipe serve --runtime compose", "refused", expect=r"the vllm-server Compose service is the server"),
+    # docs/preprocess.md with the user's own data (last: they rewrite prepared/sentiment/).
+    Step("data/my.csv", "setup", why="the CSV preprocess.md reads"),
+    Step("ftpipe preprocess-sft --source data/my.csv --set data.columns.instruction=question "
+         "--set data.columns.output=answer", expect=r"18 train \+ 2 val rows"),
+    Step("data/my.jsonl", "setup", why="the alpaca JSONL preprocess.md reads"),
+    Step("ftpipe preprocess-sft --source data/my.jsonl --format alpaca --strict --force",
+         expect=r"18 train \+ 2 val rows"),
+]
+
+
+def _norm(command: str) -> str:
+    return " ".join(command.split())
+
+
+def test_every_doc_command_has_a_step() -> None:
+    documented = {_norm(cmd): where for where, cmd in doc_commands()}
+    steps = [_norm(s.command) for s in STEPS if s.kind != "setup"]
+    assert len(steps) == len(set(steps)), "a command is executed twice"
+    missing = sorted(f"{where}: {cmd}" for cmd, where in documented.items() if cmd not in steps)
+    assert not missing, "documented commands without a step in STEPS:\n" + "\n".join(missing)
+    stale = [cmd for cmd in steps if cmd not in documented]
+    assert not stale, f"steps whose command is no longer in the docs: {stale}"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("docs-project")
+    shutil.copytree(REPO / "data/demo", root / "data/demo")
+    shutil.copytree(REPO / "configs/accelerate", root / "configs/accelerate")
+    config = SMALL_CONFIG.format(port=_free_port())
+    for name in ("debug_config.yaml", "config.yaml"):
+        (root / name).write_text(config, encoding="utf-8")
+    yield root
+    # A step that failed may have left a detached server: stop every one still recorded.
+    for state in root.glob("logs/*/serve/server.json"):
+        try:
+            pid = json.loads(state.read_text())["pid"]
+            os.killpg(pid, signal.SIGTERM)
+        except (OSError, ValueError, KeyError):
+            pass
+
+
+_FAILED: list[str] = []  # the first failed step: the steps after it depend on it
+
+
+@pytest.mark.parametrize("step", STEPS, ids=[_norm(s.command) for s in STEPS])
+def test_doc_command_runs(step: Step, project: Path) -> None:
+    if _FAILED:
+        pytest.skip(f"after the failed step `{_FAILED[0]}`")
+    try:
+        _execute(step, project)
+    except BaseException:
+        _FAILED.append(step.command)
+        raise
+
+
+def _execute(step: Step, project: Path) -> None:
+    if step.kind == "setup" and step.command in FILES:
+        path = project / step.command
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(FILES[step.command], encoding="utf-8")
+        return
+    argv = shlex.split(step.command)[1:]
+    if step.kind == "server":
+        _run_server(step, argv, project)
+        return
+    result = run_cli(*argv, cwd=project, timeout=1200)
+    (project / "step-logs").mkdir(exist_ok=True)
+    (project / "step-logs" / f"{STEPS.index(step):02d}.log").write_text(f"$ {step.command}\n{result.output}")
+    shown = f"`{step.command}` exited {result.code}:\n{result.output[-3000:]}"
+    if step.kind == "refused":
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.code == 2, shown
+        assert len(errors) == 1, shown
+        assert re.search(step.expect, errors[0]) and "(next: " in errors[0], shown
+        assert "Traceback" not in result.output, shown
+        return
+    assert result.code == 0, shown
+    if step.expect:
+        assert re.search(step.expect, result.stdout, re.S), f"no /{step.expect}/ in the output of {shown}"
+
+
+def _run_server(step: Step, argv: list[str], project: Path) -> None:
+    """Start a foreground server command, check its HTTP answer, Ctrl-C it, expect exit 0."""
+    if argv[0] == "tensorboard":
+        port = int(argv[argv.index("--port") + 1]) if "--port" in argv else 6006
+        url, deadline = f"http://127.0.0.1:{port}/data/runs", 180
+    else:  # ftpipe serve (vLLM): the served model is named after the run
+        port = int(re.search(r"port: (\d+)", (project / "config.yaml").read_text()).group(1))
+        url, deadline = f"http://127.0.0.1:{port}/v1/models", 900
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} is taken before `{step.command}`"
+    log = project / f"server-{argv[0]}-{port}.log"
+    env = {k: v for k, v in os.environ.items() if k != "FTPIPE_DEBUG"}
+    env.update(COLUMNS="200", NO_COLOR="1")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "ftpipe", *argv], cwd=project, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_default_sigint)
+    try:
+        _wait_for_names(proc, url, set(step.serves), deadline, log)
+        if argv[0] == "serve":  # vLLM answers a moment before ftpipe's own health poll sees it
+            _wait_for_text(proc, log, "Ctrl-C stops it", 120)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        code = proc.wait(timeout=120)
+        assert code == 0, f"`{step.command}` exited {code} after Ctrl-C:\n{log.read_text()[-3000:]}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _default_sigint() -> None:
+    # A shell without job control starts background jobs with SIGINT ignored, and Python then
+    # installs no Ctrl-C handler: give the command the terminal's default, as a user has it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _wait_for_names(proc: subprocess.Popen, url: str, expected: set[str], seconds: float, log: Path) -> None:
+    """Poll until the server lists every expected name (TensorBoard runs / OpenAI models)."""
+    start, names = time.monotonic(), set()
+    while time.monotonic() - start < seconds:
+        assert proc.poll() is None, f"exited {proc.returncode} before answering {url}:\n{log.read_text()[-3000:]}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - loopback
+                body = json.loads(response.read())
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError, ValueError):
+            body = None
+        if isinstance(body, dict):  # /v1/models
+            names = {m["id"] for m in body.get("data", [])}
+        else:  # TensorBoard /data/runs: one entry per run (and sub-folder), `name/...`
+            names = {str(r).split("/")[0] for r in body or []}
+        if expected <= names:
+            return
+        time.sleep(1.0)
+    raise AssertionError(f"{url} listed {sorted(names)}, not {sorted(expected)}, within {seconds:.0f}s:\n"
+                         f"{log.read_text()[-3000:]}")
+
+
+def _wait_for_text(proc: subprocess.Popen, log: Path, text: str, seconds: float) -> None:
+    start = time.monotonic()
+    while text not in log.read_text(errors="replace"):
+        assert proc.poll() is None and time.monotonic() - start < seconds, f"no {text!r}:\n{log.read_text()[-3000:]}"
+        time.sleep(0.5)
+    time.sleep(1.0)  # the line is printed just before the signal handlers are installed
