@@ -23,3 +23,21 @@ def test_bad_stage_names() -> None:
         select_stages(["preprocess-sft", "finetune-sft"], "convert-awq", None)
     with pytest.raises(ConfigError, match=r"--to bogus"):
         select_stages(["preprocess-sft"], None, "bogus")
+
+
+def test_compose_runtime_without_docker_writes_no_run(tmp_path) -> None:
+    """`ftpipe run --runtime compose` with no Docker engine refuses before a run folder or latest.txt exists."""
+    import os
+
+    from conftest import run_cli
+
+    (tmp_path / "config.yaml").write_text("model:\n  id: org/model\ndata:\n  name: d\n  source: data/in.jsonl\n",
+                                         encoding="utf-8")
+    no_docker = tmp_path / "bin"  # a PATH without a docker client, whatever this machine has
+    no_docker.mkdir()
+    result = run_cli("run", "--config", str(tmp_path / "config.yaml"), "--runtime", "compose", cwd=tmp_path,
+                     env={"PATH": f"{no_docker}{os.pathsep}/usr/bin/nonexistent"})
+    assert result.code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--runtime compose needs a running Docker engine" in lines[0], result.output
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "logs").exists()

@@ -58,6 +58,10 @@ def _pipeline(config, sets, run_name, runtime, start, stop, force, title) -> Non
     project = Project.from_config(loaded)
     stages = select_stages(cfg.run.stages, start, stop)
     name = run_name or cfg.run.name
+    if cfg.runtime.mode == "compose":  # refuse before a run folder and latest.txt are written
+        from ftpipe.core.executor import require_docker
+
+        require_docker()
     run_dir = new_run(project, name, model=cfg.model.id or cfg.model.path or "model", data=cfg.data.name)
     console.print(f"[bold]{title}[/bold]: run [cyan]{run_dir.name}[/cyan], stages: {' -> '.join(stages)}")
     started = time.monotonic()

@@ -151,6 +151,15 @@ def _quiet(argv: list[str]) -> bool:
         return False
 
 
+def require_docker() -> None:
+    """Raises InputError unless a Docker engine answers (for `--runtime compose`)."""
+    if not docker_available()["engine"]:
+        raise InputError(
+            "--runtime compose needs a running Docker engine with the compose plugin",
+            hint="start Docker, or use --runtime local",
+        )
+
+
 def run_in_environment(root: Path, stage: str, argv: list[str], runtime: str = "local", compose_file: str = "docker-compose.yml") -> int:
     """Run `ftpipe <argv>` for `stage` in its environment, streaming its output; returns the exit code.
 
@@ -159,11 +168,7 @@ def run_in_environment(root: Path, stage: str, argv: list[str], runtime: str = "
     """
     env = environment_for(stage)
     if runtime == "compose":
-        if not docker_available()["engine"]:
-            raise InputError(
-                "--runtime compose needs a running Docker engine with the compose plugin",
-                hint="start Docker, or use --runtime local",
-            )
+        require_docker()
         cmd = compose_command(root, env, argv, compose_file)
     else:
         cmd = local_command(root, env, argv)

@@ -229,6 +229,7 @@ def _launch_workers(ctx: StageContext, job: TrainJob, device: str) -> None:
     ft = ctx.config.finetune
     job_file = ctx.log_dir / "train_job.json"
     job.to_json(job_file)
+    launching = str(ft.num_processes)
     bin_dir = Path(sys.executable).parent
     worker = ["-m", "ftpipe.training.worker", str(job_file)]
     if ft.accelerate_config:
@@ -239,6 +240,12 @@ def _launch_workers(ctx: StageContext, job: TrainJob, device: str) -> None:
         # The config file's num_processes counts unless --num-processes / finetune.num_processes > 1.
         processes = ["--num_processes", str(ft.num_processes)] if ft.num_processes > 1 else []
         argv = [str(bin_dir / "accelerate"), "launch", "--config_file", str(config_file), *processes, *worker]
+        if not processes:
+            import yaml
+
+            launch = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+            count = launch.get("num_processes") if isinstance(launch, dict) else None
+            launching = f"{count} (from {ft.accelerate_config})" if count else f"the {ft.accelerate_config} number of"
     elif device == "cpu":
         # accelerate launch --cpu starts one process here; torchrun gives real DDP over gloo.
         argv = [str(bin_dir / "torchrun"), "--standalone", "--nproc_per_node", str(ft.num_processes), *worker]
@@ -250,7 +257,7 @@ def _launch_workers(ctx: StageContext, job: TrainJob, device: str) -> None:
 
         env["OMP_NUM_THREADS"] = str(max(1, thread_count() // ft.num_processes))
     workers_log = ctx.log_dir / "workers.log"
-    log.info("launching %d processes: %s (output in %s)", ft.num_processes, " ".join(argv), ctx.project.rel(workers_log))
+    log.info("launching %s processes: %s (output in %s)", launching, " ".join(argv), ctx.project.rel(workers_log))
     start = workers_log.stat().st_size if workers_log.exists() else 0
     with open(workers_log, "a", encoding="utf-8") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=ctx.project.root, env=env)
