@@ -138,3 +138,41 @@ def test_qwen2_untied_f16_and_q4_k_m(tmp_path, tiny_qwen_dir):
     assert m["f16_greedy_equal"] == "3/3" and m["f16_chat_template_roundtrip_equal"] is True
     assert m["q4_k_m_chat_template_present"] is True and m["q4_k_m_tokenization_equal"] is True
     assert m["q4_k_m_bytes"] < m["f16_bytes"]
+
+
+@pytest.mark.slow
+def test_serve_the_gguf_with_llama_cpp_over_http(gguf_project):
+    """`ftpipe serve --artifact gguf` starts llama-cpp-python's OpenAI server on 127.0.0.1 with the
+    q8_0 GGUF; it answers a chat completion with the key and refuses one without; `serve stop` ends it."""
+    import urllib.error
+    import urllib.request
+
+    from tests.serve.helpers import free_port
+
+    port = free_port()
+    config = str(gguf_project / "config.yaml")
+    started = run_cli("serve", "--config", config, "--run", "r1", "--artifact", "gguf", "--port", str(port),
+                      "--api-key", "gguf-test-key", "--detach", cwd=gguf_project, timeout=600)
+    try:
+        assert started.code == 0, started.output
+        body = json.dumps({"model": "r1", "max_tokens": 4, "temperature": 0,
+                           "messages": [{"role": "user", "content": "Review: great film. Sentiment?"}]}).encode()
+
+        def chat(key: str | None):
+            headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", body, headers)
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return json.loads(response.read())
+
+        answer = chat("gguf-test-key")
+        assert answer["choices"][0]["message"]["role"] == "assistant"
+        assert answer["usage"]["completion_tokens"] >= 1
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            chat(None)
+        assert refused.value.code == 401
+        state = json.loads((gguf_project / "logs/r1/serve/server.json").read_text())
+        assert (state["kind"], state["artifact"], state["host"]) == ("llama.cpp", "gguf", "127.0.0.1")
+        assert "gguf-test-key" not in json.dumps(state)
+    finally:
+        stopped = run_cli("serve", "stop", "--config", config, "--run", "r1", cwd=gguf_project)
+    assert stopped.code == 0, stopped.output
