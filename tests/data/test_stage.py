@@ -283,3 +283,17 @@ def test_worker_count_is_not_part_of_the_config_hash(proj):
     assert proj.cli().code == 0
     again = proj.cli("--set", "preprocess.workers=2")
     assert again.code == 0 and "preprocess-sft: up to date, skipped" in again.output
+
+
+def test_automatic_worker_count(tmp_path, monkeypatch):
+    from ftpipe.data import rowwork
+
+    big, small = tmp_path / "big.jsonl", tmp_path / "small.jsonl"
+    small.write_text("{}\n")
+    with open(big, "wb") as fh:
+        fh.truncate(rowwork.AUTO_MIN_BYTES)
+    for cores, want_big in ((1, 0), (2, 0), (3, 2), (4, 3), (16, rowwork.AUTO_MAX_WORKERS)):
+        monkeypatch.setattr(rowwork.os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
+        assert rowwork.worker_count(None, big) == want_big, cores
+        assert rowwork.worker_count(None, small) == 0
+        assert rowwork.worker_count(2, small) == 2  # a setting always wins

@@ -84,7 +84,8 @@ class PreprocessConfig(Section):
     workers: int | None = Field(
         None, ge=0, le=64,
         description="Worker processes that parse and count tokens (the output is the same whatever the "
-        "number); null = one per CPU core, up to 4, for files of 16 MiB or more, else none; 0 = in-process.",
+        "number); null = for files of 16 MiB or more on 3+ cores, one per core but one (up to 4), else none; "
+        "0 = in-process.",
         json_schema_extra={"in_hash": False},
     )
     errors_shown: int = Field(10, ge=0, description="How many bad rows to print (all are counted).")
