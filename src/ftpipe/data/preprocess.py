@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import logging
 import os
-import re
 import time
 from array import array
 from collections import Counter
@@ -48,6 +46,8 @@ ERRORS_KEPT = 100  # bad-row messages kept in metadata.json (all are counted)
 DETECT_PEEK = 100  # records looked at to detect the format
 HIST_BINS = 20
 NOT_ERRORS = ("no_annotation",)  # dropped, but not a malformed row: not shown, not --strict
+
+
 def stage(loaded, run_name: str | None = None, force: bool = False, **options: Any) -> StageResult:
     """Entry point: resolve inputs (exporting a Label Studio project first), then `execute(run)`.
 
