@@ -106,11 +106,15 @@ class Renderer:
         if not self.fast or "tools" in row:
             return None
         messages = row["messages"]
-        if any(len(m) != 2 for m in messages):  # tool_calls, name, tool_call_id: Jinja handles them
-            return None
+        for m in messages:
+            if len(m) != 2:  # tool_calls, name, tool_call_id: Jinja handles them
+                return None
         joined = "\x00".join([m["content"] for m in messages])
-        if "\x1f@ftpipe" in joined or any(marker in joined for marker in self.markers):
+        if "\x1f@ftpipe" in joined:
             return None
+        for marker in self.markers:  # a content holding a template marker goes through Jinja
+            if marker in joined:
+                return None
         return tuple([m["role"] for m in messages])
 
     def _skeleton(self, shape: tuple) -> list[str] | None:
