@@ -252,9 +252,6 @@ class _Seen:
         return True
 
 
-_LazyRenderer = LazyRenderer  # the name the fuzz suite uses
-
-
 class _Stats:
     """Counts per drop reason and the bad-row messages (first few logged, first 100 kept)."""
 

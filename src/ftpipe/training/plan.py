@@ -144,6 +144,7 @@ def make_plan(cfg, model_config, method: str, sample_lengths: list[int]) -> Trai
             hint="--set finetune.method=lora",
         )
     hidden = model_config.get_text_config().hidden_size
+    micro = micro_batch(cfg, model_config, device, reasons)  # fp32 estimate: independent of precision
 
     precision = cfg.precision
     if precision == "auto":
@@ -158,8 +159,7 @@ def make_plan(cfg, model_config, method: str, sample_lengths: list[int]) -> Trai
             reasons["precision"] = f"hidden size {hidden} < {BF16_CPU_MIN_HIDDEN}: fp32 beats bf16 autocast on small matmuls"
         else:
             inner = getattr(model_config.get_text_config(), "intermediate_size", 4 * hidden)
-            rows = micro_batch(cfg, model_config, device, {}) * cfg.max_length
-            speedup = bf16_matmul_speedup(min(1024, rows), hidden, inner)
+            speedup = bf16_matmul_speedup(min(1024, micro * cfg.max_length), hidden, inner)
             precision = "bf16" if speedup >= BF16_MIN_SPEEDUP else "fp32"
             reasons["precision"] = f"measured bf16/fp32 matmul speed {speedup:.2f}x (bf16 from {BF16_MIN_SPEEDUP}x)"
     else:
@@ -181,7 +181,6 @@ def make_plan(cfg, model_config, method: str, sample_lengths: list[int]) -> Trai
         base_dtype = "float32"
         reasons["base_dtype"] = "trainable weights need fp32 master copies" if method == "full" else "fp32 training"
 
-    micro = micro_batch(cfg, model_config, device, reasons)
     tokens = micro * cfg.max_length
     need = activation_bytes(model_config, tokens, 4 if precision == "fp32" else 2)
     available = _available_memory()

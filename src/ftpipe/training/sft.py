@@ -256,7 +256,7 @@ def sft_config(job: TrainJob, has_eval: bool):
         num_train_epochs=ft["epochs"],
         max_steps=ft["max_steps"],
         # The plan may split the batch into micro-batches (same rows per optimizer step, see plan.py).
-        per_device_train_batch_size=plan.get("micro_batch_size") or ft["batch_size"],
+        per_device_train_batch_size=_micro_batch_size(job),
         per_device_eval_batch_size=ft["batch_size"],
         gradient_accumulation_steps=plan.get("grad_accum") or ft["grad_accum"],
         learning_rate=ft["learning_rate"],
@@ -283,6 +283,11 @@ def sft_config(job: TrainJob, has_eval: bool):
         dataset_num_proc=None,
         ddp_find_unused_parameters=False,
     )
+
+
+def _micro_batch_size(job: TrainJob) -> int:
+    """Rows per forward/backward pass: the plan's micro-batch (plans before it: the whole batch)."""
+    return job.plan.get("micro_batch_size") or job.finetune["batch_size"]
 
 
 def _rank() -> int:
@@ -338,8 +343,7 @@ def train(job: TrainJob, progress: ProgressFn | None = None, extra_callbacks: li
     if plan["device"] == "cpu":
         from ftpipe.training.cpu_fastpath import plain_loss_fits, plain_loss_trainer
 
-        pass_tokens = (plan.get("micro_batch_size") or ft["batch_size"]) * ft["max_length"]
-        if plain_loss_fits(pass_tokens, model.config.get_text_config().vocab_size):
+        if plain_loss_fits(_micro_batch_size(job) * ft["max_length"], model.config.get_text_config().vocab_size):
             trainer_cls = plain_loss_trainer(SFTTrainer)
     try:
         trainer = trainer_cls(
