@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
@@ -14,6 +13,7 @@ import pytest
 
 import jwt
 from conftest import run_cli
+from loopback import LoopbackServer
 
 
 class Proj:
@@ -102,7 +102,7 @@ def make_jwt(kind: str, lifetime: float = 3600) -> str:
     )
 
 
-class FakeLabelStudio:
+class FakeLabelStudio(LoopbackServer):
     """Serve projects {id: (title, tasks)} on 127.0.0.1:<free port>."""
 
     def __init__(self, projects: dict[int, tuple[str, list]], legacy_token: str, personal_token: str) -> None:
@@ -177,18 +177,7 @@ class FakeLabelStudio:
                         return self._send(200, tasks, {"Content-Disposition": f'attachment; filename="project-{pid}.json"'})
                 self._send(404, {"detail": "Not found."})
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> "FakeLabelStudio":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
+        super().__init__(Handler)
 
 
 @pytest.fixture

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from loopback import LoopbackServer
 
 from ftpipe.export.gotemplate import ollama_values, render
 
 
-class FakeOllama:
+class FakeOllama(LoopbackServer):
     def __init__(self, answer: str = "positive", answer_stops: bool = True):
         self.blobs: dict[str, int] = {}
         self.models: dict[str, dict] = {}
@@ -101,14 +102,4 @@ class FakeOllama:
                     })
                 self._send(404, {"error": "not found"})
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> "FakeOllama":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)

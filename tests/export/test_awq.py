@@ -80,11 +80,16 @@ def test_awq_env_is_installed() -> None:
     assert AWQ_PYTHON.exists(), "run: bash scripts/bootstrap.sh awq"
 
 
+def _refused(config: Path, cwd: Path, env: dict | None = None) -> str:
+    """`ftpipe convert-awq` on the project's run: must exit 2; its stderr, stripped."""
+    res = run_cli("convert-awq", "--config", str(config), "--run", RUN, cwd=cwd, env=env)
+    assert res.code == 2, res.output
+    return res.stderr.strip()
+
+
 def test_missing_merged_model(tmp_path, tiny_model_dir) -> None:
     config = make_project(tmp_path, tiny_model_dir, merged=False)
-    res = run_cli("convert-awq", "--config", str(config), "--run", RUN, cwd=tmp_path)
-    assert res.code == 2, res.output
-    assert res.stderr.strip() == (
+    assert _refused(config, tmp_path) == (
         "error: run r1: no merged model (stage export-merged is missing: "
         "logs/r1/export-merged/manifest.json) (next: ftpipe export-merged --run r1)"
     )
@@ -93,9 +98,7 @@ def test_missing_merged_model(tmp_path, tiny_model_dir) -> None:
 def test_merged_folder_deleted_after_export(tmp_path, tiny_model_dir) -> None:
     config = make_project(tmp_path, tiny_model_dir)
     shutil.rmtree(tmp_path / "outputs" / RUN / "merged")
-    res = run_cli("convert-awq", "--config", str(config), "--run", RUN, cwd=tmp_path)
-    assert res.code == 2, res.output
-    assert res.stderr.strip() == (
+    assert _refused(config, tmp_path) == (
         "error: run r1: merged model missing (outputs/r1/merged/config.json not found) "
         "(next: ftpipe export-merged --run r1 --force)"
     )
@@ -107,9 +110,7 @@ def test_sizes_not_multiple_of_group_size(tmp_path, tiny_model_dir) -> None:
     data = json.loads(cfg_path.read_text())
     data.update(hidden_size=192, intermediate_size=320)  # head_dim stays 32: o_proj input 4*32 = 128
     cfg_path.write_text(json.dumps(data))
-    res = run_cli("convert-awq", "--config", str(config), "--run", RUN, cwd=tmp_path)
-    assert res.code == 2, res.output
-    assert res.stderr.strip() == (
+    assert _refused(config, tmp_path) == (
         "error: outputs/r1/merged/config.json: hidden_size = 192 is not a multiple of awq.group_size = 128, "
         "intermediate_size = 320 is not a multiple of awq.group_size = 128 "
         "(AWQ groups need whole multiples) (next: quantize a model whose sizes are multiples of the group "
@@ -120,9 +121,7 @@ def test_sizes_not_multiple_of_group_size(tmp_path, tiny_model_dir) -> None:
 def test_awq_env_not_installed(tmp_path, tiny_model_dir) -> None:
     config = make_project(tmp_path, tiny_model_dir)
     no_venvs = {"FTPIPE_VENV_ROOT": str(tmp_path / "no-venvs")}  # the executor looks only there
-    res = run_cli("convert-awq", "--config", str(config), "--run", RUN, cwd=tmp_path, env=no_venvs)
-    assert res.code == 2, res.output
-    assert res.stderr.strip() == (
+    assert _refused(config, tmp_path, env=no_venvs) == (
         "error: environment 'awq' is not installed (.venv-awq/ missing) (next: bash scripts/bootstrap.sh awq)"
     )
 

@@ -102,22 +102,19 @@ def test_gguf_is_served_by_llama_cpp_with_the_key_in_its_environment(project):
         resolve_artifact(run, "gguf", "q4_k_m")
 
 
-def test_missing_artifact_names_the_command(project, tiny_model_dir):
+@pytest.mark.parametrize("run, flags, message", [
+    ("r4", ["--artifact", "awq"], "error: run r4: stage convert-awq is missing (logs/r4/convert-awq/manifest.json) "
+                                  "(next: ftpipe convert-awq --run r4)"),
+    ("r5", ["--host", "0.0.0.0"], "error: serve.host 0.0.0.0 is not a loopback address: set serve.api_key so strangers "
+                                  "cannot use the server (next: --api-key KEY (or FTPIPE_API_KEY / "
+                                  "FTPIPE__SERVE__API_KEY in the environment))"),
+], ids=["missing-artifact-names-the-command", "off-loopback-bind-requires-a-key"])
+def test_serve_refused_before_launching(project, tiny_model_dir, run, flags, message):
     root, config = project
-    fabricate_merged(root, "r4", tiny_model_dir)
-    result = run_cli("serve", "--config", str(config), "--run", "r4", "--artifact", "awq")
+    fabricate_merged(root, run, tiny_model_dir)
+    result = run_cli("serve", "--config", str(config), "--run", run, *flags)
     assert result.code == 2, result.output
-    assert ("error: run r4: stage convert-awq is missing (logs/r4/convert-awq/manifest.json) "
-            "(next: ftpipe convert-awq --run r4)") in result.stderr
-
-
-def test_binding_off_loopback_requires_a_key(project, tiny_model_dir):
-    root, config = project
-    fabricate_merged(root, "r5", tiny_model_dir)
-    result = run_cli("serve", "--config", str(config), "--run", "r5", "--host", "0.0.0.0")
-    assert result.code == 2, result.output
-    assert ("error: serve.host 0.0.0.0 is not a loopback address: set serve.api_key so strangers cannot use the server "
-            "(next: --api-key KEY (or FTPIPE_API_KEY / FTPIPE__SERVE__API_KEY in the environment))") in result.stderr
+    assert message in result.stderr
 
 
 def test_busy_port_is_refused_before_launching(project, tiny_model_dir):
