@@ -153,6 +153,7 @@ def test_bench_runs_on_a_few_rows(tmp_path, tiny_model_dir):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert "ftpipe (0 workers)" in out and "ftpipe in-process" in out and "datasets.map " in out
+    assert "round 1:" in out and "round 2:" in out and "cold tokenizer cache" in out
     assert re.search(r"speed-up vs datasets.map \(rows/s, target >= 3x\): ftpipe [0-9.]+x", out), out
 
 

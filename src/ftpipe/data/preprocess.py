@@ -35,7 +35,7 @@ from ftpipe.core.stage import StageContext, StageResult, execute
 from ftpipe.data import label_studio, readers
 from ftpipe.data.formats import REQUIRED_KEYS, RowError, describe_keys, detect_row_format
 from ftpipe.data.readers import Source, Unparsed, parse_jsonl_line
-from ftpipe.data.rowwork import LazyRenderer, Workers, batches, prepare, worker_count
+from ftpipe.data.rowwork import LazyRenderer, Workers, batches, few_collections, prepare, worker_count
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def run(ctx: StageContext) -> StageResult:
             formats[role] = fmt
             tmp = out_dir / f".{role}.kept.tmp"
             lengths = array("I")
-            with open(tmp, "w", encoding="utf-8") as sink:
+            with open(tmp, "w", encoding="utf-8") as sink, few_collections():
                 _process(source, fmt, records, data, pre, renderer, stats, seen, sink, lengths, workers)
             kept[role] = (tmp, lengths)
             log.info("%s: %s format, %d rows read so far, %d kept", source.name, fmt, stats.read, len(lengths))

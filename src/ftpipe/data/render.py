@@ -1,7 +1,8 @@
 """Token counting with the model's chat template, fast enough for millions of rows.
 
 Part of `preprocess-sft`. The tokenizer comes from the `model` config section
-(`ftpipe.core.model_ref.resolve_model`), loaded with AutoTokenizer (`model.trust_remote_code`).
+(`ftpipe.core.model_ref.resolve_model`), loaded with AutoTokenizer (`model.trust_remote_code`), or
+from the tokenizer cache on later runs (ftpipe/data/tokenizer_cache.py).
 Rendering every row through Jinja and encoding the whole text dominates the cost, so by default:
 
 1. each conversation *shape* (its sequence of roles) is rendered once with sentinel contents and
@@ -42,30 +43,41 @@ _MARKUP = re.compile(r"[<\[|{}]")
 
 
 def load_tokenizer(model_cfg, root):
-    """The model's tokenizer (AutoTokenizer, `trust_remote_code` from the config) and its ModelRef.
+    """The model's tokenizer and its ModelRef: from the tokenizer cache when it holds this model's
+    (ftpipe/data/tokenizer_cache.py), else AutoTokenizer (`trust_remote_code` from the config),
+    which then fills the cache.
 
     Raises:
         InputError: the model cannot be resolved, the tokenizer cannot load, or it has no chat template.
     """
-    from transformers import AutoTokenizer
-
     from ftpipe.core.model_ref import resolve_model
+    from ftpipe.data import tokenizer_cache
 
     ref = resolve_model(model_cfg, root)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            ref.load_from, trust_remote_code=model_cfg.trust_remote_code, **ref.pretrained_kwargs()
-        )
-    except (OSError, ValueError) as exc:
-        raise InputError(
-            f"model {ref.load_from}: cannot load its tokenizer ({type(exc).__name__}: {str(exc).splitlines()[0]})",
-            hint="check model.path / model.id",
-        ) from None
+    cache = tokenizer_cache.entry_path(ref, model_cfg, root)
+    cached = tokenizer_cache.load(cache) if cache else None
+    if cached is not None:
+        log.info("tokenizer of %s from the tokenizer cache (%s)", ref.load_from, cache.name)
+        tokenizer = cached
+    else:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                ref.load_from, trust_remote_code=model_cfg.trust_remote_code, **ref.pretrained_kwargs()
+            )
+        except (OSError, ValueError) as exc:
+            raise InputError(
+                f"model {ref.load_from}: cannot load its tokenizer ({type(exc).__name__}: {str(exc).splitlines()[0]})",
+                hint="check model.path / model.id",
+            ) from None
     if not getattr(tokenizer, "chat_template", None):
         raise InputError(
             f"model {ref.load_from}: the tokenizer has no chat template, so conversations cannot be rendered",
             hint="use an instruct/chat model, or add chat_template.jinja to the model folder",
         )
+    if cache and cached is None:
+        tokenizer_cache.save(cache, tokenizer)
     return tokenizer, ref
 
 
@@ -74,7 +86,7 @@ def tokenizer_record(tokenizer, ref, root) -> dict[str, Any]:
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else str(tokenizer.chat_template)
     return {
         "model": ref.record(root),
-        "class": type(tokenizer).__name__,
+        "class": getattr(tokenizer, "class_name", type(tokenizer).__name__),
         "vocab_size": len(tokenizer),
         "chat_template_sha256": hashlib.sha256(template.encode("utf-8")).hexdigest(),
     }

@@ -14,11 +14,13 @@ loads the tokenizer once, at its first batch.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
 import re
 from collections import deque
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -33,8 +35,10 @@ log = logging.getLogger(__name__)
 AUTO_MIN_BYTES = 16 * 2**20  # `preprocess.workers: null` starts workers for files at least this big
 AUTO_MAX_WORKERS = 4
 AUTO_MIN_CPUS = 3  # one core for the main process, at least two for workers
+GC_YOUNG = 50_000  # allocations between young-generation GC passes while rows stream (CPython: 700)
 PRELOAD = ("ftpipe.data.rowwork", "torch", "transformers", "transformers.models.auto.tokenization_auto",
            "transformers.tokenization_utils_tokenizers")
+PRELOAD_CACHED = ("ftpipe.data.rowwork", "transformers", "tokenizers", "jinja2")  # the tokenizer is in the cache
 # A lone UTF-16 surrogate (JSON "\ud800" without its pair) is not text: the tokenizer and the UTF-8
 # output file both reject it, so such a row is a bad row. The escaped form is looked for in raw
 # JSONL lines (the fast path), the decoded form in every normalised row.
@@ -64,11 +68,32 @@ class LazyRenderer:
         if self.renderer is None:
             tokenizer, self.ref = load_tokenizer(self.model_cfg, self.root)
             self.renderer = Renderer(tokenizer, fast=self.fast)
+            # The tokenizer and the modules it imported live as long as the process: keep their
+            # objects out of every later collection (see `few_collections`).
+            gc.freeze()
         return self.renderer
 
     def record(self) -> dict[str, Any]:
         """What metadata.json says about the tokenizer."""
         return tokenizer_record(self.get().tokenizer, self.ref, self.root)
+
+
+@contextmanager
+def few_collections() -> Iterator[None]:
+    """Run the cyclic garbage collector less often while rows stream.
+
+    The row work allocates millions of short-lived, acyclic containers (parsed JSON, outcome tuples,
+    token encodings) that reference counting frees anyway; at CPython's default threshold the
+    collector scans them every 700 allocations, and its older generations walk every object of the
+    loaded libraries: 10-15% of the stage (docs/preprocess.md). Cycles (a bad row's exception and its
+    traceback) are still collected, only less often.
+    """
+    old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG, *old[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*old)
 
 
 def normaliser(fmt: str, data) -> Callable[[Any], dict]:
@@ -176,6 +201,18 @@ def worker_count(setting: int | None, path: Path | None) -> int:
 
 # ---- worker processes -----------------------------------------------------------------------
 
+
+def _cached(model_cfg, root: Path) -> bool:
+    from ftpipe.core.errors import FtpipeError
+    from ftpipe.core.model_ref import resolve_model
+    from ftpipe.data import tokenizer_cache
+
+    try:
+        path = tokenizer_cache.entry_path(resolve_model(model_cfg, root), model_cfg, root)
+    except FtpipeError:
+        return False  # the model does not resolve: the first batch reports it
+    return path is not None and path.is_file()
+
 _STATE: dict[str, Any] = {}
 
 
@@ -184,6 +221,7 @@ def _init(model_cfg, root: Path, fast: bool, data, pre) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers are the parallelism
+    gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])  # a worker only does row work: see few_collections
     logging.getLogger().addHandler(logging.NullHandler())  # counters travel back in the results
     _STATE.update(lazy=LazyRenderer(model_cfg, root, fast), data=data, pre=pre)
 
@@ -206,9 +244,9 @@ class Workers:
         self.n = n
         self.depth = 2 * n + 1  # batches in flight: bounded, so memory stays flat in rows
         context = multiprocessing.get_context("forkserver")
-        # The fork server (one clean, single-threaded process) imports transformers and torch once;
-        # every worker forked from it starts with them loaded (a missing one is skipped silently).
-        context.set_forkserver_preload(list(PRELOAD))
+        # The fork server (one clean, single-threaded process) imports transformers (and torch, unless
+        # the tokenizer is cached) once; every worker forked from it starts with them loaded.
+        context.set_forkserver_preload(list(PRELOAD_CACHED if _cached(model_cfg, root) else PRELOAD))
         self.pool = ProcessPoolExecutor(n, mp_context=context, initializer=_init, initargs=(model_cfg, root, fast, data, pre))
 
     def map(self, source_name: str, batches: Iterable[list], fmt: str) -> Iterator[tuple[list[Outcome], dict[str, int]]]:
