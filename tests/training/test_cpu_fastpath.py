@@ -122,3 +122,87 @@ def test_plain_loss_equals_trl_fused_loss(tiny_model_dir, tmp_path, assistant_on
     assert got_metrics.keys() == want_metrics.keys() >= {"entropy", "mean_token_accuracy", "num_tokens"}
     for key in want_metrics:
         assert got_metrics[key] == pytest.approx(want_metrics[key], rel=1e-4), key
+
+
+def _packed_model(model_dir, attention: str):
+    from transformers import AutoModelForCausalLM
+
+    from ftpipe.training.cpu_fastpath import use_document_attention
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    if attention == "document":
+        assert use_document_attention(model)
+    return model.train()
+
+
+def _forward_backward(model, use_cache=False, **inputs):  # training runs without a KV cache
+    model.zero_grad()
+    out = model(use_cache=use_cache, **inputs)
+    (out.logits.float().square().mean()).backward()  # every position's output matters
+    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(got, want):
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
+    assert got[1].keys() == want[1].keys() and len(got[1]) > 0
+    for name in want[1]:
+        torch.testing.assert_close(got[1][name], want[1][name], rtol=1e-3, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_model_dir", "tiny_qwen_dir"])
+def test_document_attention_equals_sdpa_on_a_packed_row(model_fixture, request, monkeypatch):
+    from transformers.integrations import sdpa_attention
+
+    from ftpipe.training import cpu_fastpath
+
+    model_dir = request.getfixturevalue(model_fixture)
+    sizes = [10, 15, 1, 12, 4]  # documents packed in one row, as TRL's padding-free collator does
+    ids = torch.randint(0, 1000, (1, sum(sizes)), generator=torch.Generator().manual_seed(3))
+    positions = torch.cat([torch.arange(n) for n in sizes]).unsqueeze(0)
+    want = _forward_backward(_packed_model(model_dir, "sdpa"), input_ids=ids, position_ids=positions)
+    fallbacks = []
+    original = sdpa_attention.sdpa_attention_forward
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", lambda *a, **k: fallbacks.append(1) or original(*a, **k))
+    model = _packed_model(model_dir, "document")
+    got = _forward_backward(model, input_ids=ids, position_ids=positions)
+    assert model.config._attn_implementation == cpu_fastpath.DOCUMENT_ATTENTION and not fallbacks
+    _assert_same(got, want)
+    # Documents really are separate: changing the first document leaves the others' logits alone.
+    ids2 = ids.clone()
+    ids2[0, :sizes[0]] = (ids2[0, :sizes[0]] + 1) % 1000
+    other = _forward_backward(model, input_ids=ids2, position_ids=positions)[0]
+    torch.testing.assert_close(other[0, sizes[0]:], got[0][0, sizes[0]:], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(other[0, :sizes[0]], got[0][0, :sizes[0]])
+
+
+def test_document_attention_falls_back_to_sdpa_with_its_mask(tiny_model_dir, monkeypatch):
+    from ftpipe.training import cpu_fastpath
+
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0  # a padded batch of two rows: not a packed row
+    want = _forward_backward(_packed_model(tiny_model_dir, "sdpa"), input_ids=ids, attention_mask=mask)
+    got = _forward_backward(_packed_model(tiny_model_dir, "document"), input_ids=ids, attention_mask=mask)
+    _assert_same(got, want)
+    monkeypatch.setattr(cpu_fastpath, "MAX_DOCUMENTS", 3)  # too many documents in the row: one masked call
+    positions = torch.tensor([[0, 1, 0, 1, 2, 0, 0, 1, 2, 3, 0, 1]])
+    want = _forward_backward(_packed_model(tiny_model_dir, "sdpa"), input_ids=ids[:1], position_ids=positions)
+    got = _forward_backward(_packed_model(tiny_model_dir, "document"), input_ids=ids[:1], position_ids=positions)
+    _assert_same(got, want)
+    # With a KV cache transformers treats the row as one sequence (no packed mask): so does this.
+    want = _forward_backward(_packed_model(tiny_model_dir, "sdpa"), use_cache=True, input_ids=ids[:1], position_ids=positions)
+    got = _forward_backward(_packed_model(tiny_model_dir, "document"), use_cache=True, input_ids=ids[:1], position_ids=positions)
+    _assert_same(got, want)
+
+
+def test_document_attention_is_only_used_where_it_is_exact(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from ftpipe.training.cpu_fastpath import use_document_attention
+
+    eager = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="eager")
+    assert not use_document_attention(eager) and eager.config._attn_implementation == "eager"
+    windowed = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    windowed.config.model_type = "mistral"  # sliding-window families keep transformers' masks
+    assert not use_document_attention(windowed) and windowed.config._attn_implementation == "sdpa"

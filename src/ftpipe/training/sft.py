@@ -332,6 +332,11 @@ def train(job: TrainJob, progress: ProgressFn | None = None, extra_callbacks: li
     train_ds = Dataset.from_list(read_messages(Path(job.train_file)))
     eval_ds = Dataset.from_list(read_messages(Path(job.val_file))) if job.val_file else None
     model = load_model(job)
+    if plan["device"] == "cpu" and plan["packing"]:
+        from ftpipe.training.cpu_fastpath import use_document_attention
+
+        if use_document_attention(model):
+            log.info("attention: one causal SDPA call per packed document (cpu_fastpath.document_attention)")
     peft_config = None if ft["method"] == "full" else _peft_config(ft)
 
     stop = StopFlag()
