@@ -47,8 +47,8 @@ class FinetuneConfig(Section):
     micro_batch_size: int | None = Field(
         None, gt=0,
         description="Rows per forward/backward pass; the batch (batch_size x grad_accum rows per optimizer "
-        "step) is unchanged. Must divide batch_size. null = auto: on the CPU the smallest divisor of batch_size "
-        "giving >= 256 tokens per pass (faster and lighter there), on a GPU batch_size.",
+        "step) is unchanged. Must divide batch_size. null = auto: on the CPU the largest divisor of batch_size "
+        "whose activations fit 1 GiB, with >= 256 tokens per pass (faster and lighter there), on a GPU batch_size.",
     )
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     lr_scheduler: str = Field("cosine", description="transformers LR scheduler name.")

@@ -33,12 +33,13 @@ BF16_MIN_SPEEDUP = 1.3  # bf16 autocast also pays casts and fp32 elementwise ops
 ACTIVATION_MEMORY_FRACTION = 0.5  # checkpointing turns on when activations would exceed this share
 # On the CPU, a batch whose activations are big trains faster and lighter in micro-batches (same rows
 # per optimizer step): passes of >= 256 token rows still run their matmuls near the machine's peak,
-# and smaller activations stay in cache and out of memory. Measured, fp32, one thread: the 135M Llama
-# shape (activations ~1.6 GB for 4 x 256 tokens) as 4 passes of 1 x 256 tokens trains at 146 tokens/s
-# and peaks at 1.9 GB, against 108 tokens/s and 4.0 GB in one pass; the demo's tiny model (~150 MB
-# for 8 x 256) is faster in one pass (422 vs 293 tokens/s): per-pass overhead dominates there.
+# and smaller activations stay in cache and out of memory. Measured, fp32, one thread, the 135M Llama
+# shape (activations estimated at ~400 MB per 256 tokens), batch 4 x 256, with the CPU fast path
+# (ftpipe/training/cpu_fastpath.py): passes of 1 x 256 tokens 178.6 tokens/s and 1.65 GB peak RSS,
+# 2 x 256 189.1 and 2.22 GB, the whole batch 188.9 and 2.99 GB; the demo's tiny model (~150 MB for
+# 8 x 256) is faster in one pass (422 vs 293 tokens/s): per-pass overhead dominates there.
 CPU_MICRO_BATCH_MIN_TOKENS = 256
-CPU_MICRO_BATCH_MAX_ACTIVATIONS = 512 * 2**20
+CPU_MICRO_BATCH_MAX_ACTIVATIONS = 1 << 30
 
 
 @dataclass
