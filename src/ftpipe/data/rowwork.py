@@ -68,8 +68,8 @@ class LazyRenderer:
         if self.renderer is None:
             tokenizer, self.ref = load_tokenizer(self.model_cfg, self.root)
             self.renderer = Renderer(tokenizer, fast=self.fast)
-            # The tokenizer and the modules it imported live as long as the process: keep their
-            # objects out of every later collection (see `few_collections`).
+            # The tokenizer and the modules it imported outlive the row loop: keep their objects
+            # out of its collections (`few_collections` unfreezes them at the end).
             gc.freeze()
         return self.renderer
 
@@ -94,6 +94,7 @@ def few_collections() -> Iterator[None]:
         yield
     finally:
         gc.set_threshold(*old)
+        gc.unfreeze()  # what `LazyRenderer.get` froze is collectable again after the stage
 
 
 def normaliser(fmt: str, data) -> Callable[[Any], dict]:
@@ -203,6 +204,7 @@ def worker_count(setting: int | None, path: Path | None) -> int:
 
 
 def _cached(model_cfg, root: Path) -> bool:
+    """True when the tokenizer cache holds this model's tokenizer (the workers need not import torch)."""
     from ftpipe.core.errors import FtpipeError
     from ftpipe.core.model_ref import resolve_model
     from ftpipe.data import tokenizer_cache
@@ -212,6 +214,7 @@ def _cached(model_cfg, root: Path) -> bool:
     except FtpipeError:
         return False  # the model does not resolve: the first batch reports it
     return path is not None and path.is_file()
+
 
 _STATE: dict[str, Any] = {}
 
