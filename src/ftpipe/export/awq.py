@@ -288,4 +288,3 @@ def _quant_method(config) -> str | None:
     qc = getattr(config, "quantization_config", None)
     method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
     return getattr(method, "value", method)
-

@@ -52,22 +52,31 @@ def stage(loaded, run_name: str | None = None, force: bool = False, **options: A
     return execute(ctx, run, sections=("data", "finetune"), inputs=inputs, environment="train")
 
 
+def _accelerate_config(project: Project, ft) -> tuple[Path, dict]:
+    """`finetune.accelerate_config`: its path and its settings (an empty dict if not a mapping).
+
+    Raises:
+        ConfigError: the file does not exist.
+    """
+    import yaml
+
+    config_file = project.resolve(ft.accelerate_config)
+    if not config_file.is_file():
+        raise ConfigError(f"finetune.accelerate_config: {ft.accelerate_config} not found",
+                          hint="see configs/accelerate/ for multi-GPU, FSDP2 and ZeRO-3 examples")
+    launch = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+    return config_file, launch if isinstance(launch, dict) else {}
+
+
 def _check_hardware(ft, project: Project) -> None:
     """GPU-only settings fail here, in a second, not after the model is loaded."""
     import torch
 
-    if ft.accelerate_config:
-        config_file = project.resolve(ft.accelerate_config)
-        if not config_file.is_file():
-            raise ConfigError(f"finetune.accelerate_config: {ft.accelerate_config} not found",
-                              hint="see configs/accelerate/ for multi-GPU, FSDP2 and ZeRO-3 examples")
+    launch = _accelerate_config(project, ft)[1] if ft.accelerate_config else None
     if torch.cuda.is_available():
         return
-    if ft.accelerate_config:
-        import yaml
-
-        launch = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
-        kind = str(launch.get("distributed_type", "NO")) if isinstance(launch, dict) else "NO"
+    if launch is not None:
+        kind = str(launch.get("distributed_type", "NO"))
         # Without CUDA, accelerate quietly runs a GPU config on CPU processes (emulated bf16, ~20x
         # slower than one process) or dies after loading the model (DeepSpeed): refuse it here.
         if kind not in ("NO", "MULTI_CPU") and not launch.get("use_cpu", False):
@@ -180,7 +189,8 @@ def run(ctx: StageContext) -> StageResult:
     metrics.update(
         device=plan.device, precision=plan.precision, base_dtype=plan.base_dtype,
         gradient_checkpointing=plan.gradient_checkpointing, packing=plan.packing,
-        micro_batch_size=plan.micro_batch_size, grad_accum=plan.grad_accum, plan_reasons=plan.reasons, method=ft.method, tensorboard_dir=project.rel(output_dir / TENSORBOARD_DIR),
+        micro_batch_size=plan.micro_batch_size, grad_accum=plan.grad_accum, plan_reasons=plan.reasons,
+        method=ft.method, tensorboard_dir=project.rel(output_dir / TENSORBOARD_DIR),
     )
     first, last = metrics.get("first_logged_loss"), metrics.get("last_logged_loss")
     losses = f"loss {first:.4f} -> {last:.4f}" if first is not None and last is not None else "no loss logged"
@@ -233,18 +243,12 @@ def _launch_workers(ctx: StageContext, job: TrainJob, device: str) -> None:
     bin_dir = Path(sys.executable).parent
     worker = ["-m", "ftpipe.training.worker", str(job_file)]
     if ft.accelerate_config:
-        config_file = ctx.project.resolve(ft.accelerate_config)
-        if not config_file.is_file():
-            raise ConfigError(f"finetune.accelerate_config: {ft.accelerate_config} not found",
-                              hint="see configs/accelerate/ for multi-GPU, FSDP2 and ZeRO-3 examples")
+        config_file, launch = _accelerate_config(ctx.project, ft)
         # The config file's num_processes counts unless --num-processes / finetune.num_processes > 1.
         processes = ["--num_processes", str(ft.num_processes)] if ft.num_processes > 1 else []
         argv = [str(bin_dir / "accelerate"), "launch", "--config_file", str(config_file), *processes, *worker]
         if not processes:
-            import yaml
-
-            launch = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
-            count = launch.get("num_processes") if isinstance(launch, dict) else None
+            count = launch.get("num_processes")
             launching = f"{count} (from {ft.accelerate_config})" if count else f"the {ft.accelerate_config} number of"
     elif device == "cpu":
         # accelerate launch --cpu starts one process here; torchrun gives real DDP over gloo.
