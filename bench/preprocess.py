@@ -133,7 +133,7 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         model = args.model.resolve() if args.model else work / "tiny"
         if not (model / "config.json").exists():
-            from ftpipe.training.config import TinyModelConfig
+            from ftpipe.core.config import TinyModelConfig
             from ftpipe.training.tiny_model import build
 
             build(model, TinyModelConfig(vocab_size=2048), [DEMO])

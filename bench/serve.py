@@ -24,9 +24,8 @@ from pathlib import Path
 
 from ftpipe.core.runs import Project
 from ftpipe.serve.config import ServeConfig
-from ftpipe.serve.server import (
-    Served, base_url, check_port_free, server_environment, stop_process_group, vllm_command, wait_healthy,
-)
+from ftpipe.serve.serve import check_port_free, server_environment, stop_process_group, vllm_command, wait_healthy
+from ftpipe.serve.served import Served, base_url
 
 PROMPTS = [f"Review {i}: a {adj} and sturdy {thing}, in my opinion." for i, (adj, thing) in enumerate(
     [(a, t) for a in ("lovely", "awful", "great", "flimsy") for t in ("scarf", "speaker", "umbrella", "lamp")])]
@@ -91,7 +90,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="ftpipe-bench-serve-"))
     model_dir = args.model.resolve() if args.model else work / "tiny"
     if args.model is None:
-        from ftpipe.training.config import TinyModelConfig
+        from ftpipe.core.config import TinyModelConfig
         from ftpipe.training.tiny_model import build
 
         build(model_dir, TinyModelConfig(arch="llama", hidden_size=256, intermediate_size=512, num_layers=4))

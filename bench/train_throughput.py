@@ -46,7 +46,7 @@ def build_model(out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from ftpipe.training.config import TinyModelConfig
+    from ftpipe.core.config import TinyModelConfig
     from ftpipe.training.tiny_model import build_tokenizer
 
     tokenizer = build_tokenizer(TinyModelConfig(vocab_size=8192), [REPO / "data/demo/sentiment.jsonl"])
@@ -117,18 +117,19 @@ def _timer():
 def worker_ftpipe(model_dir: Path, data: Path, out: Path, args) -> dict:
     from transformers import AutoConfig, AutoTokenizer
 
+    from ftpipe.handoff.prepared import read_training_rows
     from ftpipe.training.config import FinetuneConfig
-    from ftpipe.training.finetune import _sample_lengths
+    from ftpipe.training.finetune_sft import _sample_lengths
     from ftpipe.training.plan import make_plan
-    from ftpipe.training.sft import TrainJob, read_messages, train
+    from ftpipe.training.sft import TrainJob, train
 
     ft = FinetuneConfig(max_steps=args.steps, batch_size=args.batch_size, max_length=args.seq, lora_r=16,
                         lora_alpha=32, lora_dropout=0.0, logging_steps=1, save_steps=10**6, warmup_ratio=0.0,
                         gradient_checkpointing=args.checkpointing)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     plan = make_plan(ft, AutoConfig.from_pretrained(model_dir), ft.method,
-                     _sample_lengths(tokenizer, read_messages(data)[:200]))
-    job = TrainJob(finetune=ft.model_dump(mode="json"), plan=plan.record(), load_from=str(model_dir), model_kwargs={},
+                     _sample_lengths(tokenizer, read_training_rows(data)[:200]))
+    job = TrainJob(finetune=ft, plan=plan, load_from=str(model_dir), model_kwargs={},
                    base_model_record={"id": None, "revision": None, "path": str(model_dir)}, train_file=str(data),
                    val_file=None, output_dir=str(out / "state"), final_dir=str(out / "adapter"), resume_from=None,
                    run_name="bench")
@@ -143,14 +144,14 @@ def worker_trl(model_dir: Path, data: Path, out: Path, args) -> dict:
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from ftpipe.training.sft import read_messages
+    from ftpipe.handoff.prepared import read_training_rows
 
     config = SFTConfig(output_dir=str(out / "trl"), use_cpu=True, max_length=args.seq, packing=True,
                        per_device_train_batch_size=args.batch_size, max_steps=args.steps, learning_rate=2e-4,
                        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
                        include_num_input_tokens_seen="non_padding")
     timer = _timer()
-    trainer = SFTTrainer(model=str(model_dir), args=config, train_dataset=Dataset.from_list(read_messages(data)),
+    trainer = SFTTrainer(model=str(model_dir), args=config, train_dataset=Dataset.from_list(read_training_rows(data)),
                          peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                                 task_type="CAUSAL_LM"),
                          callbacks=[timer])

@@ -46,7 +46,7 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny Llama with tied embeddings, built locally (no hub)."""
-    from ftpipe.training.config import TinyModelConfig
+    from ftpipe.core.config import TinyModelConfig
     from ftpipe.training.tiny_model import build
 
     out = tmp_path_factory.mktemp("tiny-llama")
@@ -58,7 +58,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen_dir(tmp_path_factory) -> Path:
     """A tiny Qwen2 with untied embeddings."""
-    from ftpipe.training.config import TinyModelConfig
+    from ftpipe.core.config import TinyModelConfig
     from ftpipe.training.tiny_model import build
 
     out = tmp_path_factory.mktemp("tiny-qwen2")

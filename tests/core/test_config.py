@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_cli
-from ftpipe.core.config import load_config
+from ftpipe.config import load_config
 from ftpipe.core.errors import ConfigError
 
 SHIPPED = sorted([REPO / "config.yaml", REPO / "debug_config.yaml", *(REPO / "configs").glob("*.yaml")])

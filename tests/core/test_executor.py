@@ -10,11 +10,18 @@ from ftpipe.core.errors import InputError, StageError
 from ftpipe.core.executor import (
     ENVIRONMENTS,
     compose_command,
-    environment_for,
+    environment,
     in_environment,
     local_command,
     run_tool,
 )
+
+
+def environment_for(stage: str):
+    """The environment the stage table gives a stage."""
+    from ftpipe import stages
+
+    return environment(stages.get(stage).environment)
 
 
 def test_stage_environments() -> None:

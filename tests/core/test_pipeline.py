@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ftpipe.core.errors import ConfigError
-from ftpipe.core.pipeline import ORDER, select_stages
+from ftpipe.pipeline import ORDER, select_stages
 
 
 def test_order_and_slicing() -> None:
@@ -41,3 +41,37 @@ def test_compose_runtime_without_docker_writes_no_run(tmp_path) -> None:
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "--runtime compose needs a running Docker engine" in lines[0], result.output
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "logs").exists()
+
+
+def test_force_goes_only_to_commands_that_take_it(tmp_path) -> None:
+    """`ftpipe run --force`: every stage command gets --force except those without the option
+    (the server step's start / smoke-test / stop), which would refuse it."""
+    from types import SimpleNamespace
+
+    from ftpipe import stages
+    from ftpipe.core.runs import RunDir
+    from ftpipe.pipeline import _steps
+
+    run = RunDir(SimpleNamespace(), "r1")
+    config = SimpleNamespace(serve=SimpleNamespace(artifact="merged"))
+    common = ["--config", "c.yaml"]
+    assert _steps(stages.get("finetune-sft"), common, run, True, config) == [
+        ("train", ["finetune-sft", "--config", "c.yaml", "--run", "r1", "--force"])]
+    assert _steps(stages.get("preprocess-sft"), common, run, True, config) == [
+        ("train", ["preprocess-sft", "--config", "c.yaml", "--force"])]
+    assert _steps(stages.get("serve"), common, run, True, config) == [
+        ("serve", ["serve", "--detach", "--config", "c.yaml", "--run", "r1"]),
+        ("serve", ["smoke-test", "--config", "c.yaml", "--run", "r1"]),
+        ("serve", ["serve", "stop", "--config", "c.yaml", "--run", "r1"]),
+    ]
+    gguf = SimpleNamespace(serve=SimpleNamespace(artifact="gguf"))  # llama.cpp's server: the gguf env
+    assert {env for env, _ in _steps(stages.get("serve"), common, run, False, gguf)} == {"gguf"}
+    # Every command the pipeline builds parses against the real CLI: no option it does not take.
+    from typer.testing import CliRunner
+
+    from ftpipe.cli.main import app
+
+    for name in ORDER:
+        for _, argv in _steps(stages.get(name), common, run, True, config):
+            res = CliRunner().invoke(app, [*argv, "--help"])
+            assert res.exit_code == 0, (argv, res.output)

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from conftest import run_cli
-from ftpipe.core.config import load_config
+from ftpipe.config import load_config
 from ftpipe.core.logs import console_stream
 from ftpipe.core.runs import Project, new_run
 from ftpipe.core.stage import StageContext, StageResult, execute

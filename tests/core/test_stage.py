@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ftpipe.core.config import load_config
+from ftpipe.config import load_config
 from ftpipe.core.errors import InputError, StageError
 from ftpipe.core.fsutil import atomic_write_json
 from ftpipe.core.manifest import read_manifest
@@ -129,7 +129,7 @@ def test_killed_stage_is_never_completed(setup) -> None:
     root, loaded, project, run = setup
     script = (
         "import sys, time\n"
-        "from ftpipe.core.config import load_config\n"
+        "from ftpipe.config import load_config\n"
         "from ftpipe.core.runs import Project, RunDir\n"
         "from ftpipe.core.stage import StageContext, StageResult, execute\n"
         "loaded = load_config(sys.argv[1], environ={})\n"

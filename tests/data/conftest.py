@@ -51,11 +51,11 @@ class Proj:
 
     def stage(self, *sets: str, force: bool = True, **options):
         """Run the stage in-process (fast: transformers stays imported between tests)."""
-        from ftpipe.core.config import load_config
-        from ftpipe.data.preprocess import stage
+        from ftpipe.config import load_config
+        from ftpipe.stages import run_stage
 
         loaded = load_config(self.root / "config.yaml", list(sets), environ={})
-        return stage(loaded, force=force, **options)
+        return run_stage("preprocess-sft", loaded, force=force, **options)
 
     def out(self, split: str, name: str = "ds") -> list[dict]:
         path = self.root / "prepared" / name / f"{split}.jsonl"

@@ -67,7 +67,7 @@ def test_bad_rows_dropped_counted_and_first_n_shown(proj, caplog):
         "data/in.jsonl:10: messages: no assistant message: nothing to learn from this row",
         "data/in.jsonl:11: messages: expected a non-empty list of messages, got string",
     ]}
-    shown = [r.getMessage() for r in caplog.records if r.name == "ftpipe.data.preprocess"]
+    shown = [r.getMessage() for r in caplog.records if r.name == "ftpipe.data.preprocess_sft"]
     assert shown[:2] == meta["errors"]["first"][:2]
     assert "3 bad rows dropped (first 2 shown above; all counted in metadata.json)" in shown
     assert result.metrics["dropped_invalid"] == 3 and result.metrics["rows_kept"] == 6
@@ -174,7 +174,7 @@ def test_renderer_counts_survive_cache_overflow(tiny_model_dir, monkeypatch):
 
 
 def test_dedupe_filter_across_merges(monkeypatch):
-    from ftpipe.data.preprocess import _Seen
+    from ftpipe.data.preprocess_sft import _Seen
 
     monkeypatch.setattr(_Seen, "MERGE", 5)
     seen = _Seen()

@@ -1,5 +1,6 @@
 """End-to-end: the demo pipeline with a smaller budget, every manifest `completed`; a second run
-skips every stage; changing one training value reruns training and what follows, nothing before.
+skips every stage; `--force` reruns every stage; changing one training value reruns training and
+what follows, nothing before.
 """
 
 from __future__ import annotations
@@ -64,6 +65,21 @@ def test_second_run_skips_everything(demo_project: Path, first_run) -> None:
     assert result.code == 0, result.output[-3000:]
     assert stamps(demo_project) == before
     assert result.stdout.count(": skipped") >= 6 and ": completed" not in result.stdout
+
+
+def test_force_reruns_every_stage_through_serve_and_report(demo_project: Path, first_run) -> None:
+    """`demo --force` reruns every stage, the server step and the report included (each command
+    gets --force only if it takes it: smoke-test has no such option)."""
+    before = stamps(demo_project)
+    result = run_cli("demo", "--config", str(demo_project / "debug_config.yaml"), *SMALL, "--force", timeout=1800)
+    assert result.code == 0, result.output[-4000:]
+    assert ": skipped" not in result.stdout, result.stdout[-3000:]
+    for stage in ("serve", "report"):
+        assert f"{stage}: completed" in result.stdout, stage
+    after = stamps(demo_project)
+    assert set(after) == set(before)
+    for key, (status, started, _) in after.items():
+        assert status == "completed" and started != before[key][1], key
 
 
 def test_training_change_reruns_training_and_after_only(demo_project: Path, first_run) -> None:

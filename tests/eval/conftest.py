@@ -86,7 +86,7 @@ def fine_tune(root: Path, max_steps: int = 200, lr: float = 1e-3, scheduler: str
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from ftpipe.core.config import load_config
+    from ftpipe.config import load_config
     from ftpipe.core.runs import Project, new_run
     from ftpipe.core.stage import StageContext, StageResult, execute
 
@@ -141,7 +141,7 @@ def merge(root: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ftpipe.core.config import load_config
+    from ftpipe.config import load_config
     from ftpipe.core.runs import Project, RunDir
     from ftpipe.core.stage import StageContext, StageResult, execute
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from ftpipe.core.errors import InputError
-from ftpipe.eval.checks import judge, load_checks
+from ftpipe.handoff.checks import judge, load_checks
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -90,7 +90,7 @@ def test_awq_runs_in_the_awq_environment(evaluated, tmp_path):
     src, _ = evaluated
     root = tmp_path / "proj"
     shutil.copytree(src, root, symlinks=True)
-    from ftpipe.core.config import load_config
+    from ftpipe.config import load_config
     from ftpipe.core.runs import Project, RunDir
     from ftpipe.core.stage import StageContext, StageResult, execute
 
@@ -151,7 +151,7 @@ def test_a_broken_artifact_fails_the_stage_but_the_others_are_kept(evaluated, tm
 def _bare_run(tmp_path, tiny_model_dir, finetuned: bool):
     """A project with run r1 and, optionally, a completed finetune-sft (adapter reference only)."""
     root = make_project(tmp_path / "proj", tiny_model_dir)
-    from ftpipe.core.config import load_config
+    from ftpipe.config import load_config
     from ftpipe.core.runs import Project, new_run
     from ftpipe.core.stage import StageContext, StageResult, execute
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ftpipe.eval.measure import assistant_mask
+from ftpipe.handoff.measure import assistant_mask
 from ftpipe.training.tiny_model import CHAT_TEMPLATE
 
 CONVERSATION = [

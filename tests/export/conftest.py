@@ -47,7 +47,7 @@ def fabricate_finetune(root: Path, run_name: str = "r1", seed: int = 0) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ftpipe.core.config import load_config
+    from ftpipe.config import load_config
     from ftpipe.core.runs import Project, new_run
     from ftpipe.core.stage import StageContext, StageResult, execute
 

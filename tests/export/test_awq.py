@@ -36,7 +36,7 @@ AWQ_SETTINGS = (
 
 def make_project(root: Path, model_dir: Path, *, merged: bool = True) -> Path:
     """A project with prepared demo data, run r1 and (optionally) a completed export-merged."""
-    from ftpipe.core.config import load_config
+    from ftpipe.config import load_config
     from ftpipe.core.runs import Project, new_run
     from ftpipe.core.stage import StageContext, StageResult, execute
 
@@ -65,7 +65,7 @@ def make_project(root: Path, model_dir: Path, *, merged: bool = True) -> Path:
 @pytest.fixture(scope="module")
 def awq_model_dir(tmp_path_factory) -> Path:
     """The AWQ_SHAPE tiny model (random init)."""
-    from ftpipe.training.config import TinyModelConfig
+    from ftpipe.core.config import TinyModelConfig
     from ftpipe.training.tiny_model import build
 
     out = tmp_path_factory.mktemp("tiny-awq")
@@ -222,9 +222,10 @@ DAMAGING_QUANTIZE = r"""
 import sys
 from pathlib import Path
 import torch
-import ftpipe.export.awq as awq
-from ftpipe.core.config import load_config
+import ftpipe.export.convert_awq as awq
+from ftpipe.config import load_config
 from ftpipe.core.errors import FtpipeError
+from ftpipe.stages import run_stage
 
 def damaging_quantize(model, tokenizer, calibration, cfg):
     # Stands in for AWQ: logits 20x sharper, so val perplexity must rise. The direction of real
@@ -234,7 +235,7 @@ def damaging_quantize(model, tokenizer, calibration, cfg):
 
 awq.quantize = damaging_quantize
 try:
-    awq.stage(load_config(Path(sys.argv[1])), "r1")
+    run_stage("convert-awq", load_config(Path(sys.argv[1])), "r1")
 except FtpipeError as exc:
     print(type(exc).__name__, exc.one_line())
     sys.exit(exc.exit_code)

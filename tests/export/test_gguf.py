@@ -40,12 +40,12 @@ print(json.dumps({"greedy": out, "template": llm.metadata.get("tokenizer.chat_te
 
 @pytest.fixture(scope="module")
 def gguf_project(tmp_path_factory, tiny_model_dir):
-    from ftpipe.core.config import load_config
-    from ftpipe.export.merge import stage
+    from ftpipe.config import load_config
+    from ftpipe.stages import run_stage
 
     root = make_project(tmp_path_factory.mktemp("proj-gguf"), tiny_model_dir)
     fabricate_finetune(root)
-    stage(load_config(root / "config.yaml"), "r1")
+    run_stage("export-merged", load_config(root / "config.yaml"), "r1")
     result = run_cli("export-gguf", "--config", str(root / "config.yaml"), "--run", "r1", cwd=root)
     assert result.code == 0, result.output
     return root
@@ -124,12 +124,12 @@ def test_adapter_only_input_exits_2(tmp_path, tiny_model_dir):
 @pytest.mark.slow
 def test_qwen2_untied_f16_and_q4_k_m(tmp_path, tiny_qwen_dir):
     """Qwen2 (untied, converter's gpt2 vocab path) and q4_k_m through the quantizer."""
-    from ftpipe.core.config import load_config
-    from ftpipe.export.merge import stage
+    from ftpipe.config import load_config
+    from ftpipe.stages import run_stage
 
     root = make_project(tmp_path / "q", tiny_qwen_dir)
     fabricate_finetune(root, seed=1)
-    stage(load_config(root / "config.yaml"), "r1")
+    run_stage("export-merged", load_config(root / "config.yaml"), "r1")
     result = run_cli("export-gguf", "--config", str(root / "config.yaml"), "--run", "r1",
                      "--set", "gguf.outtypes=[f16, q4_k_m]", cwd=root)
     assert result.code == 0, result.output

@@ -51,10 +51,10 @@ def test_merge_tied_llama_and_idempotent(llama_run):
 
 @pytest.mark.slow
 def test_merge_untied_qwen2_in_process(qwen_run):
-    from ftpipe.core.config import load_config
-    from ftpipe.export.merge import stage
+    from ftpipe.config import load_config
+    from ftpipe.stages import run_stage
 
-    result = stage(load_config(qwen_run / "config.yaml"), "r1")
+    result = run_stage("export-merged", load_config(qwen_run / "config.yaml"), "r1")
     assert not result.skipped
     _check_merged(qwen_run, tied=False)
 
@@ -74,7 +74,7 @@ def test_full_model_as_adapter_is_refused(tmp_path, tiny_model_dir):
     """A merged/full model where the adapter should be: nothing to merge, one clear line, exit 2."""
     import shutil
 
-    from ftpipe.core.config import load_config
+    from ftpipe.config import load_config
     from ftpipe.core.runs import Project, new_run
     from ftpipe.core.stage import StageContext, StageResult, execute
     from tests.export.conftest import make_project

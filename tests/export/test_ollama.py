@@ -18,7 +18,7 @@ from tests.export.fake_ollama import FakeOllama
 @pytest.fixture(scope="module")
 def gguf_run(tmp_path_factory, tiny_model_dir):
     """A run whose export-gguf is completed: merged/ = the tiny model, gguf/model-q8_0.gguf = bytes."""
-    from ftpipe.core.config import load_config
+    from ftpipe.config import load_config
     from ftpipe.core.runs import Project, new_run
     from ftpipe.core.stage import StageContext, StageResult, execute
 

@@ -55,7 +55,7 @@ def test_sigkill_export_merged_midway_then_rerun(tmp_path, tiny_model_dir):
     manifest = _manifest(root)
     assert manifest is not None and manifest["status"] == "running"  # never `completed`
     assert not (run_dir / "merged").exists()  # nothing half-written under the real name
-    from ftpipe.core.config import load_config
+    from ftpipe.config import load_config
     from ftpipe.core.runs import Project, RunDir
     from ftpipe.core.stage import require_completed
 
@@ -97,7 +97,7 @@ def _kill_when(proc: subprocess.Popen, midway, what: str) -> None:
 
 
 def _assert_refused_downstream(root: Path, stage: str, command: str) -> None:
-    from ftpipe.core.config import load_config
+    from ftpipe.config import load_config
     from ftpipe.core.runs import Project, RunDir
     from ftpipe.core.stage import require_completed
 
@@ -109,7 +109,7 @@ def _assert_refused_downstream(root: Path, stage: str, command: str) -> None:
 
 
 def _assert_completed_and_intact(root: Path, stage: str) -> dict:
-    from ftpipe.core.config import load_config
+    from ftpipe.config import load_config
     from ftpipe.core.manifest import outputs_intact
     from ftpipe.core.runs import Project
 
@@ -125,7 +125,7 @@ def _hashes(folder: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_sigkill_convert_awq_midway_then_rerun(tmp_path):
-    from ftpipe.training.config import TinyModelConfig
+    from ftpipe.core.config import TinyModelConfig
     from ftpipe.training.tiny_model import build
     from tests.export.test_awq import AWQ_SHAPE
     from tests.export.test_awq import make_project as make_awq_project
@@ -166,12 +166,12 @@ def test_sigkill_convert_awq_midway_then_rerun(tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_export_gguf_midway_then_rerun(tmp_path, tiny_model_dir):
-    from ftpipe.core.config import load_config
-    from ftpipe.export.merge import stage as export_merged
+    from ftpipe.config import load_config
+    from ftpipe.stages import run_stage
 
     root = make_project(tmp_path / "proj", tiny_model_dir)  # links .venv-gguf in
     fabricate_finetune(root)
-    export_merged(load_config(root / "config.yaml"), "r1")
+    run_stage("export-merged", load_config(root / "config.yaml"), "r1")
     run_dir = root / "outputs/r1"
 
     def converting() -> bool:  # the converter has started writing a GGUF file in the temp folder

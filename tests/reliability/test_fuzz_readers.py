@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from ftpipe.core.errors import InputError
 from ftpipe.data.config import DataConfig, PreprocessConfig
 from ftpipe.data.formats import ROLES
-from ftpipe.data.preprocess import _process, _Seen, _Stats, open_records
+from ftpipe.data.preprocess_sft import _process, _Seen, _Stats, open_records
 from ftpipe.data.readers import Source
 
 ROWS = {"total": 0}

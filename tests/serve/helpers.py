@@ -67,7 +67,7 @@ def make_answering_model(src: Path, out: Path, answer: str = ANSWER) -> list[int
 
 def fabricate_merged(project_dir: Path, run_name: str, model_dir: Path) -> None:
     """outputs/<run>/merged = `model_dir`, with a completed export-merged manifest written by execute()."""
-    from ftpipe.core.config import load_config
+    from ftpipe.config import load_config
     from ftpipe.core.runs import Project, new_run
     from ftpipe.core.stage import StageContext, StageResult, execute
 

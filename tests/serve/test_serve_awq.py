@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from ftpipe.core.config import load_config
+from ftpipe.config import load_config
 from ftpipe.core.runs import Project, new_run
 from ftpipe.core.stage import StageContext, StageResult, execute
 from serve.helpers import ANSWER, REPO, free_port, require_serve_env, write_project

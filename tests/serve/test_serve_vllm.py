@@ -118,7 +118,7 @@ def test_smoke_test_fails_on_prompt_checks(server):
     assert result.code == 1, result.output
     assert (
         f"error: smoke-test of run-a at http://127.0.0.1:{server.port}/v1: 1 problem(s): prompt checks: 1/2 passed "
-        "(50%) < smoke_test.min_check_pass_rate 100% (wants-negative: answer 'positive' expected exactly 'negative') "
+        "(50%) < smoke_test.min_check_pass_rate 100% (wants-negative: answer 'positive': exact: expected 'negative') "
         "(next: read logs/run-a/smoke-test/results.json)"
     ) in result.stderr
     manifest = json.loads((server.root / "logs/run-a/smoke-test/manifest.json").read_text())

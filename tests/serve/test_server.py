@@ -8,13 +8,12 @@ import socket
 import pytest
 from conftest import run_cli
 
-from ftpipe.core.config import load_config
+from ftpipe.config import load_config
 from ftpipe.core.errors import InputError
 from ftpipe.core.runs import Project, RunDir
 from ftpipe.core.stage import StageContext, StageResult, execute
-from ftpipe.serve.server import (
-    check_port_free, llama_cpp_command, resolve_artifact, server_environment, vllm_command,
-)
+from ftpipe.serve.serve import check_port_free, llama_cpp_command, server_environment, vllm_command
+from ftpipe.serve.served import resolve_artifact
 from serve.helpers import fabricate_merged, free_port, write_project
 
 KEY = "sk-unit-93b1c0ffee"

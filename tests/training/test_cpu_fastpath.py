@@ -95,9 +95,9 @@ def test_plain_loss_equals_trl_fused_loss(tiny_model_dir, tmp_path, assistant_on
 
     from conftest import REPO
     from ftpipe.training.cpu_fastpath import plain_loss_trainer
-    from ftpipe.training.sft import read_messages
+    from ftpipe.handoff.prepared import read_training_rows
 
-    rows = read_messages(REPO / "data/demo/sentiment.jsonl")[:16]
+    rows = read_training_rows(REPO / "data/demo/sentiment.jsonl")[:16]
     results = []
     for cls in (SFTTrainer, plain_loss_trainer(SFTTrainer)):
         torch.manual_seed(0)

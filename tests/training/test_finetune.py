@@ -171,13 +171,13 @@ def test_qlora_without_cuda_is_a_clear_error(tmp_path, tiny_model_dir):
 def test_dora_and_full_fine_tune(tmp_path, tiny_model_dir, method):
     from transformers import AutoModelForCausalLM
 
-    from ftpipe.core.config import load_config
-    from ftpipe.training.finetune import stage
+    from ftpipe.config import load_config
+    from ftpipe.stages import run_stage
 
     project = write_project(tmp_path, tiny_model_dir)
     loaded = load_config(project / "config.yaml", [f"finetune.method={method}", "finetune.max_steps=2",
                                                    "finetune.max_length=64", "finetune.save_steps=100"])
-    result = stage(loaded, "m")
+    result = run_stage("finetune-sft", loaded, "m")
     assert result.metrics["method"] == method and result.metrics["global_step"] == 2
     adapter = project / "outputs/m/adapter"
     assert (adapter / "ftpipe_base_model.json").is_file() and (adapter / "chat_template.jinja").is_file()

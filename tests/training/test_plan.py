@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import LlamaConfig
 
-from ftpipe.core.config import load_config
+from ftpipe.config import load_config
 from ftpipe.core.errors import ConfigError
 from ftpipe.training.config import FinetuneConfig
 from ftpipe.training.plan import BF16_CPU_MIN_HIDDEN, cpu_supports_bf16, make_plan

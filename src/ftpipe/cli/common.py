@@ -1,6 +1,7 @@
-"""Shared CLI plumbing: options, config loading, delegation to stage environments, output.
+"""Shared CLI plumbing: the common options, config loading, delegation to stage environments, output.
 
 Commands stay thin: parse -> `load()` -> maybe `delegate()` -> call the stage -> `show_result()`.
+Every stage command is built from its row of the stage table (`ftpipe/cli/stage_command.py`).
 """
 
 from __future__ import annotations
@@ -60,27 +61,33 @@ class _ConsoleFilter(logging.Filter):
 
 def load(config: Path, sets: list[str] | None, flags: dict[str, Any] | None = None):
     """Load the config with overrides (see ftpipe.core.config.load_config)."""
-    from ftpipe.core.config import load_config
+    from ftpipe.config import load_config
 
     setup_logging(os.environ.get("FTPIPE_VERBOSE") == "1")
     return load_config(config, sets or [], flags=flags)
 
 
-def delegate(stage: str, loaded) -> None:
-    """Re-run this very command in the stage's environment when we are not in it.
+def runs_here(env_name: str, loaded) -> bool:
+    """True when this process already runs in the environment `env_name` (venv or service)."""
+    from ftpipe.core.executor import environment, in_environment
 
-    Exits with the child's exit code when it delegated; returns when the stage should run here.
+    if loaded.config.runtime.mode == "compose":
+        return bool(os.environ.get("FTPIPE_SERVICE"))
+    return in_environment(loaded.root, environment(env_name))
+
+
+def delegate(env_name: str, loaded) -> None:
+    """Re-run this very command in the environment `env_name` when we are not in it.
+
+    Exits with the child's exit code when it delegated; returns when the command should run here.
     """
-    from ftpipe.core.executor import environment_for, in_environment, run_in_environment
+    from ftpipe.core.executor import run_in_environment
 
-    env = environment_for(stage)
-    runtime = loaded.config.runtime.mode
-    if runtime == "local" and in_environment(loaded.root, env):
-        return
-    if runtime == "compose" and os.environ.get("FTPIPE_SERVICE"):
+    if runs_here(env_name, loaded):
         return
     code = run_in_environment(
-        loaded.root, stage, sys.argv[1:], runtime=runtime, compose_file=loaded.config.runtime.compose_file
+        loaded.root, env_name, sys.argv[1:], runtime=loaded.config.runtime.mode,
+        compose_file=loaded.config.runtime.compose_file,
     )
     raise typer.Exit(code)
 

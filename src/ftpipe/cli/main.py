@@ -1,23 +1,26 @@
-"""The `ftpipe` command: one Typer app, one module per command group.
+"""The `ftpipe` command: one Typer app; a command per row of the stage table, plus the tools.
 
     ftpipe --help
     ftpipe make-tiny-model --out models/tiny
     ftpipe print-runtime --config debug_config.yaml --format json
 
-Every command parses its options, loads the config, calls one stage function and prints the
-result. Known errors become one red line with the next command to run: exit 2 for bad input or
-config, exit 1 for a failed stage. `FTPIPE_DEBUG=1` shows the traceback instead.
+Every stage command is built from its row of `ftpipe/stages.py` by `ftpipe/cli/stage_command.py`
+(parse -> load config -> pre-flight -> run in the stage's environment -> print the result).
+Known errors become one red line with the next command to run: exit 2 for bad input or config,
+exit 1 for a failed stage. `FTPIPE_DEBUG=1` shows the traceback instead.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
 import typer
 
-from ftpipe.cli import awq, evaluate, export, finetune, pipeline, preprocess, serve, tools
+from ftpipe.cli import make_tiny_model, print_runtime, run, stage_command, tensorboard
 from ftpipe.cli import runs as runs_cli
+from ftpipe.stages import STAGES
 
 app = typer.Typer(
     name="ftpipe",
@@ -28,8 +31,13 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-# One module per command group, in pipeline order (each module's `register` adds its commands).
-for _module in (preprocess, finetune, export, awq, evaluate, serve, pipeline, tools):
+# The stages, in pipeline order (the generic command, or the CLI module the row names), then the tools.
+for _stage in STAGES:
+    if _stage.cli is None:
+        stage_command.register(app, _stage)
+    else:
+        importlib.import_module(_stage.cli).register(app)
+for _module in (run, tensorboard, make_tiny_model, print_runtime):
     _module.register(app)
 app.add_typer(runs_cli.app, name="runs", help="List runs and show their stages.")
 

@@ -22,8 +22,7 @@ def _metrics_text(metrics: dict) -> str:
 @app.command("list")
 def list_runs(config: ConfigOpt = DEFAULT_CONFIG, sets: SetOpt = None) -> None:
     """All runs with their stages and status."""
-    from ftpipe.core.run_status import all_runs
-    from ftpipe.core.runs import Project
+    from ftpipe.core.runs import Project, all_runs
 
     project = Project.from_config(load(config, sets))
     runs = all_runs(project)
@@ -46,8 +45,7 @@ def show_run(
     sets: SetOpt = None,
 ) -> None:
     """One run: each stage's status, timing and key metrics."""
-    from ftpipe.core.run_status import run_summary
-    from ftpipe.core.runs import Project, open_run
+    from ftpipe.core.runs import Project, open_run, run_summary
 
     project = Project.from_config(load(config, sets))
     summary = run_summary(open_run(project, name))

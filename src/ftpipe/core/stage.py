@@ -1,7 +1,7 @@
 """The stage lifecycle every stage goes through: skip check, logging, manifest, outputs.
 
-A stage module exposes `run(ctx: StageContext) -> StageResult` (plain function). `execute`
-wraps it:
+A stage module exposes `prepare(ctx) -> inputs` and `run(ctx: StageContext) -> StageResult`
+(plain functions; `ftpipe/stages.py` calls them). `execute` wraps `run`:
 
 1. same config hash and same inputs as a `completed` manifest whose outputs are intact -> skip;
 2. manifest `running` written, logging goes to logs/.../<stage>/run.log and console.log;
@@ -52,6 +52,13 @@ class StageContext:
     # The manifest as it was before this attempt (execute() overwrites it with `running` first):
     # how a stage tells an interrupted attempt from a finished one.
     previous_manifest: dict[str, Any] | None = None
+    spec: Any = None  # the stage's row of the stage table (ftpipe/stages.py)
+    upstream: tuple[str, ...] = ()  # run-scoped stages whose completed manifests this one needs
+
+    @classmethod
+    def for_run(cls, stage: str, loaded: LoadedConfig, run: RunDir, force: bool = False, **options: Any) -> "StageContext":
+        """Context of a run-scoped stage: logs/<run>/<stage>/."""
+        return cls(stage, loaded, run.project, run.log_dir(stage), run, force, options)
 
     @property
     def config(self):
@@ -61,10 +68,6 @@ class StageContext:
     def manifest_path(self) -> Path:
         return self.log_dir / "manifest.json"
 
-    @classmethod
-    def for_run(cls, stage: str, loaded: LoadedConfig, run: RunDir, force: bool = False, **options: Any) -> "StageContext":
-        """Context of a run-scoped stage: logs/<run>/<stage>/."""
-        return cls(stage, loaded, run.project, run.log_dir(stage), run, force, options)
 
 
 @dataclass
@@ -181,6 +184,14 @@ def up_to_date(ctx: StageContext, *, sections: tuple[str, ...], inputs: dict[str
     return _completed_match(ctx, previous, ctx.loaded.section_hash(*sections), records) is not None
 
 
+def upstream_state(run: RunDir, stage: str) -> str | None:
+    """None when `stage` of `run` has completed, else its state ("missing", "running", "failed")."""
+    manifest = read_manifest(run.manifest_path(stage))
+    if manifest is None:
+        return "missing"
+    return None if manifest.get("status") == "completed" else str(manifest.get("status"))
+
+
 def require_completed(run: RunDir, stage: str, command: str) -> dict[str, Any]:
     """The upstream stage's completed manifest, or an InputError naming the command to run.
 
@@ -189,11 +200,36 @@ def require_completed(run: RunDir, stage: str, command: str) -> dict[str, Any]:
     """
     from ftpipe.core.errors import InputError
 
-    manifest = read_manifest(run.manifest_path(stage))
-    if manifest is None or manifest.get("status") != "completed":
-        state = "missing" if manifest is None else manifest.get("status")
+    state = upstream_state(run, stage)
+    if state is not None:
         raise InputError(
             f"run {run.name}: stage {stage} is {state} ({run.project.rel(run.manifest_path(stage))})",
             hint=f"{command} --run {run.name}",
         )
-    return manifest
+    return read_manifest(run.manifest_path(stage))
+
+
+def upstream_problems(ctx: StageContext) -> list[tuple[str, str]]:
+    """(problem, command that fixes it) for each upstream stage of `ctx` that has not completed."""
+    from ftpipe.core.errors import InputError
+
+    problems = []
+    for stage in ctx.upstream:
+        try:
+            require_completed(ctx.run, stage, f"ftpipe {stage}")
+        except InputError as exc:
+            problems.append((exc.message, exc.hint))
+    return problems
+
+
+def require_upstream(ctx: StageContext) -> None:
+    """Raise for the first upstream stage of `ctx` that has not completed.
+
+    Raises:
+        InputError: naming the upstream manifest and the command that produces it.
+    """
+    from ftpipe.core.errors import InputError
+
+    problems = upstream_problems(ctx)
+    if problems:
+        raise InputError(problems[0][0], hint=problems[0][1])

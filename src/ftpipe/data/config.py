@@ -1,7 +1,7 @@
 """Config sections `data` (which dataset) and `preprocess` (how to prepare it).
 
-Owned by the preprocess stage (`ftpipe/data/preprocess.py`); nested into the root config in
-`ftpipe/core/config.py`. Imports only pydantic so `ftpipe --help` stays instant.
+Owned by the preprocess stage (`ftpipe/data/preprocess_sft.py`); nested into the root config
+(`ftpipe/config.py`) by the stage table (`ftpipe/stages.py`). Imports only pydantic so `ftpipe --help` stays instant.
 """
 
 from __future__ import annotations

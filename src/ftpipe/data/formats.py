@@ -1,6 +1,6 @@
 """Row formats: detect which one a record is in and normalise it to chat messages.
 
-Part of `preprocess-sft` (ftpipe/data/preprocess.py): every reader yields plain dict records; the
+Part of `preprocess-sft` (ftpipe/data/preprocess_sft.py): every reader yields plain dict records; the
 functions here turn one record into `{"messages": [...]}` (plus `tools` when the row has tool
 definitions) or raise `RowError(field, what)`, which the stage reports as
 `file:line: field: what is wrong`.
@@ -30,7 +30,6 @@ SHAREGPT_ROLES = {
     "function": "tool",
     "function_call": "assistant",
 }
-MESSAGE_KEYS = ("role", "content", "name", "tool_calls", "tool_call_id")
 ROW_FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "text")
 
 

@@ -1,6 +1,6 @@
 """Streaming readers: JSONL, JSON arrays, CSV and Parquet files -> `(line, record)` pairs.
 
-Part of `preprocess-sft` (ftpipe/data/preprocess.py). JSONL and Parquet are read a line / a
+Part of `preprocess-sft` (ftpipe/data/preprocess_sft.py). JSONL and Parquet are read a line / a
 batch at a time, so a million-row file never sits in memory whole; a JSON array (alpaca JSON,
 a Label Studio export) is decoded element by element from the file's text. A row that cannot be
 parsed comes back as a `RowError` in place of the record; a problem with the whole file (not

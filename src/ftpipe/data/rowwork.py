@@ -1,8 +1,8 @@
 """The per-row work of `preprocess-sft`, in batches: parse, normalise, validate, render, count tokens.
 
-`prepare` depends on nothing but its batch and the settings (no dedupe, no output, no counters), so
+`prepare_batch` depends on nothing but its batch and the settings (no dedupe, no output, no counters), so
 it runs either in-process or in worker processes (`Workers`); the main process then commits the
-outcomes in input order (ftpipe/data/preprocess.py: dedupe, drop/keep, write). The output is
+outcomes in input order (ftpipe/data/preprocess_sft.py: dedupe, drop/keep, write). The output is
 therefore the same, byte for byte, whatever the number of workers.
 
 Workers are forked from a `forkserver` (never from the main process, which may hold threads and
@@ -106,7 +106,7 @@ def normaliser(fmt: str, data) -> Callable[[Any], dict]:
     return NORMALISERS["text"]
 
 
-def prepare(source_name: str, items: list[tuple[int, Any, str | None]], fmt: str, data, pre, lazy) -> tuple[list[Outcome], dict[str, int]]:
+def prepare_batch(source_name: str, items: list[tuple[int, Any, str | None]], fmt: str, data, pre, lazy) -> tuple[list[Outcome], dict[str, int]]:
     """Outcomes of a batch of `(line, record, text)` items, and the renderer's counters for it."""
     normalise = normaliser(fmt, data)
     outcomes: list[Outcome] = []
@@ -230,7 +230,7 @@ def _init(model_cfg, root: Path, fast: bool, data, pre) -> None:
 
 
 def _work(source_name: str, items: list, fmt: str) -> tuple[list[Outcome], dict[str, int]]:
-    return prepare(source_name, items, fmt, _STATE["data"], _STATE["pre"], _STATE["lazy"])
+    return prepare_batch(source_name, items, fmt, _STATE["data"], _STATE["pre"], _STATE["lazy"])
 
 
 def _describe() -> dict[str, Any]:
@@ -238,7 +238,7 @@ def _describe() -> dict[str, Any]:
 
 
 class Workers:
-    """A pool of `n` spawned processes running `prepare`, results returned in submission order."""
+    """A pool of `n` spawned processes running `prepare_batch`, results returned in submission order."""
 
     def __init__(self, n: int, model_cfg, root: Path, fast: bool, data, pre) -> None:
         import multiprocessing

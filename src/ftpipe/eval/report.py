@@ -22,43 +22,35 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from ftpipe.core.config import LoadedConfig
 from ftpipe.core.fsutil import atomic_write_text, read_json
 from ftpipe.core.manifest import read_manifest
-from ftpipe.core.runs import Project, RunDir, open_run
-from ftpipe.core.stage import StageContext, StageResult, execute
+from ftpipe.core.runs import RunDir
+from ftpipe.core.stage import StageContext, StageResult
 from ftpipe.eval.svg import bar_chart, line_chart
 
 log = logging.getLogger(__name__)
 
-STAGE = "report"
-SMOKE_RESULTS = "results.json"  # written by ftpipe.serve.smoke into logs/<run>/smoke-test/
+SMOKE_RESULTS = "results.json"  # written by ftpipe.serve.smoke_test into logs/<run>/smoke-test/
 NA = '<p class="na">not available</p>'
 ARTIFACT_DIRS = ("adapter", "merged", "awq", "gguf")
 
 
-def stage(loaded: LoadedConfig, run_name: str | None, force: bool = False, **opts: Any) -> StageResult:
-    """Render the run's report under the manifest lifecycle (skipped when nothing changed).
-
-    Raises:
-        InputError: the run does not exist.
-    """
-    project = Project.from_config(loaded)
-    run = open_run(project, run_name)
-    ctx = StageContext.for_run(STAGE, loaded, run, force, **opts)
+def prepare(ctx: StageContext) -> dict[str, Path]:
+    """The report reads whatever the run has; every file it shows is an input (rerun when one changes)."""
+    run, project, dataset = ctx.run, ctx.project, ctx.config.data.name
     inputs: dict[str, Path] = {
-        f"manifest:{s}": run.manifest_path(s) for s in run.stages() if s != STAGE
+        f"manifest:{s}": run.manifest_path(s) for s in run.stages() if s != ctx.stage
     }
-    inputs["manifest:preprocess-sft"] = project.prepared_log_dir(loaded.config.data.name) / "manifest.json"
-    inputs["metadata"] = project.prepared_dir(loaded.config.data.name) / "metadata.json"
+    inputs["manifest:preprocess-sft"] = project.prepared_log_dir(dataset) / "manifest.json"
+    inputs["metadata"] = project.prepared_dir(dataset) / "metadata.json"
     inputs["eval_metrics"] = run.eval / "metrics.json"
     inputs["generations"] = run.eval / "generations.jsonl"
     inputs["trainer_state"] = run.trainer_state
     inputs["smoke_results"] = run.log_dir("smoke-test") / SMOKE_RESULTS
-    return execute(ctx, run_report, sections=("report", "data"), inputs=inputs, environment="train")
+    return inputs
 
 
-def run_report(ctx: StageContext) -> StageResult:
+def run(ctx: StageContext) -> StageResult:
     """Collect everything the page shows, render it, write report.html atomically."""
     run, cfg = ctx.run, ctx.config.report
     manifests = _manifests(ctx)
@@ -96,7 +88,7 @@ def _manifests(ctx: StageContext) -> dict[str, dict[str, Any]]:
     if prepared:
         found["preprocess-sft"] = prepared
     for s in ctx.run.stages():
-        if s != STAGE and (m := read_manifest(ctx.run.manifest_path(s))):
+        if s != ctx.stage and (m := read_manifest(ctx.run.manifest_path(s))):
             found[s] = m
     return dict(sorted(found.items(), key=lambda item: str(item[1].get("started_at") or "")))  # run order
 
@@ -358,7 +350,10 @@ def _section_training(scalars: dict[str, list[tuple[int, float]]], finetune: dic
         ]
         body += "<details><summary>all TensorBoard scalars</summary>" + _table(["tag", "points", "first", "last", "last step"], rows) + "</details>"
     if finetune and finetune.get("metrics"):
-        rows = [[_e(k), f'<td class="num">{_num(v)}</td>'] for k, v in finetune["metrics"].items() if not isinstance(v, (dict, list))]
+        # One perplexity per artifact on the page: eval-sft's (ftpipe.handoff.measure). TRL's
+        # eval_perplexity (exp of its eval loss, other tokens and packing) stays in the manifest.
+        rows = [[_e(k), f'<td class="num">{_num(v)}</td>'] for k, v in finetune["metrics"].items()
+                if not isinstance(v, (dict, list)) and k != "eval_perplexity"]
         body += "<h3>finetune-sft metrics</h3>" + _table(["metric", "value"], rows)
     return head + body
 

@@ -6,18 +6,23 @@ compressed-tensors of the awq environment, so the stage writes a spec and runs
     .venv-awq/bin/python -m ftpipe.eval.worker --spec outputs/<run>/eval/awq-spec.json \
         --out outputs/<run>/eval/awq-result.json
 
-and merges the JSON result. The spec and result formats are those of
-`ftpipe.eval.measure.evaluate_spec`. Exit 0 when the result was written (an artifact may still
-report `"status": "failed"` in it), 2 on a bad spec.
+and merges the JSON result. The spec is an `ftpipe.eval.spec.EvalSpec` (validated here with the
+same model), the result that of `ftpipe.eval.measure.evaluate_spec`. Logs to stderr and, when the
+stage names it in FTPIPE_WORKER_LOG, to its run.log (`ftpipe.core.logs.worker_logging`). Exit 0
+when the result was written (an artifact may still report `"status": "failed"` in it), 2 with one
+line on a bad spec.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import os
 import sys
 from pathlib import Path
+
+from ftpipe.core.errors import FtpipeError
+from ftpipe.core.logs import WORKER_LOG_ENV, worker_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,16 +30,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", required=True, type=Path, help="spec JSON written by eval-sft")
     parser.add_argument("--out", required=True, type=Path, help="where to write the result JSON")
     args = parser.parse_args(argv)
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        spec = json.loads(args.spec.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        logging.getLogger(__name__).error("%s: cannot read the spec (%s: %s)", args.spec, type(exc).__name__, exc)
-        return 2
+    worker_logging(os.environ.get(WORKER_LOG_ENV), prefix="[eval worker] ")
     from ftpipe.core.fsutil import atomic_write_json
-    from ftpipe.eval.measure import evaluate_spec
+    from ftpipe.eval.spec import EvalSpec
 
-    atomic_write_json(args.out, evaluate_spec(spec))
+    try:
+        spec = EvalSpec.read(args.spec)
+        from ftpipe.eval.measure import evaluate_spec  # torch / transformers: only for a valid spec
+
+        result = evaluate_spec(spec)
+    except FtpipeError as exc:  # a bad spec (exit 2) or an unreadable val file
+        logging.getLogger(__name__).error("%s", exc.one_line())
+        return exc.exit_code
+    atomic_write_json(args.out, result)
     return 0
 
 

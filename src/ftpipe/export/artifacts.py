@@ -1,53 +1,33 @@
-"""Shared checks of the export stages: what a model folder holds, sample prompts, base model.
+"""Shared checks of the export stages: what a model folder holds, and publishing folders atomically.
 
-Used by `export-merged` (ftpipe/export/merge.py), `export-gguf` (ftpipe/export/gguf.py) and
-`ollama-load` (ftpipe/export/ollama.py). Imports nothing heavy at module level.
+Used by `export-merged` (ftpipe/export/export_merged.py), `convert-awq`, `export-gguf`
+(ftpipe/export/export_gguf.py) and `ollama-load` (ftpipe/export/ollama_load.py); sample
+conversations and the base-model record are hand-offs (`ftpipe.handoff`). Imports nothing heavy
+at module level.
+
+    ftpipe export-merged --config debug_config.yaml --run my-run
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
 from ftpipe.core.errors import InputError
 from ftpipe.core.fsutil import read_json
-from ftpipe.core.model_ref import ModelRef, resolve_model
-from ftpipe.core.runs import Project, RunDir
+from ftpipe.core.runs import Project
 
 log = logging.getLogger(__name__)
 
-BASE_MODEL_FILE = "ftpipe_base_model.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 ADAPTER_MARKERS = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
-# Conversations used to verify artifacts when the run has no prepared val split.
-FALLBACK_CONVERSATIONS: list[list[dict[str, str]]] = [
-    [
-        {"role": "system", "content": "You are a helpful assistant."},
-        {"role": "user", "content": "What is the capital of France?"},
-        {"role": "assistant", "content": "Paris."},
-    ],
-    [
-        {"role": "user", "content": "Label the review: a wonderful, moving film."},
-        {"role": "assistant", "content": "positive"},
-    ],
-    [
-        {"role": "user", "content": "Write one sentence about the sea."},
-        {"role": "assistant", "content": "The sea is wide and blue."},
-    ],
-    [
-        {"role": "system", "content": "Answer briefly."},
-        {"role": "user", "content": "Name a prime number."},
-        {"role": "assistant", "content": "Seven."},
-        {"role": "user", "content": "And another one?"},
-        {"role": "assistant", "content": "Eleven."},
-    ],
-]
+
+def gguf_name(outtype: str) -> str:
+    """File name of one GGUF type inside outputs/<run>/gguf/ (written by export-gguf, read by ollama-load)."""
+    return f"model-{outtype}.gguf"
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -104,63 +84,6 @@ def require_full_model(folder: Path, project: Project, hint: str) -> None:
         missing.append("tokenizer.json or tokenizer.model")
     if missing:
         raise InputError(f"{where}: not a complete model folder, missing {', '.join(missing)}", hint=hint)
-
-
-def base_model_ref(adapter_dir: Path, project: Project, run: RunDir) -> ModelRef:
-    """The base model named in `<adapter>/ftpipe_base_model.json`, resolved like `model`.
-
-    Raises:
-        InputError: file missing/invalid, or the base model cannot be found.
-    """
-    ref_file = Path(adapter_dir) / BASE_MODEL_FILE
-    data = read_json(ref_file)
-    if not isinstance(data, dict) or not (data.get("path") or data.get("id")):
-        raise InputError(
-            f"{project.rel(ref_file)}: missing or invalid (expected {{\"id\", \"revision\", \"path\"}}): "
-            "cannot tell which base model the adapter belongs to",
-            hint=f"ftpipe finetune-sft --run {run.name} --force",
-        )
-    cfg = SimpleNamespace(id=data.get("id"), revision=data.get("revision"), path=data.get("path"), tiny=None)
-    if cfg.path:
-        cfg.path = str(project.resolve(cfg.path))
-    return resolve_model(cfg, project.root)
-
-
-def sample_conversations(project: Project, dataset: str, n: int) -> tuple[list[list[dict[str, Any]]], str]:
-    """Up to `n` conversations from the prepared val split (else train), else built-in ones.
-
-    Returns:
-        (conversations, source) where source names the file used or "built-in".
-    """
-    for split in ("val.jsonl", "train.jsonl"):
-        path = project.prepared_dir(dataset) / split
-        if not path.is_file():
-            continue
-        rows = []
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                if len(rows) >= n:
-                    break
-                line = line.strip()
-                if not line:
-                    continue
-                messages = json.loads(line).get("messages") or []
-                messages = [
-                    {"role": m["role"], "content": m.get("content") or ""}
-                    for m in messages
-                    if m.get("role") in ("system", "user", "assistant")
-                ]
-                if any(m["role"] == "user" for m in messages):
-                    rows.append(messages)
-        if rows:
-            return rows, project.rel(path)
-    return FALLBACK_CONVERSATIONS[:n], "built-in"
-
-
-def prompt_part(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The conversation up to and including its last user turn (what a generation starts from)."""
-    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
-    return messages[: last_user + 1]
 
 
 def replace_dir(tmp: Path, target: Path) -> None:

@@ -1,6 +1,9 @@
-"""Helpers of `convert-awq`: calibration rows, perplexity, greedy agreement, sizes, pre-flight sizes.
+"""Helpers of `convert-awq`: calibration rows, greedy agreement, sizes, pre-flight sizes.
 
-Used by `ftpipe.export.awq` (the stage); torch and transformers are imported inside functions.
+Used by `ftpipe.export.convert_awq` (the stage); perplexity and greedy decoding are the shared
+ones of `ftpipe.handoff.measure`. torch and transformers are imported inside functions.
+
+    ftpipe convert-awq --config debug_config.yaml --run my-run
 """
 
 from __future__ import annotations
@@ -12,32 +15,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from ftpipe.core.errors import InputError
-
 log = logging.getLogger(__name__)
-
-
-def read_rows(path: Path, command: str = "ftpipe preprocess-sft") -> list[dict[str, Any]]:
-    """The `{"messages": [...]}` rows of a prepared split.
-
-    Raises:
-        InputError: the file is missing or a line is not a messages row (naming file and line).
-    """
-    if not path.is_file():
-        raise InputError(f"{path}: prepared split not found", hint=command)
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{number}: invalid JSON ({exc.msg})", hint=command) from None
-            if not isinstance(row, dict) or not isinstance(row.get("messages"), list) or not row["messages"]:
-                raise InputError(f"{path}:{number}: expected {{\"messages\": [...]}}", hint=command)
-            rows.append(row)
-    return rows
 
 
 def render(tokenizer, messages: list[dict[str, Any]], max_length: int, add_generation_prompt: bool = False) -> list[int]:
@@ -48,54 +26,17 @@ def render(tokenizer, messages: list[dict[str, Any]], max_length: int, add_gener
     return ids[:max_length]
 
 
-def calibration_dataset(tokenizer, rows: list[dict[str, Any]], count: int, max_length: int, seed: int):
-    """A tokenized `datasets.Dataset` of `count` rows sampled (seeded) from the train split.
+def calibration_dataset(tokenizer, rows: list[list[dict[str, Any]]], count: int, max_length: int, seed: int):
+    """A tokenized `datasets.Dataset` of `count` conversations sampled (seeded) from the train split.
 
     llm-compressor uses a dataset that already has `input_ids` as is (no re-tokenization).
     """
     from datasets import Dataset
 
     picked = random.Random(seed).sample(rows, min(count, len(rows)))
-    ids = [render(tokenizer, row["messages"], max_length) for row in picked]
+    ids = [render(tokenizer, messages, max_length) for messages in picked]
     ids = [x for x in ids if len(x) > 1]
     return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids]})
-
-
-def perplexity(model, sequences: list[list[int]]) -> float:
-    """Token-weighted perplexity of `model` over `sequences` (every next-token prediction counts)."""
-    import torch
-
-    total_nll, total_tokens = 0.0, 0
-    model.eval()
-    with torch.no_grad():
-        for ids in sequences:
-            if len(ids) < 2:
-                continue
-            input_ids = torch.tensor([ids])
-            logits = model(input_ids=input_ids, use_cache=False).logits.float()
-            nll = torch.nn.functional.cross_entropy(logits[0, :-1], input_ids[0, 1:], reduction="sum")
-            total_nll += nll.item()
-            total_tokens += len(ids) - 1
-    return math.exp(total_nll / max(total_tokens, 1))
-
-
-def greedy(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int | None) -> list[list[int]]:
-    """Greedy continuations (new token ids only) of each prompt."""
-    import torch
-
-    outputs = []
-    with torch.no_grad():
-        for ids in prompts:
-            input_ids = torch.tensor([ids])
-            out = model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=pad_id,
-            )
-            outputs.append(out[0, len(ids):].tolist())
-    return outputs
 
 
 def agreement(reference: list[list[int]], candidate: list[list[int]]) -> dict[str, float]:

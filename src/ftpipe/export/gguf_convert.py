@@ -9,9 +9,13 @@ regexes, which transformers 5 writes for qwen2 / llama-3 tokenizers) and re-rais
 export-gguf then checks that llama.cpp tokenizes sample prompts exactly like HF. The vendored converter file is not edited: the fallback is added
 by wrapping `TextModel.get_vocab_base_pre` before the converter's own `main()` runs.
 
-Called by the export-gguf stage (ftpipe/export/gguf.py) as a subprocess:
+Called by the export-gguf stage (ftpipe/export/export_gguf.py) as a subprocess:
 
     python -m ftpipe.export.gguf_convert LLAMA_CPP_DIR MODEL_DIR --outfile out.gguf --outtype f16
+
+It logs like every ftpipe worker (`ftpipe.core.logs.worker_logging`), to stderr only: the stage
+copies that to logs/<run>/export-gguf/convert.log (the converter logs every tensor: too much for
+run.log).
 """
 
 from __future__ import annotations
@@ -85,5 +89,8 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
+    from ftpipe.core.logs import worker_logging
+
+    # Before the converter's own logging.basicConfig, which then leaves these handlers in place.
+    worker_logging(None, prefix="[gguf_convert] ")
     main(sys.argv[1:])

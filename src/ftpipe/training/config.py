@@ -1,6 +1,6 @@
-"""Config sections `finetune` (LoRA SFT) and `model.tiny` (the locally built tiny model).
+"""Config section `finetune` (LoRA SFT), owned by `finetune-sft`.
 
-Owned by `ftpipe/training/`; nested into the root config in `ftpipe/core/config.py`.
+Nested into the root config by the stage table (`ftpipe/stages.py` -> `ftpipe/config.py`).
 """
 
 from __future__ import annotations
@@ -10,21 +10,6 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from ftpipe.core.configbase import Section
-
-
-class TinyModelConfig(Section):
-    """A small random-init model with a locally trained tokenizer (no hub download)."""
-
-    arch: Literal["llama", "qwen2"] = Field("llama", description="Model family of the config.")
-    hidden_size: int = Field(128, gt=0, description="Hidden size (multiple of 128 for AWQ).")
-    intermediate_size: int = Field(256, gt=0, description="MLP size (multiple of 128 for AWQ).")
-    num_layers: int = Field(4, gt=0, description="Decoder layers.")
-    num_heads: int = Field(4, gt=0, description="Attention heads.")
-    num_kv_heads: int = Field(2, gt=0, description="Key/value heads (GQA).")
-    vocab_size: int = Field(4096, ge=300, description="Target BPE vocabulary size.")
-    max_position_embeddings: int = Field(1024, gt=0, description="Context length.")
-    tie_word_embeddings: bool = Field(True, description="Share input embeddings and lm_head.")
-    seed: int = Field(0, description="Seed for tokenizer corpus order and weight init.")
 
 
 class FinetuneConfig(Section):

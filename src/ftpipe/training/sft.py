@@ -10,24 +10,26 @@ and, on rank 0, the adapter (the full model for `method: full`) and `ftpipe_trai
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import signal
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
-from ftpipe.core.errors import ConfigError, InputError, StageError
+
+from ftpipe.core.configbase import HandOffFile
+from ftpipe.core.errors import ConfigError, StageError
 from ftpipe.core.fsutil import atomic_write_json
+from ftpipe.handoff.base_model import write_base_model
+from ftpipe.handoff.prepared import read_training_rows
+from ftpipe.training.config import FinetuneConfig
+from ftpipe.training.plan import TrainPlan
 
 log = logging.getLogger(__name__)
 
 RESULTS_FILE = "ftpipe_train_results.json"
 TENSORBOARD_DIR = "tensorboard"
-BASE_MODEL_FILE = "ftpipe_base_model.json"
 
 ProgressFn = Callable[[dict[str, Any]], None]
 
@@ -42,12 +44,14 @@ class _AlreadyTrained(Exception):
     """Raised from `on_train_begin`: the checkpoint resumed from is already at the last step."""
 
 
-@dataclass
-class TrainJob:
-    """Everything one training process needs; JSON-serialisable for the multi-process workers."""
+class TrainJob(HandOffFile):
+    """Everything one training process needs, typed; written as JSON for the multi-process workers."""
 
-    finetune: dict[str, Any]  # the `finetune` config section
-    plan: dict[str, Any]  # TrainPlan.record()
+    what: ClassVar[str] = "training job"
+    writer: ClassVar[str] = "`ftpipe finetune-sft`"
+
+    finetune: FinetuneConfig  # the `finetune` config section
+    plan: TrainPlan
     load_from: str  # base model folder or hub id
     model_kwargs: dict[str, Any]  # revision / trust_remote_code for from_pretrained
     base_model_record: dict[str, Any]  # {"id", "revision", "path"} -> ftpipe_base_model.json
@@ -57,35 +61,6 @@ class TrainJob:
     final_dir: str  # outputs/<run>/adapter (the full model for method=full)
     resume_from: str | None
     run_name: str
-
-    def to_json(self, path: Path) -> None:
-        atomic_write_json(path, asdict(self))
-
-    @classmethod
-    def from_json(cls, path: Path) -> "TrainJob":
-        return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
-
-
-def read_messages(path: Path) -> list[dict[str, Any]]:
-    """Rows of a prepared jsonl file, as {"messages": [...]} (other keys dropped).
-
-    Raises:
-        InputError: naming the file and line of a row that is not a messages row.
-    """
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{lineno}: invalid JSON ({exc.msg})", hint="ftpipe preprocess-sft --force") from None
-            messages = row.get("messages") if isinstance(row, dict) else None
-            if not isinstance(messages, list) or not messages:
-                raise InputError(f"{path}:{lineno}: expected a row with a non-empty `messages` list", hint="ftpipe preprocess-sft --force")
-            rows.append({"messages": [{"role": m["role"], "content": m.get("content") or ""} for m in messages]})
-    return rows
 
 
 class StopFlag:
@@ -209,15 +184,15 @@ def stop_requested(stop_flag: bool) -> bool:
     return bool(flag.item())
 
 
-def _peft_config(ft: dict[str, Any]):
+def _peft_config(ft: FinetuneConfig):
     from peft import LoraConfig
 
     return LoraConfig(
-        r=ft["lora_r"],
-        lora_alpha=ft["lora_alpha"],
-        lora_dropout=ft["lora_dropout"],
-        target_modules=ft["target_modules"],
-        use_dora=ft["method"] == "dora",
+        r=ft.lora_r,
+        lora_alpha=ft.lora_alpha,
+        lora_dropout=ft.lora_dropout,
+        target_modules=ft.target_modules,
+        use_dora=ft.method == "dora",
         task_type="CAUSAL_LM",
     )
 
@@ -227,7 +202,7 @@ def load_model(job: TrainJob):
     import torch
     from transformers import AutoModelForCausalLM
 
-    base_dtype = job.plan["base_dtype"]
+    base_dtype = job.plan.base_dtype
     kwargs: dict[str, Any] = dict(job.model_kwargs)
     if base_dtype == "nf4":
         from transformers import BitsAndBytesConfig
@@ -247,33 +222,33 @@ def sft_config(job: TrainJob, has_eval: bool):
     from trl import SFTConfig
 
     ft, plan = job.finetune, job.plan
-    eval_steps = ft["eval_steps"] if has_eval else None
+    eval_steps = ft.eval_steps if has_eval else None
     return SFTConfig(
         output_dir=job.output_dir,
-        max_length=ft["max_length"],
-        packing=plan["packing"],
-        assistant_only_loss=ft["assistant_only_loss"],
-        num_train_epochs=ft["epochs"],
-        max_steps=ft["max_steps"],
+        max_length=ft.max_length,
+        packing=plan.packing,
+        assistant_only_loss=ft.assistant_only_loss,
+        num_train_epochs=ft.epochs,
+        max_steps=ft.max_steps,
         # The plan may split the batch into micro-batches (same rows per optimizer step, see plan.py).
         per_device_train_batch_size=_micro_batch_size(job),
-        per_device_eval_batch_size=ft["batch_size"],
-        gradient_accumulation_steps=plan.get("grad_accum") or ft["grad_accum"],
-        learning_rate=ft["learning_rate"],
-        lr_scheduler_type=ft["lr_scheduler"],
-        warmup_steps=ft["warmup_ratio"],  # transformers 5: a float < 1 is a ratio of the total steps
-        logging_steps=ft["logging_steps"],
+        per_device_eval_batch_size=ft.batch_size,
+        gradient_accumulation_steps=plan.grad_accum,
+        learning_rate=ft.learning_rate,
+        lr_scheduler_type=ft.lr_scheduler,
+        warmup_steps=ft.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
+        logging_steps=ft.logging_steps,
         save_strategy="steps",
-        save_steps=ft["save_steps"],
-        save_total_limit=ft["save_total_limit"],
+        save_steps=ft.save_steps,
+        save_total_limit=ft.save_total_limit,
         eval_strategy="steps" if eval_steps else "no",
         eval_steps=eval_steps,
-        seed=ft["seed"],
-        data_seed=ft["seed"],
-        bf16=plan["precision"] == "bf16",
-        fp16=plan["precision"] == "fp16",
-        use_cpu=plan["device"] == "cpu",
-        gradient_checkpointing=plan["gradient_checkpointing"],
+        seed=ft.seed,
+        data_seed=ft.seed,
+        bf16=plan.precision == "bf16",
+        fp16=plan.precision == "fp16",
+        use_cpu=plan.device == "cpu",
+        gradient_checkpointing=plan.gradient_checkpointing,
         include_num_input_tokens_seen="non_padding",
         report_to="none",  # the TensorBoard callback is added with a fixed folder (see train())
         disable_tqdm=True,  # library code never prints; progress goes to run.log and the CLI bar
@@ -286,12 +261,8 @@ def sft_config(job: TrainJob, has_eval: bool):
 
 
 def _micro_batch_size(job: TrainJob) -> int:
-    """Rows per forward/backward pass: the plan's micro-batch (plans before it: the whole batch)."""
-    return job.plan.get("micro_batch_size") or job.finetune["batch_size"]
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+    """Rows per forward/backward pass: the plan's micro-batch (0 in the plan: the whole batch)."""
+    return job.plan.micro_batch_size or job.finetune.batch_size
 
 
 def train(job: TrainJob, progress: ProgressFn | None = None, extra_callbacks: list | None = None) -> dict[str, Any]:
@@ -317,7 +288,7 @@ def train(job: TrainJob, progress: ProgressFn | None = None, extra_callbacks: li
     from trl import SFTTrainer
 
     ft, plan = job.finetune, job.plan
-    if plan["device"] == "cpu":
+    if plan.device == "cpu":
         from ftpipe.training.plan import thread_count
 
         # Under torchrun each rank gets its share of the cores (the launcher sets OMP_NUM_THREADS).
@@ -325,19 +296,19 @@ def train(job: TrainJob, progress: ProgressFn | None = None, extra_callbacks: li
         from ftpipe.training.cpu_fastpath import fuse_lora_linear, return_freed_memory_to_os
 
         return_freed_memory_to_os()
-        if ft["method"] in ("lora", "qlora"):
+        if ft.method in ("lora", "qlora"):
             fuse_lora_linear()
-    set_seed(ft["seed"])
+    set_seed(ft.seed)
     tokenizer = AutoTokenizer.from_pretrained(job.load_from, **job.model_kwargs)
-    train_ds = Dataset.from_list(read_messages(Path(job.train_file)))
-    eval_ds = Dataset.from_list(read_messages(Path(job.val_file))) if job.val_file else None
+    train_ds = Dataset.from_list(read_training_rows(Path(job.train_file)))
+    eval_ds = Dataset.from_list(read_training_rows(Path(job.val_file))) if job.val_file else None
     model = load_model(job)
-    if plan["device"] == "cpu" and plan["packing"]:
+    if plan.device == "cpu" and plan.packing:
         from ftpipe.training.cpu_fastpath import use_document_attention
 
         if use_document_attention(model):
             log.info("attention: one causal SDPA call per packed document (cpu_fastpath.document_attention)")
-    peft_config = None if ft["method"] == "full" else _peft_config(ft)
+    peft_config = None if ft.method == "full" else _peft_config(ft)
 
     stop = StopFlag()
     callback = _make_callback(stop, progress)
@@ -345,10 +316,10 @@ def train(job: TrainJob, progress: ProgressFn | None = None, extra_callbacks: li
     tensorboard.logging_dir = str(Path(job.output_dir) / TENSORBOARD_DIR)  # stable folder per run
     args = sft_config(job, has_eval=eval_ds is not None)
     trainer_cls = SFTTrainer
-    if plan["device"] == "cpu":
+    if plan.device == "cpu":
         from ftpipe.training.cpu_fastpath import plain_loss_fits, plain_loss_trainer
 
-        if plain_loss_fits(_micro_batch_size(job) * ft["max_length"], model.config.get_text_config().vocab_size):
+        if plain_loss_fits(_micro_batch_size(job) * ft.max_length, model.config.get_text_config().vocab_size):
             trainer_cls = plain_loss_trainer(SFTTrainer)
     try:
         trainer = trainer_cls(
@@ -456,9 +427,9 @@ def save_final(trainer, tokenizer, job: TrainJob) -> None:
     template = final / "chat_template.jinja"
     if not template.exists() and isinstance(tokenizer.chat_template, str):
         template.write_text(tokenizer.chat_template, encoding="utf-8")
-    if job.finetune["method"] == "full":
+    if job.finetune.method == "full":
         model = trainer.model
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(str(final))
-    atomic_write_json(final / BASE_MODEL_FILE, job.base_model_record)
-    log.info("saved %s to %s", "model" if job.finetune["method"] == "full" else "adapter", final)
+    write_base_model(final, job.base_model_record)
+    log.info("saved %s to %s", "model" if job.finetune.method == "full" else "adapter", final)

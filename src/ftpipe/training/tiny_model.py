@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 from ftpipe.core.errors import InputError
-from ftpipe.training.config import TinyModelConfig
+from ftpipe.core.config import TinyModelConfig
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from ftpipe.core.errors import FtpipeError
-from ftpipe.core.logs import LOG_FORMAT
+from ftpipe.core.logs import WORKER_LOG_ENV, worker_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,18 +27,9 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m ftpipe.training.worker TRAIN_JOB.json", file=sys.stderr)  # noqa: T201 - process entry point
         return 2
     rank = int(os.environ.get("RANK", "0"))
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    log_file = os.environ.get("FTPIPE_WORKER_LOG")
-    if rank == 0 and log_file:
-        handler = logging.FileHandler(log_file, encoding="utf-8")
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
-        root.addHandler(handler)
-    stream = logging.StreamHandler(sys.stderr)
-    stream.setFormatter(logging.Formatter(f"[rank {rank}] " + LOG_FORMAT))
-    root.addHandler(stream)
+    worker_logging(os.environ.get(WORKER_LOG_ENV) if rank == 0 else None, prefix=f"[rank {rank}] ")
     try:
-        train(TrainJob.from_json(Path(args[0])))
+        train(TrainJob.read(Path(args[0])))
     except FtpipeError as exc:
         logging.getLogger(__name__).error("rank %d: %s", rank, exc.one_line())
         return exc.exit_code

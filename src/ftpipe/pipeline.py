@@ -16,25 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ftpipe import stages as table
 from ftpipe.core.errors import ConfigError, StageError
 from ftpipe.core.executor import run_in_environment
 from ftpipe.core.manifest import read_manifest
-from ftpipe.core.runs import Project, RunDir
+from ftpipe.core.runs import Project, RunDir, new_run
 
 log = logging.getLogger(__name__)
 
-# Pipeline order. `serve` in a pipeline means: start detached, `smoke-test`, stop.
-ORDER = [
-    "preprocess-sft",
-    "finetune-sft",
-    "export-merged",
-    "convert-awq",
-    "eval-sft",
-    "export-gguf",
-    "serve",
-    "report",
-]
-NOT_RUN_SCOPED = {"preprocess-sft"}
+# Pipeline order: the stage table's order. A server step (`serve`) means: start it detached, run
+# the stage that checks it (`smoke-test`), stop it.
+ORDER = table.PIPELINE
 
 
 @dataclass
@@ -65,12 +57,43 @@ def select_stages(stages: list[str], start: str | None, stop: str | None) -> lis
     return chosen[lo:hi]
 
 
-def _manifest_paths(project: Project, run: RunDir, stage: str, dataset: str) -> list[Path]:
-    if stage == "preprocess-sft":
+def open_pipeline_run(loaded, run_name: str | None, start: str | None, stop: str | None) -> tuple[RunDir, list[str]]:
+    """The run folder and the stages `ftpipe run` will execute (checked before the folder is made).
+
+    Raises:
+        ConfigError: bad stage names; InputError: --runtime compose without a Docker engine.
+    """
+    cfg = loaded.config
+    stages = select_stages(cfg.run.stages, start, stop)
+    if cfg.runtime.mode == "compose":  # refuse before a run folder and latest.txt are written
+        from ftpipe.core.executor import require_docker
+
+        require_docker()
+    run = new_run(Project.from_config(loaded), run_name or cfg.run.name,
+                  model=cfg.model.id or cfg.model.path or "model", data=cfg.data.name)
+    return run, stages
+
+
+def _manifest_paths(project: Project, run: RunDir, stage: table.Stage, dataset: str) -> list[Path]:
+    if stage.scope == "project":
         return [project.prepared_log_dir(dataset) / "manifest.json"]
-    if stage == "serve":
-        return [run.manifest_path("smoke-test")]
-    return [run.manifest_path(stage)]
+    return [run.manifest_path(stage.checked_by or stage.name)]
+
+
+def _steps(stage: table.Stage, common: list[str], run: RunDir, force: bool, config) -> list[tuple[str, list[str]]]:
+    """(environment, argv) of each `ftpipe` command a pipeline stage runs, from the table rows.
+
+    `--force` goes only to commands that take it; a server step is start, check, stop.
+    """
+    def argv(row: table.Stage, *head: str) -> list[str]:
+        scoped = [] if row.scope == "project" else ["--run", run.name]
+        return [row.name, *head, *common, *scoped, *(["--force"] if force and row.force else [])]
+
+    env = table.environment_of(stage, config)
+    if stage.checked_by is None:
+        return [(env, argv(stage))]
+    check = table.get(stage.checked_by)
+    return [(env, argv(stage, "--detach")), (table.environment_of(check, config), argv(check)), (env, argv(stage, "stop"))]
 
 
 def _stamp(paths: list[Path]) -> list[tuple]:
@@ -79,18 +102,6 @@ def _stamp(paths: list[Path]) -> list[tuple]:
         m = read_manifest(p) or {}
         out.append((m.get("status"), m.get("started_at"), m.get("finished_at")))
     return out
-
-
-def _smoke_test_current(loaded, run: RunDir) -> bool:
-    # Starting a server only to repeat a passing smoke test of the same artifact is the one
-    # expensive no-op a second `ftpipe run` would do; the smoke stage knows its own inputs.
-    from ftpipe.core.errors import FtpipeError
-    from ftpipe.serve.smoke import passed_for_current_inputs
-
-    try:
-        return passed_for_current_inputs(loaded, run.name)
-    except FtpipeError:
-        return False  # not servable yet: let `serve` say why
 
 
 def run_pipeline(
@@ -125,54 +136,49 @@ def run_pipeline(
     tiny = loaded.config.model.tiny
     if tiny is not None and not (project.resolve(loaded.config.model.path) / "config.json").is_file():
         # The embedded tiny model is built on first use (no download), like any other input.
-        code = run_in_environment(project.root, "make-tiny-model", ["make-tiny-model", *common], runtime=runtime, compose_file=compose_file)
+        code = run_in_environment(project.root, "train", ["make-tiny-model", *common], runtime=runtime, compose_file=compose_file)
         if code != 0:
             raise StageError(f"building the tiny model at {loaded.config.model.path} failed (exit {code})",
                              hint=f"ftpipe make-tiny-model --config {config_path}")
-    for stage in stages:
+    for name in stages:
+        stage = table.get(name)
         if on_stage:
-            on_stage(stage, None)
+            on_stage(name, None)
         paths = _manifest_paths(project, run, stage, loaded.config.data.name)
         before = _stamp(paths)
         start = time.monotonic()
-        if stage == "serve" and not force and _smoke_test_current(loaded, run):
-            outcome = StageOutcome(stage, "skipped", time.monotonic() - start, [project.rel(p) for p in paths])
-            log.info("serve: a smoke test of this artifact, prompts and config already passed; skipped (--force reruns)")
+        # Starting a server only to repeat a passing check of the same artifact, prompts and config
+        # is the one expensive no-op a second `ftpipe run` would do: ask the checking stage first.
+        if stage.checked_by and not force and table.is_up_to_date(stage.checked_by, loaded, run):
+            outcome = StageOutcome(name, "skipped", time.monotonic() - start, [project.rel(p) for p in paths])
+            log.info("%s: a %s of this artifact, prompts and config already passed; skipped (--force reruns)",
+                     name, stage.checked_by)
             outcomes.append(outcome)
             if on_stage:
-                on_stage(stage, outcome)
+                on_stage(name, outcome)
             continue
-        scoped = [] if stage in NOT_RUN_SCOPED else ["--run", run.name]
-        extra = ["--force"] if force else []
-        if stage == "serve":
-            argv_list = [
-                ["serve", *common, *scoped, "--detach"],
-                ["smoke-test", *common, *scoped, *extra],
-                ["serve", "stop", *common, *scoped],
-            ]
-        else:
-            argv_list = [[stage, *common, *scoped, *extra]]
+        steps = _steps(stage, common, run, force, loaded.config)
         code = 0
-        for i, argv in enumerate(argv_list):
-            code = run_in_environment(project.root, argv[0], argv, runtime=runtime, compose_file=compose_file)
+        for i, (env, argv) in enumerate(steps):
+            code = run_in_environment(project.root, env, argv, runtime=runtime, compose_file=compose_file)
             if code != 0:
-                if stage == "serve" and i == 1:  # smoke test failed: still stop the server
-                    run_in_environment(project.root, "serve", argv_list[2], runtime=runtime, compose_file=compose_file)
+                if stage.checked_by and i == 1:  # the check failed: still stop the server
+                    run_in_environment(project.root, steps[2][0], steps[2][1], runtime=runtime, compose_file=compose_file)
                 break
         seconds = time.monotonic() - start
         after = _stamp(paths)
         if code != 0:
-            outcome = StageOutcome(stage, "failed", seconds, [project.rel(p) for p in paths])
+            outcome = StageOutcome(name, "failed", seconds, [project.rel(p) for p in paths])
             if on_stage:
-                on_stage(stage, outcome)
+                on_stage(name, outcome)
             log_dir = project.rel(paths[0].parent)
             raise StageError(
-                f"run {run.name}: stage {stage} failed (exit {code}); see {log_dir}/run.log",
-                hint=f"fix it, then ftpipe run --run {run.name} --from {stage} --config {config_path}",
+                f"run {run.name}: stage {name} failed (exit {code}); see {log_dir}/run.log",
+                hint=f"fix it, then ftpipe run --run {run.name} --from {name} --config {config_path}",
             )
         status = "skipped" if before == after and before[0][0] == "completed" else "completed"
-        outcome = StageOutcome(stage, status, seconds, [project.rel(p) for p in paths])
+        outcome = StageOutcome(name, status, seconds, [project.rel(p) for p in paths])
         outcomes.append(outcome)
         if on_stage:
-            on_stage(stage, outcome)
+            on_stage(name, outcome)
     return outcomes

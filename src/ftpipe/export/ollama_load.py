@@ -22,16 +22,14 @@ import logging
 from pathlib import Path
 
 from ftpipe.core.errors import InputError, StageError
-from ftpipe.core.runs import Project, open_run
-from ftpipe.core.stage import StageContext, StageResult, execute, require_completed
-from ftpipe.export.artifacts import CHAT_TEMPLATE_FILE, prompt_part, sample_conversations
+from ftpipe.core.stage import StageContext, StageResult, require_upstream
+from ftpipe.export.artifacts import CHAT_TEMPLATE_FILE, gguf_name
+from ftpipe.handoff.prepared import prompt, sample_conversations
 from ftpipe.export.chat_families import ChatFamily, detect_family
-from ftpipe.export.gguf import gguf_name
 from ftpipe.export.gotemplate import ollama_values, render
 
 log = logging.getLogger(__name__)
 
-STAGE = "ollama-load"
 TEMPLATE_CHECK = [
     {"role": "system", "content": "You are a terse assistant."},
     {"role": "user", "content": "Hi, who are you?"},
@@ -40,18 +38,16 @@ TEMPLATE_CHECK = [
 ]
 
 
-def stage(loaded, run_name: str | None = None) -> StageResult:
-    """Entry point used by the CLI.
+def prepare(ctx: StageContext) -> dict[str, Path]:
+    """The GGUF to load (`ctx.options["gguf"]`) and a chat template whose family is known.
+
+    The stage always runs (it talks to a server): its row in the stage table takes no --force.
 
     Raises:
-        InputError: no completed export-gguf, the chosen GGUF missing, unknown template family,
-            or no Ollama server at `ollama.host`.
-        StageError: the server refused a call, or the check chat did not answer and stop.
+        InputError: no completed export-gguf, the chosen GGUF missing, unknown template family.
     """
-    project = Project.from_config(loaded)
-    run = open_run(project, run_name)
-    cfg = loaded.config.ollama
-    require_completed(run, "export-gguf", "ftpipe export-gguf")
+    require_upstream(ctx)
+    run, project, cfg = ctx.run, ctx.project, ctx.config.ollama
     gguf = run.gguf / gguf_name(cfg.gguf)
     if not gguf.is_file():
         raise InputError(
@@ -60,14 +56,11 @@ def stage(loaded, run_name: str | None = None) -> StageResult:
         )
     template_file = run.merged / CHAT_TEMPLATE_FILE
     detect_family(template_file.read_text(encoding="utf-8") if template_file.is_file() else None, project.rel(template_file))
-    ctx = StageContext.for_run(STAGE, loaded, run, force=True, gguf=gguf)  # always talk to the server
-    return execute(
-        ctx, run_stage, sections=("ollama",),
-        inputs={"export-gguf": run.manifest_path("export-gguf"), "gguf": gguf}, environment="train",
-    )
+    ctx.options["gguf"] = gguf
+    return {"export-gguf": run.manifest_path("export-gguf"), "gguf": gguf}
 
 
-def run_stage(ctx: StageContext) -> StageResult:
+def run(ctx: StageContext) -> StageResult:
     """Check the template, upload, create, chat."""
     import httpx
     import ollama
@@ -96,7 +89,7 @@ def run_stage(ctx: StageContext) -> StageResult:
         log.info("created Ollama model %s (%s template, stops %s)", name, family.name, list(family.stop))
 
         conversations, _ = sample_conversations(project, ctx.config.data.name, 1)
-        messages = prompt_part(conversations[0])
+        messages = prompt(conversations[0])
         reply = client.chat(
             model=name, messages=messages, stream=False,
             options={"temperature": 0, "num_predict": cfg.max_tokens},

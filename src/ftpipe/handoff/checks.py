@@ -1,9 +1,14 @@
-"""Prompt checks for `eval-sft`: read the checks file (YAML or JSON) and judge one output.
+"""Prompt checks: read the checks file (YAML or JSON) and judge one output.
+
+`eval-sft` judges each artifact's greedy output in process, `smoke-test` the served model's
+answer over the OpenAI API; both parse `eval.prompts_file` with `load_checks` and judge with
+`judge`, so a check means the same thing in both.
 
 A checks file holds `checks:`, a list of `{name, system?, prompt, expect}` where `expect` has any
 of `exact` (whole output, stripped), `contains` (substring, or a list of substrings), `regex`
 (`re.search`), `max_length` (characters) and `must_stop` (generation ended with an end-of-turn
-token before `eval.max_new_tokens`). Every expectation listed must hold for the check to pass.
+token before the token limit: `eval.max_new_tokens`, or finish_reason "stop" within
+`smoke_test.max_tokens`). Every expectation listed must hold for the check to pass.
 `data/demo/eval_prompts.json` is an example.
 
     ftpipe eval-sft --config debug_config.yaml --set eval.prompts_file=data/demo/eval_prompts.json

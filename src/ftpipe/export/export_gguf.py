@@ -26,63 +26,44 @@ from pathlib import Path
 
 from ftpipe.core.errors import InputError, StageError
 from ftpipe.core.executor import run_tool
-from ftpipe.core.manifest import read_manifest
-from ftpipe.core.runs import Project, RunDir, open_run
-from ftpipe.core.stage import StageContext, StageResult, execute, require_completed
+from ftpipe.core.runs import Project, RunDir
+from ftpipe.core.stage import StageContext, StageResult, require_upstream, upstream_state
 from ftpipe.export.artifacts import (
     fresh_tmp_dir,
+    gguf_name,
     is_adapter_only,
-    prompt_part,
     replace_dir,
     require_full_model,
-    sample_conversations,
 )
+from ftpipe.handoff.prepared import prompt, sample_conversations
 
 log = logging.getLogger(__name__)
 
-STAGE = "export-gguf"
 CONVERTER_ENV = "FTPIPE_LLAMA_CPP_DIR"  # set in the llama-cpp Compose image
 QUANTIZED_BY_TOOL = {"q4_k_m": "Q4_K_M"}  # made from the f16 file by llama-quantize
 
 
-def gguf_name(outtype: str) -> str:
-    """File name of one GGUF type inside outputs/<run>/gguf/."""
-    return f"model-{outtype}.gguf"
-
-
-def preflight(loaded, run_name: str | None, source: Path | None = None) -> Path:
-    """The HF folder to convert, checked before any heavy work (and before delegating).
+def prepare(ctx: StageContext) -> dict[str, Path]:
+    """The HF folder to convert (`ctx.options["source"]`, from --from, else the run's merged model),
+    checked before any heavy work; runs on the host before delegating too.
 
     Raises:
         InputError: adapter-only input, incomplete folder, or no merged model in the run.
     """
-    project = Project.from_config(loaded)
-    run = open_run(project, run_name)
+    run, project = ctx.run, ctx.project
     hint = f"ftpipe export-merged --run {run.name}"
+    source = ctx.options.get("source")
     if source is not None:
         folder = project.resolve(source)
         require_full_model(folder, project, hint=hint)
-        return folder
-    if read_manifest(run.manifest_path("export-merged")) is None and is_adapter_only(run.adapter):
+        ctx.options["source"] = folder
+        return {"model": folder}
+    if upstream_state(run, "export-merged") == "missing" and is_adapter_only(run.adapter):
         require_full_model(run.adapter, project, hint=hint)  # raises the adapter-only message
-    require_completed(run, "export-merged", "ftpipe export-merged")
+    require_upstream(ctx)
     require_full_model(run.merged, project, hint=f"{hint} --force")
-    return run.merged
-
-
-def stage(loaded, run_name: str | None = None, force: bool = False, source: Path | None = None) -> StageResult:
-    """Entry point used by the CLI and `ftpipe run`.
-
-    Raises:
-        InputError: see `preflight`; converter missing.
-        StageError: conversion failed, or a GGUF disagrees with the HF model.
-    """
-    folder = preflight(loaded, run_name, source)
-    project = Project.from_config(loaded)
-    run = open_run(project, run_name)
-    inputs = {"model": folder} if source is not None else {"export-merged": run.manifest_path("export-merged")}
-    ctx = StageContext.for_run(STAGE, loaded, run, force, source=folder)
-    return execute(ctx, run_stage, sections=("gguf",), inputs=inputs, environment="gguf")
+    ctx.options["source"] = run.merged
+    return {"export-merged": run.manifest_path("export-merged")}
 
 
 def converter_dir(cfg_dir: str | None, project: Project) -> Path:
@@ -104,7 +85,7 @@ def converter_dir(cfg_dir: str | None, project: Project) -> Path:
     )
 
 
-def run_stage(ctx: StageContext) -> StageResult:
+def run(ctx: StageContext) -> StageResult:
     """Convert, quantize, verify, move into place."""
     run: RunDir = ctx.run
     project, cfg = ctx.project, ctx.config.gguf
@@ -201,7 +182,7 @@ def verify(source: Path, files: dict[str, Path], project: Project, dataset: str,
     model.eval()
     conversations, sample_source = sample_conversations(project, dataset, cfg.verify_prompts)
     prompts = [
-        tokenizer.apply_chat_template(prompt_part(c), tokenize=False, add_generation_prompt=True)
+        tokenizer.apply_chat_template(prompt(c), tokenize=False, add_generation_prompt=True)
         for c in conversations
     ]
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -304,7 +285,7 @@ def _check_gguf(path, prompts, prompt_ids, reference, tokenizer, conversation, h
     if template:
         rendered = Jinja2ChatFormatter(
             template=template, eos_token=tokenizer.eos_token or "", bos_token=tokenizer.bos_token or ""
-        )(messages=prompt_part(conversation)).prompt
+        )(messages=prompt(conversation)).prompt
         # Tokenized as llama.cpp's runtime does: its own BOS rule unless the text already starts
         # with BOS (so a template that relies on a BOS the GGUF will not add shows up here).
         bos_text = tokenizer.bos_token or ""

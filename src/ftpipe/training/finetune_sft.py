@@ -21,35 +21,31 @@ from pathlib import Path
 from typing import Any
 
 from ftpipe.core.errors import ConfigError, InputError, StageError
+from ftpipe.core.logs import WORKER_LOG_ENV
 from ftpipe.core.model_ref import resolve_model
-from ftpipe.core.runs import Project, RunDir, new_run
-from ftpipe.core.stage import StageContext, StageResult, execute
+from ftpipe.core.runs import Project, RunDir
+from ftpipe.core.stage import StageContext, StageResult
 from ftpipe.training.checkpoints import list_checkpoints, resolve_resume
 from ftpipe.training.sft import RESULTS_FILE, TENSORBOARD_DIR, TrainJob
 
 log = logging.getLogger(__name__)
 
-STAGE = "finetune-sft"
 SAMPLE_ROWS = 200  # conversations tokenized to decide on packing
 
 
-def stage(loaded, run_name: str | None = None, force: bool = False, **options: Any) -> StageResult:
-    """Create (or reuse with --run) the run and execute the stage under the manifest lifecycle.
+def prepare(ctx: StageContext) -> dict[str, Path]:
+    """Everything training needs, checked before the run folder is created (`new-run` scope).
 
-    Options: `resume_from` (None | "latest" | "auto" | checkpoint path), `progress` (callable
-    receiving progress events, used by the CLI's progress bar).
+    `ctx.options`: `resume_from` (None | "latest" | "auto" | checkpoint path), `progress`
+    (callable receiving progress events, used by the CLI's progress bar).
 
     Raises:
         InputError: prepared dataset missing (names `ftpipe preprocess-sft`), bad run name.
         ConfigError: settings this machine cannot run (QLoRA without CUDA...).
     """
-    cfg = loaded.config
-    project = Project.from_config(loaded)
-    inputs = _inputs(project, cfg)  # checked before a run folder is created
-    _check_hardware(cfg.finetune, project)
-    run_dir = new_run(project, run_name, model=cfg.model.id or cfg.model.path or "model", data=cfg.data.name)
-    ctx = StageContext.for_run(STAGE, loaded, run_dir, force, **options)
-    return execute(ctx, run, sections=("data", "finetune"), inputs=inputs, environment="train")
+    inputs = _inputs(ctx.project, ctx.config)
+    _check_hardware(ctx.config.finetune, ctx.project)
+    return inputs
 
 
 def _accelerate_config(project: Project, ft) -> tuple[Path, dict]:
@@ -119,8 +115,9 @@ def run(ctx: StageContext) -> StageResult:
     """The stage body: plan, prepare the trainer_state folder, train (here or in workers), report."""
     from transformers import AutoConfig, AutoTokenizer
 
+    from ftpipe.handoff.prepared import read_training_rows
     from ftpipe.training.plan import make_plan
-    from ftpipe.training.sft import read_messages, train
+    from ftpipe.training.sft import train
 
     cfg = ctx.config
     ft = cfg.finetune
@@ -141,7 +138,7 @@ def run(ctx: StageContext) -> StageResult:
             "the messages rows",
             hint="use an instruct/chat model, or add chat_template.jinja to the model folder",
         )
-    rows = read_messages(train_file)
+    rows = read_training_rows(train_file)
     if not rows:
         raise InputError(f"{project.rel(train_file)}: no rows", hint="ftpipe preprocess-sft --force")
     plan = make_plan(ft, model_config, ft.method, _sample_lengths(tokenizer, rows[:SAMPLE_ROWS]))
@@ -164,8 +161,8 @@ def run(ctx: StageContext) -> StageResult:
     # export-merged recognises it and says there is nothing to merge.
     final_dir = run_dir.adapter
     job = TrainJob(
-        finetune=ft.model_dump(mode="json"),
-        plan=plan.record(),
+        finetune=ft,
+        plan=plan,
         load_from=model_ref.load_from,
         model_kwargs=model_kwargs,
         base_model_record=model_ref.record(project.root),
@@ -238,7 +235,7 @@ def _launch_workers(ctx: StageContext, job: TrainJob, device: str) -> None:
     """
     ft = ctx.config.finetune
     job_file = ctx.log_dir / "train_job.json"
-    job.to_json(job_file)
+    job.write(job_file)
     launching = str(ft.num_processes)
     bin_dir = Path(sys.executable).parent
     worker = ["-m", "ftpipe.training.worker", str(job_file)]
@@ -255,7 +252,7 @@ def _launch_workers(ctx: StageContext, job: TrainJob, device: str) -> None:
         argv = [str(bin_dir / "torchrun"), "--standalone", "--nproc_per_node", str(ft.num_processes), *worker]
     else:
         argv = [str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(ft.num_processes), *worker]
-    env = {**os.environ, "FTPIPE_WORKER_LOG": str(ctx.log_dir / "run.log")}
+    env = {**os.environ, WORKER_LOG_ENV: str(ctx.log_dir / "run.log")}  # rank 0 appends to run.log
     if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         from ftpipe.training.plan import thread_count
 

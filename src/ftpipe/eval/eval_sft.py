@@ -21,24 +21,24 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
-from ftpipe.core.config import LoadedConfig
 from ftpipe.core.errors import ConfigError, InputError, StageError
 from ftpipe.core.executor import ENV_MARKER, ENVIRONMENTS, run_tool, venv_python
 from ftpipe.core.fsutil import atomic_write_json, atomic_write_text, read_json
+from ftpipe.core.logs import WORKER_LOG_ENV
 from ftpipe.core.manifest import read_manifest
-from ftpipe.core.model_ref import ModelRef, resolve_model
-from ftpipe.core.runs import Project, RunDir, open_run
-from ftpipe.core.stage import StageContext, StageResult, execute, require_completed
+from ftpipe.core.model_ref import ModelRef
+from ftpipe.core.stage import StageContext, StageResult, require_upstream
+from ftpipe.eval.spec import ArtifactSpec, EvalSpec
+from ftpipe.handoff.base_model import read_base_model
+from ftpipe.handoff.checks import load_checks
+from ftpipe.stages import PRODUCED_BY
 
 log = logging.getLogger(__name__)
 
-STAGE = "eval-sft"
 ARTIFACTS = ("base", "adapter", "merged", "awq")
-# Artifacts other stages produce: (stage whose manifest vouches for it, command that makes it).
-PRODUCED_BY = {"merged": ("export-merged", "ftpipe export-merged"), "awq": ("convert-awq", "ftpipe convert-awq")}
+EVALUATED_ARTIFACTS = ("merged", "awq")  # made by other stages (the stage table's PRODUCED_BY)
 AWQ_ENV_MISSING = "awq environment not installed (bash scripts/bootstrap.sh awq)"
 
 
@@ -54,33 +54,29 @@ class Artifact:
     adapter: str | None = None
     skipped: str | None = None
 
-    def spec(self) -> dict[str, Any]:
-        return {
-            "name": self.name, "model": self.model, "revision": self.revision,
-            "tokenizer": self.tokenizer, "adapter": self.adapter,
-        }
+    def spec(self) -> ArtifactSpec:
+        return ArtifactSpec(name=self.name, model=self.model, revision=self.revision,
+                            tokenizer=self.tokenizer, adapter=self.adapter)
 
 
-def stage(loaded: LoadedConfig, run_name: str | None, force: bool = False, **opts: Any) -> StageResult:
-    """Check inputs, then evaluate every artifact of the run under the manifest lifecycle.
+def prepare(ctx: StageContext) -> dict[str, Path]:
+    """Check inputs and plan the artifacts (`ctx.options["plan"]`); the inputs to record.
 
     Raises:
         InputError / ConfigError: finetune-sft not completed, no val split, bad checks file,
             unresolvable base model, lm-eval tasks without lm-eval (exit 2).
-        StageError: an artifact failed to load or evaluate (exit 1; metrics.json still written).
     """
-    project = Project.from_config(loaded)
-    run = open_run(project, run_name)
-    ctx = StageContext.for_run(STAGE, loaded, run, force, **opts)
+    run = ctx.run
     ctx.options["plan"] = plan = preflight(ctx)
     inputs = {"finetune": run.manifest_path("finetune-sft"), "val": plan["val_file"]}
     if plan["prompts_file"] is not None:
         inputs["prompts"] = plan["prompts_file"]
-    for name, (upstream, _) in PRODUCED_BY.items():
+    for name in EVALUATED_ARTIFACTS:
+        upstream = PRODUCED_BY[name].name
         if run.manifest_path(upstream).exists():
             inputs[name] = run.manifest_path(upstream)
-    inputs["awq_environment"] = venv_python(project.root, ENVIRONMENTS["awq"])
-    return execute(ctx, run_eval, sections=("eval", "data"), inputs=inputs, environment="train")
+    inputs["awq_environment"] = venv_python(ctx.project.root, ENVIRONMENTS["awq"])
+    return inputs
 
 
 def preflight(ctx: StageContext) -> dict[str, Any]:
@@ -92,10 +88,8 @@ def preflight(ctx: StageContext) -> dict[str, Any]:
     Raises:
         InputError / ConfigError: listing every problem found at once.
     """
-    from ftpipe.eval.checks import load_checks
-
     cfg, run, project = ctx.config.eval, ctx.run, ctx.project
-    require_completed(run, "finetune-sft", "ftpipe finetune-sft")
+    require_upstream(ctx)
     problems: list[str] = []
     val_file = project.prepared_dir(ctx.config.data.name) / "val.jsonl"
     if not val_file.is_file():
@@ -104,7 +98,7 @@ def preflight(ctx: StageContext) -> dict[str, Any]:
         problems.append(f"val split {project.rel(val_file)} is empty (preprocess.val_fraction is 0?)")
     base: ModelRef | None = None
     try:
-        base = base_model(run)
+        base = read_base_model(run)
     except InputError as exc:
         problems.append(exc.message)
     prompts_file = checks = None
@@ -129,27 +123,6 @@ def preflight(ctx: StageContext) -> dict[str, Any]:
     }
 
 
-def base_model(run: RunDir) -> ModelRef:
-    """The adapter's base model, from outputs/<run>/adapter/ftpipe_base_model.json.
-
-    Raises:
-        InputError: the file is missing or invalid, or the model it names cannot be found.
-    """
-    project = run.project
-    ref_file = run.adapter / "ftpipe_base_model.json"
-    data = read_json(ref_file)
-    if not isinstance(data, dict) or not (data.get("path") or data.get("id")):
-        raise InputError(
-            f"{project.rel(ref_file)}: missing or invalid (expected {{\"id\", \"revision\", \"path\"}})",
-            hint=f"ftpipe finetune-sft --run {run.name} --force",
-        )
-    ref = SimpleNamespace(id=data.get("id"), revision=data.get("revision"), path=data.get("path"), tiny=None)
-    try:
-        return resolve_model(ref, project.root)
-    except InputError as exc:
-        raise InputError(f"{project.rel(ref_file)}: base model: {exc.message}", hint=exc.hint) from None
-
-
 def plan_artifacts(ctx: StageContext, base: ModelRef) -> list[Artifact]:
     """Which artifacts are evaluated, where, and why the others are skipped."""
     run, project, wanted = ctx.run, ctx.project, ctx.config.eval.artifacts
@@ -166,7 +139,7 @@ def plan_artifacts(ctx: StageContext, base: ModelRef) -> list[Artifact]:
             art.adapter = adapter_dir if name == "adapter" else None
             continue
         folder = run.merged if name == "merged" else run.awq
-        upstream, command = PRODUCED_BY[name]
+        upstream, command = PRODUCED_BY[name].name, PRODUCED_BY[name].command
         manifest = read_manifest(run.manifest_path(upstream))
         status = manifest.get("status") if manifest else None
         if not (folder / "config.json").is_file():
@@ -189,16 +162,11 @@ def plan_artifacts(ctx: StageContext, base: ModelRef) -> list[Artifact]:
     return plan
 
 
-def run_eval(ctx: StageContext) -> StageResult:
+def run(ctx: StageContext) -> StageResult:
     """Evaluate the planned artifacts, write metrics.json + generations.jsonl, fail on any failure."""
     cfg, run, project, plan = ctx.config.eval, ctx.run, ctx.project, ctx.options["plan"]
     out = run.eval
     out.mkdir(parents=True, exist_ok=True)
-    settings = {
-        "val_file": str(plan["val_file"]), "max_val_rows": cfg.max_val_rows, "max_length": cfg.max_length,
-        "batch_tokens": cfg.batch_tokens, "checks": plan["checks"], "max_new_tokens": cfg.max_new_tokens,
-        "samples": cfg.samples, "dtype": ctx.config.model.dtype,
-    }
     artifacts: dict[str, dict[str, Any]] = {}
     generations: list[dict[str, Any]] = []
     todo = [a for a in plan["artifacts"] if not a.skipped]
@@ -207,12 +175,12 @@ def run_eval(ctx: StageContext) -> StageResult:
     if local:
         from ftpipe.eval.measure import evaluate_spec
 
-        result = evaluate_spec({**settings, "environment": "train", "artifacts": [a.spec() for a in local]})
+        result = evaluate_spec(eval_spec(ctx, local, "train"))
         artifacts.update(result["artifacts"])
         generations.extend(result["generations"])
 
     for art in (a for a in todo if a.environment != "train"):
-        result = _run_worker(ctx, art, settings)
+        result = _run_worker(ctx, art, eval_spec(ctx, [art], ENVIRONMENTS[art.environment].name))
         artifacts.update(result["artifacts"])
         generations.extend(result["generations"])
 
@@ -251,7 +219,18 @@ def run_eval(ctx: StageContext) -> StageResult:
     )
 
 
-def _run_worker(ctx: StageContext, art: Artifact, settings: dict[str, Any]) -> dict[str, Any]:
+def eval_spec(ctx: StageContext, arts: list[Artifact], environment: str) -> EvalSpec:
+    """What `evaluate_spec` measures `arts` with in `environment`: the settings of the `eval` config."""
+    cfg, plan = ctx.config.eval, ctx.options["plan"]
+    return EvalSpec(
+        artifacts=[a.spec() for a in arts], environment=environment, val_file=plan["val_file"],
+        max_val_rows=cfg.max_val_rows, max_length=cfg.max_length, batch_tokens=cfg.batch_tokens,
+        checks=plan["checks"], max_new_tokens=cfg.max_new_tokens, samples=cfg.samples,
+        dtype=ctx.config.model.dtype,
+    )
+
+
+def _run_worker(ctx: StageContext, art: Artifact, spec: EvalSpec) -> dict[str, Any]:
     """Evaluate one artifact in its own environment via `python -m ftpipe.eval.worker`."""
     import ftpipe
 
@@ -259,11 +238,12 @@ def _run_worker(ctx: StageContext, art: Artifact, settings: dict[str, Any]) -> d
     spec_file = ctx.run.eval / f"{art.name}-spec.json"
     result_file = ctx.run.eval / f"{art.name}-result.json"
     result_file.unlink(missing_ok=True)
-    atomic_write_json(spec_file, {**settings, "environment": env.name, "artifacts": [art.spec()]})
+    spec.write(spec_file)
     python = venv_python(ctx.project.root, env)
     # Same source tree as this process, whether or not the venv has ftpipe installed.
     src = str(Path(ftpipe.__file__).resolve().parents[1])
-    child_env = {**os.environ, ENV_MARKER: env.name, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+    child_env = {**os.environ, ENV_MARKER: env.name, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
+                 WORKER_LOG_ENV: str(ctx.log_dir / "run.log")}  # its log lines also go to run.log, live
     log.info("eval %s: running in environment %s (%s)", art.name, env.name, env.venv)
     try:
         run_tool(

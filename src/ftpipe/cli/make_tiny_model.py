@@ -1,19 +1,21 @@
-"""Commands `make-tiny-model` and `print-runtime`."""
+"""Command `make-tiny-model`: a tiny local model + tokenizer + chat template (no hub download).
+
+    ftpipe make-tiny-model --out models/tiny
+    ftpipe make-tiny-model --config debug_config.yaml
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Optional
 
 import typer
 
-from ftpipe.cli.common import DEFAULT_CONFIG, ConfigOpt, ForceOpt, RunOpt, SetOpt, console, load
+from ftpipe.cli.common import ForceOpt, SetOpt, console, load
 
 
 def register(app: typer.Typer) -> None:
     app.command("make-tiny-model")(make_tiny_model)
-    app.command("print-runtime")(print_runtime)
 
 
 def make_tiny_model(
@@ -39,7 +41,7 @@ def make_tiny_model(
 
     from ftpipe.cli.common import setup_logging
     from ftpipe.core.errors import ConfigError
-    from ftpipe.training.config import TinyModelConfig
+    from ftpipe.core.config import TinyModelConfig
     from ftpipe.training.tiny_model import build
 
     setup_logging()
@@ -70,35 +72,3 @@ def make_tiny_model(
         return
     info = build(out, cfg, texts)
     console.print(f"[green]tiny {info['arch']} model[/green] -> {out} ({info['parameters']:,} parameters, vocab {info['vocab_size']})")
-
-
-def print_runtime(
-    config: ConfigOpt = DEFAULT_CONFIG,
-    sets: SetOpt = None,
-    run: RunOpt = None,
-    fmt: Annotated[Literal["json", "text"], typer.Option("--format", help="json or text.")] = "text",
-) -> None:
-    """Resolved paths, environments and their versions, devices, Docker availability."""
-    from ftpipe.core.errors import InputError
-    from ftpipe.core.runs import Project, open_run
-    from ftpipe.core.runtime_info import runtime_report
-
-    loaded = load(config, sets)
-    project = Project.from_config(loaded)
-    try:
-        run_dir = open_run(project, run)
-    except InputError:
-        if run is not None:
-            raise
-        run_dir = None
-    report = runtime_report(loaded, run_dir)
-    if fmt == "json":
-        typer.echo(json.dumps(report, indent=2))
-        return
-    for key, value in report.items():
-        if isinstance(value, dict):
-            console.print(f"[bold]{key}[/bold]")
-            for k, v in value.items():
-                console.print(f"  {k}: {v}")
-        else:
-            console.print(f"[bold]{key}[/bold]: {value}")

@@ -4,29 +4,29 @@ Where it sits: after `ftpipe serve` (any artifact). With the official `openai` c
 first `smoke_test.prompts` val conversations of the run's dataset (greedy) and checks that every
 answer is non-empty and ends at EOS (finish_reason "stop", not "length"); it compares the server's
 tokenization of chat messages (vLLM `/tokenize`) with HF `apply_chat_template` on the served
-folder's tokenizer; and when `eval.prompts_file` exists it runs its checks (exact / contains /
-regex). Results go to logs/<run>/smoke-test/results.json, the manifest beside it.
+folder's tokenizer; and when `eval.prompts_file` exists it runs its checks, parsed and judged as
+eval-sft does (`ftpipe.handoff.checks`; `must_stop` = finish_reason "stop"). The val prompts are
+`ftpipe.handoff.prepared.prompt` of each conversation. Results go to
+logs/<run>/smoke-test/results.json, the manifest beside it.
 
     ftpipe smoke-test --config debug_config.yaml
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
 from ftpipe.core.errors import InputError, StageError
 from ftpipe.core.fsutil import atomic_write_json
-from ftpipe.core.runs import Project, open_run
-from ftpipe.core.stage import StageContext, StageResult, execute, up_to_date
-from ftpipe.serve.server import Served, base_url, resolve_artifact
+from ftpipe.core.stage import StageContext, StageResult
+from ftpipe.handoff.checks import judge, load_checks
+from ftpipe.handoff.prepared import split_prompts
+from ftpipe.serve.served import Served, base_url, resolve_artifact
 
 log = logging.getLogger(__name__)
 
-STAGE = "smoke-test"
 RESULTS = "results.json"
 
 
@@ -37,67 +37,22 @@ def endpoint(cfg) -> str:
     return base_url(cfg.serve.host, cfg.serve.port) + "/v1"
 
 
-def val_conversations(val_file: Path, limit: int) -> list[list[dict[str, Any]]]:
-    """The first `limit` val rows as chat prompts: every turn before the last assistant turn.
+def check_verdict(check: dict[str, Any], answer: str, finish_reason: str | None) -> dict[str, Any]:
+    """One prompt check's result from the served model's answer, judged as eval-sft judges it.
 
-    Raises:
-        InputError: the file is missing or holds no usable conversation.
+    Args:
+        check: a check of `ftpipe.handoff.checks.load_checks`.
+        answer: the OpenAI chat answer's text.
+        finish_reason: its finish_reason; `must_stop` holds for "stop" (the model ended its turn),
+            not "length" (cut at `smoke_test.max_tokens`).
+
+    Returns:
+        {"name", "prompt", "answer", "finish_reason", "passed", "problems"}: problems are the
+        failed expectations (`ftpipe.handoff.checks.judge`).
     """
-    prompts = []
-    with open(val_file, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                messages = json.loads(line)["messages"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise InputError(f"{val_file}:{line_no}: not a prepared row ({{\"messages\": [...]}})",
-                                 hint="ftpipe preprocess-sft --force") from None
-            last_assistant = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=len(messages))
-            prompt = [{"role": m["role"], "content": m.get("content") or ""} for m in messages[:last_assistant]]
-            if any(m["role"] == "user" for m in prompt):
-                prompts.append(prompt)
-            if len(prompts) >= limit:
-                break
-    if not prompts:
-        raise InputError(f"{val_file}: no conversation with a user turn", hint="ftpipe preprocess-sft --force")
-    return prompts
-
-
-def load_prompt_checks(path: Path) -> list[dict[str, Any]]:
-    """Checks from an eval prompts file (JSON or YAML): {"checks": [{name, system?, prompt, expect}]}.
-
-    Raises:
-        InputError: naming the file and the bad entry.
-    """
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise InputError(f"{path}: not valid JSON/YAML ({exc.__class__.__name__})") from None
-    checks = data.get("checks") if isinstance(data, dict) else None
-    if not isinstance(checks, list):
-        raise InputError(f"{path}: expected a mapping with a `checks` list")
-    for i, check in enumerate(checks):
-        expect = check.get("expect") if isinstance(check, dict) else None
-        if not isinstance(check, dict) or not isinstance(check.get("prompt"), str) or not isinstance(expect, dict) \
-                or not expect or set(expect) - {"exact", "contains", "regex"}:
-            raise InputError(f"{path}: checks[{i}]: needs `prompt` and `expect` with exact / contains / regex")
-    return checks
-
-
-def check_answer(answer: str, expect: dict[str, str]) -> list[str]:
-    """What is wrong with `answer` against `expect` (empty when it passes)."""
-    text = answer.strip()
-    problems = []
-    if "exact" in expect and text != str(expect["exact"]).strip():
-        problems.append(f"expected exactly {expect['exact']!r}")
-    if "contains" in expect and str(expect["contains"]) not in text:
-        problems.append(f"expected to contain {expect['contains']!r}")
-    if "regex" in expect and not re.search(str(expect["regex"]), text):
-        problems.append(f"expected to match /{expect['regex']}/")
-    return problems
+    problems = judge(answer, finish_reason == "stop", check["expect"])
+    return {"name": check["name"], "prompt": check["prompt"], "answer": answer, "finish_reason": finish_reason,
+            "passed": not problems, "problems": problems}
 
 
 def _chat(client, model: str, messages, max_tokens: int) -> tuple[str, str | None]:
@@ -169,21 +124,18 @@ def run(ctx: StageContext) -> StageResult:
     checks_out = []
     checks_file: Path | None = ctx.options.get("checks_file")
     if checks_file is not None:
-        for i, check in enumerate(load_prompt_checks(checks_file)):
-            messages = ([{"role": "system", "content": check["system"]}] if check.get("system") else []) + [
+        for check in load_checks(checks_file, ctx.project.rel(checks_file)):
+            messages = ([{"role": "system", "content": check["system"]}] if check["system"] else []) + [
                 {"role": "user", "content": check["prompt"]}
             ]
             text, finish = _chat(client, served.name, messages, st.max_tokens)
-            wrong = check_answer(text, check["expect"])
-            name = check.get("name") or f"checks[{i}]"
-            checks_out.append({"name": name, "prompt": check["prompt"], "answer": text, "finish_reason": finish,
-                               "passed": not wrong, "problems": wrong})
+            checks_out.append(check_verdict(check, text, finish))
         if checks_out:
             passed = sum(c["passed"] for c in checks_out)
             rate = passed / len(checks_out)
             if rate < st.min_check_pass_rate:
                 failed = [c for c in checks_out if not c["passed"]]
-                first = "; ".join(f"{c['name']}: answer {c['answer'].strip()[:40]!r} {'; '.join(c['problems'])}" for c in failed[:2])
+                first = "; ".join(f"{c['name']}: answer {c['answer'].strip()[:40]!r}: {'; '.join(c['problems'])}" for c in failed[:2])
                 problems.append(f"prompt checks: {passed}/{len(checks_out)} passed ({rate:.0%}) < "
                                 f"smoke_test.min_check_pass_rate {st.min_check_pass_rate:.0%} ({first})")
 
@@ -215,17 +167,22 @@ def run(ctx: StageContext) -> StageResult:
     )
 
 
-def _prepare(loaded, run_name: str | None, force: bool):
-    """The stage context and inputs: the run, the served artifact, val prompts, checks file."""
-    cfg = loaded.config
-    project = Project.from_config(loaded)
-    run_dir = open_run(project, run_name)
-    served = resolve_artifact(run_dir, cfg.serve.artifact, cfg.serve.gguf_type)
+def prepare(ctx: StageContext) -> dict[str, Path]:
+    """The served artifact, the val prompts and the checks file (in `ctx.options`); the inputs.
+
+    The smoke test always runs when called on its own (a server that was up yesterday proves
+    nothing today: its row in the stage table says so); `ftpipe run` asks whether it is up to date
+    first and does not even start a server when the same artifact, prompts and config passed.
+
+    Raises:
+        InputError: the artifact's stage has not completed, or no val split.
+    """
+    cfg, project = ctx.config, ctx.project
+    served = resolve_artifact(ctx.run, cfg.serve.artifact, cfg.serve.gguf_type)
     val_file = project.prepared_dir(cfg.data.name) / "val.jsonl"
     if not val_file.is_file():
         raise InputError(f"no val split for dataset {cfg.data.name} ({project.rel(val_file)} missing)",
                          hint="ftpipe preprocess-sft")
-    prompts = val_conversations(val_file, cfg.smoke_test.prompts)
     checks_file = None
     if cfg.smoke_test.prompt_checks and cfg.eval.prompts_file:
         candidate = project.resolve(cfg.eval.prompts_file)
@@ -233,28 +190,8 @@ def _prepare(loaded, run_name: str | None, force: bool):
             checks_file = candidate
         else:
             log.warning("eval.prompts_file %s does not exist: prompt checks skipped", cfg.eval.prompts_file)
+    ctx.options.update(served=served, prompts=split_prompts(val_file, cfg.smoke_test.prompts), checks_file=checks_file)
     inputs = {"artifact": served.upstream_manifest, "val": val_file}
     if checks_file is not None:
         inputs["prompts_file"] = checks_file
-    ctx = StageContext.for_run(STAGE, loaded, run_dir, force=force, served=served, prompts=prompts, checks_file=checks_file)
-    return ctx, inputs
-
-
-SECTIONS = ("serve", "smoke_test", "eval", "data")
-
-
-def stage(loaded, run_name: str | None, force: bool = True, **opts) -> StageResult:
-    """Entry point: resolve the run, the served artifact and the prompts, then execute().
-
-    The smoke test always runs when called on its own (a server that was up yesterday proves
-    nothing today); `ftpipe run` asks `passed_for_current_inputs` first and does not even start a
-    server when the same artifact, prompts and config already passed.
-    """
-    ctx, inputs = _prepare(loaded, run_name, force)
-    return execute(ctx, run, sections=SECTIONS, inputs=inputs, environment="serve")
-
-
-def passed_for_current_inputs(loaded, run_name: str | None) -> bool:
-    """True when a completed smoke test exists for exactly this artifact, prompts and config."""
-    ctx, inputs = _prepare(loaded, run_name, force=False)
-    return up_to_date(ctx, sections=SECTIONS, inputs=inputs)
+    return inputs

@@ -4,8 +4,9 @@ Sits after `export-merged` and before `eval-sft` / `serve`: reads outputs/<run>/
 llm-compressor's AWQ on rows of the run's own training data (prepared/<data.name>/train.jsonl,
 rendered with the chat template), writes outputs/<run>/awq/ (compressed-tensors safetensors,
 tokenizer, chat template) and verifies it before publishing: the output reloads with transformers,
-val perplexity next to the merged model's, size vs the fp16 size of the merged weights, and greedy
-agreement on val prompts. Runs in the awq environment (`.venv-awq`, Compose `awq-runner`) because
+val perplexity over assistant tokens next to the merged model's (`ftpipe.handoff.measure`, the
+function eval-sft reports), size vs the fp16 size of the merged weights, and greedy agreement on
+val prompts. Runs in the awq environment (`.venv-awq`, Compose `awq-runner`) because
 llm-compressor pins its own transformers.
 
     ftpipe convert-awq --config debug_config.yaml --run my-run
@@ -17,47 +18,48 @@ import contextlib
 import importlib.util
 import logging
 import shutil
+from pathlib import Path
 from typing import Iterator
 
 from ftpipe.core.errors import InputError, StageError
-from ftpipe.core.manifest import read_manifest
-from ftpipe.core.runs import Project, RunDir, open_run
-from ftpipe.core.stage import StageContext, StageResult, execute, require_completed
+from ftpipe.core.stage import StageContext, StageResult, upstream_state
 from ftpipe.export import awq_quality as q
 from ftpipe.export.artifacts import fresh_tmp_dir, replace_dir
+from ftpipe.handoff.base_model import BASE_MODEL_FILE
+from ftpipe.handoff.measure import greedy, perplexity
+from ftpipe.handoff.prepared import prompt, read_split
 
 log = logging.getLogger(__name__)
 
-STAGE = "convert-awq"
 # Copied from the merged folder when present (the tokenizer is re-saved; these are taken verbatim).
-CARRIED_FILES = ("chat_template.jinja", "generation_config.json", "ftpipe_base_model.json")
+CARRIED_FILES = ("chat_template.jinja", "generation_config.json", BASE_MODEL_FILE)
+# Tokens per perplexity forward pass (rows of one width batched together): only speed and memory
+# depend on it.
+PERPLEXITY_BATCH_TOKENS = 4096
 
 
-def preflight(loaded, run_name: str | None) -> RunDir:
+def prepare(ctx: StageContext) -> dict[str, Path]:
     """Check everything convert-awq needs before any heavy work; report every problem at once.
 
     Checks: a completed export-merged with its merged model, Linear sizes that are multiples of
     `awq.group_size`, the prepared train/val splits, and (local runtime, outside the awq venv)
-    that the awq environment is installed.
+    that the awq environment is installed. Runs on the host before delegating too.
 
     Returns:
-        The run.
+        The inputs: the merged model's manifest and the prepared splits.
 
     Raises:
         InputError: one line listing the problems, with the commands that fix them.
     """
-    from ftpipe.core.executor import environment_for, in_environment, venv_python
+    from ftpipe.core.executor import environment, in_environment, venv_python
 
-    cfg = loaded.config
-    project = Project.from_config(loaded)
-    run = open_run(project, run_name)
+    cfg, run, project = ctx.config, ctx.run, ctx.project
     problems: list[str] = []
     hints: list[str] = []
 
-    merged_manifest = read_manifest(run.manifest_path("export-merged"))
+    state = upstream_state(run, "export-merged")
     config_json = run.merged / "config.json"
-    if merged_manifest is None or merged_manifest.get("status") != "completed":
-        state = "missing" if merged_manifest is None else merged_manifest.get("status")
+    if state is not None:
         problems.append(
             f"run {run.name}: no merged model (stage export-merged is {state}: "
             f"{project.rel(run.manifest_path('export-merged'))})"
@@ -78,40 +80,21 @@ def preflight(loaded, run_name: str | None) -> RunDir:
         problems.append(f"prepared dataset {cfg.data.name!r} incomplete ({', '.join(missing)} not found)")
         hints.append("ftpipe preprocess-sft")
 
-    env = environment_for(STAGE)
-    if cfg.runtime.mode == "local" and not in_environment(loaded.root, env):
-        if not venv_python(loaded.root, env).exists():
+    env = environment(ctx.spec.environment)
+    if cfg.runtime.mode == "local" and not in_environment(ctx.loaded.root, env):
+        if not venv_python(ctx.loaded.root, env).exists():
             problems.append(f"environment 'awq' is not installed ({env.venv}/ missing)")
             hints.append("bash scripts/bootstrap.sh awq")
-    elif in_environment(loaded.root, env) and importlib.util.find_spec("llmcompressor") is None:
+    elif in_environment(ctx.loaded.root, env) and importlib.util.find_spec("llmcompressor") is None:
         problems.append("llmcompressor is not importable in this environment")
         hints.append("bash scripts/bootstrap.sh awq")
 
     if problems:
         raise InputError("; ".join(problems), hint="; ".join(dict.fromkeys(hints)))
-    return run
+    return {"merged": run.manifest_path("export-merged"), "train": data_dir / "train.jsonl", "val": data_dir / "val.jsonl"}
 
 
-def stage(loaded, run_name: str | None, force: bool = False, **opts) -> StageResult:
-    """Entry point: pre-flight, then `run` under the manifest lifecycle (skip when up to date)."""
-    run = preflight(loaded, run_name)
-    require_completed(run, "export-merged", "ftpipe export-merged")
-    data_dir = run.project.prepared_dir(loaded.config.data.name)
-    ctx = StageContext.for_run(STAGE, loaded, run, force, **opts)
-    return execute(
-        ctx,
-        run_stage,
-        sections=("awq", "data"),
-        inputs={
-            "merged": run.manifest_path("export-merged"),
-            "train": data_dir / "train.jsonl",
-            "val": data_dir / "val.jsonl",
-        },
-        environment="awq",
-    )
-
-
-def run_stage(ctx: StageContext) -> StageResult:
+def run(ctx: StageContext) -> StageResult:
     """Quantize, verify in a temp folder, then publish outputs/<run>/awq/ by renaming it.
 
     Raises:
@@ -126,26 +109,39 @@ def run_stage(ctx: StageContext) -> StageResult:
     data_dir = ctx.project.prepared_dir(ctx.config.data.name)
     trust = ctx.config.model.trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(merged, trust_remote_code=trust)
-    train_rows = q.read_rows(data_dir / "train.jsonl")
-    val_rows = q.read_rows(data_dir / "val.jsonl")
+    train_rows = list(read_split(data_dir / "train.jsonl"))
+    val_file = data_dir / "val.jsonl"
+    val_rows = list(read_split(val_file, max(cfg.eval_rows, cfg.verify_prompts)))
     if not val_rows:
         raise InputError(
-            f"{ctx.project.rel(data_dir / 'val.jsonl')} is empty: convert-awq measures perplexity on the val split",
+            f"{ctx.project.rel(val_file)} is empty: convert-awq measures perplexity on the val split",
             hint="set preprocess.val_fraction > 0 and rerun ftpipe preprocess-sft",
         )
-    eval_ids = [q.render(tokenizer, r["messages"], cfg.calibration_max_length) for r in val_rows[: cfg.eval_rows]]
-    # Prompts = the val conversations without their last assistant turn, ready for generation.
+    eval_rows = val_rows[: cfg.eval_rows]
     prompt_ids = [
-        q.render(tokenizer, r["messages"][:-1] or r["messages"], cfg.calibration_max_length, add_generation_prompt=True)
-        for r in val_rows[: cfg.verify_prompts]
+        q.render(tokenizer, prompt(messages), cfg.calibration_max_length, add_generation_prompt=True)
+        for messages in val_rows[: cfg.verify_prompts]
+        if prompt(messages)
     ]
+
+    def measure(model) -> tuple[dict, list[list[int]]]:
+        """Val perplexity (assistant tokens) and greedy continuations of the val prompts."""
+        ppl = perplexity(model, tokenizer, eval_rows, cfg.calibration_max_length, PERPLEXITY_BATCH_TOKENS)
+        if ppl["perplexity"] is None:
+            raise InputError(
+                f"{ctx.project.rel(val_file)}: no assistant token in the first {len(eval_rows)} rows "
+                f"(within awq.calibration_max_length = {cfg.calibration_max_length} tokens): nothing to measure",
+                hint="ftpipe preprocess-sft --force, or raise awq.calibration_max_length",
+            )
+        return ppl, [greedy(model, tokenizer, ids, cfg.verify_max_new_tokens)[0] for ids in prompt_ids]
 
     # 1. The merged model as shipped: the reference for perplexity and greedy outputs.
     reference = AutoModelForCausalLM.from_pretrained(merged, dtype="auto", trust_remote_code=trust)
-    merged_ppl = q.perplexity(reference, eval_ids)
-    merged_greedy = q.greedy(reference, prompt_ids, cfg.verify_max_new_tokens, tokenizer.pad_token_id)
+    merged_measured, merged_greedy = measure(reference)
+    merged_ppl = merged_measured["perplexity"]
     del reference
-    log.info("merged model: val perplexity %.3f over %d rows", merged_ppl, len(eval_ids))
+    log.info("merged model: val perplexity %.3f over %d assistant tokens of %d rows (%s)", merged_ppl,
+             merged_measured["assistant_tokens"], merged_measured["val_rows"], merged_measured["mask_method"])
 
     # 2. Quantize into a temp folder next to the final one (same filesystem: the rename is atomic);
     # temp folders left by a killed earlier attempt are removed first.
@@ -167,8 +163,8 @@ def run_stage(ctx: StageContext) -> StageResult:
         # 3. Verify the files as written: reload with plain transformers (compressed-tensors).
         awq_model = AutoModelForCausalLM.from_pretrained(tmp, dtype=getattr(torch, cfg.dtype), trust_remote_code=trust)
         quant_method = _quant_method(awq_model.config)
-        awq_ppl = q.perplexity(awq_model, eval_ids)
-        awq_greedy = q.greedy(awq_model, prompt_ids, cfg.verify_max_new_tokens, tokenizer.pad_token_id)
+        awq_measured, awq_greedy = measure(awq_model)
+        awq_ppl = awq_measured["perplexity"]
         del awq_model
 
         awq_bytes = q.safetensors_bytes(tmp)
@@ -179,7 +175,8 @@ def run_stage(ctx: StageContext) -> StageResult:
             "group_size": cfg.group_size,
             "quant_method": quant_method,
             "calibration_rows": len(calibration),
-            "eval_rows": len(eval_ids),
+            "eval_rows": merged_measured["val_rows"],
+            "eval_assistant_tokens": merged_measured["assistant_tokens"],
             "merged_perplexity": round(merged_ppl, 4),
             "awq_perplexity": round(awq_ppl, 4),
             "perplexity_increase": round(increase, 5),

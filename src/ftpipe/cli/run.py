@@ -1,4 +1,8 @@
-"""Commands `run` (the whole pipeline from a config) and `demo` (run on the embedded tiny model)."""
+"""Commands `run` (the whole pipeline from a config) and `demo` (`run` on the embedded tiny model).
+
+    ftpipe run --config debug_config.yaml --run my-run --from finetune-sft --to eval-sft
+    ftpipe demo
+"""
 
 from __future__ import annotations
 
@@ -14,14 +18,13 @@ from ftpipe.cli.common import DEFAULT_CONFIG, ConfigOpt, ForceOpt, RunOpt, Runti
 DEMO_CONFIG = Path("debug_config.yaml")
 DEMO_RUN = "demo"
 
+FromOpt = Annotated[Optional[str], typer.Option("--from", help="First stage to run.")]
+ToOpt = Annotated[Optional[str], typer.Option("--to", help="Last stage to run.")]
+
 
 def register(app: typer.Typer) -> None:
     app.command("run")(run)
     app.command("demo")(demo)
-
-
-FromOpt = Annotated[Optional[str], typer.Option("--from", help="First stage to run.")]
-ToOpt = Annotated[Optional[str], typer.Option("--to", help="Last stage to run.")]
 
 
 def run(
@@ -50,19 +53,10 @@ def demo(
 
 
 def _pipeline(config, sets, run_name, runtime, start, stop, force, title) -> None:
-    from ftpipe.core.pipeline import run_pipeline, select_stages
-    from ftpipe.core.runs import Project, new_run, slug
+    from ftpipe.pipeline import open_pipeline_run, run_pipeline
 
     loaded = load(config, sets, flags={"runtime.mode": runtime})
-    cfg = loaded.config
-    project = Project.from_config(loaded)
-    stages = select_stages(cfg.run.stages, start, stop)
-    name = run_name or cfg.run.name
-    if cfg.runtime.mode == "compose":  # refuse before a run folder and latest.txt are written
-        from ftpipe.core.executor import require_docker
-
-        require_docker()
-    run_dir = new_run(project, name, model=cfg.model.id or cfg.model.path or "model", data=cfg.data.name)
+    run_dir, stages = open_pipeline_run(loaded, run_name, start, stop)
     console.print(f"[bold]{title}[/bold]: run [cyan]{run_dir.name}[/cyan], stages: {' -> '.join(stages)}")
     started = time.monotonic()
 
@@ -81,5 +75,5 @@ def _pipeline(config, sets, run_name, runtime, start, stop, force, title) -> Non
         table.add_row(o.stage, o.status, f"{o.seconds:.1f}", ", ".join(o.manifests))
     console.print(table)
     if run_dir.report.exists():
-        console.print(f"report: {project.rel(run_dir.report)}")
+        console.print(f"report: {run_dir.project.rel(run_dir.report)}")
     console.print(f"next: ftpipe runs show {run_dir.name} --config {config}")

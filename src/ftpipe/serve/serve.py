@@ -35,38 +35,13 @@ from ftpipe.core.fsutil import atomic_write_json, read_json
 from ftpipe.core.logs import stage_logging
 from ftpipe.core.manifest import now
 from ftpipe.core.runs import Project, RunDir, open_run
-from ftpipe.core.stage import require_completed
+from ftpipe.serve.served import Served, base_url, is_loopback, resolve_artifact
 
 log = logging.getLogger(__name__)
 
 STAGE = "serve"
 STATE_FILE = "server.json"
 SERVER_LOG = "server.log"
-LOOPBACK = {"127.0.0.1", "::1", "localhost"}
-# Which stage's manifest vouches for each artifact, and the command that produces it.
-UPSTREAM = {
-    "merged": ("export-merged", "ftpipe export-merged"),
-    "awq": ("convert-awq", "ftpipe convert-awq"),
-    "adapter": ("finetune-sft", "ftpipe finetune-sft"),
-    "gguf": ("export-gguf", "ftpipe export-gguf"),
-}
-
-
-@dataclass(frozen=True)
-class Served:
-    """What a server is started on: the artifact, its server kind and the names clients use."""
-
-    artifact: str
-    kind: str  # "vllm" or "llama.cpp"
-    model: str  # folder or .gguf file (absolute), or a hub id for an adapter's remote base
-    name: str  # the served model name = the run name
-    upstream_manifest: Path
-    tokenizer_dir: Path | None  # HF tokenizer matching what the server applies (template check)
-    lora: Path | None = None
-    lora_rank: int | None = None
-    base_revision: str | None = None
-
-
 @dataclass
 class ServerState:
     """The content of logs/<run>/serve/server.json while a server runs."""
@@ -83,80 +58,6 @@ class ServerState:
     detached: bool
     log: str
     extra: dict = field(default_factory=dict)
-
-
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and localhost."""
-    return host in LOOPBACK or host.startswith("127.")
-
-
-def client_host(host: str) -> str:
-    """The address a local client uses to reach a server bound to `host`."""
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-
-
-def base_url(host: str, port: int) -> str:
-    """http://<host>:<port> as seen from this machine (no /v1)."""
-    h = client_host(host)
-    return f"http://[{h}]:{port}" if ":" in h else f"http://{h}:{port}"
-
-
-def resolve_artifact(run: RunDir, artifact: str, gguf_type: str = "q8_0") -> Served:
-    """Find the artifact to serve through its upstream manifest.
-
-    Raises:
-        InputError: the upstream stage has not completed, or its output is missing/incomplete,
-            naming the command that produces it.
-    """
-    stage, command = UPSTREAM[artifact]
-    manifest = require_completed(run, stage, command)
-    project = run.project
-    upstream = run.manifest_path(stage)
-    if artifact in ("merged", "awq"):
-        folder = run.merged if artifact == "merged" else run.awq
-        if not (folder / "config.json").is_file():
-            raise InputError(
-                f"run {run.name}: no model in {project.rel(folder)}/ (config.json missing)",
-                hint=f"{command} --run {run.name} --force",
-            )
-        return Served(artifact, "vllm", str(folder), run.name, upstream, folder)
-    if artifact == "adapter":
-        folder = run.adapter
-        cfg = read_json(folder / "adapter_config.json")
-        base = read_json(folder / "ftpipe_base_model.json")
-        if not isinstance(cfg, dict) or not isinstance(base, dict):
-            raise InputError(
-                f"run {run.name}: {project.rel(folder)}/ lacks adapter_config.json or ftpipe_base_model.json",
-                hint=f"{command} --run {run.name} --force",
-            )
-        base_path = project.resolve(base["path"]) if base.get("path") else None
-        if base_path is not None and (base_path / "config.json").is_file():
-            model, revision = str(base_path), None
-        elif base.get("id"):
-            model, revision = base["id"], base.get("revision")
-            log.info("adapter base %s not found locally; vLLM loads hub id %s", base.get("path"), model)
-        else:
-            raise InputError(
-                f"run {run.name}: the adapter's base model {base.get('path')!r} is missing and has no hub id "
-                f"({project.rel(folder / 'ftpipe_base_model.json')})",
-                hint="restore the base model folder named in model.path",
-            )
-        return Served(
-            artifact, "vllm", model, run.name, upstream, folder,
-            lora=folder, lora_rank=int(cfg.get("r") or 16), base_revision=revision,
-        )
-    # gguf: pick the file of the requested type among the export-gguf outputs.
-    files = sorted(
-        {project.resolve(r["path"]) for r in manifest.get("outputs", []) if str(r["path"]).endswith(".gguf")}
-    )
-    matches = [f for f in files if gguf_type.lower() in f.name.lower()]
-    if len(matches) != 1 or not matches[0].is_file():
-        found = ", ".join(f.name for f in files) or "none"
-        raise InputError(
-            f"run {run.name}: expected one {gguf_type} GGUF among the export-gguf outputs, found: {found}",
-            hint=f"set serve.gguf_type to one of them, or ftpipe export-gguf --run {run.name}",
-        )
-    return Served(artifact, "llama.cpp", str(matches[0]), run.name, upstream, None)
 
 
 def vllm_command(python: str, served: Served, cfg) -> list[str]:

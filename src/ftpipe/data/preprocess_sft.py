@@ -31,15 +31,14 @@ from typing import Any, Callable, Iterator
 from ftpipe.core.errors import ConfigError, InputError
 from ftpipe.core.fsutil import atomic_write_json, sha256_file
 from ftpipe.core.runs import Project
-from ftpipe.core.stage import StageContext, StageResult, execute
+from ftpipe.core.stage import StageContext, StageResult
 from ftpipe.data import label_studio, readers
 from ftpipe.data.formats import REQUIRED_KEYS, RowError, describe_keys, detect_row_format
 from ftpipe.data.readers import Source, Unparsed, parse_jsonl_line
-from ftpipe.data.rowwork import LazyRenderer, Workers, batches, few_collections, prepare, worker_count
+from ftpipe.data.rowwork import LazyRenderer, Workers, batches, few_collections, prepare_batch, worker_count
 
 log = logging.getLogger(__name__)
 
-STAGE = "preprocess-sft"
 BATCH = 512  # rows per batch in-process
 WORKER_BATCH = 2048  # rows per batch sent to a worker process
 ERRORS_KEPT = 100  # bad-row messages kept in metadata.json (all are counted)
@@ -48,29 +47,21 @@ HIST_BINS = 20
 NOT_ERRORS = ("no_annotation",)  # dropped, but not a malformed row: not shown, not --strict
 
 
-def stage(loaded, run_name: str | None = None, force: bool = False, **options: Any) -> StageResult:
-    """Entry point: resolve inputs (exporting a Label Studio project first), then `execute(run)`.
+def prepare(ctx: StageContext) -> dict[str, Path]:
+    """Resolve the inputs (exporting a Label Studio project first); prepared/<data.name>/ is project-wide.
 
-    Args:
-        loaded: the loaded config.
-        run_name: accepted for the common stage signature and ignored: a prepared dataset belongs
-            to the project (prepared/<data.name>/), not to a run.
-        force: rerun even when the manifest is up to date.
-        options: `progress=callable(done, total)` for a progress bar.
+    `ctx.options`: `progress=callable(done, total)` for a progress bar.
 
     Raises:
         ConfigError / InputError: bad config or input (exit 2).
     """
     from ftpipe.core.model_ref import resolve_model
 
-    cfg = loaded.config
-    project = Project.from_config(loaded)
-    name = cfg.data.name
-    log_dir = project.prepared_log_dir(name)
-    ctx = StageContext(STAGE, loaded, project, log_dir, None, force, dict(options))
+    cfg = ctx.config
+    project = ctx.project
     inputs: dict[str, Path] = {}
     if cfg.data.format == "label_studio_api":
-        dest = log_dir / f"label_studio_project_{cfg.data.label_studio.project_id}.json"
+        dest = ctx.log_dir / f"label_studio_project_{cfg.data.label_studio.project_id}.json"
         ctx.options["label_studio"] = label_studio.export_project(cfg.data.label_studio, dest)
         inputs["source"] = dest
     else:
@@ -82,7 +73,7 @@ def stage(loaded, run_name: str | None = None, force: bool = False, **options: A
     ref = resolve_model(cfg.model, project.root)
     if ref.path:
         inputs["model"] = Path(ref.path)
-    return execute(ctx, run, sections=("data", "preprocess"), inputs=inputs, environment="train")
+    return inputs
 
 
 def _existing(project: Project, path: str, key: str) -> Path:
@@ -361,7 +352,7 @@ def _process(source, fmt, records, data, pre, renderer, stats: _Stats, seen: _Se
     input order, so the result does not depend on the number of workers.
     """
     if workers is None:
-        results = (prepare(source.name, batch, fmt, data, pre, renderer) for batch in batches(records, BATCH))
+        results = (prepare_batch(source.name, batch, fmt, data, pre, renderer) for batch in batches(records, BATCH))
     else:
         results = workers.map(source.name, batches(records, WORKER_BATCH), fmt)
     for outcomes, counters in results:

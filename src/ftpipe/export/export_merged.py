@@ -21,46 +21,34 @@ import shutil
 from pathlib import Path
 
 from ftpipe.core.errors import InputError, StageError
-from ftpipe.core.runs import Project, open_run
-from ftpipe.core.stage import StageContext, StageResult, execute, require_completed
+from ftpipe.core.runs import Project
+from ftpipe.core.stage import StageContext, StageResult, require_upstream
 from ftpipe.export.artifacts import (
-    BASE_MODEL_FILE,
     CHAT_TEMPLATE_FILE,
-    base_model_ref,
     fresh_tmp_dir,
     replace_dir,
     require_full_model,
-    sample_conversations,
     weight_files,
 )
+from ftpipe.handoff.base_model import BASE_MODEL_FILE, read_base_model
+from ftpipe.handoff.prepared import sample_conversations
 
 log = logging.getLogger(__name__)
 
-STAGE = "export-merged"
 MAX_VERIFY_TOKENS = 256  # tokens per sample conversation in the logit check
 REQUIRED_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", CHAT_TEMPLATE_FILE, BASE_MODEL_FILE)
 
 
-def stage(loaded, run_name: str | None = None, force: bool = False) -> StageResult:
-    """Entry point used by the CLI and `ftpipe run`.
+def prepare(ctx: StageContext) -> dict[str, Path]:
+    """A completed finetune-sft with an adapter (not a full model) to merge.
 
     Raises:
         InputError: no completed finetune-sft, adapter missing or already a full model.
-        StageError: the merged model's logits drift above the threshold.
     """
-    project = Project.from_config(loaded)
-    run = open_run(project, run_name)
-    upstream = require_completed(run, "finetune-sft", "ftpipe finetune-sft")
-    del upstream  # recorded through its manifest path below
-    _check_adapter(run.adapter, project, run.name)
-    ctx = StageContext.for_run(STAGE, loaded, run, force)
-    return execute(
-        ctx,
-        run_stage,
-        sections=("merge",),
-        inputs={"finetune-sft": run.manifest_path("finetune-sft"), "adapter": run.adapter},
-        environment="train",
-    )
+    require_upstream(ctx)
+    run = ctx.run
+    _check_adapter(run.adapter, ctx.project, run.name)
+    return {"finetune-sft": run.manifest_path("finetune-sft"), "adapter": run.adapter}
 
 
 def _check_adapter(adapter: Path, project: Project, run_name: str) -> None:
@@ -82,14 +70,18 @@ def _check_adapter(adapter: Path, project: Project, run_name: str) -> None:
         )
 
 
-def run_stage(ctx: StageContext) -> StageResult:
-    """Merge, save to a temp folder, verify, move into place."""
+def run(ctx: StageContext) -> StageResult:
+    """Merge, save to a temp folder, verify, move into place.
+
+    Raises:
+        StageError: the merged model's logits drift above the threshold, or files are missing.
+    """
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run, project, cfg = ctx.run, ctx.project, ctx.config
-    base_ref = base_model_ref(run.adapter, project, run)
+    base_ref = read_base_model(run)
     load_kwargs = {
         "dtype": "auto" if cfg.model.dtype == "auto" else getattr(torch, cfg.model.dtype),
         "trust_remote_code": cfg.model.trust_remote_code,
