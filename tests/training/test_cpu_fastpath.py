@@ -1,4 +1,5 @@
-"""The fused LoRA forward (ftpipe/training/cpu_fastpath.py) equals peft's own, outputs and gradients."""
+"""The CPU fast path (ftpipe/training/cpu_fastpath.py) equals the libraries' own: fused LoRA forward, labelled LM
+head and loss, document attention (outputs, gradients, logged metrics)."""
 
 from __future__ import annotations
 
@@ -85,43 +86,229 @@ def test_return_freed_memory_to_os_on_glibc():
     assert return_freed_memory_to_os() is (platform.libc_ver()[0] == "glibc")
 
 
-@pytest.mark.parametrize("assistant_only", [True, False])
-def test_plain_loss_equals_trl_fused_loss(tiny_model_dir, tmp_path, assistant_only):
-    """The full-logits loss of small CPU micro-batches equals TRL's fused-LM-head loss, metrics included."""
+def _full_logits_trainer(base_cls):
+    """Reference: the loss and metrics from the full logits (ftpipe's CPU path before the labelled head)."""
+
+    class FullLogitsSFTTrainer(base_cls):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            mode = "train" if self.model.training else "eval"
+            labels = inputs["labels"]
+            logits = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False).logits
+            shifted, target = logits[:, :-1].float(), labels[:, 1:]
+            mask = target != -100
+            logp = torch.log_softmax(shifted[mask], dim=-1)
+            count = mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = -logp.gather(-1, target[mask].unsqueeze(-1)).sum() / torch.as_tensor(count).clamp(min=1)
+            with torch.no_grad():
+                valid = mask.sum()
+                entropy = -(logp.exp() * logp).sum()
+                correct = (logp.argmax(-1) == target[mask]).sum()
+                self._metrics[mode]["entropy"].append((entropy / valid).item() if valid > 0 else 0.0)
+                self._metrics[mode]["mean_token_accuracy"].append((correct / valid).item() if valid > 0 else 0.0)
+            tokens = inputs["attention_mask"].sum() if "attention_mask" in inputs else inputs["input_ids"].size(1)
+            self._total_train_tokens += int(tokens)
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            return loss
+
+    return FullLogitsSFTTrainer
+
+
+def _trainer_step(cls, model_dir, out, *, packing=True, assistant_only=True, batch_size=2, edit=None,
+                  num_items=None):
+    """(loss, LoRA gradients, logged metrics, labels) of one compute_loss + backward of `cls` on the demo rows."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     from conftest import REPO
-    from ftpipe.training.cpu_fastpath import plain_loss_trainer
     from ftpipe.handoff.prepared import read_training_rows
 
-    rows = read_training_rows(REPO / "data/demo/sentiment.jsonl")[:16]
-    results = []
-    for cls in (SFTTrainer, plain_loss_trainer(SFTTrainer)):
-        torch.manual_seed(0)
-        args = SFTConfig(output_dir=str(tmp_path / cls.__name__), use_cpu=True, max_length=128, packing=True,
-                         per_device_train_batch_size=2, assistant_only_loss=assistant_only, report_to="none",
-                         disable_tqdm=True, seed=0)
-        trainer = cls(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), args=args,
-                      train_dataset=Dataset.from_list(rows), processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
-                      peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
-                                             task_type="CAUSAL_LM"))
-        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-        trainer.model.train()
-        loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=None)
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-        metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
-        results.append((loss.item(), grads, metrics))
-    (want, want_grads, want_metrics), (got, got_grads, got_metrics) = results
-    assert got == pytest.approx(want, rel=1e-5)
-    for name in want_grads:
-        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-3, atol=1e-6, msg=name)
-    assert got_metrics.keys() == want_metrics.keys() >= {"entropy", "mean_token_accuracy", "num_tokens"}
-    for key in want_metrics:
-        assert got_metrics[key] == pytest.approx(want_metrics[key], rel=1e-4), key
+    torch.manual_seed(0)
+    args = SFTConfig(output_dir=str(out), use_cpu=True, max_length=128, packing=packing,
+                     per_device_train_batch_size=batch_size, assistant_only_loss=assistant_only, report_to="none",
+                     disable_tqdm=True, seed=0)
+    trainer = cls(model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), args=args,
+                  train_dataset=Dataset.from_list(read_training_rows(REPO / "data/demo/sentiment.jsonl")[:16]),
+                  processing_class=AutoTokenizer.from_pretrained(model_dir),
+                  peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                                         task_type="CAUSAL_LM"))
+    with torch.no_grad():  # B starts at zero in peft: give it values so the LoRA path counts in A's gradients
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    if edit:
+        edit(batch)
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=num_items)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    return loss.item(), grads, metrics, batch["labels"]
+
+
+def _no_labels_in_row_1(batch):
+    batch["labels"][1] = -100
+
+
+def _no_labels(batch):
+    batch["labels"][:] = -100
+
+
+CASES = {  # name: _trainer_step keyword arguments
+    "packed, assistant-only": {},
+    "packed, every token": {"assistant_only": False},
+    "packed, num_items_in_batch": {"num_items": 57},
+    "padded rows, one without labels": {"packing": False, "batch_size": 4, "edit": _no_labels_in_row_1},
+    "no labelled position": {"packing": False, "edit": _no_labels},
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("model_fixture", ["tiny_model_dir", "tiny_qwen_dir"])  # Llama tied, Qwen2 untied head
+def test_labelled_head_loss_equals_full_logits_and_trl(model_fixture, case, request, tmp_path, monkeypatch):
+    """Loss, LoRA gradients and logged metrics of the labelled LM head equal the full-logits loss and TRL's."""
+    from trl import SFTTrainer
+
+    from ftpipe.training import cpu_fastpath
+
+    model_dir = request.getfixturevalue(model_fixture)
+    # 2 positions per chunk on the 2048-token vocabulary: several chunks.
+    monkeypatch.setattr(cpu_fastpath, "LABELLED_HEAD_CHUNK_BYTES", 2 * 4 * 2048)
+    calls, nll = [], cpu_fastpath._labelled_nll()
+    apply = nll.apply
+    monkeypatch.setattr(nll, "apply", lambda hidden, *rest: calls.append(hidden.shape[0]) or apply(hidden, *rest))
+    kwargs = CASES[case]
+    runs = {name: _trainer_step(cls, model_dir, tmp_path / name, **kwargs) for name, cls in (
+        ("trl", SFTTrainer), ("full", _full_logits_trainer(SFTTrainer)),
+        ("labelled", cpu_fastpath.labelled_loss_trainer(SFTTrainer)))}
+    labels = runs["labelled"][3]
+    labelled = int((labels[:, 1:] != -100).sum())
+    assert calls == [labelled]  # the labelled path ran, on the labelled positions only
+    if case == "no labelled position":
+        assert labelled == 0 and runs["labelled"][0] == 0.0
+    else:
+        assert 2 * 2 < labelled < labels.numel() * (1 if case == "packed, every token" else 0.5)
+    if case.startswith("padded"):
+        assert (labels[1] == -100).all() and (labels[0] != -100).any()
+    got = runs["labelled"]
+    for name in ("full", "trl"):
+        want = runs[name]
+        assert got[0] == pytest.approx(want[0], rel=1e-5, abs=1e-7), name
+        assert got[1].keys() == want[1].keys() and len(got[1]) > 0
+        for param in want[1]:
+            torch.testing.assert_close(got[1][param], want[1][param], rtol=1e-4, atol=1e-7, msg=f"{name}: {param}")
+        assert got[2].keys() == want[2].keys() >= {"entropy", "mean_token_accuracy", "num_tokens"}
+        for key in want[2]:
+            assert got[2][key] == pytest.approx(want[2][key], rel=1e-5, abs=1e-7), f"{name}: {key}"
+    if labelled:
+        assert any(g.abs().sum() > 0 for g in got[1].values())
+
+
+def _random_family_model(model_type: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, vocab_size=300, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                  max_position_embeddings=64, tie_word_embeddings=model_type in ("gemma", "llama"),
+                                  pad_token_id=0, bos_token_id=1, eos_token_id=2)  # within the small vocabulary
+    if model_type in ("gemma2", "gemma3_text"):
+        config.final_logit_softcapping = 2.0  # small: the cap changes the logits of a random model
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").train()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "smollm3", "phi3", "olmo2"])
+def test_labelled_head_equals_each_familys_own_loss(model_type, monkeypatch):
+    """Every family in LABELLED_HEAD_MODELS: the loss and every gradient (LM head included) equal transformers'."""
+    from ftpipe.training import cpu_fastpath
+
+    monkeypatch.setattr(cpu_fastpath, "LABELLED_HEAD_CHUNK_BYTES", 7 * 4 * 300)
+    ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, :12] = -100  # a prompt
+    labels[1, 5:9] = -100
+    model = _random_family_model(model_type)
+    want_loss = model(input_ids=ids, labels=labels, use_cache=False).loss
+    want_loss.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    assert cpu_fastpath.add_labelled_head(model)
+    out = model(input_ids=ids, labels=labels, labelled_head=True)
+    loss = out.nll_sum / out.label_count
+    loss.backward()
+    assert int(out.label_count) == int((labels[:, 1:] != -100).sum())
+    assert loss.item() == pytest.approx(want_loss.item(), rel=1e-5)
+    for name, grad in want.items():
+        torch.testing.assert_close(model.get_parameter(name).grad, grad, rtol=1e-4, atol=1e-7, msg=name)
+    with torch.no_grad():  # without the keyword the forward is the model's own
+        torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, want_loss.detach())
+
+
+def test_labelled_head_under_bf16_autocast_follows_the_models_own_loss():
+    """With bf16 autocast (CPUs with native bf16) the head's matmuls run in bf16, as the model's own head does."""
+    from ftpipe.training.cpu_fastpath import add_labelled_head
+
+    ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, :12] = -100
+    model = _random_family_model("gemma2")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(input_ids=ids, labels=labels, use_cache=False).loss
+    want.backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    assert add_labelled_head(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, labels=labels, labelled_head=True)
+    (out.nll_sum / out.label_count).backward()
+    assert (out.nll_sum / out.label_count).item() == pytest.approx(want.item(), rel=1e-4)
+    for name, grad in want_grads.items():  # bf16 gradients: the same up to rounding
+        assert (model.get_parameter(name).grad - grad).norm() <= 0.03 * grad.norm() + 1e-6, name
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_labelled_nll_with_bias_equals_autograd(softcap):
+    """The chunked function, biased head and softcap included: loss, entropy, argmax count and gradients."""
+    from ftpipe.training.cpu_fastpath import _labelled_nll
+
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(23, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, requires_grad=True)
+    bias = torch.randn(50, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (23,), generator=g)
+    z = torch.nn.functional.linear(hidden, weight, bias)
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    logp = torch.log_softmax(z, -1)
+    want = torch.nn.functional.nll_loss(logp, targets, reduction="sum")
+    want_grads = torch.autograd.grad(want * 0.5, (hidden, weight, bias))
+    nll, entropy, correct = _labelled_nll().apply(hidden, weight, bias, targets, softcap, 4, True)
+    got_grads = torch.autograd.grad(nll * 0.5, (hidden, weight, bias))
+    assert nll.item() == pytest.approx(want.item(), rel=1e-6)
+    assert entropy.item() == pytest.approx(-(logp.exp() * logp).sum().item(), rel=1e-6)
+    assert int(correct) == int((logp.argmax(-1) == targets).sum())
+    for got_grad, want_grad in zip(got_grads, want_grads):
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # no gradient wanted: none computed
+        nll = _labelled_nll().apply(hidden, weight, bias, targets, softcap, 4, False)[0]
+    assert nll.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_labelled_head_is_only_used_where_it_is_exact(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ftpipe.training.cpu_fastpath import add_labelled_head
+
+    other = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    other.config.model_type = "cohere"  # scales its logits: not in LABELLED_HEAD_MODELS
+    forward = other.forward
+    assert not add_labelled_head(other) and other.forward == forward
+    wrapped = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                             LoraConfig(r=4, target_modules=["lm_head"]))  # an adapter on the head itself
+    assert not add_labelled_head(wrapped.get_base_model())
 
 
 def _packed_model(model_dir, attention: str):

@@ -14,7 +14,8 @@
   in place, one output tensor fewer kept for backward. Every other case (merged or disabled
   adapters, several adapters, DoRA and other variants, mixed dtypes, extra arguments) runs peft's
   own forward. tests/training/test_cpu_fastpath.py checks outputs and gradients against peft's.
-- `plain_loss_trainer`: the loss from the full logits of the labelled positions for small passes.
+- `labelled_loss_trainer`: the LM head and the loss only at the labelled positions, in chunks of
+  `LABELLED_HEAD_CHUNK_BYTES` of logits, with the gradient computed as each chunk is scored.
 - `use_document_attention`: with packing, one causal SDPA call per packed document instead of one
   masked call over the whole row.
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 
 log = logging.getLogger(__name__)
@@ -83,58 +85,210 @@ def fuse_lora_linear() -> bool:
     return True
 
 
-PLAIN_LOSS_MAX_LOGITS_BYTES = 256 * 2**20  # full fp32 logits of one micro-batch at most this big
+# fp32 logits of one chunk of labelled positions at most this big (two such buffers are alive while a
+# chunk is scored). Measured, head and loss alone, 512 positions x hidden 576, one thread: with a
+# 151,936 vocabulary 16 / 64 / 256 MiB chunks took 4.0 / 2.9 / 2.6 s with every position labelled
+# and 0.38 / 0.30 / 0.32 s with a tenth of them; the full-logits loss 3.4 and 2.2 s.
+LABELLED_HEAD_CHUNK_BYTES = 64 * 2**20
+# Families whose causal-LM forward is `lm_head(last_hidden_state)`, then at most
+# `final_logit_softcapping` (Gemma 2/3), checked against transformers 5's modeling files (the
+# model's own config: a multimodal wrapper's text config does not count); any other family keeps
+# TRL's own loss.
+LABELLED_HEAD_MODELS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "smollm3", "phi3",
+                        "olmo2")
 
 
-def plain_loss_fits(micro_batch_tokens: int, vocab_size: int) -> bool:
-    """True when one micro-batch's full fp32 logits are small enough for `plain_loss_trainer`."""
-    return micro_batch_tokens * vocab_size * 4 <= PLAIN_LOSS_MAX_LOGITS_BYTES
+def labelled_chunk_size(vocab_size: int) -> int:
+    """Labelled positions per LM-head chunk: `LABELLED_HEAD_CHUNK_BYTES` of fp32 logits."""
+    return max(1, LABELLED_HEAD_CHUNK_BYTES // (4 * vocab_size))
 
 
-def plain_loss_trainer(base_cls):
-    """`base_cls` (TRL's SFTTrainer) with a loss from the full logits for small CPU micro-batches.
+@functools.cache
+def _labelled_nll():
+    import torch
+
+    class LabelledNLL(torch.autograd.Function):
+        """Summed negative log-likelihood of `targets` under `softcap(hidden @ weight.T + bias)`, in chunks.
+
+        Each chunk's logits live only inside `forward`: the chunk's share of the gradient (softmax minus
+        one-hot, through the softcap) is computed there and then and kept as the small gradients of
+        `hidden`, `weight` and `bias`, which `backward` scales by the incoming gradient. Two matmuls per
+        chunk (logits, gradient), against three for a head that recomputes its logits in backward, and
+        at most one chunk's logits (two buffers of `chunk` x vocab fp32) alive at a time. Also returns,
+        without gradient, the summed entropy of the chunks' distributions and the count of targets that
+        are the first argmax (TRL's `entropy` and `mean_token_accuracy`).
+        """
+
+        @staticmethod
+        def forward(ctx, hidden, weight, bias, targets, softcap, chunk, with_grad):
+            ctx.set_materialize_grads(False)
+            device = hidden.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+            need_hidden, need_weight, need_bias = (with_grad and n for n in ctx.needs_input_grad[:3])
+            w = weight.to(dtype)
+            b = None if bias is None else bias.to(dtype)
+            grad_hidden = torch.empty_like(hidden) if need_hidden else None
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+            grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
+            nll = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            entropy = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+            for start in range(0, hidden.shape[0], chunk):
+                h = hidden[start:start + chunk].to(dtype)
+                t = targets[start:start + chunk].unsqueeze(-1)
+                z = (torch.mm(h, w.t()) if b is None else torch.addmm(b, h, w.t())).float()
+                if softcap is not None:
+                    z.div_(softcap).tanh_().mul_(softcap)
+                top, best = z.max(-1, keepdim=True)  # max: the first maximum's index, as TRL's `is_top1`
+                correct += (best == t).sum()
+                nll += (top - z.gather(-1, t)).sum()
+                z.sub_(top)  # log p = z - log(sum exp z), with the row max taken out first
+                e = torch.exp(z)
+                sum_e = e.sum(-1, keepdim=True)
+                log_sum = sum_e.log()
+                nll += log_sum.sum()
+                # entropy = log(sum e) - sum(e * z) / sum(e), the dot product row by row without a temporary
+                entropy += (log_sum - torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1, 1) / sum_e).sum()
+                if not (need_hidden or need_weight or need_bias):
+                    continue
+                grad = e.div_(sum_e)  # d nll / d z = softmax - one-hot
+                grad.scatter_add_(-1, t, torch.full_like(t, -1, dtype=grad.dtype))
+                if softcap is not None:  # d(c tanh(y / c)) / dy = 1 - tanh^2, from the capped logits
+                    grad.mul_(z.add_(top).div_(softcap).square_().neg_().add_(1))
+                grad = grad.to(dtype)
+                if need_hidden:
+                    grad_hidden[start:start + chunk] = torch.mm(grad, w)
+                if need_weight:
+                    grad_weight.add_(torch.mm(grad.t(), h))
+                if need_bias:
+                    grad_bias.add_(grad.sum(0, dtype=torch.float32))
+            ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+            ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+            ctx.mark_non_differentiable(entropy, correct)
+            return nll, entropy, correct
+
+        @staticmethod
+        def backward(ctx, grad_nll, *_):
+            grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+            if grad_nll is None:
+                return None, None, None, None, None, None, None
+            scale = lambda g, dtype=None: None if g is None else (g * grad_nll).to(dtype or g.dtype)  # noqa: E731
+            return (scale(grad_hidden), scale(grad_weight, ctx.dtypes[0]), scale(grad_bias, ctx.dtypes[1]),
+                    None, None, None, None)
+
+    return LabelledNLL
+
+
+def add_labelled_head(model) -> bool:
+    """Give `model` (a causal LM, before or after TRL's patch) a `labelled_head=True` forward mode.
+
+    In that mode the forward runs the decoder body, keeps the hidden states of the positions whose
+    next token is labelled (labels != -100 after the shift), and runs the LM head and cross-entropy
+    on those only, `labelled_chunk_size` positions at a time (`LabelledNLL`). It returns a
+    `LabelledLMOutput`, not logits. Without the keyword the forward is the one it had.
+
+    Returns:
+        False (model left as it is) for families outside `LABELLED_HEAD_MODELS` or an LM head that
+        is not a plain `nn.Linear` (e.g. one wrapped by an adapter).
+    """
+    import types
+
+    import torch
+
+    config = model.config
+    head = model.get_output_embeddings()
+    if config.model_type not in LABELLED_HEAD_MODELS or type(head) is not torch.nn.Linear:
+        return False
+    if getattr(model.forward, "_ftpipe_labelled", False):
+        return True
+    original = model.forward
+    softcap = getattr(config, "final_logit_softcapping", None)
+    chunk = labelled_chunk_size(head.weight.shape[0])
+
+    def forward(self, *args, labelled_head: bool = False, labels=None, **kwargs):
+        if not labelled_head:
+            return original(*args, **({} if labels is None else {"labels": labels}), **kwargs)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        # Position t predicts token t+1: one index of the unshifted hidden states (a slice and then a
+        # mask would each build a hidden-sized gradient).
+        mask = torch.zeros_like(labels, dtype=torch.bool)
+        mask[:, :-1] = labels[:, 1:] != -100
+        head = self.get_output_embeddings()
+        nll, entropy, correct = _labelled_nll().apply(
+            hidden[mask], head.weight, head.bias, labels[:, 1:][mask[:, :-1]], softcap, chunk, torch.is_grad_enabled()
+        )
+        return _labelled_output()(nll_sum=nll, entropy_sum=entropy, correct=correct, label_count=mask.sum())
+
+    forward._ftpipe_labelled = True  # type: ignore[attr-defined]
+    model.forward = types.MethodType(forward, model)
+    return True
+
+
+@functools.cache
+def _labelled_output():
+    from dataclasses import dataclass
+
+    import torch
+    from transformers.utils import ModelOutput
+
+    @dataclass
+    class LabelledLMOutput(ModelOutput):
+        """What the `labelled_head=True` forward returns (a ModelOutput: accelerate walks its tensors)."""
+
+        nll_sum: torch.Tensor | None = None  # summed negative log-likelihood of the labelled next tokens
+        entropy_sum: torch.Tensor | None = None  # summed entropy of their predicted distributions (no gradient)
+        correct: torch.Tensor | None = None  # labelled next tokens that are the argmax
+        label_count: torch.Tensor | None = None  # labelled next tokens
+
+    return LabelledLMOutput
+
+
+def labelled_loss_trainer(base_cls):
+    """`base_cls` (TRL's SFTTrainer) with the loss from the LM head at the labelled positions only.
 
     TRL 1.16 computes the loss through its fused, chunked LM head, which never builds the
-    (tokens x vocab) logits: the right call for big GPU batches, but its CPU fallback recomputes the
-    logits in backward and measured 37% of a training step on the 135M Llama shape (3.1 of 8.4 s
-    per 1 x 256-token pass, torch profiler). With micro-batches of a few hundred tokens the full
-    logits are small (256 x 49152 x 4 B = 50 MB): one log-softmax over the labelled positions only,
-    a gather, and the same metrics TRL logs (entropy, mean token accuracy, tokens) from it. The loss is TRL's: the negative
-    log-likelihood summed over labelled next tokens, divided by `num_items_in_batch` (or the
-    labelled tokens of this pass). Anything else (aux losses, label smoothing, a custom loss,
-    pre-shifted labels) goes to TRL's own `compute_loss`.
+    (tokens x vocab) logits; on a device without Triton it scores every position, labelled or not,
+    and recomputes each tile's logits in backward: 37% of a training step on the 135M Llama shape
+    (3.1 of 8.4 s per 1 x 256-token pass, torch profiler), more with bigger vocabularies. With
+    assistant-only loss only a fraction of the positions are labelled (a tenth in the demo data):
+    `add_labelled_head` scores those only, in chunks of `LABELLED_HEAD_CHUNK_BYTES` of logits, with
+    two matmuls per chunk. The loss is TRL's: the negative log-likelihood summed over labelled next
+    tokens, divided by `num_items_in_batch` (or the labelled tokens of this pass); the metrics are
+    TRL's (entropy, mean token accuracy, tokens). Anything else (aux losses, label smoothing, a
+    custom loss, pre-shifted labels, other families) goes to TRL's own `compute_loss`.
+    tests/training/test_cpu_fastpath.py checks loss, gradients and metrics against it.
     """
     import torch
 
-    class PlainLossSFTTrainer(base_cls):
+    class LabelledLossSFTTrainer(base_cls):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            self.labelled_head = add_labelled_head(inner)
+            if self.labelled_head:
+                log.info("loss: LM head at the labelled positions only, %d per chunk (cpu_fastpath)",
+                         labelled_chunk_size(inner.get_output_embeddings().weight.shape[0]))
+            else:
+                log.info("loss: TRL's fused LM head (%s: not a family with a plain LM head)", inner.config.model_type)
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if (return_outputs or "labels" not in inputs or "shift_labels" in inputs or self.compute_loss_func is not None
-                    or self.label_smoother is not None or self.args.loss_type != "nll" or self.aux_loss_enabled):
+            if (not self.labelled_head or return_outputs or "labels" not in inputs or "shift_labels" in inputs
+                    or self.compute_loss_func is not None or self.label_smoother is not None
+                    or self.args.loss_type != "nll" or self.aux_loss_enabled):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             mode = "train" if self.model.training else "eval"
-            inputs["use_cache"] = False
-            labels = inputs["labels"]
-            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
-            # Position t predicts token t+1: select the positions whose next token is labelled in
-            # one indexing op (a slice and then a mask would each build a logits-sized gradient).
-            mask = torch.zeros_like(labels, dtype=torch.bool)
-            mask[:, :-1] = labels[:, 1:] != -100
-            target = labels[:, 1:][mask[:, :-1]]
-            # Only labelled positions get a softmax (with assistant-only loss, a fraction of them).
-            logp = torch.log_softmax(outputs.logits[mask].float(), dim=-1)  # (labelled, vocab)
-            count = mask.sum() if num_items_in_batch is None else num_items_in_batch
-            loss = -logp.gather(-1, target.unsqueeze(-1)).sum() / torch.as_tensor(count).clamp(min=1)
+            out = model(**inputs, labelled_head=True)
+            count = out.label_count if num_items_in_batch is None else num_items_in_batch
+            loss = out.nll_sum / torch.as_tensor(count).clamp(min=1)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes  # as TRL: DDP averages the gradients
-            with torch.no_grad():  # the metrics TRL logs
-                entropy = -(logp.exp() * logp).sum(-1)
-                correct = logp.argmax(-1) == target
-                gather = self.accelerator.gather_for_metrics
-                valid = gather(mask.sum()).sum()
-                self._metrics[mode]["entropy"].append((gather(entropy.sum()).sum() / valid).item() if valid > 0 else 0.0)
-                self._metrics[mode]["mean_token_accuracy"].append(
-                    (gather(correct.sum()).sum() / valid).item() if valid > 0 else 0.0
-                )
+            gather = self.accelerator.gather_for_metrics
+            valid = gather(out.label_count).sum()
+            self._metrics[mode]["entropy"].append((gather(out.entropy_sum).sum() / valid).item() if valid > 0 else 0.0)
+            self._metrics[mode]["mean_token_accuracy"].append(
+                (gather(out.correct).sum() / valid).item() if valid > 0 else 0.0
+            )
             if mode == "train":
                 if "attention_mask" in inputs:
                     tokens = gather(inputs["attention_mask"].sum()).sum().item()
@@ -144,7 +298,7 @@ def plain_loss_trainer(base_cls):
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
             return loss
 
-    return PlainLossSFTTrainer
+    return LabelledLossSFTTrainer
 
 
 DOCUMENT_ATTENTION = "ftpipe_document_sdpa"
@@ -222,3 +376,4 @@ def use_document_attention(model) -> bool:
     ALL_MASK_ATTENTION_FUNCTIONS.register(DOCUMENT_ATTENTION, sdpa_mask)  # the fallback gets SDPA's mask
     model.set_attn_implementation(DOCUMENT_ATTENTION)
     return True
+

@@ -316,11 +316,10 @@ def train(job: TrainJob, progress: ProgressFn | None = None, extra_callbacks: li
     tensorboard.logging_dir = str(Path(job.output_dir) / TENSORBOARD_DIR)  # stable folder per run
     args = sft_config(job, has_eval=eval_ds is not None)
     trainer_cls = SFTTrainer
-    if plan.device == "cpu":
-        from ftpipe.training.cpu_fastpath import plain_loss_fits, plain_loss_trainer
+    if plan.device == "cpu":  # CUDA keeps TRL's own fused LM head (Triton: labelled positions only)
+        from ftpipe.training.cpu_fastpath import labelled_loss_trainer
 
-        if plain_loss_fits(_micro_batch_size(job) * ft.max_length, model.config.get_text_config().vocab_size):
-            trainer_cls = plain_loss_trainer(SFTTrainer)
+        trainer_cls = labelled_loss_trainer(SFTTrainer)
     try:
         trainer = trainer_cls(
             model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
