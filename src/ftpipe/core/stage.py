@@ -209,27 +209,11 @@ def require_completed(run: RunDir, stage: str, command: str) -> dict[str, Any]:
     return read_manifest(run.manifest_path(stage))
 
 
-def upstream_problems(ctx: StageContext) -> list[tuple[str, str]]:
-    """(problem, command that fixes it) for each upstream stage of `ctx` that has not completed."""
-    from ftpipe.core.errors import InputError
-
-    problems = []
-    for stage in ctx.upstream:
-        try:
-            require_completed(ctx.run, stage, f"ftpipe {stage}")
-        except InputError as exc:
-            problems.append((exc.message, exc.hint))
-    return problems
-
-
 def require_upstream(ctx: StageContext) -> None:
-    """Raise for the first upstream stage of `ctx` that has not completed.
+    """Raise for the first upstream stage of `ctx` (`ctx.upstream`, from the stage table) not completed.
 
     Raises:
         InputError: naming the upstream manifest and the command that produces it.
     """
-    from ftpipe.core.errors import InputError
-
-    problems = upstream_problems(ctx)
-    if problems:
-        raise InputError(problems[0][0], hint=problems[0][1])
+    for stage in ctx.upstream:
+        require_completed(ctx.run, stage, f"ftpipe {stage}")

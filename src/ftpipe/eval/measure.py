@@ -21,7 +21,6 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ftpipe.handoff.checks import judge
@@ -46,7 +45,7 @@ def evaluate_spec(spec: EvalSpec) -> dict[str, Any]:
         {"artifacts": {name: result}, "generations": [rows]}. A result has "status" "ok" or
         "failed" (with "error"): one artifact failing does not stop the others.
     """
-    rows = read_val_rows(spec.val_file, spec.max_val_rows)
+    rows = list(read_split(spec.val_file, spec.max_val_rows))  # every artifact measures the same rows
     results: dict[str, Any] = {}
     generations: list[dict[str, Any]] = []
     previous: tuple[str, Any] | None = None  # (model path, loaded plain model) for adapter reuse
@@ -67,15 +66,6 @@ def evaluate_spec(spec: EvalSpec) -> dict[str, Any]:
         result["versions"] = _versions()
         results[name] = result
     return {"artifacts": results, "generations": generations}
-
-
-def read_val_rows(path: Path, limit: int | None) -> list[list[dict[str, Any]]]:
-    """The `messages` of the first `limit` val rows, as a list (every artifact measures the same rows).
-
-    Raises:
-        InputError: as `ftpipe.handoff.prepared.read_split`.
-    """
-    return list(read_split(path, limit))
 
 
 def _load(art: ArtifactSpec, dtype: str, previous: tuple[str, Any] | None):
