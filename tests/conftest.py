@@ -67,6 +67,29 @@ def tiny_qwen_dir(tmp_path_factory) -> Path:
     return out
 
 
+FAMILY_NAMES = ("llama3", "qwen2.5", "qwen3", "phi3.5", "mistral", "gemma")
+
+
+@pytest.fixture(scope="session")
+def family_model(tmp_path_factory):
+    """`family_model(name)`: the tiny model of a real family (real tokenizer and chat template,
+    2 layers, width 128), built once per session on first use. The llama.cpp material is fetched
+    into the repository's .cache/ftpipe (as `ftpipe make-tiny-model --family` does in a project)."""
+    from ftpipe.core.config import TinyModelConfig
+    from ftpipe.training.tiny_model import build
+
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            out = tmp_path_factory.mktemp(f"family-{name}")
+            build(out, TinyModelConfig(family=name, num_layers=2), root=REPO)
+            built[name] = out
+        return built[name]
+
+    return get
+
+
 @pytest.fixture
 def project(tmp_path, tiny_model_dir) -> Path:
     """A project folder: config.yaml pointing at the tiny model and a copy of the demo data."""

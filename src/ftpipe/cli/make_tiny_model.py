@@ -2,6 +2,7 @@
 
     ftpipe make-tiny-model --out models/tiny
     ftpipe make-tiny-model --config debug_config.yaml
+    ftpipe make-tiny-model --family qwen2.5 --out models/tiny-qwen2.5
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ def make_tiny_model(
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder to write the model into (default: model.path of --config).")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Take model.tiny and model.path from this config.")] = None,
     sets: SetOpt = None,
-    arch: Annotated[str, typer.Option(help="llama or qwen2.")] = "llama",
+    arch: Annotated[str, typer.Option(help="llama or qwen2 (with a locally trained tokenizer).")] = "llama",
+    family: Annotated[Optional[str], typer.Option(help="A model family with its real tokenizer and chat template: llama3, qwen2.5, qwen3, phi3.5, mistral, gemma.")] = None,
     hidden_size: Annotated[int, typer.Option(help="Hidden size (multiple of 128).")] = 128,
     intermediate_size: Annotated[int, typer.Option(help="MLP size (multiple of 128).")] = 256,
     num_layers: Annotated[int, typer.Option(help="Decoder layers.")] = 4,
@@ -46,12 +48,16 @@ def make_tiny_model(
 
     setup_logging()
     texts = list(text or [])
+    root = Path.cwd()
     if config is not None:
         loaded = load(config, sets)
         cfg_model = loaded.config.model
         if cfg_model.tiny is None:
             raise ConfigError(f"{config}: model.tiny is not set: nothing to build", hint="ftpipe make-tiny-model --out DIR")
         cfg = cfg_model.tiny
+        root = loaded.root
+        if family:
+            cfg = cfg.model_copy(update={"family": family})
         out = out or loaded.root / cfg_model.path
         if loaded.config.data.source:
             source = loaded.root / loaded.config.data.source
@@ -64,11 +70,13 @@ def make_tiny_model(
             cfg = TinyModelConfig(
                 arch=arch, hidden_size=hidden_size, intermediate_size=intermediate_size,
                 num_layers=num_layers, vocab_size=vocab_size, tie_word_embeddings=tie_embeddings, seed=seed,
+                family=family,
             )
         except ValidationError as exc:
             raise ConfigError("; ".join(f"--{'-'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
     if (Path(out) / "config.json").is_file() and not force:
         console.print(f"[yellow]{out} already holds a model; kept (use --force to rebuild)[/yellow]")
         return
-    info = build(out, cfg, texts)
-    console.print(f"[green]tiny {info['arch']} model[/green] -> {out} ({info['parameters']:,} parameters, vocab {info['vocab_size']})")
+    info = build(out, cfg, texts, root=root)
+    kind = f"{info['family']} ({info['arch']})" if info.get("family") else info["arch"]
+    console.print(f"[green]tiny {kind} model[/green] -> {out} ({info['parameters']:,} parameters, vocab {info['vocab_size']})")

@@ -31,7 +31,11 @@ ENV_PREFIX = "FTPIPE__"
 class TinyModelConfig(Section):
     """A small random-init model with a locally trained tokenizer (no hub download)."""
 
-    arch: Literal["llama", "qwen2"] = Field("llama", description="Model family of the config.")
+    arch: Literal["llama", "qwen2"] = Field("llama", description="Architecture of the model with a locally trained tokenizer (no family).")
+    family: Literal["llama3", "qwen2.5", "qwen3", "phi3.5", "mistral", "gemma"] | None = Field(
+        None, description="Build this model family instead: its architecture, real tokenizer, chat template and "
+        "special tokens (from llama.cpp's vocabularies and templates); arch, vocab_size and tie_word_embeddings "
+        "then come from the family.")
     hidden_size: int = Field(128, gt=0, description="Hidden size (multiple of 128 for AWQ).")
     intermediate_size: int = Field(256, gt=0, description="MLP size (multiple of 128 for AWQ).")
     num_layers: int = Field(4, gt=0, description="Decoder layers.")

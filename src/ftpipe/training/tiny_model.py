@@ -74,8 +74,12 @@ def build_tokenizer(cfg: TinyModelConfig, extra_files: list[Path] = ()):
     return fast
 
 
-def build(out: Path, cfg: TinyModelConfig, extra_files: list[Path] = ()) -> dict:
+def build(out: Path, cfg: TinyModelConfig, extra_files: list[Path] = (), root: Path | None = None) -> dict:
     """Build and save the tiny model + tokenizer into `out`.
+
+    With `cfg.family`, the family's architecture, real tokenizer, chat template and special
+    tokens (ftpipe/training/families.py; `root` holds the material cache), else a ChatML Llama /
+    Qwen2 with a locally trained tokenizer.
 
     Returns:
         A summary: parameter count, vocab size, architecture.
@@ -96,6 +100,8 @@ def build(out: Path, cfg: TinyModelConfig, extra_files: list[Path] = ()) -> dict
     if problems:
         raise InputError("; ".join(problems))
 
+    if cfg.family:
+        return _build_family(out, cfg, root)
     tokenizer = build_tokenizer(cfg, extra_files)
     eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     endoftext_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
@@ -126,3 +132,36 @@ def build(out: Path, cfg: TinyModelConfig, extra_files: list[Path] = ()) -> dict
     n_params = sum(p.numel() for p in model.parameters())
     log.info("tiny %s model: %d parameters, vocab %d -> %s", cfg.arch, n_params, len(tokenizer), out)
     return {"arch": cfg.arch, "parameters": n_params, "vocab_size": len(tokenizer), "tied": cfg.tie_word_embeddings}
+
+
+def _build_family(out: Path, cfg: TinyModelConfig, root: Path | None) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from ftpipe.training import families
+
+    fam = families.family(cfg.family)
+    root = Path(root) if root is not None else Path.cwd()
+    tokenizer = families.build_tokenizer(fam, root, cfg.max_position_embeddings)
+    sizes = dict(
+        hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+    )
+    config = families.model_config(fam, tokenizer, sizes)
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    stops = families.end_of_turn_ids(fam, tokenizer)
+    model.generation_config = GenerationConfig(
+        eos_token_id=stops, pad_token_id=config.pad_token_id, bos_token_id=getattr(config, "bos_token_id", None)
+    )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    families.write_sentencepiece_model(fam, root, out)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("tiny %s model (%s, %s): %d parameters, vocab %d -> %s",
+             fam.name, type(model).__name__, fam.released_as, n_params, len(tokenizer), out)
+    return {"arch": type(model).__name__, "family": fam.name, "parameters": n_params,
+            "vocab_size": len(tokenizer), "tied": fam.tied}
