@@ -17,6 +17,7 @@ ids, where the GGUF has reserved or padding entries; nothing else in the vocabul
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -182,13 +183,36 @@ def available(root: Path) -> dict[str, list[str]]:
 def build_tokenizer(fam: Family, root: Path, max_length: int):
     """The family's real tokenizer (from its vocab GGUF) with its real chat template and tokens.
 
+    The conversion takes seconds for a large vocabulary; its result is kept next to the material
+    (`tokenizers/<family>-<spec hash>/`) and reused while the family's row is unchanged.
+
     Raises:
         StageError: the vocabulary cannot be converted, or a family token is missing.
     """
+    from transformers import AutoTokenizer
+
+    models = material_dir(root)
+    spec = hashlib.sha256(repr((fam, max_length)).encode()).hexdigest()[:12]
+    cached = models.parent / "tokenizers" / f"{fam.name}-{spec}"
+    if not (cached / "tokenizer.json").is_file():
+        tokenizer = _convert(fam, models, max_length)
+        with tempfile.TemporaryDirectory(dir=models.parent) as work:
+            tokenizer.save_pretrained(work)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            if not cached.exists():
+                Path(work).rename(cached)
+                Path(work).mkdir()  # TemporaryDirectory removes it again
+    fast = AutoTokenizer.from_pretrained(cached)
+    missing = [t for t in (fam.bos, fam.eos, fam.pad, *fam.end_of_turn) if t and fast.convert_tokens_to_ids(t) in (None, fast.unk_token_id)]
+    if missing:
+        raise StageError(f"family {fam.name}: tokens {missing} are not in ggml-vocab-{fam.vocab}.gguf")
+    return fast
+
+
+def _convert(fam: Family, models: Path, max_length: int):
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    models = material_dir(root)
     backend, settings = _tokenizer_from_gguf(models / f"ggml-vocab-{fam.vocab}.gguf")
     data = json.loads(backend.to_str())
     # transformers' converter may append a token the family does not have (<|endoftext|> after
@@ -203,9 +227,6 @@ def build_tokenizer(fam: Family, root: Path, max_length: int):
         add_bos_token=bool(settings.get("add_bos_token")), add_eos_token=False,
     )
     fast.chat_template = (models / "templates" / f"{fam.template}.jinja").read_text(encoding="utf-8")
-    missing = [t for t in (fam.bos, fam.eos, fam.pad, *fam.end_of_turn) if t and fast.convert_tokens_to_ids(t) in (None, fast.unk_token_id)]
-    if missing:
-        raise StageError(f"family {fam.name}: tokens {missing} are not in ggml-vocab-{fam.vocab}.gguf")
     return fast
 
 
