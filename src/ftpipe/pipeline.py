@@ -21,6 +21,7 @@ from ftpipe.core.errors import ConfigError, StageError
 from ftpipe.core.executor import run_in_environment
 from ftpipe.core.manifest import read_manifest
 from ftpipe.core.runs import Project, RunDir, new_run
+from ftpipe.training.tiny_model import built_from
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +135,9 @@ def run_pipeline(
         common += ["--set", item]
     outcomes = []
     tiny = loaded.config.model.tiny
-    if tiny is not None and not (project.resolve(loaded.config.model.path) / "config.json").is_file():
-        # The embedded tiny model is built on first use (no download), like any other input.
+    if tiny is not None and built_from(project.resolve(loaded.config.model.path)) != tiny.model_dump():
+        # The embedded tiny model is built on first use (no download), like any other input, and
+        # again when model.tiny changes (e.g. `--set model.tiny.family=qwen2.5`).
         code = run_in_environment(project.root, "train", ["make-tiny-model", *common], runtime=runtime, compose_file=compose_file)
         if code != 0:
             raise StageError(f"building the tiny model at {loaded.config.model.path} failed (exit {code})",

@@ -37,14 +37,15 @@ def make_tiny_model(
     """Build a tiny local model + tokenizer + chat template (no hub download).
 
     With --config, the `model.tiny` section gives the shape, `model.path` the folder and the
-    dataset (`data.source`) is added to the tokenizer text; an existing model is kept unless --force.
+    dataset (`data.source`) is added to the tokenizer text; a model built from the same settings is
+    kept (rebuilt when `model.tiny` changed). With --out, an existing model is kept unless --force.
     """
     from pydantic import ValidationError
 
     from ftpipe.cli.common import setup_logging
     from ftpipe.core.errors import ConfigError
     from ftpipe.core.config import TinyModelConfig
-    from ftpipe.training.tiny_model import build
+    from ftpipe.training.tiny_model import build, built_from
 
     setup_logging()
     texts = list(text or [])
@@ -74,9 +75,12 @@ def make_tiny_model(
             )
         except ValidationError as exc:
             raise ConfigError("; ".join(f"--{'-'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
-    if (Path(out) / "config.json").is_file() and not force:
+    exists = (Path(out) / "config.json").is_file()
+    if exists and not force and (config is None or built_from(out) == cfg.model_dump()):
         console.print(f"[yellow]{out} already holds a model; kept (use --force to rebuild)[/yellow]")
         return
+    if exists and not force:
+        console.print(f"[yellow]{out} was built from other model.tiny settings: rebuilding[/yellow]")
     info = build(out, cfg, texts, root=root)
     kind = f"{info['family']} ({info['arch']})" if info.get("family") else info["arch"]
     console.print(f"[green]tiny {kind} model[/green] -> {out} ({info['parameters']:,} parameters, vocab {info['vocab_size']})")

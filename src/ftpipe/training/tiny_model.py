@@ -10,6 +10,7 @@ Qwen2 config whose sizes are multiples of 128 (AWQ group size). Saved as safeten
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from ftpipe.core.config import TinyModelConfig
 
 log = logging.getLogger(__name__)
 
+SPEC_FILE = "ftpipe_tiny_model.json"  # the model.tiny section a folder was built from
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 
 # ChatML; assistant turns wrapped in generation tags for assistant-only loss masks.
@@ -74,7 +76,21 @@ def build_tokenizer(cfg: TinyModelConfig, extra_files: list[Path] = ()):
     return fast
 
 
+def built_from(out: Path) -> dict | None:
+    """The `model.tiny` settings the model in `out` was built from (None: none recorded)."""
+    try:
+        return json.loads((Path(out) / SPEC_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def build(out: Path, cfg: TinyModelConfig, extra_files: list[Path] = (), root: Path | None = None) -> dict:
+    info = _build(out, cfg, extra_files, root)
+    (Path(out) / SPEC_FILE).write_text(json.dumps(cfg.model_dump(), sort_keys=True), encoding="utf-8")
+    return info
+
+
+def _build(out: Path, cfg: TinyModelConfig, extra_files: list[Path] = (), root: Path | None = None) -> dict:
     """Build and save the tiny model + tokenizer into `out`.
 
     With `cfg.family`, the family's architecture, real tokenizer, chat template and special
