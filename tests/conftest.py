@@ -90,6 +90,14 @@ def family_model(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def session_stamp() -> str:
+    """An id of this pytest session (results written by one test, checked by another)."""
+    import time
+
+    return f"{os.getpid()}-{time.time():.0f}"
+
+
 @pytest.fixture
 def project(tmp_path, tiny_model_dir) -> Path:
     """A project folder: config.yaml pointing at the tiny model and a copy of the demo data."""
