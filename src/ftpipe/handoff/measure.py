@@ -1,9 +1,10 @@
-"""The one perplexity and the one greedy decoding, shared by `convert-awq` and `eval-sft`.
+"""The one assistant mask, perplexity and greedy decoding, shared by finetune-sft, convert-awq and eval-sft.
 
-- `perplexity`: exp(mean NLL) over the assistant tokens of chat conversations (the chat
-  template's `{% generation %}` mask when it has one, else the text each assistant turn adds to
-  the rendered conversation), in right-padded batches with `use_cache=False`. eval-sft reports it
-  per artifact; convert-awq compares the merged and AWQ models with it
+- `encode_conversation` / `assistant_mask`: the one definition of the assistant tokens of a
+  conversation (the chat template's `{% generation %}` mask when it has one, else each assistant
+  turn's content and end-of-turn token), used by finetune-sft's labels and by perplexity.
+- `perplexity`: exp(mean NLL) over those tokens, in right-padded batches with
+  `use_cache=False`. eval-sft reports it per artifact; convert-awq compares the merged and AWQ models with it
   (`awq.max_perplexity_increase`), so the two stages never disagree on what perplexity means.
 - `greedy` (token ids) and `generate` (a conversation, answered as text): greedy decoding that
   stops at the model's end-of-turn tokens.
@@ -18,42 +19,167 @@ from __future__ import annotations
 
 import logging
 import math
+import re
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 
-def assistant_mask(tokenizer, messages: list[dict[str, Any]], max_length: int) -> tuple[list[int], list[int], str]:
-    """Token ids of the rendered conversation and a 0/1 mask of its assistant tokens.
+@dataclass
+class Encoded:
+    """One conversation as training and perplexity see it (`encode_conversation`)."""
+
+    input_ids: list[int]
+    mask: list[int]  # 1 on the assistant tokens (the target), 0 elsewhere
+    method: str  # "generation-tags" or "prefix-diff"
+    turns: int  # assistant turns in the conversation
+    unlocated: int  # assistant turns whose tokens could not be located (left out of the mask, logged)
+
+
+def end_of_turn_ids(tokenizer, generation_config=None) -> set[int]:
+    """The token ids that end an assistant turn: the tokenizer's EOS, the generation config's EOS ids
+    and the special token the chat template writes after an assistant turn's content (Phi-3.5 ends a
+    turn with `<|end|>`, which only its generation config and its template name)."""
+    probed = template_end_of_turn(tokenizer) if isinstance(tokenizer.chat_template, str) else None
+    ids: set[int] = set() if probed is None else {probed}
+    eos = getattr(generation_config, "eos_token_id", None)
+    for value in (eos, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return ids
+
+
+def has_generation_tags(template: str | None) -> bool:
+    """Whether a chat template marks the assistant's tokens with `{% generation %}...{% endgeneration %}`."""
+    return bool(template) and re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None \
+        and "endgeneration" in template
+
+
+def encode_conversation(
+    tokenizer,
+    messages: list[dict[str, Any]],
+    *,
+    tools: list[dict] | None = None,
+    end_ids: set[int] | None = None,
+    max_length: int | None = None,
+) -> Encoded:
+    """Token ids of the rendered conversation and the mask of its assistant tokens: THE definition
+    of what finetune-sft trains on and what eval-sft / convert-awq score.
+
+    With `{% generation %}` tags in the chat template, the tagged tokens. Without them
+    ("prefix-diff"), each assistant turn's target runs from where its generation prompt ends to
+    its first end-of-turn token (`end_ids`), inclusive: the content and the end-of-turn token,
+    not the header before it nor the newline after it; whatever the template writes after the
+    generation prompt for that turn (Qwen3's empty think block on the last turn) is target too.
+    The start is the length of `messages[:i]` rendered with `add_generation_prompt=True` when
+    that is a prefix of the full rendering; when the template renders earlier turns differently
+    once later ones exist (Mistral puts the system text in the last user message; Gemma 4's
+    generation prompt opens an empty thought channel that history does not show), the start is
+    where the turn's content begins in the full rendering, found with a sentinel content. A turn
+    located neither way is left out of the mask, logged and counted in `unlocated`.
+
+    Args:
+        tools: the row's tool definitions (rendered as preprocess-sft rendered them).
+        end_ids: end-of-turn token ids (`end_of_turn_ids` with the model's generation config);
+            default: `end_of_turn_ids(tokenizer)`.
+        max_length: keep the first `max_length` tokens (None: all).
+    """
+    kwargs = {"tools": tools} if tools else {}
+    turns = sum(1 for m in messages if m.get("role") == "assistant")
+    if has_generation_tags(tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None):
+        enc = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, **kwargs
+        )
+        ids, mask = list(enc["input_ids"]), list(enc["assistant_masks"])
+        result = Encoded(ids, mask, "generation-tags", turns, 0)
+    else:
+        result = _prefix_diff(tokenizer, messages, kwargs, end_of_turn_ids(tokenizer) if end_ids is None else end_ids, turns)
+    if max_length is not None:
+        result.input_ids, result.mask = result.input_ids[:max_length], result.mask[:max_length]
+    return result
+
+
+_SENTINEL = "ftpipe7f3aAssistantTurn"  # no whitespace: templates trim contents (Gemma 4)
+
+
+def _prefix_diff(tokenizer, messages, kwargs, end_ids: set[int], turns: int) -> Encoded:
+    full = tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    offsets = enc["offset_mapping"]
+    starts: list[tuple[int, int | None]] = []  # (message index, first token of its target)
+    for i, message in enumerate(messages):
+        if message.get("role") == "assistant":
+            start = _turn_start(tokenizer, messages, i, full, kwargs)
+            first = None if start is None else next((t for t, (_, e) in enumerate(offsets) if e > start), None)
+            starts.append((i, first))
+    mask = [0] * len(ids)
+    unlocated = 0
+    for n, (i, first) in enumerate(starts):
+        # The end-of-turn token must come before the next assistant turn starts: a wrong end id
+        # (Phi-3.5's <|endoftext|> instead of <|end|>) leaves the turn unlocated, not over-long.
+        limit = next((f for _, f in starts[n + 1:] if f is not None), len(ids))
+        last = None if first is None else next((t for t in range(first, limit) if ids[t] in end_ids), None)
+        if last is None:
+            unlocated += 1
+            why = "its start is not in the full rendering" if first is None else (
+                f"no end-of-turn token {sorted(end_ids)} in it")
+            log.warning("assistant turn %d of a conversation cannot be located (%s): left out of the target", i, why)
+            continue
+        mask[first:last + 1] = [1] * (last + 1 - first)
+    return Encoded(ids, mask, "prefix-diff", turns, unlocated)
+
+
+def template_end_of_turn(tokenizer) -> int | None:
+    """The special token the chat template writes right after an assistant turn's content (None: none)."""
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _SENTINEL}]
+    try:
+        text = tokenizer.apply_chat_template(probe, tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that needs another shape: no probed token
+        return None
+    at = text.find(_SENTINEL)
+    if at < 0:
+        return None
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return next((i for i, (s, _) in zip(enc["input_ids"], enc["offset_mapping"])
+                 if s >= at + len(_SENTINEL) and i in special), None)
+
+
+def _turn_start(tokenizer, messages, i: int, full: str, kwargs) -> int | None:
+    """Character offset in `full` where assistant turn `i` starts (after its generation prompt)."""
+    before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True, **kwargs) \
+        if i else ""
+    if i and full.startswith(before):
+        return len(before)
+    if not isinstance(messages[i].get("content"), str):
+        return None
+    probe = [*messages[:i], {**messages[i], "content": _SENTINEL}, *messages[i + 1:]]
+    try:
+        rendered = tokenizer.apply_chat_template(probe, tokenize=False, **kwargs)
+    except Exception:  # noqa: BLE001 - the template rejects the probe: this turn is reported as unlocated
+        return None
+    at = rendered.find(_SENTINEL)
+    if at < 0 or rendered.count(_SENTINEL) != 1 or not full.startswith(rendered[:at]):
+        return None
+    return at
+
+
+def assistant_mask(
+    tokenizer, messages: list[dict[str, Any]], max_length: int | None, *,
+    tools: list[dict] | None = None, end_ids: set[int] | None = None,
+) -> tuple[list[int], list[int], str]:
+    """`encode_conversation` as (input_ids, mask, method).
 
     Returns:
         (input_ids, mask, method): method is "generation-tags" when the chat template marks
-        assistant turns with `{% generation %}`, else "prefix-diff" (the characters each
-        assistant turn adds to the rendering, mapped to tokens with the offsets).
+        assistant turns with `{% generation %}`, else "prefix-diff".
     """
-    template = tokenizer.chat_template or ""
-    if "generation" in template and "{%" in template and "endgeneration" in template:
-        enc = tokenizer.apply_chat_template(
-            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-        )
-        ids, mask, method = list(enc["input_ids"]), list(enc["assistant_masks"]), "generation-tags"
-    else:
-        full = tokenizer.apply_chat_template(messages, tokenize=False)
-        spans = []
-        for i, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
-            upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-            if upto.startswith(before) and full.startswith(upto):
-                spans.append((len(before), len(upto)))
-            else:
-                log.warning("chat template re-renders earlier turns: assistant turn %d not scored", i)
-        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(enc["input_ids"])
-        mask = [int(any(s <= start < e for s, e in spans)) for start, _ in enc["offset_mapping"]]
-        method = "prefix-diff"
-    return ids[:max_length], mask[:max_length], method
+    e = encode_conversation(tokenizer, messages, tools=tools, end_ids=end_ids, max_length=max_length)
+    return e.input_ids, e.mask, e.method
 
 
 def perplexity(model, tokenizer, rows, max_length: int, batch_tokens: int) -> dict[str, Any]:
@@ -67,8 +193,9 @@ def perplexity(model, tokenizer, rows, max_length: int, batch_tokens: int) -> di
     import torch.nn.functional as F
 
     encoded, method = [], None
+    end_ids = _stop_ids(model, tokenizer)
     for messages in rows:
-        ids, mask, method = assistant_mask(tokenizer, messages, max_length)
+        ids, mask, method = assistant_mask(tokenizer, messages, max_length, end_ids=end_ids)
         if sum(mask[1:]):
             encoded.append((ids, mask))
     encoded.sort(key=lambda e: len(e[0]), reverse=True)
@@ -149,12 +276,5 @@ def generate(model, tokenizer, messages: list[dict[str, Any]], max_new_tokens: i
 
 
 def _stop_ids(model, tokenizer) -> set[int]:
-    ids: set[int] = set()
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (eos, tokenizer.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(v for v in value if isinstance(v, int))
-    return ids
+    return end_of_turn_ids(tokenizer, getattr(model, "generation_config", None))
 
