@@ -159,6 +159,8 @@ STAGES: tuple[Stage, ...] = (
         "Create an Ollama model from outputs/<run>/gguf with an explicit template and stops, then chat once.",
         scope="run", upstream=("export-gguf",), force=False, pipeline=False,
         owns=(Section("ollama", "ftpipe.export.config:OllamaConfig", "ollama-load."),),
+        options=(Option("--dry-run", bool, "No server: check the template and write the Modelfile it would send "
+                        "to logs/<run>/ollama-load/Modelfile.", default=False),),
     ),
     Stage(
         "serve", "ftpipe.serve.serve", "serve",

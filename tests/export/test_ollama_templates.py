@@ -1,7 +1,8 @@
 """The Ollama Go template chosen for each known family renders the HF template's exact text.
 
-Each HF template below is the model's real `chat_template` (tool branches included where the
-model has them), embedded so no download is needed. The Go side is rendered with ftpipe's
+Two sets of HF templates: the older ones embedded below (the model's real `chat_template`, tool
+branches included), and the six families of `make-tiny-model --family` (real tokenizers and
+templates, built by the `family_model` fixture). The Go side is rendered with ftpipe's
 renderer of the Go text/template subset the templates use (`ftpipe.export.gotemplate`), over the
 values Ollama passes (`.Messages` incl. system messages, `.System`). BOS is emitted as text by the
 HF templates and added by Ollama's tokenizer, so it is stripped from the HF text before comparing.
@@ -9,11 +10,15 @@ HF templates and added by Ollama's tokenizer, so it is stripped from the HF text
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 
 from ftpipe.core.errors import InputError
-from ftpipe.export.chat_families import detect_family
-from ftpipe.export.gotemplate import ollama_values, render
+from ftpipe.export.chat_families import FAMILIES, candidates, detect_family
+from ftpipe.export.gotemplate import go_json, ollama_values, render
+from ftpipe.export.template_check import PROBES, TOOL_PROBE, TOOLS, choose_family, hf_renderer, stop_strings
 from ftpipe.training.tiny_model import CHAT_TEMPLATE as TINY_CHATML
 
 # Qwen/Qwen2.5-0.5B-Instruct
@@ -225,7 +230,7 @@ PHI3 = (
 )
 
 CASES = {
-    "chatml": (QWEN25, "", "<|im_end|>"),
+    "qwen2.5": (QWEN25, "", "<|im_end|>"),
     "chatml-tiny": (TINY_CHATML, "", "<|im_end|>"),
     "llama3": (LLAMA3, "<|begin_of_text|>", "<|eot_id|>"),
     "gemma": (GEMMA3, "<bos>", "<eos>"),
@@ -233,51 +238,123 @@ CASES = {
     "phi3": (PHI3, "", "<|endoftext|>"),  # BOS comes from the tokenizer, not the template
 }
 
-CONVERSATION = [
-    {"role": "system", "content": "You are a terse assistant."},
-    {"role": "user", "content": "Hi, who are you?"},
-    {"role": "assistant", "content": "An assistant."},
-    {"role": "user", "content": "Name two colours."},
-]
+# make-tiny-model --family NAME -> the Ollama family its template renders as.
+TINY_FAMILIES = {"llama3": "llama3.1", "qwen2.5": "qwen2.5", "qwen3": "chatml", "phi3.5": "phi3",
+                 "mistral": "mistral-nemo", "gemma": "gemma4"}
+# Building the tiny Gemma 4 (262k vocabulary) takes about a minute on a busy CPU.
+TINY_PARAMS = [pytest.param(n, marks=pytest.mark.slow) if n == "gemma" else n for n in sorted(TINY_FAMILIES)]
 
 
-def _hf_text(template: str, bos: str, eos: str, messages) -> str:
-    from transformers.utils.chat_template_utils import render_jinja_template
+def _renderer(template: str, bos: str, eos: str):
+    return hf_renderer(template, {"bos_token": bos, "eos_token": eos})
 
-    rendered, _ = render_jinja_template(
-        [messages], chat_template=template, add_generation_prompt=True, bos_token=bos, eos_token=eos
-    )
-    text = rendered[0]
+
+def _strip_bos(text: str, bos: str) -> str:
     assert not bos or text.startswith(bos), "the HF template should start with BOS"
     return text[len(bos):]
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_go_template_renders_the_hf_text(case):
+def test_embedded_templates_choose_their_family_by_rendering(case):
     template, bos, eos = CASES[case]
-    family = detect_family(template, case)
-    assert family.name == case.split("-")[0]
-    expected = _hf_text(template, bos, eos, CONVERSATION)
-    assert render(family.template, ollama_values(CONVERSATION)) == expected
-    # Every stop string is a turn marker that appears in the rendered prompt or is the EOS text.
-    assert all(s in expected or s == eos or s in template for s in family.stop)
+    family = choose_family(_renderer(template, bos, eos), template, bos, case)
+    assert family.name == case.replace("chatml-tiny", "chatml")
+    for name, messages in PROBES.items():
+        expected = _strip_bos(_renderer(template, bos, eos)(messages, None), bos)
+        assert render(family.template, ollama_values(messages)) == expected, name
+    # Every stop string is a turn marker that appears in the rendered prompt or template, or is the EOS text.
+    assert all(s in template or s == eos for s in family.stop)
 
 
-@pytest.mark.parametrize("case", ["chatml", "llama3", "mistral", "phi3", "gemma"])
-def test_go_template_without_system_message(case):
-    template, bos, eos = CASES[case]
-    family = detect_family(template, case)
-    messages = CONVERSATION[1:]
-    if case == "chatml":  # Qwen2.5 injects its default system prompt; Ollama would need `system`
-        values = ollama_values([{"role": "system", "content": "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."}, *messages])
-    else:
-        values = ollama_values(messages)
-    assert render(family.template, values) == _hf_text(template, bos, eos, messages)
+@pytest.mark.parametrize("name", TINY_PARAMS)
+def test_tiny_family_templates_render_exactly(family_model, name):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(family_model(name))
+    render_hf = hf_renderer(tok.chat_template, dict(tok.special_tokens_map))
+    family = choose_family(render_hf, tok.chat_template, tok.bos_token, name)
+    assert family.name == TINY_FAMILIES[name]
+    for probe, messages in PROBES.items():
+        expected = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if tok.bos_token and expected.startswith(tok.bos_token):
+            expected = expected[len(tok.bos_token):]
+        assert render(family.template, ollama_values(messages)) == expected, probe
+    # Stops: the turn markers plus every end-of-turn token of generation_config.json.
+    stops = stop_strings(family, tok, family_model(name))
+    gen = json.loads((family_model(name) / "generation_config.json").read_text())["eos_token_id"]
+    assert set(tok.convert_ids_to_tokens(gen)) <= set(stops)
+    assert set(family.stop) <= set(stops)
+    # The family's template has a tool format (all but Phi-3.5), yet Ollama gets none: refused, with a reason.
+    assert "{{" in family.template and ".Tools" not in family.template and family.tools
+    if name != "phi3.5":
+        assert "get_weather" in tok.apply_chat_template(TOOL_PROBE, tools=TOOLS, tokenize=False, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("name", TINY_PARAMS)
+def test_mutated_hf_template_is_refused_with_the_first_difference(family_model, name):
+    """One character more in the HF template's generation prompt: no family renders it; the
+    error names the closest family and the character where the texts part."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(family_model(name))
+    mutated = tok.chat_template.replace("<|im_start|>' + message.role + '\\n'", "<|im_start|>' + message.role + ':\\n'")
+    for old, new in (("<|end_header_id|>\\n\\n'+ message['content']", "<|end_header_id|>\\n'+ message['content']"),
+                     ("{{'<|user|>\n' + message['content']", "{{'<|user|>\n\n' + message['content']"),
+                     ('"[INST]" + message["content"]', '"[INST] " + message["content"]'),
+                     ("{{- '<|turn>' + role + '\\n' }}", "{{- '<|turn>' + role + '\\n\\n' }}")):
+        mutated = mutated.replace(old, new)
+    assert mutated != tok.chat_template, "the mutation must change the template"
+    render_hf = hf_renderer(mutated, dict(tok.special_tokens_map))
+    with pytest.raises(InputError, match=rf"^x/chat_template.jinja: the ({TINY_FAMILIES[name]}|chatml|qwen2.5) Ollama "
+                       r"template renders the [\w-]+ conversation differently from the model's chat template at character \d+: "):
+        choose_family(render_hf, mutated, tok.bos_token, "x/chat_template.jinja")
+
+
+def test_mutated_go_template_is_caught():
+    """A Go template one character off renders differently, so it is never chosen."""
+    import dataclasses
+
+    from ftpipe.export import chat_families
+
+    template, bos, eos = CASES["qwen2.5"]
+    broken = dataclasses.replace(chat_families.QWEN25, template=chat_families.QWEN25.template.replace("{{ .Content }}", "{{ .Content }} "))
+    original = chat_families.FAMILIES
+    try:
+        chat_families.FAMILIES = tuple(broken if f.name == "qwen2.5" else f for f in original)
+        with pytest.raises(InputError, match=r"the qwen2.5 Ollama template renders the no-system conversation differently .* at character 131: ' <\|im_end"):
+            choose_family(_renderer(template, bos, eos), template, bos, "q")
+    finally:
+        chat_families.FAMILIES = original
+
+
+def test_ollama_collates_like_ollama():
+    values = ollama_values([
+        {"role": "system", "content": "A"}, {"role": "system", "content": "B"},
+        {"role": "user", "content": "u1"}, {"role": "user", "content": "u2"},
+        {"role": "tool", "content": "t1"}, {"role": "tool", "content": "t2"},
+    ])
+    assert values["System"] == "A\n\nB"
+    assert [(m["Role"], m["Content"]) for m in values["Messages"]] == [
+        ("system", "A\n\nB"), ("user", "u1\n\nu2"), ("tool", "t1"), ("tool", "t2")]
+
+
+def test_tool_json_cannot_match_python_tojson():
+    """Why tools are refused: Go's encoding/json (Ollama's `json`, and `.Function.Arguments`
+    printed) is not Python's json.dumps that the HF templates use."""
+    args = {"city": "Paris <FR>", "days": 2}
+    hf = json.dumps(args)
+    assert hf == '{"city": "Paris <FR>", "days": 2}'
+    assert go_json(args) == '{"city":"Paris \\u003cFR\\u003e","days":2}'
+    values = ollama_values(TOOL_PROBE, TOOLS)
+    call = values["Messages"][1]["ToolCalls"][0]["Function"]
+    assert render("{{ .Name }} {{ .Arguments }}", call) == 'get_weather {"city":"Paris"}'
+    assert render("{{ range .Tools }}{{ json .Function.Parameters }}{{ end }}", values).startswith('{"properties":{"city":')
 
 
 def test_unknown_family_is_refused():
-    with pytest.raises(InputError, match=r"not one of the known families \(llama3, gemma, phi3, mistral, chatml\)"):
-        detect_family("{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}", "x/chat_template.jinja")
+    known = ", ".join(f.name for f in FAMILIES)
+    with pytest.raises(InputError, match=rf"not one of the known families \({re.escape(known)}\)"):
+        candidates("{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}", "x/chat_template.jinja")
 
 
 def test_missing_template_is_refused():
@@ -289,5 +366,9 @@ def test_renderer_subset():
     assert render('{{ if eq .A "x" }}1{{ else if .B }}2{{ else }}3{{ end }}', {"A": "y", "B": ""}) == "3"
     assert render("a  {{- .A -}}  b", {"A": "!"}) == "a!b"
     assert render('{{ range $i, $m := .L }}{{ $i }}{{ $m }}{{ end }}', {"L": ["a", "b"]}) == "0a1b"
+    assert render("{{ .Missing }}", {}) == "<no value>"  # Go prints a missing map key so
+    assert render("{{ if .Missing }}x{{ else }}y{{ end }}", {}) == "y"
+    with pytest.raises(ValueError, match="can't evaluate field Nope"):
+        render("{{ range .Messages }}{{ .Nope }}{{ end }}", ollama_values([{"role": "user", "content": "x"}]))
     with pytest.raises(ValueError):
         render("{{ template \"x\" }}", {})

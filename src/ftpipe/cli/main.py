@@ -18,7 +18,7 @@ import sys
 
 import typer
 
-from ftpipe.cli import make_tiny_model, print_runtime, run, stage_command, tensorboard
+from ftpipe.cli import check_template, make_tiny_model, print_runtime, run, stage_command, tensorboard
 from ftpipe.cli import runs as runs_cli
 from ftpipe.stages import STAGES
 
@@ -37,7 +37,7 @@ for _stage in STAGES:
         stage_command.register(app, _stage)
     else:
         importlib.import_module(_stage.cli).register(app)
-for _module in (run, tensorboard, make_tiny_model, print_runtime):
+for _module in (run, tensorboard, make_tiny_model, print_runtime, check_template):
     _module.register(app)
 app.add_typer(runs_cli.app, name="runs", help="List runs and show their stages.")
 

@@ -1,15 +1,18 @@
 """A minimal renderer for the Go `text/template` subset that ftpipe's Ollama templates use.
 
-Ollama renders a model's `template` with Go's text/template over `.Messages` (each with `.Role`
-and `.Content`) and `.System`. `ollama-load` renders the template it is about to send with this
+Ollama renders a model's `template` with Go's text/template over `.Messages` (each with `.Role`,
+`.Content`, `.Thinking`, `.ToolCalls`, `.ToolName`, `.ToolCallID`), `.System` and `.Tools`. `ollama-load` renders the template it is about to send with this
 renderer and compares the text with the model's HF chat template before creating the model, so a
 template that would change the prompt is caught here rather than in answers.
 
 Supported: text; `{{- ... -}}` whitespace trimming; `{{ pipeline }}`; `{{ $x := pipeline }}`;
 `{{ if }}` / `{{ else if }}` / `{{ else }}` / `{{ end }}`; `{{ range pipeline }}` and
 `{{ range $i, $v := pipeline }}`; fields (`.Role`, `$.System`, `$v.Content`), variables, string
-and integer literals, parentheses; functions `eq ne lt le gt ge and or not len slice index`.
-Anything else raises `ValueError` (fail loudly rather than render something else).
+and integer literals, parentheses; functions `eq ne lt le gt ge and or not len slice index` and
+Ollama's `json` (Go `encoding/json`: compact, map keys sorted, `<>&` escaped). Messages, tool
+calls and tools are structs in Ollama: a field they lack is an error here as in Go; a key missing
+from the top-level map prints `<no value>` as Go does. Anything else raises `ValueError` (fail
+loudly rather than render something else).
 """
 
 from __future__ import annotations
@@ -103,16 +106,74 @@ def _parse(items: list[tuple[str, str]], pos: int, stop: tuple[str, ...]) -> tup
 
 
 def _truthy(v: Any) -> bool:
-    return not (v is None or v is False or v == 0 or v == "" or (hasattr(v, "__len__") and len(v) == 0))
+    return not (v is None or v is NO_VALUE or v is False or v == 0 or v == "" or (hasattr(v, "__len__") and len(v) == 0))
+
+
+class GoStruct(dict):
+    """A Go struct value: only its fields exist (Go refuses `.Unknown` on a struct at execution)."""
+
+
+class GoJSON(dict):
+    """A map whose Go type has a `String()` method that marshals it to JSON (Ollama's
+    `ToolCallFunctionArguments`, `ToolProperty`...): `{{ .Function.Arguments }}` prints JSON."""
+
+    def __str__(self) -> str:
+        return go_json(dict(self))
+
+
+class _NoValue:
+    def __str__(self) -> str:
+        return "<no value>"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+NO_VALUE = _NoValue()
+
+
+def go_json(value: Any) -> str:
+    """`json.Marshal` as Go writes it: no spaces, map keys sorted, `<`, `>`, `&`, U+2028/9 escaped,
+    integral floats without a fraction."""
+    if value is None or value is NO_VALUE:
+        return "null"
+    if value is True or value is False:
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value.is_integer() and abs(value) < 1e21:
+            return str(int(value))
+        return repr(value)
+    if isinstance(value, str):
+        import json
+
+        text = json.dumps(value, ensure_ascii=False)
+        for raw, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+            text = text.replace(raw, esc)
+        return text
+    if isinstance(value, GoStruct):
+        # A struct marshals in field order with its own json tags: not reproduced here.
+        raise ValueError("json of an Ollama struct (a message, tool or tool call) is not supported")
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{go_json(str(k))}:{go_json(v)}" for k, v in sorted(value.items())) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(go_json(v) for v in value) + "]"
+    raise ValueError(f"json: unsupported value of type {type(value).__name__}")
 
 
 def _field(obj: Any, name: str) -> Any:
+    if isinstance(obj, GoStruct):
+        if name not in obj:
+            raise ValueError(f"can't evaluate field {name} in a struct with fields {sorted(obj)}")
+        return obj[name]
+    if obj is None or obj is NO_VALUE:
+        raise ValueError(f"nil pointer evaluating .{name}")
     if isinstance(obj, dict):
         if name in obj:
             return obj[name]
-        lower = name[:1].lower() + name[1:]
-        return obj.get(lower, obj.get(name.lower()))
-    return getattr(obj, name, None)
+        return obj.get(name, NO_VALUE)
+    raise ValueError(f"can't evaluate field {name} in type {type(obj).__name__}")
 
 
 _FUNCS = {
@@ -126,6 +187,7 @@ _FUNCS = {
     "len": lambda a: len(a),
     "slice": lambda a, *ix: a[ix[0]: ix[1]] if len(ix) > 1 else a[ix[0]:] if ix else a,
     "index": lambda a, *ix: a[ix[0]] if len(ix) == 1 else _FUNCS["index"](a[ix[0]], *ix[1:]),
+    "json": go_json,
 }
 
 
@@ -202,7 +264,7 @@ class _Eval:
                 out.append(node.value)
             elif node.kind == "out":
                 value = self.expr(node.value, dot, vars_)
-                out.append("" if value is None else str(value))
+                out.append(_go_print(value))
             elif node.kind == "assign":
                 name, expr = node.value
                 vars_[name] = self.expr(expr, dot, vars_)
@@ -225,6 +287,17 @@ class _Eval:
                     self.run(body, item, scope, out)
 
 
+def _go_print(value: Any) -> str:
+    """What `{{ value }}` prints: Go's fmt for the values templates see."""
+    if value is None:
+        return "<nil>"
+    if value is True or value is False:
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple, dict)) and not isinstance(value, GoJSON):
+        raise ValueError(f"printing a {type(value).__name__} is not supported (Go prints its own syntax)")
+    return str(value)
+
+
 def render(template: str, data: dict[str, Any]) -> str:
     """Render `template` with `data` as `.` (and `$`).
 
@@ -237,13 +310,45 @@ def render(template: str, data: dict[str, Any]) -> str:
     return "".join(out)
 
 
-def ollama_values(messages: list[dict[str, str]]) -> dict[str, Any]:
-    """The values Ollama passes to a chat template: `.Messages` (system ones included) and
-    `.System` (the system message text)."""
-    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+def ollama_values(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The values Ollama passes to a chat template (`template.Execute` with `collate`).
+
+    `.System` is every system message's text joined by a blank line; `.Messages` keeps system
+    messages and merges consecutive messages of the same role (tool messages excepted) with a blank
+    line, as Ollama's `collate` does; `.Tools` are the request's tools.
+    """
+    system = "\n\n".join(m.get("content") or "" for m in messages if m["role"] == "system")
+    collated: list[GoStruct] = []
+    for m in messages:
+        if collated and collated[-1]["Role"] == m["role"] and m["role"] != "tool":
+            collated[-1]["Content"] += "\n\n" + (m.get("content") or "")
+            continue
+        collated.append(GoStruct(
+            Role=m["role"], Content=m.get("content") or "", Thinking=m.get("reasoning_content") or "",
+            ToolCalls=[_tool_call(c) for c in m.get("tool_calls") or []],
+            ToolName=m.get("name") or "", ToolCallID=m.get("tool_call_id") or "", Images=[],
+        ))
     return {
-        "Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages],
+        "Messages": collated,
         "System": system,
+        "Tools": [_tool(t) for t in tools or []],
         "Prompt": "",
         "Response": "",
     }
+
+
+def _tool_call(call: dict[str, Any]) -> GoStruct:
+    fn = call.get("function", call)
+    args = fn.get("arguments") or {}
+    if isinstance(args, str):
+        import json
+
+        args = json.loads(args)
+    return GoStruct(ID=call.get("id") or "", Function=GoStruct(Index=0, Name=fn["name"], Arguments=GoJSON(args)))
+
+
+def _tool(tool: dict[str, Any]) -> GoStruct:
+    fn = tool.get("function", {})
+    return GoStruct(Type=tool.get("type", "function"), Function=GoStruct(
+        Name=fn.get("name", ""), Description=fn.get("description", ""), Parameters=GoJSON(fn.get("parameters") or {}),
+    ))

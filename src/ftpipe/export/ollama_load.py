@@ -4,15 +4,19 @@ Pipeline position: export-gguf -> **ollama-load** (needs a running Ollama server
 train environment with the official `ollama` Python client).
 
     ftpipe ollama-load --config debug_config.yaml --run my-run --set ollama.host=http://127.0.0.1:11434
+    ftpipe ollama-load --config debug_config.yaml --run my-run --dry-run   # no server: writes the Modelfile
 
-Steps (Ollama REST API, through `ollama.Client`): recognise the chat-template family of the merged
-model (ChatML, Llama 3, Gemma, Mistral, Phi-3; anything else is refused) and check that its Go
-template renders exactly the HF template's text; `HEAD /api/blobs/sha256:<digest>` and upload the
+Steps (Ollama REST API, through `ollama.Client`): choose the chat-template family of the merged
+model by rendering (`template_check.choose_family`: the family whose Go template renders every
+probe conversation exactly as the HF template; otherwise refused with the first differing
+characters); stops = the family's turn markers + the end-of-turn tokens of
+`generation_config.json`; no family gets tools (see `chat_families`); `HEAD /api/blobs/sha256:<digest>` and upload the
 GGUF with `POST /api/blobs/sha256:<digest>` when the server lacks it; `POST /api/create` with
 `files`, the Go `template` and the `stop` parameters; then `POST /api/chat` once and require a
 non-empty answer that ends by stopping (`done_reason: "stop"`), not by hitting `max_tokens`.
 The server's state is not ours, so this stage always runs (no skip); re-creating a model whose
-blob the server has is cheap.
+blob the server has is cheap. `--dry-run` stops after the checks and writes the Modelfile it
+would send (FROM, TEMPLATE, PARAMETER stop) as `logs/<run>/ollama-load/Modelfile`.
 """
 
 from __future__ import annotations
@@ -25,27 +29,23 @@ from ftpipe.core.errors import InputError, StageError
 from ftpipe.core.stage import StageContext, StageResult, require_upstream
 from ftpipe.export.artifacts import CHAT_TEMPLATE_FILE, gguf_name
 from ftpipe.handoff.prepared import prompt, sample_conversations
-from ftpipe.export.chat_families import ChatFamily, detect_family
-from ftpipe.export.gotemplate import ollama_values, render
+from ftpipe.export.chat_families import ChatFamily
+from ftpipe.export.template_check import choose_family, stop_strings, tokenizer_renderer
 
 log = logging.getLogger(__name__)
 
-TEMPLATE_CHECK = [
-    {"role": "system", "content": "You are a terse assistant."},
-    {"role": "user", "content": "Hi, who are you?"},
-    {"role": "assistant", "content": "An assistant."},
-    {"role": "user", "content": "Name two colours."},
-]
-
-
 def prepare(ctx: StageContext) -> dict[str, Path]:
-    """The GGUF to load (`ctx.options["gguf"]`) and a chat template whose family is known.
+    """The GGUF to load (`ctx.options["gguf"]`), the chosen template family and stops
+    (`ctx.options["family"]`, `["stop"]`).
 
     The stage always runs (it talks to a server): its row in the stage table takes no --force.
 
     Raises:
-        InputError: no completed export-gguf, the chosen GGUF missing, unknown template family.
+        InputError: no completed export-gguf, the chosen GGUF missing, no family's Go template renders
+            the HF template's text.
     """
+    from transformers import AutoTokenizer
+
     require_upstream(ctx)
     run, project, cfg = ctx.run, ctx.project, ctx.config.ollama
     gguf = run.gguf / gguf_name(cfg.gguf)
@@ -54,23 +54,32 @@ def prepare(ctx: StageContext) -> dict[str, Path]:
             f"{project.rel(gguf)} not found: ollama.gguf is {cfg.gguf} but export-gguf did not write it",
             hint=f"ftpipe export-gguf --run {run.name} --force --set 'gguf.outtypes=[{cfg.gguf}]'",
         )
-    template_file = run.merged / CHAT_TEMPLATE_FILE
-    detect_family(template_file.read_text(encoding="utf-8") if template_file.is_file() else None, project.rel(template_file))
-    ctx.options["gguf"] = gguf
+    tokenizer = AutoTokenizer.from_pretrained(run.merged)
+    family = choose_family(tokenizer_renderer(tokenizer) if tokenizer.chat_template else None, tokenizer.chat_template,
+                           tokenizer.bos_token, project.rel(run.merged / CHAT_TEMPLATE_FILE))
+    ctx.options.update(gguf=gguf, family=family, stop=stop_strings(family, tokenizer, run.merged))
     return {"export-gguf": run.manifest_path("export-gguf"), "gguf": gguf}
 
 
 def run(ctx: StageContext) -> StageResult:
-    """Check the template, upload, create, chat."""
-    import httpx
-    import ollama
-    from transformers import AutoTokenizer
-
+    """Upload, create, chat (the template was chosen and checked in `prepare`); or, with
+    --dry-run, write the Modelfile instead."""
     run, project, cfg = ctx.run, ctx.project, ctx.config.ollama
     gguf: Path = ctx.options["gguf"]
-    tokenizer = AutoTokenizer.from_pretrained(run.merged)
-    family = detect_family(tokenizer.chat_template, project.rel(run.merged / CHAT_TEMPLATE_FILE))
-    check_template(family, tokenizer)
+    family: ChatFamily = ctx.options["family"]
+    stop: list[str] = ctx.options["stop"]
+    log.info("template family %s; stops %s; tools refused: %s", family.name, stop, family.tools)
+    if ctx.options.get("dry_run"):
+        modelfile = write_modelfile(ctx.log_dir / "Modelfile", gguf, family, stop)
+        return StageResult(
+            outputs=[modelfile],
+            metrics={"dry_run": True, "modelfile": project.rel(modelfile), "gguf": project.rel(gguf),
+                     "template_family": family.name, "stop": stop, "tools": f"refused: {family.tools}"},
+            summary=f"dry run (no server contacted): {family.name} template checked; Modelfile -> {project.rel(modelfile)}",
+        )
+    import httpx
+    import ollama
+
     name = cfg.model_name or run.name
     client = ollama.Client(host=cfg.host, timeout=cfg.timeout)
 
@@ -81,12 +90,12 @@ def run(ctx: StageContext) -> StageResult:
             model=name,
             files={gguf.name: digest},
             template=family.template,
-            parameters={"stop": list(family.stop)},
+            parameters={"stop": stop},
             stream=False,
         )
         if created.status != "success":
             raise StageError(f"ollama /api/create for {name!r} ended with status {created.status!r}")
-        log.info("created Ollama model %s (%s template, stops %s)", name, family.name, list(family.stop))
+        log.info("created Ollama model %s (%s template, stops %s)", name, family.name, stop)
 
         conversations, _ = sample_conversations(project, ctx.config.data.name, 1)
         messages = prompt(conversations[0])
@@ -116,32 +125,39 @@ def run(ctx: StageContext) -> StageResult:
         "gguf": project.rel(gguf),
         "digest": digest,
         "blob_uploaded": uploaded,
+        "dry_run": False,
         "template_family": family.name,
-        "stop": list(family.stop),
+        "stop": stop,
+        "tools": f"refused: {family.tools}",
         "chat_answer": answer[:200],
         "done_reason": reply.done_reason,
     }
     return StageResult(outputs=[], metrics=metrics, summary=f"Ollama model {name} created on {cfg.host} ({family.name} template); chat answered and stopped")
 
 
-def check_template(family: ChatFamily, tokenizer) -> None:
-    """The Go template must render the HF template's text (BOS aside) for a system + two-turn chat.
+def write_modelfile(path: Path, gguf: Path, family: ChatFamily, stop: list[str]) -> Path:
+    """The Modelfile equivalent of the /api/create call: FROM (relative to the Modelfile, as
+    `ollama create -f` resolves it), TEMPLATE, one PARAMETER stop per stop string.
 
     Raises:
-        StageError: the texts differ (a prompt Ollama would build differently from training).
+        StageError: the template contains \"\"\" (it could not be quoted in a Modelfile).
     """
-    expected = tokenizer.apply_chat_template(TEMPLATE_CHECK, tokenize=False, add_generation_prompt=True)
-    bos = tokenizer.bos_token or ""
-    if bos and expected.startswith(bos):
-        expected = expected[len(bos):]  # Ollama's tokenizer adds BOS itself
-    got = render(family.template, ollama_values(TEMPLATE_CHECK))
-    if got != expected:
-        first = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
-        raise StageError(
-            f"the {family.name} Ollama template renders differently from the model's chat template at "
-            f"character {first}: {got[first:first + 40]!r} vs {expected[first:first + 40]!r}",
-            hint="create the Ollama model by hand with a Modelfile TEMPLATE matching chat_template.jinja",
-        )
+    import json
+    import os
+
+    if '"""' in family.template:
+        raise StageError(f"the {family.name} template contains \"\"\" and cannot be written as a Modelfile TEMPLATE")
+    lines = [
+        f"# ftpipe ollama-load --dry-run: {family.name} chat template ({family.models})",
+        f"# tools: refused ({family.tools})",
+        f"FROM {os.path.relpath(gguf, path.parent)}",
+        f'TEMPLATE """{family.template}"""',
+        *(f"PARAMETER stop {json.dumps(s)}" for s in stop),
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    log.info("wrote %s", path)
+    return path
 
 
 def _sha256(path: Path) -> str:
