@@ -91,11 +91,12 @@ def fuse_lora_linear() -> bool:
 # and 0.38 / 0.30 / 0.32 s with a tenth of them; the full-logits loss 3.4 and 2.2 s.
 LABELLED_HEAD_CHUNK_BYTES = 64 * 2**20
 # Families whose causal-LM forward is `lm_head(last_hidden_state)`, then at most
-# `final_logit_softcapping` (Gemma 2/3), checked against transformers 5's modeling files (the
+# `final_logit_softcapping` (Gemma 2/3/4), checked against transformers 5's modeling files (the
 # model's own config: a multimodal wrapper's text config does not count); any other family keeps
-# TRL's own loss.
-LABELLED_HEAD_MODELS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "smollm3", "phi3",
-                        "olmo2")
+# TRL's own loss. Every family of `make-tiny-model --family` is here (llama, qwen2, qwen3, phi3,
+# mistral, gemma4_text).
+LABELLED_HEAD_MODELS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma4_text",
+                        "smollm3", "phi3", "olmo2")
 
 
 def labelled_chunk_size(vocab_size: int) -> int:
