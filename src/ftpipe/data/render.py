@@ -13,7 +13,9 @@ Rendering every row through Jinja and encoding the whole text dominates the cost
    full encoding), a row's count is the shape's piece tokens plus each content's tokens, and
    repeated contents (system prompts, labels) are encoded once.
 
-Rows with tool calls or tool definitions, rows whose content holds one of the template's own
+Rows with tool calls or tool definitions under a chat template that does not render them (Phi-3.5:
+the assistant turn would train as an empty answer) are row errors (`ToolsNotRendered`), found by
+rendering a probe once per tokenizer (`tool_support`). Rows with tool calls or tool definitions, rows whose content holds one of the template's own
 markers (`<|im_end|>`, `</think>`...), and templates that alter contents (e.g. `strip()`) always go
 through Jinja and a full encoding; so does everything with `preprocess.fast_render: false`.
 Token ids come from the fast tokenizer's batch encoder (Rust), without special tokens (the
@@ -92,6 +94,41 @@ def tokenizer_record(tokenizer, ref, root) -> dict[str, Any]:
     }
 
 
+_TOOL_NAME, _TOOL_ARG, _TOOL_RESULT = "ftpipe_probe_tool_5e1c", "ftpipe_probe_arg_9b2d", "ftpipe_probe_result_47af"
+
+
+class ToolsNotRendered(ValueError):
+    """A row uses tools / tool calls and the chat template drops them (reported as that row's error)."""
+
+
+def tool_support(tokenizer) -> dict[str, bool]:
+    """Whether the chat template renders tool definitions (`tools`) and tool calls with their results.
+
+    Found by rendering probes with sentinel names (as trl.chat_template_utils.supports_tool_calling):
+    a template that raises on them, or drops a sentinel, does not support that part.
+    """
+    calls = [{"role": "user", "content": "hi"},
+             {"role": "assistant", "content": "", "tool_calls": [
+                 {"id": "a1b2c3d4e", "type": "function",  # 9 alphanumerics: Mistral's templates demand them
+                  "function": {"name": _TOOL_NAME, "arguments": {_TOOL_ARG: "1"}}}]},
+             {"role": "tool", "name": _TOOL_NAME, "tool_call_id": "a1b2c3d4e", "content": _TOOL_RESULT}]
+    definition = [{"type": "function", "function": {
+        "name": _TOOL_NAME, "description": "probe",
+        "parameters": {"type": "object", "properties": {_TOOL_ARG: {"type": "string"}}}}}]
+
+    def renders(messages, tools, sentinels) -> bool:
+        try:
+            text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+        except Exception:  # noqa: BLE001 - a template that rejects the probe does not support it
+            return False
+        return all(s in text for s in sentinels)
+
+    return {
+        "tools": renders([{"role": "user", "content": "hi"}], definition, (_TOOL_NAME, _TOOL_ARG)),
+        "tool_calls": renders(calls, None, (_TOOL_NAME, _TOOL_ARG, _TOOL_RESULT)),
+    }
+
+
 class Renderer:
     """Renders conversations with the chat template and counts their tokens in batches."""
 
@@ -109,6 +146,29 @@ class Renderer:
         self.piece_tokens: dict[tuple, int] = {}
         self.content_tokens: dict[str, int] = {}
         self.stats = {"fast": 0, "jinja": 0, "mismatches": 0, "segmented": 0}
+        self._tools: dict[str, bool] | None = None  # tool_support, probed at the first row that needs it
+
+    def tools_problem(self, row: dict) -> ToolsNotRendered | None:
+        """The error for a row whose tools / tool calls the chat template would drop, else None."""
+        uses = []
+        if row.get("tools"):
+            uses.append("tools")
+        if any(m.get("tool_calls") or m.get("role") == "tool" for m in row["messages"]):
+            uses.append("tool_calls")
+        if not uses:
+            return None
+        if self._tools is None:
+            self._tools = tool_support(self.tokenizer)
+            log.info("chat template renders: tool definitions %s, tool calls %s",
+                     self._tools["tools"], self._tools["tool_calls"])
+        dropped = [u for u in uses if not self._tools[u]]
+        if not dropped:
+            return None
+        what = " or ".join("tool definitions" if u == "tools" else "tool calls" for u in dropped)
+        return ToolsNotRendered(
+            f"it does not render {what} (the tool turns would train empty): use a model whose chat template "
+            "supports tools, or remove the row's tools"
+        )
 
     def render(self, row: dict) -> str:
         """The full Jinja rendering of one row (messages + tools)."""
@@ -168,6 +228,10 @@ class Renderer:
         segmented: list[tuple[int, tuple]] = []
         checks: list[tuple[int, tuple]] = []
         for i, row in enumerate(rows):
+            problem = self.tools_problem(row)
+            if problem is not None:
+                results[i] = problem
+                continue
             shape = self._shape(row)
             pieces = self._skeleton(shape) if shape is not None else None
             if pieces is None:
