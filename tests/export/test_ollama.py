@@ -56,7 +56,7 @@ def test_rest_call_sequence_template_and_stops(gguf_run):
         ]
         created = fake.models["r1"]
         assert created["files"] == {"model-q8_0.gguf": digest}
-        assert created["parameters"] == {"stop": ["<|im_start|>", "<|im_end|>"]}
+        assert created["parameters"] == {"stop": ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]}
         assert created["template"].startswith("{{- range .Messages }}<|im_start|>")
         assert created["stream"] is False
         # The prompt the server built is the tiny model's ChatML for the val conversation.
@@ -108,3 +108,79 @@ def test_unknown_template_family_exits_2(gguf_run, tmp_path):
     result = run_cli("ollama-load", "--config", str(root / "config.yaml"), "--run", "r1", cwd=root)
     assert result.code == 2
     assert "outputs/r1/merged/chat_template.jinja: the chat template is not one of the known families" in result.stderr
+
+
+def test_dry_run_writes_the_modelfile_without_a_server(gguf_run):
+    with FakeOllama() as fake:
+        url = fake.url  # closed again: nothing listens, and the dry run must not care
+    result = _load(gguf_run, url, "--dry-run")
+    assert result.code == 0, result.output
+    modelfile = gguf_run / "logs/r1/ollama-load/Modelfile"
+    assert "logs/r1/ollama-load/Modelfile" in result.output
+    text = modelfile.read_text()
+    assert "\nFROM ../../../outputs/r1/gguf/model-q8_0.gguf\n" in text
+    assert (modelfile.parent / "../../../outputs/r1/gguf/model-q8_0.gguf").resolve().is_file()
+    assert 'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}\n' in text
+    # The turn markers, then the end-of-turn tokens of the tiny model's generation_config.json.
+    assert text.endswith('PARAMETER stop "<|im_start|>"\nPARAMETER stop "<|im_end|>"\nPARAMETER stop "<|endoftext|>"\n')
+    assert "# tools: refused (" in text
+    manifest = json.loads((gguf_run / "logs/r1/ollama-load/manifest.json").read_text())
+    assert manifest["status"] == "completed"
+    assert manifest["metrics"]["dry_run"] is True
+    assert manifest["metrics"]["modelfile"] == "logs/r1/ollama-load/Modelfile"
+    assert "dry run (no server contacted)" in result.output
+
+
+def test_template_that_renders_differently_exits_2(gguf_run, tmp_path):
+    """ChatML markers, but one character differs from every ChatML Go template: refused in one line
+    naming the closest family and the first differing characters, before any server call."""
+    root = tmp_path / "p"
+    shutil.copytree(gguf_run, root, symlinks=True)
+    shutil.rmtree(root / "logs/r1/ollama-load", ignore_errors=True)  # a dry run of another test may be there
+    merged = root / "outputs/r1/merged"
+    template = (merged / "chat_template.jinja").read_text(encoding="utf-8")
+    (merged / "chat_template.jinja").write_text(template.replace("'<|im_end|>\\n'", "'<|im_end|>\\n\\n'"), encoding="utf-8")
+    assert (merged / "chat_template.jinja").read_text(encoding="utf-8") != template
+    result = run_cli("ollama-load", "--config", str(root / "config.yaml"), "--run", "r1", "--dry-run", cwd=root)
+    assert result.code == 2, result.output
+    assert "outputs/r1/merged/chat_template.jinja: the chatml Ollama template renders the" in result.stderr
+    assert "differently from the model's chat template at character" in result.stderr
+    assert not (root / "logs/r1/ollama-load/Modelfile").exists()
+
+
+@pytest.mark.parametrize("name", ["llama3", "qwen2.5", "qwen3", "phi3.5", "mistral",
+                                  pytest.param("gemma", marks=pytest.mark.slow)])
+def test_dry_run_per_family(family_model, tmp_path, name):
+    """Each family's merged folder: the Modelfile carries its Go template and every end-of-turn token."""
+    from ftpipe.config import load_config
+    from ftpipe.core.runs import Project, new_run
+    from ftpipe.core.stage import StageContext, StageResult, execute
+    from ftpipe.export.chat_families import FAMILIES
+
+    model = family_model(name)
+    root = make_project(tmp_path / "p", model)
+    loaded = load_config(root / "config.yaml")
+    run = new_run(Project.from_config(loaded), "r1")
+
+    def body(ctx):
+        shutil.copytree(model, run.merged)
+        run.gguf.mkdir(parents=True)
+        (run.gguf / "model-q8_0.gguf").write_bytes(b"GGUF")
+        return StageResult(outputs=[run.gguf])
+
+    execute(StageContext.for_run("export-gguf", loaded, run), body, sections=("gguf",), inputs={})
+    result = run_cli("ollama-load", "--config", str(root / "config.yaml"), "--run", "r1", "--dry-run", cwd=root)
+    assert result.code == 0, result.output
+    metrics = json.loads((root / "logs/r1/ollama-load/manifest.json").read_text())["metrics"]
+    family = next(f for f in FAMILIES if f.name == metrics["template_family"])
+    assert family.name == {"llama3": "llama3.1", "qwen2.5": "qwen2.5", "qwen3": "chatml", "phi3.5": "phi3",
+                           "mistral": "mistral-nemo", "gemma": "gemma4"}[name]
+    text = (root / "logs/r1/ollama-load/Modelfile").read_text()
+    assert f'TEMPLATE """{family.template}"""' in text
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    eos_ids = json.loads((model / "generation_config.json").read_text())["eos_token_id"]
+    for token in tok.convert_ids_to_tokens(eos_ids):
+        assert f"PARAMETER stop {json.dumps(token)}" in text
+    assert metrics["tools"].startswith("refused: ")
