@@ -115,9 +115,8 @@ def run(ctx: StageContext) -> StageResult:
     """The stage body: plan, prepare the trainer_state folder, train (here or in workers), report."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from ftpipe.handoff.prepared import read_training_rows
     from ftpipe.training.plan import make_plan
-    from ftpipe.training.sft import train
+    from ftpipe.training.sft import read_rows, train
 
     cfg = ctx.config
     ft = cfg.finetune
@@ -138,7 +137,7 @@ def run(ctx: StageContext) -> StageResult:
             "the messages rows",
             hint="use an instruct/chat model, or add chat_template.jinja to the model folder",
         )
-    rows = read_training_rows(train_file)
+    rows = read_rows(train_file)
     if not rows:
         raise InputError(f"{project.rel(train_file)}: no rows", hint="ftpipe preprocess-sft --force")
     plan = make_plan(ft, model_config, ft.method, _sample_lengths(tokenizer, rows[:SAMPLE_ROWS]))
@@ -191,9 +190,11 @@ def run(ctx: StageContext) -> StageResult:
     )
     first, last = metrics.get("first_logged_loss"), metrics.get("last_logged_loss")
     losses = f"loss {first:.4f} -> {last:.4f}" if first is not None and last is not None else "no loss logged"
+    unlocated = metrics.get("assistant_turns_unlocated", 0) + metrics.get("val_assistant_turns_unlocated", 0)
     summary = (
         f"finetune-sft: run {run_dir.name}: {metrics['global_step']} steps, {losses}, "
         f"{metrics['tokens_per_s']:.0f} tokens/s ({plan.device}, {plan.precision}) -> {project.rel(final_dir)}/"
+        + (f" ({unlocated} assistant turns not located, not trained: see run.log)" if unlocated else "")
     )
     return StageResult(outputs=[final_dir, results_file], metrics=metrics, summary=summary)
 
@@ -201,7 +202,7 @@ def run(ctx: StageContext) -> StageResult:
 def _sample_lengths(tokenizer, rows: list[dict]) -> list[int]:
     lengths = []
     for row in rows:
-        text = tokenizer.apply_chat_template(row["messages"], tokenize=False)
+        text = tokenizer.apply_chat_template(row["messages"], tools=row.get("tools"), tokenize=False)
         lengths.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
     return lengths
 

@@ -1,5 +1,10 @@
 """The training body of `finetune-sft`: TRL SFTTrainer + peft on a prepared chat dataset.
 
+The conversations are tokenized here (`tokenize_rows`) with the one assistant mask of
+`ftpipe.handoff.measure` (the one eval-sft scores), and TRL gets `input_ids` + `assistant_masks`:
+it builds the labels from the mask, so chat templates without `{% generation %}` tags (Llama 3,
+Qwen, Phi-3.5, Mistral, Gemma) train on exactly each assistant turn and its end-of-turn token.
+
 Runs in the stage process (one process) or in every worker started by torchrun / accelerate
 (`python -m ftpipe.training.worker`), from the same `TrainJob`, so single- and multi-process runs
 share one code path. Writes checkpoints and TensorBoard events under outputs/<run>/trainer_state/
@@ -19,10 +24,11 @@ from typing import Any, Callable, ClassVar
 
 
 from ftpipe.core.configbase import HandOffFile
-from ftpipe.core.errors import ConfigError, StageError
+from ftpipe.core.errors import ConfigError, InputError, StageError
 from ftpipe.core.fsutil import atomic_write_json
 from ftpipe.handoff.base_model import write_base_model
-from ftpipe.handoff.prepared import read_training_rows
+from ftpipe.handoff.measure import encode_conversation, end_of_turn_ids
+from ftpipe.handoff.prepared import REDO, read_split
 from ftpipe.training.config import FinetuneConfig
 from ftpipe.training.plan import TrainPlan
 
@@ -227,7 +233,9 @@ def sft_config(job: TrainJob, has_eval: bool):
         output_dir=job.output_dir,
         max_length=ft.max_length,
         packing=plan.packing,
-        assistant_only_loss=ft.assistant_only_loss,
+        # ftpipe tokenizes and masks the conversations itself (tokenize_rows): TRL builds the labels
+        # from the `assistant_masks` column and never needs a template with generation tags.
+        assistant_only_loss=False,
         num_train_epochs=ft.epochs,
         max_steps=ft.max_steps,
         # The plan may split the batch into micro-batches (same rows per optimizer step, see plan.py).
@@ -258,6 +266,60 @@ def sft_config(job: TrainJob, has_eval: bool):
         dataset_num_proc=None,
         ddp_find_unused_parameters=False,
     )
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a prepared split as preprocess-sft rendered them: messages as written (tool calls
+    kept) and the row's `tools`.
+
+    Raises:
+        InputError: as `ftpipe.handoff.prepared.read_split` (names file:line).
+    """
+    import json
+
+    conversations = list(read_split(path))  # every check, with file:line
+    tools: list[Any] = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                tools.append(json.loads(line).get("tools"))
+    return [{"messages": m, **({"tools": t} if t else {})} for m, t in zip(conversations, tools)]
+
+
+def tokenize_rows(tokenizer, rows: list[dict[str, Any]], end_ids: set[int], assistant_only: bool,
+                  where: str = "train") -> tuple[list[dict[str, list[int]]], dict[str, int]]:
+    """TRL's pre-tokenized rows: `input_ids`, plus `assistant_masks` for assistant-only loss.
+
+    A row with no assistant token to learn (every turn unlocated, see `encode_conversation`) is
+    left out; such rows and unlocated turns are logged and counted (the stage metrics).
+
+    Returns:
+        (rows, counts): counts has `assistant_turns`, `assistant_turns_unlocated`,
+        `rows_without_target`, `target_tokens`.
+    """
+    out: list[dict[str, list[int]]] = []
+    counts = {"assistant_turns": 0, "assistant_turns_unlocated": 0, "rows_without_target": 0, "target_tokens": 0}
+    for row in rows:
+        e = encode_conversation(tokenizer, row["messages"], tools=row.get("tools"), end_ids=end_ids)
+        counts["assistant_turns"] += e.turns
+        counts["assistant_turns_unlocated"] += e.unlocated
+        if not assistant_only:
+            out.append({"input_ids": e.input_ids})
+            counts["target_tokens"] += len(e.input_ids)
+            continue
+        if not any(e.mask):
+            counts["rows_without_target"] += 1
+            continue
+        counts["target_tokens"] += sum(e.mask)
+        out.append({"input_ids": e.input_ids, "assistant_masks": e.mask})
+    if counts["assistant_turns_unlocated"] or counts["rows_without_target"]:
+        log.warning("%s: %d of %d assistant turns could not be located in the rendered conversation; %d rows "
+                    "without any assistant token left out", where, counts["assistant_turns_unlocated"],
+                    counts["assistant_turns"], counts["rows_without_target"])
+    if rows and not out:
+        raise InputError(f"{where}: no row has an assistant turn to learn ({len(rows)} rows)",
+                         hint=f"check the chat template and the assistant turns, then {REDO}")
+    return out, counts
 
 
 def _micro_batch_size(job: TrainJob) -> int:
@@ -300,9 +362,17 @@ def train(job: TrainJob, progress: ProgressFn | None = None, extra_callbacks: li
             fuse_lora_linear()
     set_seed(ft.seed)
     tokenizer = AutoTokenizer.from_pretrained(job.load_from, **job.model_kwargs)
-    train_ds = Dataset.from_list(read_training_rows(Path(job.train_file)))
-    eval_ds = Dataset.from_list(read_training_rows(Path(job.val_file))) if job.val_file else None
     model = load_model(job)
+    end_ids = end_of_turn_ids(tokenizer, getattr(model, "generation_config", None))
+    train_rows, mask_counts = tokenize_rows(tokenizer, read_rows(Path(job.train_file)), end_ids,
+                                            ft.assistant_only_loss, "train")
+    train_ds = Dataset.from_list(train_rows)
+    eval_ds = None
+    if job.val_file:
+        val_rows, val_counts = tokenize_rows(tokenizer, read_rows(Path(job.val_file)), end_ids,
+                                             ft.assistant_only_loss, "val")
+        eval_ds = Dataset.from_list(val_rows)
+        mask_counts.update({f"val_{k}": v for k, v in val_counts.items()})
     if plan.device == "cpu" and plan.packing:
         from ftpipe.training.cpu_fastpath import use_document_attention
 
@@ -365,6 +435,7 @@ def train(job: TrainJob, progress: ProgressFn | None = None, extra_callbacks: li
         "total_parameters": total,
         "world_size": trainer.args.world_size,
         "resumed_from": Path(job.resume_from).name if job.resume_from else None,
+        **mask_counts,
     }
     if eval_ds is not None:
         eval_metrics = trainer.evaluate()
