@@ -160,7 +160,7 @@ STAGES: tuple[Stage, ...] = (
         scope="run", upstream=("export-gguf",), force=False, pipeline=False,
         owns=(Section("ollama", "ftpipe.export.config:OllamaConfig", "ollama-load."),),
         options=(Option("--dry-run", bool, "No server: check the template and write the Modelfile it would send "
-                        "to logs/<run>/ollama-load/Modelfile.", default=False),),
+                        "to outputs/<run>/ollama/Modelfile.", default=False),),
     ),
     Stage(
         "serve", "ftpipe.serve.serve", "serve",

@@ -115,11 +115,11 @@ def test_dry_run_writes_the_modelfile_without_a_server(gguf_run):
         url = fake.url  # closed again: nothing listens, and the dry run must not care
     result = _load(gguf_run, url, "--dry-run")
     assert result.code == 0, result.output
-    modelfile = gguf_run / "logs/r1/ollama-load/Modelfile"
-    assert "logs/r1/ollama-load/Modelfile" in result.output
+    modelfile = gguf_run / "outputs/r1/ollama/Modelfile"
+    assert "outputs/r1/ollama/Modelfile" in result.output
     text = modelfile.read_text()
-    assert "\nFROM ../../../outputs/r1/gguf/model-q8_0.gguf\n" in text
-    assert (modelfile.parent / "../../../outputs/r1/gguf/model-q8_0.gguf").resolve().is_file()
+    assert "\nFROM ../gguf/model-q8_0.gguf\n" in text
+    assert (modelfile.parent / "../gguf/model-q8_0.gguf").resolve().is_file()
     assert 'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}\n' in text
     # The turn markers, then the end-of-turn tokens of the tiny model's generation_config.json.
     assert text.endswith('PARAMETER stop "<|im_start|>"\nPARAMETER stop "<|im_end|>"\nPARAMETER stop "<|endoftext|>"\n')
@@ -127,7 +127,7 @@ def test_dry_run_writes_the_modelfile_without_a_server(gguf_run):
     manifest = json.loads((gguf_run / "logs/r1/ollama-load/manifest.json").read_text())
     assert manifest["status"] == "completed"
     assert manifest["metrics"]["dry_run"] is True
-    assert manifest["metrics"]["modelfile"] == "logs/r1/ollama-load/Modelfile"
+    assert manifest["metrics"]["modelfile"] == "outputs/r1/ollama/Modelfile"
     assert "dry run (no server contacted)" in result.output
 
 
@@ -136,7 +136,7 @@ def test_template_that_renders_differently_exits_2(gguf_run, tmp_path):
     naming the closest family and the first differing characters, before any server call."""
     root = tmp_path / "p"
     shutil.copytree(gguf_run, root, symlinks=True)
-    shutil.rmtree(root / "logs/r1/ollama-load", ignore_errors=True)  # a dry run of another test may be there
+    shutil.rmtree(root / "outputs/r1/ollama", ignore_errors=True)  # a dry run of another test may be there
     merged = root / "outputs/r1/merged"
     template = (merged / "chat_template.jinja").read_text(encoding="utf-8")
     (merged / "chat_template.jinja").write_text(template.replace("'<|im_end|>\\n'", "'<|im_end|>\\n\\n'"), encoding="utf-8")
@@ -145,7 +145,7 @@ def test_template_that_renders_differently_exits_2(gguf_run, tmp_path):
     assert result.code == 2, result.output
     assert "outputs/r1/merged/chat_template.jinja: the chatml Ollama template renders the" in result.stderr
     assert "differently from the model's chat template at character" in result.stderr
-    assert not (root / "logs/r1/ollama-load/Modelfile").exists()
+    assert not (root / "outputs/r1/ollama/Modelfile").exists()
 
 
 @pytest.mark.parametrize("name", ["llama3", "qwen2.5", "qwen3", "phi3.5", "mistral",
@@ -175,7 +175,7 @@ def test_dry_run_per_family(family_model, tmp_path, name):
     family = next(f for f in FAMILIES if f.name == metrics["template_family"])
     assert family.name == {"llama3": "llama3.1", "qwen2.5": "qwen2.5", "qwen3": "chatml", "phi3.5": "phi3",
                            "mistral": "mistral-nemo", "gemma": "gemma4"}[name]
-    text = (root / "logs/r1/ollama-load/Modelfile").read_text()
+    text = (root / "outputs/r1/ollama/Modelfile").read_text()
     assert f'TEMPLATE """{family.template}"""' in text
     from transformers import AutoTokenizer
 

@@ -16,7 +16,7 @@ GGUF with `POST /api/blobs/sha256:<digest>` when the server lacks it; `POST /api
 non-empty answer that ends by stopping (`done_reason: "stop"`), not by hitting `max_tokens`.
 The server's state is not ours, so this stage always runs (no skip); re-creating a model whose
 blob the server has is cheap. `--dry-run` stops after the checks and writes the Modelfile it
-would send (FROM, TEMPLATE, PARAMETER stop) as `logs/<run>/ollama-load/Modelfile`.
+would send (FROM, TEMPLATE, PARAMETER stop) as `outputs/<run>/ollama/Modelfile`.
 """
 
 from __future__ import annotations
@@ -70,7 +70,9 @@ def run(ctx: StageContext) -> StageResult:
     stop: list[str] = ctx.options["stop"]
     log.info("template family %s; stops %s; tools refused: %s", family.name, stop, family.tools)
     if ctx.options.get("dry_run"):
-        modelfile = write_modelfile(ctx.log_dir / "Modelfile", gguf, family, stop)
+        # outputs/<run>/ollama/ (beside gguf/, which export-gguf's manifest hashes): RunDir has no
+        # property for it yet.
+        modelfile = write_modelfile(run.path / "ollama" / "Modelfile", gguf, family, stop)
         return StageResult(
             outputs=[modelfile],
             metrics={"dry_run": True, "modelfile": project.rel(modelfile), "gguf": project.rel(gguf),
