@@ -148,6 +148,11 @@ class RunDir:
         return self.path / "gguf"
 
     @property
+    def ollama(self) -> Path:
+        """Where `ollama-load --dry-run` writes the Modelfile it would send."""
+        return self.path / "ollama"
+
+    @property
     def eval(self) -> Path:
         return self.path / "eval"
 

@@ -70,9 +70,7 @@ def run(ctx: StageContext) -> StageResult:
     stop: list[str] = ctx.options["stop"]
     log.info("template family %s; stops %s; tools refused: %s", family.name, stop, family.tools)
     if ctx.options.get("dry_run"):
-        # outputs/<run>/ollama/ (beside gguf/, which export-gguf's manifest hashes): RunDir has no
-        # property for it yet.
-        modelfile = write_modelfile(run.path / "ollama" / "Modelfile", gguf, family, stop)
+        modelfile = write_modelfile(run.ollama / "Modelfile", gguf, family, stop)
         return StageResult(
             outputs=[modelfile],
             metrics={"dry_run": True, "modelfile": project.rel(modelfile), "gguf": project.rel(gguf),

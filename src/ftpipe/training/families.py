@@ -66,6 +66,7 @@ class Family:
     renames: dict[int, str] = field(default_factory=dict)
     control: frozenset[str] = frozenset()  # renamed tokens that are special (skipped when decoding)
     config: dict = field(default_factory=dict)  # extra config keys of the family
+    add_bos: bool | None = None  # the tokenizer adds BOS when encoding text (None: as the vocab file says)
     notes: str = ""
 
 
@@ -78,7 +79,7 @@ FAMILIES: dict[str, Family] = {
             pad="<|finetune_right_pad_id|>", tied=False,
             renames={128004: "<|finetune_right_pad_id|>", 128008: "<|eom_id|>", 128010: "<|python_tag|>"},
             control=frozenset({"<|finetune_right_pad_id|>", "<|eom_id|>", "<|python_tag|>"}),
-            config={"rope_theta": 500000.0},
+            config={"rope_theta": 500000.0}, add_bos=True,
         ),
         Family(
             "qwen2.5", "Qwen2Config", "qwen2", "Qwen-Qwen2.5-7B-Instruct", "Qwen2.5-Instruct",
@@ -224,7 +225,7 @@ def _convert(fam: Family, models: Path, max_length: int):
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=fam.bos, eos_token=fam.eos, pad_token=fam.pad,
         unk_token=_unk(data), model_max_length=max_length, clean_up_tokenization_spaces=False,
-        add_bos_token=bool(settings.get("add_bos_token")), add_eos_token=False,
+        add_bos_token=bool(settings.get("add_bos_token") if fam.add_bos is None else fam.add_bos), add_eos_token=False,
     )
     fast.chat_template = (models / "templates" / f"{fam.template}.jinja").read_text(encoding="utf-8")
     return fast
