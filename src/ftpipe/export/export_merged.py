@@ -7,8 +7,9 @@ Runs in the train environment (.venv).
 
 Steps: load the base (named by the adapter's `ftpipe_base_model.json`) in its own dtype, apply
 the adapter, record reference logits on sample conversations (the run's val split when present),
-`merge_and_unload`, save safetensors + tokenizer + chat template + generation_config (EOS = the
-chat template's end-of-turn token) into a temp folder next to `merged/`, reload it from disk and
+`merge_and_unload`, save safetensors + tokenizer (plus the base's tokenizer files the save does
+not write again, e.g. SentencePiece's tokenizer.model) + chat template + generation_config (EOS =
+the chat template's end-of-turn token and every end-of-turn id of the base) into a temp folder next to `merged/`, reload it from disk and
 compare logits (max abs diff -> manifest; above `merge.max_abs_logit_diff` -> StageError), check
 the file set, then rename the folder into place. A crash never leaves a `merged/` that looks
 complete; a second run with the same inputs is skipped.
@@ -37,6 +38,10 @@ log = logging.getLogger(__name__)
 
 MAX_VERIFY_TOKENS = 256  # tokens per sample conversation in the logit check
 REQUIRED_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", CHAT_TEMPLATE_FILE, BASE_MODEL_FILE)
+# Tokenizer files a base may ship that `save_pretrained` of a fast tokenizer does not write again:
+# SentencePiece families (Phi-3, Mistral, Llama 2) need tokenizer.model downstream (llama.cpp's
+# Phi-3 converter reads it, and only it). Copied from the base when the saved folder lacks them.
+BASE_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "special_tokens_map.json", "added_tokens.json")
 
 
 def prepare(ctx: StageContext) -> dict[str, Path]:
@@ -120,6 +125,7 @@ def run(ctx: StageContext) -> StageResult:
         if not (tmp / CHAT_TEMPLATE_FILE).is_file():  # older tokenizers embed it in tokenizer_config.json
             (tmp / CHAT_TEMPLATE_FILE).write_text(tokenizer.chat_template, encoding="utf-8")
         shutil.copy2(run.adapter / BASE_MODEL_FILE, tmp / BASE_MODEL_FILE)
+        _carry_base_tokenizer_files(base_ref, tmp)
         del merged, model, base
 
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
@@ -137,7 +143,7 @@ def run(ctx: StageContext) -> StageResult:
             )
         reload_tok = AutoTokenizer.from_pretrained(tmp)
         eos_ids = _as_list(reloaded.generation_config.eos_token_id)
-        _check_file_set(tmp, project, reload_tok, eos_ids)
+        _check_file_set(tmp, project, reload_tok, eos_ids, _as_list(_base_generation_eos(base_ref)))
         replace_dir(tmp, run.merged)
     finally:
         if tmp.exists():
@@ -152,6 +158,7 @@ def run(ctx: StageContext) -> StageResult:
         "dtype": str(dtype).removeprefix("torch."),
         "tied_embeddings": bool(getattr(reloaded.config, "tie_word_embeddings", False)),
         "eos_token_ids": eos_ids,
+        "tokenizer_files": sorted(p.name for p in run.merged.iterdir() if p.name.startswith(("tokenizer", "special_tokens", "added_tokens"))),
         "weight_files": len(weight_files(run.merged)),
     }
     return StageResult(
@@ -208,15 +215,46 @@ def _generation_config(base_path: str, model, tokenizer, kwargs: dict):
     return gen
 
 
+def _carry_base_tokenizer_files(base_ref, folder: Path) -> list[str]:
+    """Copy the base's tokenizer files that `folder` lacks (local folder or hub cache); their names."""
+    from transformers.utils import cached_file
+
+    carried = []
+    for name in BASE_TOKENIZER_FILES:
+        if (folder / name).is_file():
+            continue
+        found = cached_file(base_ref.load_from, name, _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False, **base_ref.pretrained_kwargs())
+        if found:
+            shutil.copy2(found, folder / name)
+            carried.append(name)
+    if carried:
+        log.info("carried from the base: %s", ", ".join(carried))
+    return carried
+
+
+def _base_generation_eos(base_ref):
+    """The base's generation_config eos_token_id (None when it has no generation_config.json)."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(base_ref.load_from, **base_ref.pretrained_kwargs()).eos_token_id
+    except OSError:
+        return None
+
+
 def _as_list(value) -> list[int]:
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) else [int(value)]
 
 
-def _check_file_set(folder: Path, project: Project, tokenizer, eos_ids: list[int]) -> None:
+def _check_file_set(folder: Path, project: Project, tokenizer, eos_ids: list[int], base_eos: list[int]) -> None:
     """Everything a downstream stage loads must be there; otherwise StageError."""
     problems = [f"{name} missing" for name in REQUIRED_FILES if not (folder / name).is_file()]
+    lost = [i for i in base_eos if i not in eos_ids]
+    if lost:
+        problems.append(f"generation_config eos_token_id {eos_ids} lost the base's end-of-turn ids {lost}")
     try:
         require_full_model(folder, project, hint="")
     except InputError as exc:
