@@ -71,6 +71,38 @@ def fp16_bytes(folder: Path) -> int:
     return 2 * elements
 
 
+# Architectures with their own AWQ smoothing mappings in llm-compressor (AWQ_MAPPING_REGISTRY of
+# llmcompressor.modifiers.transform.awq.mappings, llm-compressor 0.14; tests/export/
+# test_families_export.py checks this list against the installed library). For any other
+# architecture llm-compressor silently falls back to Llama's mappings, which smooth the wrong norms
+# where a layer is built differently: Gemma 4's post_attention_layernorm normalises the attention
+# output, not the MLP input. Used where llm-compressor is not importable (the host pre-flight).
+AWQ_ARCHITECTURES = frozenset({
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
+    "Gemma2ForCausalLM", "Gemma3ForCausalLM", "GraniteForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
+})
+
+
+def awq_architectures() -> frozenset[str]:
+    """Architectures llm-compressor has AWQ mappings for: its registries when importable, else the
+    list above."""
+    import importlib.util
+
+    if importlib.util.find_spec("llmcompressor") is None:
+        return AWQ_ARCHITECTURES
+    from llmcompressor.modifiers.transform.awq.dynamic_mappings import AWQ_DYNAMIC_MAPPING_REGISTRY
+    from llmcompressor.modifiers.transform.awq.mappings import AWQ_MAPPING_REGISTRY
+
+    return frozenset(AWQ_MAPPING_REGISTRY) | frozenset(AWQ_DYNAMIC_MAPPING_REGISTRY)
+
+
+def unmapped_architectures(config_path: Path) -> list[str]:
+    """The architectures of a model config.json that llm-compressor has no AWQ mapping for."""
+    data = json.loads(config_path.read_text(encoding="utf-8"))
+    known = awq_architectures()
+    return [a for a in data.get("architectures") or ["(none in config.json)"] if a not in known]
+
+
 def size_problems(config_path: Path, group_size: int) -> list[str]:
     """Linear input sizes of a model config.json that are not multiples of `group_size`.
 

@@ -41,7 +41,8 @@ PERPLEXITY_BATCH_TOKENS = 4096
 def prepare(ctx: StageContext) -> dict[str, Path]:
     """Check everything convert-awq needs before any heavy work; report every problem at once.
 
-    Checks: a completed export-merged with its merged model, Linear sizes that are multiples of
+    Checks: a completed export-merged with its merged model, an architecture llm-compressor has
+    AWQ mappings for (refused alone, naming it: Gemma 4 has none), Linear sizes that are multiples of
     `awq.group_size`, the prepared train/val splits, and (local runtime, outside the awq venv)
     that the awq environment is installed. Runs on the host before delegating too.
 
@@ -68,6 +69,13 @@ def prepare(ctx: StageContext) -> dict[str, Path]:
     elif not config_json.is_file():
         problems.append(f"run {run.name}: merged model missing ({project.rel(config_json)} not found)")
         hints.append(f"ftpipe export-merged --run {run.name} --force")
+    elif unmapped := q.unmapped_architectures(config_json):
+        # Refused alone: the other checks do not matter for a model AWQ cannot take.
+        raise InputError(
+            f"convert-awq: architecture {', '.join(unmapped)} has no AWQ mapping in llm-compressor "
+            f"(its Llama fallback would smooth the wrong layers); use the merged model or a GGUF instead",
+            hint=f"ftpipe serve --run {run.name} --artifact merged, or ftpipe export-gguf --run {run.name}",
+        )
     else:
         bad = q.size_problems(config_json, cfg.awq.group_size)
         if bad:
