@@ -10,8 +10,10 @@ Steps: refuse anything but a complete merged model (an adapter alone "converts" 
 lacks the base weights); run `convert_hf_to_gguf.py` through `ftpipe.export.gguf_convert` (which
 maps plain byte-level BPE tokenizers to the "gpt-2" pre-tokenizer) for f16 / q8_0; make q4_k_m
 with llama-quantize (or the same quantizer through llama-cpp-python's binding); then load every
-GGUF with llama-cpp-python and check: prompt tokenization equals HF's, greedy tokens equal the HF
-merged model's, `tokenizer.chat_template` and the EOS id are in the metadata, and the embedded
+GGUF with llama-cpp-python and check: tokenization equals HF's on the prompts and on fixed probe
+texts (non-ASCII, whitespace, every special token inside text), greedy tokens equal the HF merged
+model's, `tokenizer.chat_template` and the EOS id are in the metadata, every end-of-turn id of
+generation_config is an end-of-generation token in llama.cpp, and the embedded
 template renders the same token ids as HF's `apply_chat_template`. Files are written to a temp
 folder and renamed to `gguf/` only when all checks pass.
 """
@@ -41,6 +43,19 @@ log = logging.getLogger(__name__)
 
 CONVERTER_ENV = "FTPIPE_LLAMA_CPP_DIR"  # set in the llama-cpp Compose image
 QUANTIZED_BY_TOOL = {"q4_k_m": "Q4_K_M"}  # made from the f16 file by llama-quantize
+# Texts every GGUF must tokenize exactly as HF does, besides the sample prompts: non-ASCII
+# (accents, CJK, emoji: byte fallback and byte-level merges), whitespace runs, digits, code. Each
+# special token of the tokenizer is also probed inside text (`_probe_texts`). A wrong or
+# mis-recognised pre-tokenizer shows up here even when the sample prompts are plain English.
+TOKENIZER_PROBES = (
+    "Hello world! How are you?",
+    "Grüße aus Köln: naïve café, São Paulo, Ærøskøbing, Ελληνικά, русский.",
+    "你好，世界。日本語のテキスト、한국어 텍스트.",
+    "emoji 🙂👍🏽 and symbols ∑∫√ ≠ ≤ ° € £",
+    "  two leading spaces,\ttab,\n\nnewlines\r\n and trailing   ",
+    "numbers 1234567890 3.14159 1,000,000",
+    "def f(x):\n    return x**2  # code",
+)
 
 
 def prepare(ctx: StageContext) -> dict[str, Path]:
@@ -56,14 +71,67 @@ def prepare(ctx: StageContext) -> dict[str, Path]:
     if source is not None:
         folder = project.resolve(source)
         require_full_model(folder, project, hint=hint)
+        require_convertible_tokenizer(folder, project)
         ctx.options["source"] = folder
         return {"model": folder}
     if upstream_state(run, "export-merged") == "missing" and is_adapter_only(run.adapter):
         require_full_model(run.adapter, project, hint=hint)  # raises the adapter-only message
     require_upstream(ctx)
     require_full_model(run.merged, project, hint=f"{hint} --force")
+    require_convertible_tokenizer(run.merged, project)
     ctx.options["source"] = run.merged
     return {"export-merged": run.manifest_path("export-merged")}
+
+
+def require_convertible_tokenizer(folder: Path, project: Project) -> None:
+    """Refuse, before converting, a tokenizer llama.cpp cannot load or would split differently.
+
+    - tokenizer.model must be a SentencePiece model SentencePiece loads: one UNKNOWN piece at
+      most (the converter reads it with sentencepiece, which stops at "unk is already defined").
+    - A SentencePiece vocabulary (tokenizer.model, or byte-fallback BPE) pre-tokenized by
+      Metaspace with prepend_scheme "first" (transformers' non-legacy Llama-2 tokenizer) puts no
+      "▁" after a special token; llama.cpp's SentencePiece tokenizer puts one after every special
+      token (the legacy behaviour, which Llama 2 / Mistral v0.1 / Phi-3 ship as a Prepend
+      normalizer). Every chat prompt (`<s>[INST]...`) would then be read differently by a GGUF
+      runtime than the model was trained on.
+
+    Raises:
+        InputError: naming the folder, what is wrong and the next command.
+    """
+    import json
+
+    where = project.rel(folder)
+    spm = folder / "tokenizer.model"
+    if spm.is_file():
+        from transformers.utils import sentencepiece_model_pb2_new as pb
+
+        model = pb.ModelProto()
+        try:
+            model.ParseFromString(spm.read_bytes())
+        except Exception as exc:  # protobuf's DecodeError: the file is not a ModelProto
+            raise InputError(f"export-gguf: {where}/tokenizer.model is not a SentencePiece model ({exc})",
+                             hint="rebuild the base model's tokenizer, then ftpipe export-merged --force") from None
+        unknown = [p.piece for p in model.pieces if p.type == pb.ModelProto.SentencePiece.UNKNOWN]
+        if len(unknown) > 1:
+            raise InputError(
+                f"export-gguf: {where}/tokenizer.model has {len(unknown)} pieces typed UNKNOWN ({', '.join(unknown[:3])}...); "
+                "SentencePiece allows one, so llama.cpp's converter cannot load it",
+                hint="rebuild the base model's tokenizer.model (extra pieces typed UNUSED), then ftpipe export-merged --force",
+            )
+    try:
+        data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    pre = data.get("pre_tokenizer") or {}
+    sentencepiece = spm.is_file() or bool((data.get("model") or {}).get("byte_fallback"))
+    if sentencepiece and pre.get("type") == "Metaspace" and pre.get("prepend_scheme") == "first":
+        raise InputError(
+            f"export-gguf: the tokenizer in {where} (SentencePiece vocabulary, Metaspace prepend_scheme 'first') "
+            "puts no '▁' after special tokens, llama.cpp puts one after each: a GGUF would read chat prompts "
+            "differently from the model",
+            hint="serve the merged model with vLLM (ftpipe serve --artifact merged), or use a base whose tokenizer "
+            "prepends '▁' per segment (legacy Prepend normalizer)",
+        )
 
 
 def converter_dir(cfg_dir: str | None, project: Project) -> Path:
@@ -189,11 +257,15 @@ def verify(source: Path, files: dict[str, Path], project: Project, dataset: str,
     reference = [_hf_greedy(model, ids, cfg.verify_new_tokens) for ids in prompt_ids]
     roundtrip_conv = max(conversations, key=len)
     hf_chat_ids = prompt_ids[conversations.index(roundtrip_conv)]
+    end_of_turn = _generation_eos(source, tokenizer)
+    probes = _probe_texts(tokenizer, end_of_turn)
+    probe_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in probes]
 
     metrics: dict = {"verify_source": sample_source, "verify_prompts": len(prompts)}
     problems: list[str] = []
     for outtype, path in files.items():
-        result = _check_gguf(path, prompts, prompt_ids, reference, tokenizer, roundtrip_conv, hf_chat_ids, cfg)
+        result = _check_gguf(path, prompts + probes, prompt_ids + probe_ids, reference, tokenizer, roundtrip_conv,
+                             hf_chat_ids, end_of_turn, cfg)
         for key, value in result.items():
             if key != "problems":
                 metrics[f"{outtype}_{key}"] = value
@@ -205,6 +277,28 @@ def verify(source: Path, files: dict[str, Path], project: Project, dataset: str,
     if problems:
         raise StageError(f"GGUF verification failed: {'; '.join(problems)}", hint="see the run.log of export-gguf")
     return metrics
+
+
+def _generation_eos(source: Path, tokenizer) -> list[int]:
+    """The ids generation stops at: generation_config.json's eos_token_id (every end-of-turn
+    token export-merged put there), else the tokenizer's EOS."""
+    from transformers import GenerationConfig
+
+    try:
+        eos = GenerationConfig.from_pretrained(source).eos_token_id
+    except OSError:
+        eos = None
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    return eos or [tokenizer.eos_token_id]
+
+
+def _probe_texts(tokenizer, end_of_turn: list[int]) -> list[str]:
+    """TOKENIZER_PROBES plus one text per special token (BOS, EOS, pad, every end-of-turn token)
+    between ordinary words, as a chat template writes them."""
+    specials = list(dict.fromkeys(
+        [*tokenizer.all_special_tokens, *tokenizer.convert_ids_to_tokens(end_of_turn)]
+    ))
+    return [*TOKENIZER_PROBES, *(f"The answer is yes.{tok}\nNext turn: ñandú {tok} done" for tok in specials if tok)]
 
 
 def _hf_greedy(model, ids: list[int], n: int) -> list[tuple[int, object]]:
@@ -221,11 +315,14 @@ def _hf_greedy(model, ids: list[int], n: int) -> list[tuple[int, object]]:
     return steps
 
 
-def _check_gguf(path, prompts, prompt_ids, reference, tokenizer, conversation, hf_chat_ids, cfg) -> dict:
+def _check_gguf(path, texts, text_ids, reference, tokenizer, conversation, hf_chat_ids, end_of_turn, cfg) -> dict:
+    """`texts` = the sample prompts (first len(reference)) then the tokenizer probes."""
+    import llama_cpp
     import numpy as np
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+    prompt_ids = text_ids[: len(reference)]
     longest = max(len(ids) for ids in prompt_ids) + cfg.verify_new_tokens + 8
     llm = Llama(model_path=str(path), n_ctx=max(256, longest), n_threads=min(os.cpu_count() or 1, 2),
                 logits_all=True, verbose=False, seed=0)
@@ -233,13 +330,13 @@ def _check_gguf(path, prompts, prompt_ids, reference, tokenizer, conversation, h
     out: dict = {}
 
     # Tokenization: the same text gives the same ids (wrong pre-tokenizer shows up here).
-    tok_equal = all(
-        llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == ids
-        for text, ids in zip(prompts, prompt_ids)
-    )
-    out["tokenization_equal"] = tok_equal
-    if not tok_equal:
-        problems.append("llama.cpp tokenizes the sample prompts differently from HF")
+    differ = [text for text, ids in zip(texts, text_ids)
+              if llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) != ids]
+    out["tokenization_equal"] = not differ
+    out["tokenization_texts"] = len(texts)
+    if differ:
+        problems.append(f"llama.cpp tokenizes {len(differ)} of {len(texts)} texts differently from HF "
+                        f"(first: {differ[0][:60]!r})")
 
     # Greedy tokens from the same prompt ids.
     equal = ties = 0
@@ -280,6 +377,16 @@ def _check_gguf(path, prompts, prompt_ids, reference, tokenizer, conversation, h
     out["eos_token_id"] = llm.token_eos()
     if not eos_ok:
         problems.append(f"EOS id {llm.token_eos()} in the GGUF, HF tokenizer has {tokenizer.eos_token_id}")
+
+    # End of turn: llama.cpp stops generating at its end-of-generation (EOG) tokens; every id
+    # generation_config stops at must be one, or a GGUF runtime talks past the end of its turn.
+    vocab = llm._model.vocab
+    not_eog = [i for i in end_of_turn if not llama_cpp.llama_vocab_is_eog(vocab, i)]
+    out["eot_token_id"] = llm._model.token_eot()
+    out["end_of_turn_ids"] = end_of_turn
+    if not_eog:
+        problems.append(f"end-of-turn ids {not_eog} ({', '.join(tokenizer.convert_ids_to_tokens(not_eog))}) "
+                        "are not end-of-generation tokens in the GGUF")
 
     # Chat-template round trip: the embedded template, rendered as llama-cpp-python renders it.
     if template:

@@ -6,6 +6,9 @@ trained locally with `tokenizers` (ByteLevel pre-tokenizer with the GPT-2 regex,
 has a new hash but *is* the GPT-2 pre-tokenizer, so this wrapper answers "gpt-2" for exactly that
 case (and "qwen2" / "llama-bpe" for a Split + ByteLevel pipeline with exactly those families'
 regexes, which transformers 5 writes for qwen2 / llama-3 tokenizers) and re-raises otherwise.
+It also types the added tokens tokenizer.json marks special as control tokens where gguf's
+LlamaHfVocab would not (`added_special_tokens`), and fills in the full-attention head size of a Gemma 4 config that transformers saved without
+one (`fill_gemma4_full_head_dim`).
 export-gguf then checks that llama.cpp tokenizes sample prompts exactly like HF. The vendored converter file is not edited: the fallback is added
 by wrapping `TextModel.get_vocab_base_pre` before the converter's own `main()` runs.
 
@@ -65,6 +68,38 @@ def byte_level_pre(model_dir: Path) -> str | None:
     return None
 
 
+def fill_gemma4_full_head_dim(hparams: dict) -> bool:
+    """Give a Gemma 4 config the full-attention head size in the key the converter reads.
+
+    transformers 5 saves a Gemma 4 config as `per_layer_config` holding only the overrides of the
+    full-attention layers; when their head size equals `head_dim` there is no override, so the
+    saved config has neither `global_head_dim` nor a per-layer `head_dim` (transformers reads that
+    as "full-attention layers use head_dim"). llama.cpp's converter then asserts. This sets
+    `global_head_dim = head_dim` for exactly that case; True when it did.
+    """
+    if hparams.get("global_head_dim") is not None or hparams.get("head_dim") is None:
+        return False
+    per_layer = hparams.get("per_layer_config")
+    if per_layer is None:
+        return False  # an older config layout: leave it to the converter
+    types = hparams.get("layer_types") or []
+    for index, layer in per_layer.items():
+        if int(index) < len(types) and types[int(index)] == "full_attention" and "head_dim" in layer:
+            return False
+    hparams["global_head_dim"] = hparams["head_dim"]
+    return True
+
+
+def added_special_tokens(model_dir: Path) -> dict[str, int]:
+    """The added tokens tokenizer.json marks `special` (content -> id): HF splits text on them and
+    treats them as control tokens, whether or not tokenizer_config.json names them."""
+    try:
+        data = json.loads((Path(model_dir) / "tokenizer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {t["content"]: int(t["id"]) for t in data.get("added_tokens") or [] if t.get("special")}
+
+
 def main(argv: list[str]) -> None:
     llama_cpp_dir, model_dir = Path(argv[0]), Path(argv[1])
     sys.path.insert(0, str(llama_cpp_dir / "gguf-py"))  # the converter must use its own gguf-py
@@ -84,6 +119,38 @@ def main(argv: list[str]) -> None:
             return pre
 
     TextModel.get_vocab_base_pre = get_vocab_base_pre
+
+    # gguf's LlamaHfVocab (Gemma 4, and Llama-style models without tokenizer.model) types a token
+    # CONTROL only when transformers lists it in all_special_ids (the *named* special tokens): a
+    # chat token such as Gemma 4's <|turn>, special in tokenizer.json but unnamed, became a NORMAL
+    # token, which llama.cpp then spells out as text ("<", "|", "turn", ">") when a prompt holds
+    # it. The tokens tokenizer.json marks special are added to its special set.
+    import gguf
+
+    original_vocab_init = gguf.LlamaHfVocab.__init__
+
+    def vocab_init(self, base_path: Path, *args, **kwargs) -> None:
+        original_vocab_init(self, base_path, *args, **kwargs)
+        extra = {tok: i for tok, i in added_special_tokens(base_path).items() if i not in self.special_ids}
+        if extra:
+            log.info("tokenizer.json marks %d more added tokens special (e.g. %s): typed CONTROL",
+                     len(extra), ", ".join(list(extra)[:4]))
+            self.special_ids |= set(extra.values())
+            self.specials.update(extra)
+
+    gguf.LlamaHfVocab.__init__ = vocab_init
+
+    from conversion.gemma import Gemma4Model
+
+    original_init = Gemma4Model.__init__
+
+    def gemma4_init(self, *args, **kwargs) -> None:
+        original_init(self, *args, **kwargs)
+        if fill_gemma4_full_head_dim(self.hparams):
+            log.warning("Gemma 4 config without a full-attention head size override: global_head_dim = head_dim = %s",
+                        self.hparams["head_dim"])
+
+    Gemma4Model.__init__ = gemma4_init
     sys.argv = [str(llama_cpp_dir / "convert_hf_to_gguf.py"), str(model_dir), *argv[2:]]
     runpy.run_path(str(llama_cpp_dir / "convert_hf_to_gguf.py"), run_name="__main__")
 
