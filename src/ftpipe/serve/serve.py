@@ -96,6 +96,42 @@ def llama_cpp_command(python: str, served: Served, cfg) -> list[str]:
     ]
 
 
+def check_vllm_architecture(served: Served, project: Project) -> list[str]:
+    """Refuse before launching a model whose architecture vLLM has no implementation of.
+
+    Reads the served folder's config.json (the base's for an adapter) and asks vLLM's model
+    registry. Where vLLM is not importable (a host without the serve environment) the check is
+    left to vLLM itself and nothing is refused.
+
+    Returns:
+        The config's architectures (empty when the config could not be read).
+
+    Raises:
+        InputError: an architecture vLLM does not support, naming it and the GGUF route.
+    """
+    import importlib.util
+
+    config = read_json(Path(served.model) / "config.json") if Path(served.model).is_dir() else None
+    architectures = list((config or {}).get("architectures") or [])
+    if not architectures or importlib.util.find_spec("vllm") is None:
+        log.info("vLLM architecture pre-flight skipped (%s)", "no local config.json" if not architectures else "vllm not importable here")
+        return architectures
+    from vllm import ModelRegistry
+
+    supported = set(ModelRegistry.get_supported_archs())
+    unsupported = [a for a in architectures if a not in supported]
+    if unsupported:
+        import vllm
+
+        raise InputError(
+            f"serve: architecture {', '.join(unsupported)} of {project.rel(Path(served.model))} is not supported by "
+            f"vLLM {vllm.__version__}; serve the GGUF with llama.cpp instead",
+            hint=f"ftpipe export-gguf --run {served.name}, then ftpipe serve --run {served.name} --artifact gguf",
+        )
+    log.info("vLLM supports %s", ", ".join(architectures))
+    return architectures
+
+
 def server_environment(served: Served, cfg, base: dict[str, str] | None = None) -> dict[str, str]:
     """The server's environment: the API key goes here, never on argv."""
     env = dict(os.environ if base is None else base)
@@ -295,6 +331,8 @@ def serve(loaded, run_name: str | None, detach: bool, on_ready: Callable[[Server
                 f"run {run.name} already has a server: pid {running.pid} at {running.url}",
                 hint=f"ftpipe serve stop --run {run.name}",
             )
+        if served.kind == "vllm":
+            check_vllm_architecture(served, project)
         check_port_free(cfg.host, cfg.port)
         python = sys.executable
         argv = vllm_command(python, served, cfg) if served.kind == "vllm" else llama_cpp_command(python, served, cfg)
