@@ -12,6 +12,7 @@ from ftpipe.core.runs import Project
 from ftpipe.handoff.prepared import (
     FALLBACK_CONVERSATIONS,
     prompt,
+    read_chat_rows,
     read_split,
     read_training_rows,
     reference,
@@ -85,6 +86,19 @@ def test_training_rows_keep_role_and_content_only(tmp_path):
         {"messages": [U1, {"role": "assistant", "content": None, "tool_calls": [{"id": "x"}]}], "source": "a"},
     ])
     assert read_training_rows(split) == [{"messages": [U1, {"role": "assistant", "content": ""}]}]
+
+
+def test_chat_rows_keep_tool_calls_and_tools(tmp_path):
+    """What finetune-sft trains on: messages as written and the row's tools (nothing else)."""
+    call = {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {}}}]}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    split = _write(tmp_path / "train.jsonl", [
+        {"messages": [U1, call], "tools": tools, "source": "a"},
+        {"messages": [U1, A1], "tools": []},
+    ])
+    assert read_chat_rows(split) == [{"messages": [U1, call], "tools": tools}, {"messages": [U1, A1]}]
+    with pytest.raises(InputError, match="not found"):
+        read_chat_rows(tmp_path / "missing.jsonl")
 
 
 def test_split_prompts_skip_conversations_without_a_user_turn(tmp_path):

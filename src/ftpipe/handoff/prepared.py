@@ -70,10 +70,24 @@ def read_split(path: Path, limit: int | None = None) -> Iterator[Messages]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: prepared split not found", hint=PRODUCE)
-    return _rows(path, limit)
+    return (row["messages"] for row in _rows(path, limit))
 
 
-def _rows(path: Path, limit: int | None) -> Iterator[Messages]:
+def read_chat_rows(path: Path) -> list[dict[str, Any]]:
+    """Every row of a split as finetune-sft trains on it: `messages` as written (tool calls kept)
+    and the row's `tools` when it has any.
+
+    Raises:
+        InputError: as `read_split`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: prepared split not found", hint=PRODUCE)
+    return [{"messages": row["messages"], **({"tools": row["tools"]} if row.get("tools") else {})}
+            for row in _rows(path, None)]
+
+
+def _rows(path: Path, limit: int | None) -> Iterator[dict[str, Any]]:
     if limit is not None and limit <= 0:
         return
     count = 0
@@ -95,7 +109,7 @@ def _rows(path: Path, limit: int | None) -> Iterator[Messages]:
             for i, message in enumerate(messages):
                 if not isinstance(message, dict) or not isinstance(message.get("role"), str):
                     raise InputError(f"{path}:{number}: messages[{i}]: expected an object with a string `role`", hint=REDO)
-            yield messages
+            yield row
             count += 1
             if limit is not None and count >= limit:
                 return

@@ -116,7 +116,8 @@ def run(ctx: StageContext) -> StageResult:
     from transformers import AutoConfig, AutoTokenizer
 
     from ftpipe.training.plan import make_plan
-    from ftpipe.training.sft import read_rows, train
+    from ftpipe.handoff.prepared import read_chat_rows
+    from ftpipe.training.sft import train
 
     cfg = ctx.config
     ft = cfg.finetune
@@ -137,7 +138,7 @@ def run(ctx: StageContext) -> StageResult:
             "the messages rows",
             hint="use an instruct/chat model, or add chat_template.jinja to the model folder",
         )
-    rows = read_rows(train_file)
+    rows = read_chat_rows(train_file)
     if not rows:
         raise InputError(f"{project.rel(train_file)}: no rows", hint="ftpipe preprocess-sft --force")
     plan = make_plan(ft, model_config, ft.method, _sample_lengths(tokenizer, rows[:SAMPLE_ROWS]))

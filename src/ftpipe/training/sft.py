@@ -28,7 +28,7 @@ from ftpipe.core.errors import ConfigError, InputError, StageError
 from ftpipe.core.fsutil import atomic_write_json
 from ftpipe.handoff.base_model import write_base_model
 from ftpipe.handoff.measure import encode_conversation, end_of_turn_ids
-from ftpipe.handoff.prepared import REDO, read_split
+from ftpipe.handoff.prepared import REDO, read_chat_rows
 from ftpipe.training.config import FinetuneConfig
 from ftpipe.training.plan import TrainPlan
 
@@ -268,24 +268,6 @@ def sft_config(job: TrainJob, has_eval: bool):
     )
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a prepared split as preprocess-sft rendered them: messages as written (tool calls
-    kept) and the row's `tools`.
-
-    Raises:
-        InputError: as `ftpipe.handoff.prepared.read_split` (names file:line).
-    """
-    import json
-
-    conversations = list(read_split(path))  # every check, with file:line
-    tools: list[Any] = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                tools.append(json.loads(line).get("tools"))
-    return [{"messages": m, **({"tools": t} if t else {})} for m, t in zip(conversations, tools)]
-
-
 def tokenize_rows(tokenizer, rows: list[dict[str, Any]], end_ids: set[int], assistant_only: bool,
                   where: str = "train") -> tuple[list[dict[str, list[int]]], dict[str, int]]:
     """TRL's pre-tokenized rows: `input_ids`, plus `assistant_masks` for assistant-only loss.
@@ -364,12 +346,12 @@ def train(job: TrainJob, progress: ProgressFn | None = None, extra_callbacks: li
     tokenizer = AutoTokenizer.from_pretrained(job.load_from, **job.model_kwargs)
     model = load_model(job)
     end_ids = end_of_turn_ids(tokenizer, getattr(model, "generation_config", None))
-    train_rows, mask_counts = tokenize_rows(tokenizer, read_rows(Path(job.train_file)), end_ids,
+    train_rows, mask_counts = tokenize_rows(tokenizer, read_chat_rows(Path(job.train_file)), end_ids,
                                             ft.assistant_only_loss, "train")
     train_ds = Dataset.from_list(train_rows)
     eval_ds = None
     if job.val_file:
-        val_rows, val_counts = tokenize_rows(tokenizer, read_rows(Path(job.val_file)), end_ids,
+        val_rows, val_counts = tokenize_rows(tokenizer, read_chat_rows(Path(job.val_file)), end_ids,
                                              ft.assistant_only_loss, "val")
         eval_ds = Dataset.from_list(val_rows)
         mask_counts.update({f"val_{k}": v for k, v in val_counts.items()})
