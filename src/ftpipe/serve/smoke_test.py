@@ -61,8 +61,13 @@ def _chat(client, model: str, messages, max_tokens: int) -> tuple[str, str | Non
     return choice.message.content or "", choice.finish_reason
 
 
-def template_matches(url: str, api_key: str | None, model: str, tokenizer_dir: Path, messages, timeout: float) -> tuple[bool, int, int]:
-    """Token ids of vLLM `/tokenize` (messages) vs HF `apply_chat_template`: (equal, n_server, n_hf)."""
+def template_matches(url: str, api_key: str | None, model: str, tokenizer_dir: Path, messages, timeout: float) -> dict[str, Any]:
+    """Token ids of vLLM `/tokenize` (messages) vs HF `apply_chat_template`.
+
+    Returns:
+        equal, server_tokens, hf_tokens; when they differ, first_difference and the decoded text
+        of both from there (what a wrongly rendered prompt looks like, for results.json).
+    """
     import httpx
     from transformers import AutoTokenizer
 
@@ -74,7 +79,12 @@ def template_matches(url: str, api_key: str | None, model: str, tokenizer_dir: P
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     hf = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     hf_ids = list(hf["input_ids"] if hasattr(hf, "keys") else hf)
-    return server_ids == hf_ids, len(server_ids), len(hf_ids)
+    out: dict[str, Any] = {"equal": server_ids == hf_ids, "server_tokens": len(server_ids), "hf_tokens": len(hf_ids)}
+    if server_ids != hf_ids:
+        first = next((i for i, (a, b) in enumerate(zip(server_ids, hf_ids)) if a != b), min(len(server_ids), len(hf_ids)))
+        out.update(first_difference=first, server_text=tokenizer.decode(server_ids[first:first + 24]),
+                   hf_text=tokenizer.decode(hf_ids[first:first + 24]))
+    return out
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -112,11 +122,12 @@ def run(ctx: StageContext) -> StageResult:
 
     template: dict[str, Any] = {"checked": False}
     if st.check_template and served.kind == "vllm" and served.tokenizer_dir is not None:
-        equal, n_server, n_hf = template_matches(url, key, served.name, served.tokenizer_dir, ctx.options["prompts"][0], st.timeout)
-        template = {"checked": True, "equal": equal, "server_tokens": n_server, "hf_tokens": n_hf}
-        if not equal:
-            problems.append(f"chat template: the server's prompt tokens ({n_server}) differ from HF apply_chat_template ({n_hf}) "
-                            f"for {ctx.project.rel(served.tokenizer_dir)}")
+        template = {"checked": True, **template_matches(url, key, served.name, served.tokenizer_dir, ctx.options["prompts"][0], st.timeout)}
+        if not template["equal"]:
+            problems.append(f"chat template: the server's prompt tokens ({template['server_tokens']}) differ from HF "
+                            f"apply_chat_template ({template['hf_tokens']}) for {ctx.project.rel(served.tokenizer_dir)} "
+                            f"from token {template['first_difference']}: server {template['server_text']!r}, "
+                            f"HF {template['hf_text']!r}")
     elif st.check_template:
         template["reason"] = "llama.cpp's server has no chat /tokenize" if served.kind != "vllm" else "no tokenizer folder"
         log.info("chat template check skipped: %s", template["reason"])
