@@ -49,8 +49,10 @@ awq:
   calibration_samples: 8
   calibration_max_length: 64
 eval:
+  artifacts: [base, merged, awq]
   prompts_file: data/demo/eval_prompts.json
   max_new_tokens: 6
+  max_val_rows: 20
 gguf:
   outtypes: [f16]
   verify_prompts: 2
@@ -63,6 +65,10 @@ smoke_test:
   prompts: 2
   max_tokens: 8
   min_check_pass_rate: 0.0
+ollama:
+  gguf: f16
+run:
+  stages: [preprocess-sft, finetune-sft, export-merged, convert-awq, eval-sft, export-gguf, serve, report]
 runtime:
   mode: local
 """
@@ -130,7 +136,8 @@ def test_cells_hold_what_they_claim(matrix_row) -> None:
     logs = root / "logs" / "m"
     if row["finetune-sft"]["code"] == 0:
         metrics = json.loads((logs / "finetune-sft/manifest.json").read_text())["metrics"]
-        assert metrics["train_loss_last"] < metrics["train_loss_first"], metrics
+        assert metrics["last_logged_loss"] < metrics["first_logged_loss"], metrics
+        assert metrics["assistant_turns_unlocated"] == 0 and metrics["target_tokens"] > 0, metrics
     if row["export-gguf"]["code"] == 0:
         gguf = json.loads((logs / "export-gguf/manifest.json").read_text())["metrics"]
         text = json.dumps(gguf)
@@ -139,5 +146,9 @@ def test_cells_hold_what_they_claim(matrix_row) -> None:
         smoke = json.loads((logs / "smoke-test/results.json").read_text())
         assert smoke["chat_template"]["equal"] is True, smoke["chat_template"]
         assert all(a["finish_reason"] == "stop" for a in smoke["answers"]), smoke["answers"]
+    if row["eval-sft"]["code"] == 0:
+        artifacts = json.loads((root / "outputs/m/eval/metrics.json").read_text())["artifacts"]
+        assert set(artifacts) == {"base", "merged", "awq"}
+        assert artifacts["merged"]["perplexity"] < artifacts["base"]["perplexity"], artifacts
     if row["ollama-template"]["code"] == 0:
         assert list((root / "outputs/m").rglob("Modelfile*")), "the dry run writes the Modelfile"

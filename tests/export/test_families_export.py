@@ -11,14 +11,13 @@ chat template, 2 layers, width 128), merged once per module. What each family do
 | llama3  | ok (untied)   | ok                                       | pre-flight ok            | ok       |
 | qwen2.5 | ok (tied)     | ok                                       | pre-flight ok            | ok       |
 | qwen3   | ok (tied)     | ok                                       | pre-flight ok            | ok       |
-| phi3.5  | ok (untied)   | refused: tokenizer.model of the base     | ok (real AWQ, slow test) | ok (+awq)|
-|         |               | has 53 UNKNOWN pieces                    |                          |          |
-| mistral | ok (untied)   | refused: Metaspace prepend_scheme first  | pre-flight ok            | ok       |
+| phi3.5  | ok (untied)   | ok                                       | ok (real AWQ, slow test) | ok (+awq)|
+| mistral | ok (untied)   | ok                                       | pre-flight ok            | ok       |
 | gemma   | ok (tied)     | ok                                       | refused: no AWQ mapping  | ok       |
 |         |               |                                          | for Gemma4ForCausalLM    |          |
 
-The two export-gguf refusals come from the tiny models' tokenizers (ftpipe/training/families.py);
-when those are fixed, the refusal tests here fail and the family moves to GGUF_OK.
+export-gguf's pre-flight refusals (a tokenizer.model SentencePiece cannot load, a Metaspace
+"first" pre-tokenizer llama.cpp splits differently) are tested on deliberately broken copies.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m pytest tests/export/test_families_export.py
 """
@@ -34,11 +33,6 @@ import pytest
 from tests.conftest import FAMILY_NAMES, run_cli
 from tests.export.conftest import REPO, fabricate_finetune, make_project
 
-GGUF_OK = ("llama3", "qwen2.5", "qwen3", "gemma")
-GGUF_REFUSED = {
-    "phi3.5": "tokenizer.model has 53 pieces typed UNKNOWN",
-    "mistral": "Metaspace prepend_scheme 'first'",
-}
 AWQ_REFUSED = {"gemma": "Gemma4ForCausalLM"}
 # Text with every kind of token a chat holds: non-ASCII, whitespace runs, special tokens in text.
 PROBE = "Grüße, 你好 🙂\n\n  two spaces\tand a tab. {eot}\nNext: ñandú {eot} done"
@@ -140,7 +134,7 @@ print(json.dumps({"template": llm.metadata.get("tokenizer.chat_template"),
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", GGUF_OK)
+@pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_export_gguf_per_family(name, family_run):
     """The converter recognises the family's tokenizer; the GGUF tokenizes like HF (the stage's
     probe texts, and one more here), holds the chat template, EOS = the template's end-of-turn and
@@ -168,17 +162,46 @@ def test_export_gguf_per_family(name, family_run):
     assert meta["probe"] == tok(text, add_special_tokens=False)["input_ids"]
 
 
-@pytest.mark.slow  # the family's merged run
-@pytest.mark.parametrize("name", sorted(GGUF_REFUSED))
-def test_export_gguf_refuses_family(name, family_run):
-    """Refused in pre-flight (exit 2, one line naming the stage and the tokenizer problem); no GGUF."""
-    root = family_run(name)
-    result = run_cli("export-gguf", "--config", str(root / "config.yaml"), "--run", "r1", cwd=root)
-    assert result.code == 2, result.output
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: export-gguf:"), result.stderr
-    assert GGUF_REFUSED[name] in lines[0] and "(next: " in lines[0]
-    assert not (root / "outputs/r1/gguf").exists()
+def _broken_copy(tmp_path: Path, source: Path, how: str) -> Path:
+    import shutil
+
+    from transformers.utils import sentencepiece_model_pb2_new as pb
+
+    folder = tmp_path / how
+    shutil.copytree(source, folder)
+    if how == "two-unknown-pieces":
+        model = pb.ModelProto()
+        model.ParseFromString((folder / "tokenizer.model").read_bytes())
+        model.pieces[3].type = pb.ModelProto.SentencePiece.UNKNOWN
+        (folder / "tokenizer.model").write_bytes(model.SerializeToString())
+    else:  # transformers' non-legacy Llama-2 pre-tokenizer
+        data = json.loads((folder / "tokenizer.json").read_text())
+        data["normalizer"] = None
+        data["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": False}
+        (folder / "tokenizer.json").write_text(json.dumps(data))
+    return folder
+
+
+@pytest.mark.parametrize("how, words", [("two-unknown-pieces", "tokenizer.model has 2 pieces typed UNKNOWN"),
+                                        ("metaspace-first", "Metaspace prepend_scheme 'first'")])
+def test_export_gguf_refuses_tokenizers_llama_cpp_reads_differently(tmp_path, family_model, how, words):
+    """The pre-flight refuses, in one line naming the stage and the problem, the SentencePiece
+    tokenizers llama.cpp cannot load (two UNKNOWN pieces) or would split differently (Metaspace
+    prepend_scheme "first": no "▁" after special tokens); the families' own pass it (above)."""
+    from ftpipe.core.errors import InputError
+    from ftpipe.core.runs import Project
+    from ftpipe.export.export_gguf import require_convertible_tokenizer
+
+    def project(root: Path) -> Project:
+        return Project(root, root / "prepared", root / "outputs", root / "logs")
+
+    source = family_model("mistral")
+    require_convertible_tokenizer(source, project(source.parent))
+    folder = _broken_copy(tmp_path, source, how)
+    with pytest.raises(InputError) as err:
+        require_convertible_tokenizer(folder, project(tmp_path))
+    assert words in str(err.value) and str(err.value).startswith("export-gguf:")
+    assert "\n" not in str(err.value)
 
 
 def test_awq_architectures_match_llm_compressor():

@@ -77,6 +77,11 @@ def test_family_model_is_the_real_family(name: str, family_model) -> None:
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
     assert len(tok("the cat", add_special_tokens=False)["input_ids"]) == 2
     assert (folder / "tokenizer.model").is_file() == (name in ("phi3.5", "mistral"))
+    # BOS added when encoding exactly where the released tokenizer adds it, and said so in
+    # tokenizer_config.json (where llama.cpp's converter reads it).
+    adds_bos = name in ("llama3", "mistral")
+    assert (tok("a")["input_ids"][0] == tok.bos_token_id) is adds_bos
+    assert json.loads((folder / "tokenizer_config.json").read_text())["add_bos_token"] is adds_bos
     assert "model.safetensors" in {p.name for p in folder.iterdir()}
 
 
@@ -89,11 +94,14 @@ def test_sentencepiece_model_matches_the_fast_tokenizer(family_model) -> None:
     tok = AutoTokenizer.from_pretrained(folder)
     model = pb.ModelProto()
     model.ParseFromString((folder / "tokenizer.model").read_bytes())
-    assert len(model.pieces) == len(tok)
+    # The base vocabulary only (as released): <|endoftext|> and the chat tokens from 32000 on are
+    # added tokens of tokenizer.json; one UNKNOWN piece (SentencePiece loads nothing else).
+    assert len(model.pieces) == 32000 < len(tok)
     vocab = tok.get_vocab()
-    for i in (0, 1, 2, 3, 259, 1000, 31999, 32000, 32007, 32063):
+    for i in (0, 1, 2, 3, 259, 1000, 31999):
         assert vocab[model.pieces[i].piece] == i
-    assert model.pieces[32007].type == 3  # <|end|> is a control token
+    kinds = [p.type for p in model.pieces]
+    assert kinds[:3] == [2, 3, 3] and kinds.count(2) == 1 and kinds[3:259] == [6] * 256
 
 
 def test_material_is_fetched_once_and_cached(family_model) -> None:

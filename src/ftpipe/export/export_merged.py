@@ -228,9 +228,35 @@ def _carry_base_tokenizer_files(base_ref, folder: Path) -> list[str]:
         if found:
             shutil.copy2(found, folder / name)
             carried.append(name)
+    carried += _carry_bos_eos_flags(base_ref, folder)
     if carried:
         log.info("carried from the base: %s", ", ".join(carried))
     return carried
+
+
+def _carry_bos_eos_flags(base_ref, folder: Path) -> list[str]:
+    """Keep the base's `add_bos_token` / `add_eos_token` in tokenizer_config.json.
+
+    transformers 5 does not write them back when it saves a tokenizer, and llama.cpp's converter
+    reads them there: without them a SentencePiece GGUF falls back to adding BOS, which a
+    template like Phi-3.5's (no BOS) never had in training.
+    """
+    import json
+
+    from transformers.utils import cached_file
+
+    found = cached_file(base_ref.load_from, "tokenizer_config.json", _raise_exceptions_for_missing_entries=False,
+                        _raise_exceptions_for_connection_errors=False, **base_ref.pretrained_kwargs())
+    target = folder / "tokenizer_config.json"
+    if not found or not target.is_file():
+        return []
+    base = json.loads(Path(found).read_text(encoding="utf-8"))
+    merged = json.loads(target.read_text(encoding="utf-8"))
+    keys = [k for k in ("add_bos_token", "add_eos_token") if isinstance(base.get(k), bool) and k not in merged]
+    if keys:
+        merged.update({k: base[k] for k in keys})
+        target.write_text(json.dumps(merged, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return [f"tokenizer_config.json:{k}" for k in keys]
 
 
 def _base_generation_eos(base_ref):

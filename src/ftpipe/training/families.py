@@ -98,7 +98,9 @@ FAMILIES: dict[str, Family] = {
         Family(
             "phi3.5", "Phi3Config", "phi-3", "microsoft-Phi-3.5-mini-instruct", "Phi-3.5-mini-instruct",
             bos="<s>", eos="<|endoftext|>", end_of_turn=("<|end|>", "<|endoftext|>"), pad="<unk>", tied=False,
-            notes="Phi-3.5 ships pad == eos (<|endoftext|>); the tiny model pads with <unk> instead.",
+            add_bos=False,
+            notes="Phi-3.5 ships pad == eos (<|endoftext|>); the tiny model pads with <unk> instead. No BOS is "
+            "added: the template writes none, so training, vLLM, the GGUF and Ollama all see the same prompt.",
         ),
         Family(
             "mistral", "MistralConfig", "llama-spm", "mistralai-Mistral-Nemo-Instruct-2407", "Mistral-Nemo-Instruct-2407",
@@ -193,7 +195,8 @@ def build_tokenizer(fam: Family, root: Path, max_length: int):
     from transformers import AutoTokenizer
 
     models = material_dir(root)
-    spec = hashlib.sha256(repr((fam, max_length)).encode()).hexdigest()[:12]
+    row = {k: sorted(v) if isinstance(v, frozenset) else v for k, v in vars(fam).items()}
+    spec = hashlib.sha256(json.dumps([row, max_length], sort_keys=True, default=str).encode()).hexdigest()[:12]
     cached = models.parent / "tokenizers" / f"{fam.name}-{spec}"
     if not (cached / "tokenizer.json").is_file():
         tokenizer = _convert(fam, models, max_length)
@@ -221,6 +224,14 @@ def _convert(fam: Family, models: Path, max_length: int):
     size = len(data["model"]["vocab"])
     data["added_tokens"] = [t for t in data.get("added_tokens", []) if t["id"] < size]
     _rename(data, fam)
+    pre = data.get("pre_tokenizer") or {}
+    if pre.get("type") == "Metaspace" and pre.get("prepend_scheme") == "first":
+        # The Llama 2 / Mistral v0.1 tokenizer.json as released: "▁" prepended to every piece of
+        # text between special tokens (as SentencePiece and llama.cpp do), not only to the first.
+        data["normalizer"] = {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "\u2581"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+        data["pre_tokenizer"] = None
     tok = Tokenizer.from_str(json.dumps(data))
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=fam.bos, eos_token=fam.eos, pad_token=fam.pad,
@@ -295,11 +306,16 @@ def write_sentencepiece_model(fam: Family, root: Path, out: Path) -> bool:
     model.normalizer_spec.add_dummy_prefix = True
     model.normalizer_spec.remove_extra_whitespaces = False
     model.normalizer_spec.escape_whitespaces = True
-    # GGUF token types use SentencePiece's numbering (1 normal, 2 unknown, 3 control,
-    # 4 user-defined, 5 unused, 6 byte).
-    for piece, score, kind in zip(tokens, scores, types):
+    # The SentencePiece model is the base vocabulary: <unk> <s> </s>, the byte pieces and the
+    # ordinary pieces up to the first added token (Phi-3's <|endoftext|> at 32000 onward live in
+    # tokenizer.json / tokenizer_config.json, as in the released files). Types in SentencePiece's
+    # numbering (1 normal, 2 unknown, 3 control, 6 byte); exactly one unknown piece.
+    base = next((i for i in range(3, len(tokens)) if int(types[i]) not in (1, 6)), len(tokens))
+    for i, (piece, score) in enumerate(zip(tokens[:base], scores[:base])):
         entry = model.pieces.add()
-        entry.piece, entry.score, entry.type = piece, float(score), int(kind)
+        kind = 2 if i == 0 else 3 if i < 3 else 6 if int(types[i]) == 6 else 1
+        entry.piece, entry.score, entry.type = piece, float(score), kind
+    model.trainer_spec.vocab_size = base
     (Path(out) / "tokenizer.model").write_bytes(model.SerializeToString())
     return True
 

@@ -175,6 +175,13 @@ def _build_family(out: Path, cfg: TinyModelConfig, root: Path | None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    # As the released tokenizer_config.json says (transformers 5 does not write them; llama.cpp's
+    # converter reads them there).
+    config_file = out / "tokenizer_config.json"
+    settings = json.loads(config_file.read_text(encoding="utf-8"))
+    adds_bos = tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
+    settings.update(add_bos_token=adds_bos, add_eos_token=False)
+    config_file.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     families.write_sentencepiece_model(fam, root, out)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("tiny %s model (%s, %s): %d parameters, vocab %d -> %s",
