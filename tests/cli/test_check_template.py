@@ -9,18 +9,17 @@ import pytest
 
 from tests.conftest import run_cli
 
-# What each tiny family shows (the tiny models' tokenizers as make-tiny-model builds them):
-# Ollama family, whether every consumer agrees, the rows that differ.
+# What each tiny family shows: its Ollama family; every consumer agrees (BOS as released: Llama 3.1
+# and Mistral add it and their templates write it, which llama.cpp's chat code drops before adding
+# its own; Gemma 4's template writes it and llama.cpp's converter forces add_bos on; Qwen and
+# Phi-3.5 have none).
 EXPECTED = {
     "qwen2.5": ("qwen2.5", True, set()),
     "qwen3": ("chatml", True, set()),
-    # The tokenizer adds no BOS while the template writes it: Ollama (BOS aside + tokenizer's rule) lacks it.
-    "llama3": ("llama3.1", False, {"ollama"}),
-    # The template writes no BOS while the tokenizer adds one: GGUF and Ollama start with BOS, training does not.
-    "phi3.5": ("phi3", False, {"gguf", "ollama"}),
-    # The template writes <s> and the tokenizer adds BOS: GGUF gets a double BOS.
-    "mistral": ("mistral-nemo", False, {"gguf", "ollama"}),
-    "gemma": ("gemma4", False, {"ollama"}),
+    "llama3": ("llama3.1", True, set()),
+    "phi3.5": ("phi3", True, set()),
+    "mistral": ("mistral-nemo", True, set()),
+    "gemma": ("gemma4", True, set()),
 }
 PARAMS = [pytest.param(n, marks=pytest.mark.slow) if n == "gemma" else n for n in sorted(EXPECTED)]
 
@@ -40,8 +39,28 @@ def test_check_template_per_family(family_model, name):
     assert all(r["status"] == "same" for r in rows if r["consumer"] == "vllm")
     tools_ollama = [r for r in rows if r["conversation"] == "tools" and r["consumer"] == "ollama"]
     assert all(r["status"] == "refused" and "no tools in Ollama" in r["detail"] for r in tools_ollama)
-    if name == "mistral":
-        assert all("(double BOS)" in r["detail"] for r in rows if r["consumer"] == "gguf")
+
+
+def test_a_bos_training_never_saw_is_shown(family_model, tmp_path):
+    """Phi-3.5's template writes no <s>; a tokenizer that adds one anyway makes llama.cpp and Ollama
+    start every prompt with a BOS training never had: both rows differ at token 0, exit 1."""
+    model = tmp_path / "m"
+    shutil.copytree(family_model("phi3.5"), model)
+    data = json.loads((model / "tokenizer.json").read_text(encoding="utf-8"))
+    data["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                 {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}},
+    }
+    (model / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    result = run_cli("check-template", "--model", str(model), "--json")
+    assert result.code == 1, result.output
+    out = json.loads(result.stdout)
+    differing = [r for r in out["rows"] if r["status"] == "differs"]
+    assert {r["consumer"] for r in differing} == {"gguf", "ollama"}
+    assert all(r["detail"].startswith("differs at token 0: [1, ") for r in differing), differing
 
 
 def test_table_and_exit_1_when_the_go_side_differs(family_model, tmp_path):

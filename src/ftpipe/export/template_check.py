@@ -11,8 +11,11 @@ the HF template has a tool format) is rendered the way each consumer renders it:
 - vLLM: the same Jinja template; vLLM 0.32 tokenizes chat prompts with `add_special_tokens=False`
   (`ChatCompletionRequest.add_special_tokens` defaults to False, `default_chat_tok_params`), so the
   rule is reproduced with the HF tokenizer, without importing vllm;
-- GGUF/llama.cpp: the same text, BOS prepended when the tokenizer adds BOS (what the converter
-  writes as `tokenizer.ggml.add_bos_token`): a template that writes BOS itself then starts with two;
+- GGUF/llama.cpp (llama-server, `llama-cli -cnv`): the same text; when the tokenizer adds BOS
+  (what the converter writes as `tokenizer.ggml.add_bos_token`) llama.cpp's chat code drops a BOS
+  the template wrote and tokenizes with BOS added (common/chat.cpp), so a template without BOS
+  gains one. llama-cpp-python's Jinja chat handler (ftpipe's GGUF server) tokenizes the rendered
+  text as is: the training row;
 - Ollama: ftpipe's Go template of the chosen family, BOS added by Ollama's tokenizer as above.
 
 Every consumer is compared with training: the text (first differing character), then the ids
@@ -190,6 +193,16 @@ def _adds_bos(tokenizer) -> bool:
     return bos is not None and bool(ids) and ids[0] == bos
 
 
+def _converter_forces_bos(model: Path) -> bool:
+    """llama.cpp's Gemma 4 converter writes add_bos_token=true whatever the tokenizer says
+    (conversion/gemma.py, Gemma4Model.set_vocab)."""
+    try:
+        model_type = json.loads((model / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError):
+        return False
+    return model_type in ("gemma4", "gemma4_text")
+
+
 def _compare(row: Row, text: str, ids: list[int], ref_text: str, ref_ids: list[int], bos_id: int | None) -> Row:
     row.tokens = len(ids)
     at = first_difference(text, ref_text)
@@ -220,6 +233,7 @@ def check(model: Path) -> dict[str, Any]:
     render_hf = tokenizer_renderer(tokenizer)
     bos, bos_id = tokenizer.bos_token, tokenizer.bos_token_id
     adds_bos = _adds_bos(tokenizer)
+    gguf_bos = adds_bos or _converter_forces_bos(Path(model))
     where = str(Path(model) / "chat_template.jinja")
     family, family_error = None, None
     try:
@@ -247,7 +261,10 @@ def check(model: Path) -> dict[str, Any]:
         ids = encode(text)
         rows.append(Row(name, "training", "reference", "", len(ids)))
         rows.append(_compare(Row(name, "vllm"), text, encode(text), text, ids, bos_id))
-        gguf_ids = ([bos_id] if adds_bos else []) + ids
+        # llama.cpp's chat code drops a BOS the template wrote when the GGUF adds one itself
+        # (common/chat.cpp), then tokenizes with BOS added.
+        stripped = text[len(bos):] if gguf_bos and bos and text.startswith(bos) else text
+        gguf_ids = ([bos_id] if gguf_bos else []) + encode(stripped)
         rows.append(_compare(Row(name, "gguf"), text, gguf_ids, text, ids, bos_id))
         if family is None:
             rows.append(Row(name, "ollama", "differs", family_error or ""))
@@ -257,7 +274,7 @@ def check(model: Path) -> dict[str, Any]:
             continue
         go_text = render(family.template, ollama_values(messages))
         ref_text = text[len(bos):] if bos and text.startswith(bos) else text
-        ollama_ids = ([bos_id] if adds_bos else []) + encode(go_text)
+        ollama_ids = ([bos_id] if gguf_bos else []) + encode(go_text)
         row = _compare(Row(name, "ollama"), go_text, ollama_ids, ref_text, ids, bos_id)
         if row.detail.startswith("differs at char"):
             row.detail += " (BOS aside)"
