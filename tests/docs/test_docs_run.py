@@ -198,18 +198,28 @@ STEPS: list[Step] = [
     Step("ftpipe export-gguf  --config debug_config.yaml --run my-run"),
     Step("ftpipe ollama-load  --config debug_config.yaml --run my-run --set ollama.host=http://127.0.0.1:11434",
          "refused", expect=r"no Ollama server at http://127.0.0.1:11434"),
+    Step("ftpipe ollama-load --run my-run --dry-run", expect=r"Modelfile"),
+    Step("ftpipe check-template --model outputs/my-run/merged", expect=r"all consumers agree"),
+    Step("ftpipe check-template --model outputs/my-run/merged --json", expect=r'"agree": true'),
     # The run R that the error tables name, created by their first hint.
     Step("ftpipe finetune-sft --run R"),  # docs/export-merged.md
     Step("ftpipe finetune-sft --run R --resume-from latest", expect=SKIPPED),
     Step("ftpipe tensorboard --run R", "server", serves=("R",)),
     Step("ftpipe export-merged --run R"),
     Step("ftpipe export-merged --run R --force"),
+    Step("ftpipe check-template --model outputs/R/merged", expect=r"all consumers agree"),
     Step("ftpipe export-gguf --run R"),
     Step("ftpipe serve --run R --detach", "setup", why="the server that `ftpipe serve stop --run R` stops"),
     Step("ftpipe serve stop --run R", expect=r"stopped the server of run R"),
     # docs/compose.md and the README's GPU quick start: no Docker engine here.
     Step("ftpipe run --config config.yaml --runtime compose", "refused", expect=REFUSED_COMPOSE),
     Step("ftpipe serve --runtime compose", "refused", expect=r"the vllm-server Compose service is the server"),
+    # docs/families.md: a real family's tokenizer and template, and the demo on one (its own model
+    # folder and run, so the runs above keep their base model).
+    Step("ftpipe make-tiny-model --family phi3.5 --out models/tiny-phi3.5", expect=r"tiny phi3.5 \(Phi3ForCausalLM\)"),
+    Step("ftpipe check-template --model models/tiny-phi3.5", expect=r"all consumers agree"),
+    Step("ftpipe demo --set model.tiny.family=qwen2.5 --set model.path=models/tiny-qwen2.5 --run demo-qwen2.5",
+         expect=r"serve: completed"),
     # docs/preprocess.md with the user's own data (last: they rewrite prepared/sentiment/).
     Step("data/my.csv", "setup", why="the CSV preprocess.md reads"),
     Step("ftpipe preprocess-sft --source data/my.csv --set data.columns.instruction=question "
