@@ -129,7 +129,7 @@ def test_cell(matrix_row, stage: str) -> None:
     assert cell["code"] == 0, f"{name} x {stage}: {cell['tail']}"
 
 
-def test_cells_hold_what_they_claim(matrix_row) -> None:
+def test_cells_hold_what_they_claim(matrix_row, family_model) -> None:
     """The green cells did the work: manifests completed, the GGUF's tokenizer equals HF's, vLLM
     built the same prompt tokens, answers stopped at end-of-turn, the loss went down."""
     name, root, row = matrix_row
@@ -138,10 +138,14 @@ def test_cells_hold_what_they_claim(matrix_row) -> None:
         metrics = json.loads((logs / "finetune-sft/manifest.json").read_text())["metrics"]
         assert metrics["last_logged_loss"] < metrics["first_logged_loss"], metrics
         assert metrics["assistant_turns_unlocated"] == 0 and metrics["target_tokens"] > 0, metrics
+        # Every family trains through the CPU path that scores the LM head at labelled positions only.
+        assert "LM head at the labelled positions only" in (logs / "finetune-sft/run.log").read_text()
+    if row["export-merged"]["code"] == 0:
+        _merged_is_base_plus_adapter(name, family_model(name), root / "outputs/m")
     if row["export-gguf"]["code"] == 0:
         gguf = json.loads((logs / "export-gguf/manifest.json").read_text())["metrics"]
-        text = json.dumps(gguf)
-        assert '"chat_template_roundtrip_equal": true' in text, text[:2000]
+        assert gguf["f16_tokenization_equal"] is True and gguf["f16_chat_template_roundtrip_equal"] is True, gguf
+        assert gguf["f16_end_of_turn_ids"] == _end_of_turn_ids(name, family_model(name)), gguf
     if row["serve+smoke"]["code"] == 0:
         smoke = json.loads((logs / "smoke-test/results.json").read_text())
         assert smoke["chat_template"]["equal"] is True, smoke["chat_template"]
@@ -152,3 +156,44 @@ def test_cells_hold_what_they_claim(matrix_row) -> None:
         assert artifacts["merged"]["perplexity"] < artifacts["base"]["perplexity"], artifacts
     if row["ollama-template"]["code"] == 0:
         assert list((root / "outputs/m").rglob("Modelfile*")), "the dry run writes the Modelfile"
+
+
+def _end_of_turn_ids(name: str, folder: Path) -> list[int]:
+    from transformers import AutoTokenizer
+
+    from ftpipe.training.families import end_of_turn_ids, family
+
+    return end_of_turn_ids(family(name), AutoTokenizer.from_pretrained(folder))
+
+
+def _merged_is_base_plus_adapter(name: str, base: Path, run: Path) -> None:
+    """Recomputed here, not read from the stage: merged logits equal base + adapter on a text with
+    non-ASCII and the end-of-turn token; ties as the family ships them; every tokenizer file of the
+    base carried; generation_config stops at every end-of-turn id."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from ftpipe.training.families import family
+
+    merged = run / "merged"
+    for f in ("tokenizer.json", "tokenizer.model", "chat_template.jinja"):
+        assert (merged / f).is_file() == (base / f).is_file(), f
+    if (base / "tokenizer.model").is_file():
+        assert (merged / "tokenizer.model").read_bytes() == (base / "tokenizer.model").read_bytes()
+    eots = _end_of_turn_ids(name, base)
+    eos = GenerationConfig.from_pretrained(merged).eos_token_id
+    assert sorted(eos if isinstance(eos, list) else [eos]) == sorted(eots)
+    tok = AutoTokenizer.from_pretrained(merged)
+    text = "Grüße, 你好 🙂  two spaces " + tok.convert_ids_to_tokens(eots[0]) + " done"
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        plain_logits = plain(input_ids=ids).logits
+        tuned = PeftModel.from_pretrained(plain, run / "adapter")(input_ids=ids).logits
+        got_model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+        got = got_model(input_ids=ids).logits
+    assert float((tuned - plain_logits).abs().max()) > 1e-3  # the adapter changes the outputs
+    assert float((tuned - got).abs().max()) < 1e-3
+    tied = got_model.get_input_embeddings().weight.data_ptr() == got_model.get_output_embeddings().weight.data_ptr()
+    assert tied is family(name).tied

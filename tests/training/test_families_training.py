@@ -1,15 +1,14 @@
 """finetune-sft on every model family: the labels are exactly the assistant mask of
 ftpipe.handoff.measure (content + end-of-turn token, pad == eos included), ftpipe's ChatML model
-keeps TRL's labels, training and eval render the same prompt, and a few steps train each family."""
+keeps TRL's labels, training and eval render the same prompt. Each family trained end to end
+(through the CPU labelled-loss path) is the finetune-sft cell of tests/e2e/test_family_matrix.py."""
 
 from __future__ import annotations
 
-import logging
 
 import pytest
 
 from tests.conftest import FAMILY_NAMES
-from tests.training.conftest import write_project
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Great kettle."}, {"role": "assistant", "content": "positive"}],
@@ -130,25 +129,3 @@ def test_training_and_eval_render_the_same_default_system_prompt(family_model):
     # The eval prompt is exactly the training tokens before the target.
     first = trained.mask.index(1)
     assert list(asked) == trained.input_ids[:first]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_a_few_finetune_steps_for_each_family(family_model, family, tmp_path, caplog):
-    """finetune-sft end to end on each family: 2 steps through the CPU labelled-loss fast path."""
-    import math
-
-    from ftpipe.config import load_config
-    from ftpipe.stages import run_stage
-
-    project = write_project(tmp_path, family_model(family))
-    loaded = load_config(project / "config.yaml", ["finetune.max_steps=2", "finetune.save_steps=100",
-                                                   "finetune.logging_steps=1"])
-    with caplog.at_level(logging.INFO, logger="ftpipe.training.cpu_fastpath"):
-        result = run_stage("finetune-sft", loaded, "fam")
-    m = result.metrics
-    assert m["global_step"] == 2 and math.isfinite(m["train_loss"]) and m["train_loss"] > 0
-    assert m["assistant_turns"] > 0 and m["assistant_turns_unlocated"] == 0 and m["rows_without_target"] == 0
-    assert m["target_tokens"] > 0 and m["val_assistant_turns_unlocated"] == 0
-    assert any("labelled positions only" in r.getMessage() for r in caplog.records)
-    assert (project / "outputs/fam/adapter/adapter_config.json").is_file()
