@@ -152,7 +152,8 @@ def test_cells_hold_what_they_claim(matrix_row, family_model) -> None:
         assert all(a["finish_reason"] == "stop" for a in smoke["answers"]), smoke["answers"]
     if row["eval-sft"]["code"] == 0:
         artifacts = json.loads((root / "outputs/m/eval/metrics.json").read_text())["artifacts"]
-        assert set(artifacts) == {"base", "merged", "awq"}
+        # awq is evaluated where convert-awq made one (Gemma 4: refused, so not asked for).
+        assert set(artifacts) == {"base", "merged"} | ({"awq"} if row["convert-awq"]["code"] == 0 else set())
         assert artifacts["merged"]["perplexity"] < artifacts["base"]["perplexity"], artifacts
     if row["ollama-template"]["code"] == 0:
         assert list((root / "outputs/m").rglob("Modelfile*")), "the dry run writes the Modelfile"
