@@ -115,8 +115,8 @@ def run(ctx: StageContext) -> StageResult:
     """The stage body: plan, prepare the trainer_state folder, train (here or in workers), report."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from ftpipe.training.plan import make_plan
     from ftpipe.handoff.prepared import read_chat_rows
+    from ftpipe.training.plan import make_plan
     from ftpipe.training.sft import train
 
     cfg = ctx.config
