@@ -12,7 +12,7 @@ from conftest import REPO, run_cli
 DESIGN_COMMANDS = [
     "preprocess-sft", "finetune-sft", "export-merged", "convert-awq", "eval-sft", "export-gguf",
     "ollama-load", "serve", "smoke-test", "run", "demo", "report", "tensorboard", "runs",
-    "print-runtime", "make-tiny-model",
+    "print-runtime", "make-tiny-model", "check-template",
 ]
 
 HELP_PROBE = r"""
