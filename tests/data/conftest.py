@@ -70,6 +70,29 @@ def proj(tmp_path, tiny_model_dir) -> Proj:
     return Proj(tmp_path, tiny_model_dir)
 
 
+# ChatML that renders tool definitions and tool calls (as Qwen / Hermes templates do); the tiny
+# model's own template has no tool format, so preprocess-sft refuses tool rows under it.
+TOOLS_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n<tools>{{ tools | tojson }}</tools><|im_end|>\n{%- endif %}"
+    "{%- for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] or '' }}"
+    "{%- if m.tool_calls %}<tool_call>{{ m.tool_calls | tojson }}</tool_call>{%- endif %}<|im_end|>\n{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+)
+
+
+@pytest.fixture
+def tool_proj(tmp_path, tiny_model_dir) -> Proj:
+    """A project on a copy of the tiny model whose chat template renders tools."""
+    import shutil
+
+    model = tmp_path / "tools-model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "chat_template.jinja").write_text(TOOLS_TEMPLATE, encoding="utf-8")
+    root = tmp_path / "project"
+    root.mkdir()
+    return Proj(root, model)
+
+
 def chat(user: str, answer: str, system: str | None = None) -> dict:
     """A messages row."""
     msgs = [{"role": "system", "content": system}] if system else []

@@ -17,7 +17,8 @@ def all_rows(proj):
     return proj.out("train") + proj.out("val")
 
 
-def test_messages_jsonl_keeps_tool_calls_and_tools(proj):
+def test_messages_jsonl_keeps_tool_calls_and_tools(tool_proj):
+    proj = tool_proj
     tool_row = {
         "messages": [
             {"role": "user", "content": "Weather in Paris?"},
@@ -67,7 +68,8 @@ def test_alpaca_json_and_jsonl_with_system_and_history(proj):
     assert proj.out("train") == out
 
 
-def test_sharegpt_roles(proj):
+def test_sharegpt_roles(tool_proj):
+    proj = tool_proj
     row = {"system": "Be brief.", "conversations": [
         {"from": "human", "value": "Weather?"},
         {"from": "function_call", "value": json.dumps({"name": "weather", "arguments": {"city": "Oslo"}})},
