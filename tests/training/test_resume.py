@@ -96,8 +96,10 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(ft_project, uninterrup
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(ft_project):
     state = ft_project / "outputs/ctrlc/trainer_state"
     run_log = ft_project / "logs/ctrlc/finetune-sft/run.log"
-    proc = _start(ft_project, "--run", "ctrlc", "--set", "finetune.save_steps=100")
-    _wait_for(lambda: run_log.is_file() and "step 2/8 loss" in run_log.read_text(), proc)
+    # Long enough that Ctrl-C lands mid-run: 8 steps now take half a second once training starts.
+    proc = _start(ft_project, "--run", "ctrlc", "--set", "finetune.save_steps=100000",
+                  "--set", "finetune.max_steps=2000")
+    _wait_for(lambda: run_log.is_file() and "step 2/2000 loss" in run_log.read_text(), proc)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, out + err
