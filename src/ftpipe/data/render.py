@@ -15,7 +15,7 @@ Rendering every row through Jinja and encoding the whole text dominates the cost
 
 Rows with tool calls or tool definitions under a chat template that does not render them (Phi-3.5:
 the assistant turn would train as an empty answer) are row errors (`ToolsNotRendered`), found by
-rendering a probe once per tokenizer (`tool_support`). Rows with tool calls or tool definitions, rows whose content holds one of the template's own
+rendering a probe once per tokenizer (`ftpipe.handoff.chat_template.tool_support`). Rows with tool calls or tool definitions, rows whose content holds one of the template's own
 markers (`<|im_end|>`, `</think>`...), and templates that alter contents (e.g. `strip()`) always go
 through Jinja and a full encoding; so does everything with `preprocess.fast_render: false`.
 Token ids come from the fast tokenizer's batch encoder (Rust), without special tokens (the
@@ -32,6 +32,7 @@ import re
 from typing import Any
 
 from ftpipe.core.errors import InputError
+from ftpipe.handoff.chat_template import tool_support
 
 log = logging.getLogger(__name__)
 
@@ -94,39 +95,8 @@ def tokenizer_record(tokenizer, ref, root) -> dict[str, Any]:
     }
 
 
-_TOOL_NAME, _TOOL_ARG, _TOOL_RESULT = "ftpipe_probe_tool_5e1c", "ftpipe_probe_arg_9b2d", "ftpipe_probe_result_47af"
-
-
 class ToolsNotRendered(ValueError):
     """A row uses tools / tool calls and the chat template drops them (reported as that row's error)."""
-
-
-def tool_support(tokenizer) -> dict[str, bool]:
-    """Whether the chat template renders tool definitions (`tools`) and tool calls with their results.
-
-    Found by rendering probes with sentinel names (as trl.chat_template_utils.supports_tool_calling):
-    a template that raises on them, or drops a sentinel, does not support that part.
-    """
-    calls = [{"role": "user", "content": "hi"},
-             {"role": "assistant", "content": "", "tool_calls": [
-                 {"id": "a1b2c3d4e", "type": "function",  # 9 alphanumerics: Mistral's templates demand them
-                  "function": {"name": _TOOL_NAME, "arguments": {_TOOL_ARG: "1"}}}]},
-             {"role": "tool", "name": _TOOL_NAME, "tool_call_id": "a1b2c3d4e", "content": _TOOL_RESULT}]
-    definition = [{"type": "function", "function": {
-        "name": _TOOL_NAME, "description": "probe",
-        "parameters": {"type": "object", "properties": {_TOOL_ARG: {"type": "string"}}}}}]
-
-    def renders(messages, tools, sentinels) -> bool:
-        try:
-            text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
-        except Exception:  # noqa: BLE001 - a template that rejects the probe does not support it
-            return False
-        return all(s in text for s in sentinels)
-
-    return {
-        "tools": renders([{"role": "user", "content": "hi"}], definition, (_TOOL_NAME, _TOOL_ARG)),
-        "tool_calls": renders(calls, None, (_TOOL_NAME, _TOOL_ARG, _TOOL_RESULT)),
-    }
 
 
 class Renderer:

@@ -114,27 +114,27 @@ GEMMA4 = ChatFamily(
     "types, which Ollama's template functions cannot express faithfully", "gemma-4-31B-it",
 )
 
-# Mistral v0.3-style [INST]: the system text is prepended to the *last* user message.
+def _inst_template(space: str) -> str:
+    """Mistral's [INST] turns: the system text is prepended to the *last* user message; `space`
+    follows [INST] and precedes the answer (" " in v0.3, "" in Nemo)."""
+    return (
+        "{{- range $i, $_ := .Messages }}"
+        "{{- $last := eq (len (slice $.Messages $i)) 1 }}"
+        "{{- if eq .Role \"user\" }}[INST]" + space + "{{ if and $last $.System }}{{ $.System }}\n\n{{ end }}"
+        "{{ .Content }}[/INST]"
+        "{{- else if eq .Role \"assistant\" }}" + space + "{{ .Content }}</s>"
+        "{{- end }}"
+        "{{- end }}"
+    )
+
+
 MISTRAL = ChatFamily(
-    "mistral", ("[INST]", "[/INST]"),
-    "{{- range $i, $_ := .Messages }}"
-    "{{- $last := eq (len (slice $.Messages $i)) 1 }}"
-    "{{- if eq .Role \"user\" }}[INST] {{ if and $last $.System }}{{ $.System }}\n\n{{ end }}{{ .Content }}[/INST]"
-    "{{- else if eq .Role \"assistant\" }} {{ .Content }}</s>"
-    "{{- end }}"
-    "{{- end }}",
+    "mistral", ("[INST]", "[/INST]"), _inst_template(" "),
     ("[INST]", "[/INST]", "</s>"), _JSON_TOOLS, "Mistral-7B-Instruct-v0.3",
 )
 
-# Mistral Nemo: as v0.3 without the spaces after [INST] and before the answer.
 MISTRAL_NEMO = ChatFamily(
-    "mistral-nemo", ("[INST]", "[/INST]"),
-    "{{- range $i, $_ := .Messages }}"
-    "{{- $last := eq (len (slice $.Messages $i)) 1 }}"
-    "{{- if eq .Role \"user\" }}[INST]{{ if and $last $.System }}{{ $.System }}\n\n{{ end }}{{ .Content }}[/INST]"
-    "{{- else if eq .Role \"assistant\" }}{{ .Content }}</s>"
-    "{{- end }}"
-    "{{- end }}",
+    "mistral-nemo", ("[INST]", "[/INST]"), _inst_template(""),
     ("[INST]", "[/INST]", "</s>"), _JSON_TOOLS, "Mistral-Nemo-Instruct-2407",
 )
 

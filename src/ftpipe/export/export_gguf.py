@@ -37,6 +37,7 @@ from ftpipe.export.artifacts import (
     replace_dir,
     require_full_model,
 )
+from ftpipe.handoff.chat_template import generation_eos_ids
 from ftpipe.handoff.prepared import prompt, sample_conversations
 
 log = logging.getLogger(__name__)
@@ -282,14 +283,7 @@ def verify(source: Path, files: dict[str, Path], project: Project, dataset: str,
 def _generation_eos(source: Path, tokenizer) -> list[int]:
     """The ids generation stops at: generation_config.json's eos_token_id (every end-of-turn
     token export-merged put there), else the tokenizer's EOS."""
-    from transformers import GenerationConfig
-
-    try:
-        eos = GenerationConfig.from_pretrained(source).eos_token_id
-    except OSError:
-        eos = None
-    eos = [eos] if isinstance(eos, int) else list(eos or [])
-    return eos or [tokenizer.eos_token_id]
+    return generation_eos_ids(source) or [tokenizer.eos_token_id]
 
 
 def _probe_texts(tokenizer, end_of_turn: list[int]) -> list[str]:

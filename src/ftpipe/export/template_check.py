@@ -33,6 +33,8 @@ from typing import Any, Callable
 from ftpipe.core.errors import InputError
 from ftpipe.export.chat_families import ChatFamily, candidates
 from ftpipe.export.gotemplate import ollama_values, render
+from ftpipe.handoff.chat_template import adds_bos as tokenizer_adds_bos
+from ftpipe.handoff.chat_template import generation_eos_ids, tool_support
 
 log = logging.getLogger(__name__)
 
@@ -148,12 +150,7 @@ def stop_strings(family: ChatFamily, tokenizer, model_dir: Path) -> list[str]:
     """The family's turn markers, then every end-of-turn token of the model: the tokens of
     `generation_config.json` `eos_token_id` (an id or a list) and the tokenizer's EOS."""
     stops = list(family.stop)
-    ids: Any = []
-    gen = Path(model_dir) / "generation_config.json"
-    if gen.is_file():
-        ids = json.loads(gen.read_text(encoding="utf-8")).get("eos_token_id") or []
-    ids = [ids] if isinstance(ids, int) else list(ids)
-    tokens = [tokenizer.convert_ids_to_tokens(i) for i in ids] + [tokenizer.eos_token]
+    tokens = [tokenizer.convert_ids_to_tokens(i) for i in generation_eos_ids(model_dir)] + [tokenizer.eos_token]
     for token in tokens:
         if token and token not in stops:
             stops.append(token)
@@ -185,12 +182,6 @@ def _load_tokenizer(model: Path):
         raise InputError(f"{model}: the tokenizer has no chat template, so there is nothing to compare",
                          hint="set a chat template (chat_template.jinja) and rerun ftpipe check-template")
     return tokenizer
-
-
-def _adds_bos(tokenizer) -> bool:
-    bos = tokenizer.bos_token_id
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bos is not None and bool(ids) and ids[0] == bos
 
 
 def _converter_forces_bos(model: Path) -> bool:
@@ -232,7 +223,7 @@ def check(model: Path) -> dict[str, Any]:
     tokenizer = _load_tokenizer(model)
     render_hf = tokenizer_renderer(tokenizer)
     bos, bos_id = tokenizer.bos_token, tokenizer.bos_token_id
-    adds_bos = _adds_bos(tokenizer)
+    adds_bos = tokenizer_adds_bos(tokenizer)
     gguf_bos = adds_bos or _converter_forces_bos(Path(model))
     where = str(Path(model) / "chat_template.jinja")
     family, family_error = None, None
@@ -241,12 +232,10 @@ def check(model: Path) -> dict[str, Any]:
     except InputError as exc:
         family_error = exc.one_line()
     conversations: dict[str, tuple[list, list | None]] = {n: (m, None) for n, m in PROBES.items()}
-    try:
-        with_tools = render_hf(TOOL_PROBE, TOOLS)
-        if "get_weather" in with_tools and with_tools != render_hf(TOOL_PROBE, None):
-            conversations["tools"] = (TOOL_PROBE, TOOLS)
-    except Exception as exc:  # jinja TemplateError, or a template that cannot take tool messages at all
-        log.info("no tools conversation: the HF template cannot render one (%s)", exc)
+    if tool_support(tokenizer)["tools"]:
+        conversations["tools"] = (TOOL_PROBE, TOOLS)
+    else:
+        log.info("no tools conversation: the HF template does not render tool definitions")
 
     def encode(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]

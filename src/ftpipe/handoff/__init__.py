@@ -6,7 +6,9 @@ share goes through one module here per thing:
 - `prepared`: the prepared split (prepared/<dataset>/*.jsonl) and the prompt of a conversation;
 - `checks`: the prompt-checks file (`eval.prompts_file`) and how one answer is judged;
 - `base_model`: the adapter's `ftpipe_base_model.json` (written by finetune-sft, read downstream);
-- `measure`: perplexity over assistant tokens and greedy decoding (convert-awq, eval-sft).
+- `measure`: the assistant mask, perplexity over its tokens and greedy decoding (finetune-sft,
+  convert-awq, eval-sft);
+- `chat_template`: what a chat template / tokenizer supports (tools, BOS, end-of-turn ids).
 
 Nothing heavy is imported at module level.
 

@@ -154,6 +154,7 @@ def _build_family(out: Path, cfg: TinyModelConfig, root: Path | None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
+    from ftpipe.handoff.chat_template import adds_bos
     from ftpipe.training import families
 
     fam = families.family(cfg.family)
@@ -179,8 +180,7 @@ def _build_family(out: Path, cfg: TinyModelConfig, root: Path | None) -> dict:
     # converter reads them there).
     config_file = out / "tokenizer_config.json"
     settings = json.loads(config_file.read_text(encoding="utf-8"))
-    adds_bos = tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
-    settings.update(add_bos_token=adds_bos, add_eos_token=False)
+    settings.update(add_bos_token=adds_bos(tokenizer), add_eos_token=False)
     config_file.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     families.write_sentencepiece_model(fam, root, out)
     n_params = sum(p.numel() for p in model.parameters())
