@@ -14,8 +14,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.table import Table
+from rich.text import Text
 
 from ftpipe.core.logs import console_err_stream, console_stream
 
@@ -44,18 +44,40 @@ DEFAULT_CONFIG = Path("config.yaml")
 def setup_logging(verbose: bool = False) -> None:
     """Show ftpipe's INFO logs on the console (warnings from other libraries too)."""
     root = logging.getLogger()
-    if any(isinstance(h, RichHandler) for h in root.handlers):
+    if any(isinstance(h, ConsoleHandler) for h in root.handlers):
         return
-    handler = RichHandler(console=err_console, show_path=False, show_time=False, markup=False)
+    handler = ConsoleHandler()
     handler.setLevel(logging.DEBUG if verbose else logging.INFO)
     handler.addFilter(_ConsoleFilter())
     root.addHandler(handler)
     root.setLevel(logging.INFO)
 
 
+class ConsoleHandler(logging.Handler):
+    """One log record = one line on stderr: `LEVEL    message`, never wrapped (a row warning stays one
+    line at any width), the message as plain text (user data quoted in it is never rich markup or
+    `:emoji:` codes)."""
+
+    STYLES = {"DEBUG": "dim", "INFO": "blue", "WARNING": "yellow", "ERROR": "red", "CRITICAL": "bold red"}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            if record.exc_info:
+                message += "\n" + logging.Formatter().formatException(record.exc_info)
+            line = Text.assemble((f"{record.levelname:<8} ", self.STYLES.get(record.levelname, "")), message)
+            err_console.print(line, soft_wrap=True, emoji=False, markup=False, highlight=False)
+        except Exception:  # noqa: BLE001 - logging's own convention: a broken handler must not break the caller
+            self.handleError(record)
+
+
 class _ConsoleFilter(logging.Filter):
     # Our own INFO lines; everybody else's WARNING and above (their INFO goes to run.log only).
+    # A stage's "failed:" record is not shown: the CLI's top-level handler prints that error as its
+    # one `error:` line (run.log keeps the record).
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "ftpipe.core.stage" and record.msg == "%s: failed: %s":
+            return False
         return record.name.startswith("ftpipe") or record.levelno >= logging.WARNING
 
 

@@ -55,8 +55,8 @@ def main() -> None:
 
         from ftpipe.cli.common import err_console
 
-        # escape(): the message quotes user data ('[admin]' roles...), never rich markup.
-        err_console.print(f"[bold red]error:[/bold red] {escape(exc.one_line())}", soft_wrap=True)
+        # escape() and emoji=False: the message quotes user data ('[admin]' roles, ':x:'), never rich markup or emoji.
+        err_console.print(f"[bold red]error:[/bold red] {escape(exc.one_line())}", soft_wrap=True, emoji=False)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
