@@ -54,14 +54,16 @@ CASES = {
         {"in.jsonl": '{"question": "a", "answer": "b"}\n'}, [],
         "data/in.jsonl:1: cannot detect the format: keys answer, question match none of messages, conversations "
         "(sharegpt), instruction+output (alpaca), prompt+completion, text, or a Label Studio export "
-        "(next: pass --format, or map columns with data.columns)"),
+        "(next: map your keys to these with data.columns, e.g. --set data.columns.instruction=question "
+        "--set data.columns.output=answer (or pass --format))"),
     "wrong_format": (
         {"in.jsonl": GOOD}, ["--format", "alpaca"],
         "data/in.jsonl:1: --format alpaca does not match the file: rows look like messages (messages) "
         "(next: --format messages (or --format auto))"),
     "all_rows_invalid": (
         {"in.jsonl": msg(("user", "a")) + msg(("robot", "b"))}, [],
-        "data/in.jsonl: no usable rows (2 read; dropped: 2 invalid) (next: fix the rows named above, or check --format)"),
+        "data/in.jsonl: no usable rows (2 read; dropped: 2 invalid (first: data/in.jsonl:1 messages)) "
+        "(next: fix the rows named above, or check --format)"),
     "strict_no_assistant": (
         {"in.jsonl": GOOD + msg(("user", "a"))}, ["--strict"],
         f"data/in.jsonl:2: messages: no assistant message: nothing to learn from this row (next: {STRICT})"),
@@ -103,13 +105,15 @@ CASES = {
         {"in.json": json.dumps([{"id": 1, "data": {"prompt": "p"}, "annotations": [{"id": 1, "was_cancelled": True, "result": []}]},
                                 {"id": 2, "data": {"prompt": "q"}, "annotations": []}])},
         ["--source", "data/in.json"],
-        "data/in.json: no usable rows (2 read; dropped: 2 no annotation) (next: check data.source)"),
+        "data/in.json: no usable rows (2 read; dropped: 2 no annotation (first: data/in.json:1 annotations)) "
+        "(next: annotate the tasks in Label Studio and export again)"),
     "label_studio_missing_prompt_strict": (
         {"in.json": json.dumps([{"id": 1, "data": {"text": "p"}, "annotations": []}])},
         ["--source", "data/in.json", "--strict"],
         f"data/in.json:1: data.prompt: missing (next: {STRICT})"),
     "no_source": ({}, ["--set", "data.source=null"],
-                  "data.source: not set (next: ftpipe preprocess-sft --source PATH (or set data.source))"),
+                  "data.source: not set (next: ftpipe preprocess-sft --source PATH (or set data.source, or "
+                  "data.dataset_info.file and .entry))"),
     "label_studio_api_without_url": (
         {}, ["--format", "label_studio_api"],
         "data.label_studio.url: required for format label_studio_api (next: --set data.label_studio.url=http://HOST:8080)"),
@@ -145,5 +149,6 @@ def test_too_long_rows_are_an_empty_result_with_a_hint(proj):
     result = proj.cli("--set", "preprocess.max_length=16")
     assert result.code == 2 and "Traceback" not in result.output
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: data/in.jsonl: no usable rows (1 read; dropped: 1 too long) "
-        "(next: raise preprocess.max_length or set preprocess.overlength=truncate)")
+        "error: data/in.jsonl: no usable rows (1 read; dropped: 1 too long (first: data/in.jsonl:1, 411 tokens > "
+        "preprocess.max_length=16)) (next: raise preprocess.max_length or set preprocess.overlength=truncate "
+        "(text rows: chunk))")

@@ -28,7 +28,7 @@ def test_demo_data_cli_manifest_and_skip(proj):
     assert first.code == 0, first.output
     assert "prepared/ds/: 720 train + 80 val rows (0 dropped, 0 truncated)" in first.output
     meta = proj.metadata()
-    assert meta["counts"] == {"read": 800, "kept": 800, "train": 720, "val": 80, "truncated": 0,
+    assert meta["counts"] == {"read": 800, "kept": 800, "train": 720, "val": 80, "truncated": 0, "chunked": 0, "chunks": 0,
                               "dropped": {"invalid": 0, "duplicate": 0, "too_long": 0, "over_limit": 0}}
     assert meta["format"] == "messages" and meta["source"]["path"] == "data/in.jsonl"
     tokens = meta["tokens"]

@@ -59,7 +59,7 @@ def test_tool_rows_are_row_errors_under_a_template_without_tools(tmp_path, famil
     assert errors["first"][0] == (
         "data/in.jsonl:7: messages: the chat template rejects this conversation: it does not render tool "
         "definitions or tool calls (the tool turns would train empty): use a model whose chat template supports "
-        "tools, or remove the row's tools"
+        "tools, set preprocess.tools_fallback=text, or remove the row's tools"
     )
     shown = [r.getMessage() for r in caplog.records if "does not render tool" in r.getMessage()]
     assert len(shown) == 2  # capped like every row warning; all 4 counted
@@ -72,6 +72,6 @@ def test_only_tool_rows_under_a_template_without_tools_is_exit_2(tmp_path, famil
     result = proj.cli()
     assert result.code == 2, result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: data/in.jsonl: no usable rows (3 read; dropped: 3 invalid) "
+    assert errors == ["error: data/in.jsonl: no usable rows (3 read; dropped: 3 invalid (first: data/in.jsonl:1 messages)) "
                       "(next: fix the rows named above, or check --format)"], result.stderr
     assert "data/in.jsonl:1: messages: the chat template rejects this conversation: it does not render" in result.stderr

@@ -22,6 +22,7 @@ DatasetFormat = Literal[
     "csv",
     "parquet",
     "label_studio",
+    "label_studio_min",
     "label_studio_api",
 ]
 
@@ -45,6 +46,25 @@ class LabelStudioConfig(Section):
     )
 
 
+class ShareGPTTags(Section):
+    """LLaMA-Factory's sharegpt `tags`: which keys and speaker names a turn uses."""
+
+    role_tag: str = Field("from", description="Key of a turn holding the speaker.")
+    content_tag: str = Field("value", description="Key of a turn holding the text.")
+    user_tag: str = Field("human", description="Speaker name of user turns.")
+    assistant_tag: str = Field("gpt", description="Speaker name of assistant turns.")
+    observation_tag: str = Field("observation", description="Speaker name of tool results.")
+    function_tag: str = Field("function_call", description="Speaker name of tool calls (JSON {name, arguments}).")
+    system_tag: str = Field("system", description="Speaker name of system turns.")
+
+
+class DatasetInfoConfig(Section):
+    """A LLaMA-Factory `dataset_info.json` entry read directly: its file, format, columns and tags."""
+
+    file: str | None = Field(None, description="Path of dataset_info.json (relative to the project root).")
+    entry: str | None = Field(None, description="Name of the entry to read, e.g. alpaca_en_demo.")
+
+
 class DataConfig(Section):
     """The dataset to prepare."""
 
@@ -54,7 +74,22 @@ class DataConfig(Section):
     val_source: str | None = Field(None, description="Optional separate validation file.")
     columns: dict[str, str] = Field(
         default_factory=dict,
-        description="Column mapping for CSV/Parquet, e.g. {instruction: question, output: answer}.",
+        description="Field mapping for every format (JSON, JSONL, CSV, Parquet): ftpipe's field name -> "
+        "the key or column in the file, e.g. {instruction: question, output: answer}.",
+    )
+    tags: ShareGPTTags | None = Field(
+        None, description="ShareGPT turn keys and speaker names (LLaMA-Factory `tags`); unset: from/value, "
+        "human/gpt/system/observation/function_call.",
+    )
+    dataset_info: DatasetInfoConfig = Field(
+        default_factory=DatasetInfoConfig,
+        description="Read a LLaMA-Factory dataset_info.json entry: its file_name (unless data.source is set), "
+        "formatting, columns and tags.",
+    )
+    placeholders: dict[str, str] = Field(
+        default_factory=dict,
+        description="Values for {{name}}-style placeholders in row texts, e.g. {name: ftpipe, author: me}; "
+        "placeholders left unfilled are reported.",
     )
     label_studio: LabelStudioConfig = Field(
         default_factory=LabelStudioConfig, description="Label Studio source settings."
@@ -67,8 +102,17 @@ class PreprocessConfig(Section):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of rows held out for val.")
     seed: int = Field(42, description="Seed of the deterministic train/val split and sampling.")
     max_length: int = Field(2048, gt=0, description="Token budget per rendered conversation.")
-    overlength: Literal["drop", "truncate"] = Field(
-        "drop", description="What to do with rows over max_length."
+    overlength: Literal["drop", "truncate", "chunk"] = Field(
+        "drop", description="What to do with rows over max_length: drop them, truncate them to whole turns, or "
+        "chunk (text rows split into max_length windows; other rows truncated).",
+    )
+    max_row_bytes: int = Field(
+        2**20, gt=0, description="A row bigger than this (bytes of its JSON line / cells) is a row error, "
+        "before parsing and tokenization: memory stays bounded per row.",
+    )
+    tools_fallback: Literal["error", "text"] = Field(
+        "error", description="Rows with tools / tool calls under a chat template that does not render them: "
+        "`error` (a row error) or `text` (tool definitions, calls and results written into the turns as text).",
     )
     dedupe: bool = Field(True, description="Drop exact duplicate conversations.")
     limit: int | None = Field(None, gt=0, description="Keep at most this many rows (after filtering).")

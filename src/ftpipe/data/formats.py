@@ -103,15 +103,19 @@ def _need_object(record: Any) -> dict:
 
 
 def _content(value: Any, field: str) -> str:
-    """OpenAI content: a string, or a list of text parts (joined)."""
+    """Message content: a string, or a list of text parts joined (OpenAI `{"type": "text", "text"}`,
+    LLaMA-Factory `{"type": "text", "value"}`)."""
     if isinstance(value, str):
         return value
     if isinstance(value, list):
         texts = []
         for j, part in enumerate(value):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise RowError(f"{field}[{j}]", "only text parts ({\"type\": \"text\", \"text\": ...}) are supported")
-            texts.append(part["text"])
+            text = part.get("text", part.get("value")) if isinstance(part, dict) and part.get("type") == "text" else None
+            if not isinstance(text, str):
+                kind = part.get("type") if isinstance(part, dict) else None
+                what = f"a {kind!r} part: " if isinstance(kind, str) and kind != "text" else ""
+                raise RowError(f"{field}[{j}]", what + "only text parts ({\"type\": \"text\", \"text\" or \"value\": ...}) are supported")
+            texts.append(text)
         return "".join(texts)
     raise RowError(field, f"expected a string, got {_json_type(value)}")
 
@@ -223,9 +227,23 @@ def normalise_alpaca(record: Any) -> dict:
     return {"messages": messages}
 
 
-def normalise_sharegpt(record: Any) -> dict:
-    """ShareGPT: `conversations` of {from, value}; human/gpt/system/tool (and function_call)."""
+def sharegpt_roles(tags) -> dict[str, str]:
+    """Speaker name -> role ("function_call" for tool calls) for `data.tags` (LLaMA-Factory `tags`)."""
+    return {
+        tags.user_tag: "user", tags.assistant_tag: "assistant", tags.observation_tag: "tool",
+        tags.function_tag: "function_call", tags.system_tag: "system",
+    }
+
+
+def normalise_sharegpt(record: Any, tags=None) -> dict:
+    """ShareGPT: `conversations` of {from, value}; human/gpt/system/tool (and function_call).
+
+    With `tags` (`data.tags`): turns use `tags.role_tag` / `tags.content_tag` keys and exactly the
+    speaker names the tags give (as LLaMA-Factory reads them).
+    """
     record = _need_object(record)
+    role_key, value_key = (tags.role_tag, tags.content_tag) if tags is not None else ("from", "value")
+    roles = sharegpt_roles(tags) if tags is not None else None
     raw = record.get("conversations")
     if raw is None:
         raise RowError("conversations", "missing")
@@ -238,23 +256,31 @@ def normalise_sharegpt(record: Any) -> dict:
     for i, turn in enumerate(raw):
         where = f"conversations[{i}]"
         if not isinstance(turn, dict):
-            raise RowError(where, f"expected an object with from and value, got {_json_type(turn)}")
-        speaker = turn.get("from")
+            raise RowError(where, f"expected an object with {role_key} and {value_key}, got {_json_type(turn)}")
+        speaker = turn.get(role_key)
         if speaker is None:
-            raise RowError(f"{where}.from", "missing")
-        role = SHAREGPT_ROLES.get(str(speaker).lower())
-        if role is None:
-            raise RowError(f"{where}.from", f"{speaker!r} is not one of human, gpt, system, tool (or user, assistant, observation, function_call)")
-        value = turn.get("value")
-        if not isinstance(value, str):
-            raise RowError(f"{where}.value", "missing" if value is None else f"expected a string, got {_json_type(value)}")
-        if str(speaker).lower() == "function_call":
+            raise RowError(f"{where}.{role_key}", "missing")
+        if roles is None:
+            role = SHAREGPT_ROLES.get(str(speaker).lower())
+            if role is None:
+                raise RowError(f"{where}.from", f"{speaker!r} is not one of human, gpt, system, tool (or user, assistant, observation, function_call)")
+            if str(speaker).lower() == "function_call":
+                role = "function_call"
+        else:
+            role = roles.get(speaker)
+            if role is None:
+                raise RowError(f"{where}.{role_key}", f"{speaker!r} is not one of the data.tags speakers {', '.join(map(repr, roles))}")
+        value = turn.get(value_key)
+        if value is None:
+            raise RowError(f"{where}.{value_key}", "missing")
+        value = _content(value, f"{where}.{value_key}")
+        if role == "function_call":
             try:
                 call = json.loads(value)
             except (json.JSONDecodeError, RecursionError):
-                raise RowError(f"{where}.value", "a function_call value must be JSON {\"name\", \"arguments\"}") from None
+                raise RowError(f"{where}.{value_key}", "a function_call value must be JSON {\"name\", \"arguments\"}") from None
             if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-                raise RowError(f"{where}.value", "a function_call value must be JSON {\"name\", \"arguments\"}")
+                raise RowError(f"{where}.{value_key}", "a function_call value must be JSON {\"name\", \"arguments\"}")
             args = call.get("arguments", {})
             messages.append({
                 "role": "assistant", "content": "",

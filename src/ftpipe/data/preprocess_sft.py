@@ -32,8 +32,9 @@ from ftpipe.core.errors import ConfigError, InputError
 from ftpipe.core.fsutil import atomic_write_json, sha256_file
 from ftpipe.core.runs import Project
 from ftpipe.core.stage import StageContext, StageResult
-from ftpipe.data import label_studio, readers
+from ftpipe.data import flat_exports, label_studio, readers
 from ftpipe.data.formats import REQUIRED_KEYS, RowError, describe_keys, detect_row_format
+from ftpipe.data.mapping import remap, resolve_dataset_info
 from ftpipe.data.readers import Source, Unparsed, parse_jsonl_line
 from ftpipe.data.rowwork import LazyRenderer, Workers, batches, few_collections, prepare_batch, worker_count
 
@@ -45,6 +46,7 @@ ERRORS_KEPT = 100  # bad-row messages kept in metadata.json (all are counted)
 DETECT_PEEK = 100  # records looked at to detect the format
 HIST_BINS = 20
 NOT_ERRORS = ("no_annotation",)  # dropped, but not a malformed row: not shown, not --strict
+PLACEHOLDER_LINES = 20  # row numbers kept per unfilled placeholder name
 
 
 def prepare(ctx: StageContext) -> dict[str, Path]:
@@ -60,14 +62,18 @@ def prepare(ctx: StageContext) -> dict[str, Path]:
     cfg = ctx.config
     project = ctx.project
     inputs: dict[str, Path] = {}
+    data, info = resolve_dataset_info(cfg.data, project.root)
+    if info is not None:
+        inputs["dataset_info"] = info
     if cfg.data.format == "label_studio_api":
         dest = ctx.log_dir / f"label_studio_project_{cfg.data.label_studio.project_id}.json"
         ctx.options["label_studio"] = label_studio.export_project(cfg.data.label_studio, dest)
         inputs["source"] = dest
     else:
-        if not cfg.data.source:
-            raise ConfigError("data.source: not set", hint="ftpipe preprocess-sft --source PATH (or set data.source)")
-        inputs["source"] = _existing(project, cfg.data.source, "data.source")
+        if not data.source:
+            raise ConfigError("data.source: not set", hint="ftpipe preprocess-sft --source PATH (or set data.source, "
+                              "or data.dataset_info.file and .entry)")
+        inputs["source"] = _existing(project, data.source, "data.source")
     if cfg.data.val_source:
         inputs["val_source"] = _existing(project, cfg.data.val_source, "data.val_source")
     ref = resolve_model(cfg.model, project.root)
@@ -88,8 +94,9 @@ def run(ctx: StageContext) -> StageResult:
     import numpy as np
 
     cfg = ctx.config
-    data, pre = cfg.data, cfg.preprocess
+    pre = cfg.preprocess
     project = ctx.project
+    data, _ = resolve_dataset_info(cfg.data, project.root)
     start = time.monotonic()
 
     renderer = LazyRenderer(cfg.model, project.root, pre.fast_render)
@@ -117,7 +124,11 @@ def run(ctx: StageContext) -> StageResult:
         log.info("parsing and token counting in %d worker processes", n_workers)
     try:
         for role, source in sources:
-            fmt, records = open_records(source, data, ctx.options.get("progress") if role == "train" else None)
+            fmt, records, data = open_input(source, data, ctx.options.get("progress") if role == "train" else None,
+                                            pre.max_row_bytes)
+            if workers and data is not workers.data:
+                workers.close()  # the settings the format needs (the answer field of a flat export) changed
+                workers = Workers(n_workers, cfg.model, project.root, pre.fast_render, data, pre)
             formats[role] = fmt
             tmp = out_dir / f".{role}.kept.tmp"
             lengths = array("I")
@@ -139,6 +150,10 @@ def run(ctx: StageContext) -> StageResult:
             "%d bad rows dropped (first %d shown above; all counted in metadata.json)",
             stats.errors, min(stats.errors, pre.errors_shown),
         )
+    stats.report_placeholders()
+    if stats.render.get("tools_as_text"):
+        log.warning("%d rows with tools or tool calls written as text: the chat template does not render them "
+                    "(preprocess.tools_fallback=text)", stats.render["tools_as_text"])
 
     train_out, val_out = out_dir / "train.jsonl", out_dir / "val.jsonl"
     selected = _select(n_main, pre)
@@ -171,6 +186,7 @@ def run(ctx: StageContext) -> StageResult:
     metadata = {
         "dataset": data.name,
         "source": _source_record(ctx, main, data),
+        "dataset_info": {"file": data.dataset_info.file, "entry": data.dataset_info.entry} if data.dataset_info.entry else None,
         "format": formats["train"],
         "val_source": {"path": sources[1][1].name, "format": formats["val"], "sha256": sha256_file(sources[1][1].path)}
         if data.val_source else None,
@@ -180,12 +196,16 @@ def run(ctx: StageContext) -> StageResult:
             "train": outputs["train"]["rows"],
             "val": outputs["val"]["rows"],
             "truncated": stats.truncated,
+            "chunked": stats.chunked,
+            "chunks": stats.chunks,
             "dropped": dict(stats.dropped),
         },
+        "placeholders": {name: {"rows": n, "first_lines": stats.placeholder_lines[name]}
+                         for name, n in sorted(stats.placeholders.items())},
         "errors": {"count": stats.errors, "first": stats.messages},
         "tokens": token_stats(final_lengths, pre.max_length),
         "tokenizer": tokenizer,
-        "render": {key: stats.render.get(key, 0) for key in ("fast", "jinja", "mismatches", "segmented")},
+        "render": {key: stats.render.get(key, 0) for key in ("fast", "jinja", "mismatches", "segmented", "tools_as_text")},
         "workers": n_workers,
         "settings": pre.model_dump(mode="json"),
         "outputs": {f"{role}.jsonl": rec for role, rec in outputs.items()},
@@ -202,6 +222,7 @@ def run(ctx: StageContext) -> StageResult:
         "rows_val": outputs["val"]["rows"],
         **{f"dropped_{k}": v for k, v in sorted(stats.dropped.items())},
         "truncated": stats.truncated,
+        **({"chunked": stats.chunked, "chunks": stats.chunks} if stats.chunked else {}),
         "tokens_p50": tokens["p50"],
         "tokens_p95": tokens["p95"],
         "tokens_max": tokens["max"],
@@ -209,7 +230,8 @@ def run(ctx: StageContext) -> StageResult:
     }
     summary = (
         f"{project.rel(out_dir)}/: {outputs['train']['rows']} train + {outputs['val']['rows']} val rows"
-        f" ({dropped} dropped, {stats.truncated} truncated)"
+        f" ({dropped} dropped, {stats.truncated} truncated"
+        + (f", {stats.chunked} chunked into {stats.chunks}" if stats.chunked else "") + ")"
     )
     return StageResult(outputs=[train_out, val_out, meta_path], metrics=metrics, summary=summary)
 
@@ -250,13 +272,23 @@ class _Stats:
         self.strict, self.shown = strict, shown
         self.read = 0
         self.truncated = 0
+        self.chunked = 0  # text rows split into max_length windows
+        self.chunks = 0  # the windows written
         self.errors = 0
         self.dropped: Counter = Counter({"invalid": 0, "duplicate": 0, "too_long": 0, "over_limit": 0})
         self.render: Counter = Counter()  # the renderer's counters, summed over batches (and workers)
         self.messages: list[str] = []
+        self.first: dict[str, str] = {}  # drop reason -> where its first row is (file:line field)
+        self.placeholders: Counter = Counter()  # unfilled {{name}} -> rows
+        self.placeholder_lines: dict[str, list[int]] = {}
+        self.placeholder_source = ""
+
+    def drop(self, reason: str, where: str) -> None:
+        self.dropped[reason] += 1
+        self.first.setdefault(reason, where)
 
     def bad(self, source: Source, line: int, err: RowError) -> None:
-        self.dropped[err.reason] += 1
+        self.drop(err.reason, f"{source.name}:{line} {err.field}")
         if err.reason in NOT_ERRORS:
             return
         message = f"{source.name}:{line}: {err.field}: {err.what}"
@@ -268,15 +300,37 @@ class _Stats:
         if len(self.messages) < ERRORS_KEPT:
             self.messages.append(message)
 
+    def placeholder(self, source: Source, line: int, names: list[str]) -> None:
+        self.placeholder_source = self.placeholder_source or source.name
+        for name in names:
+            self.placeholders[name] += 1
+            lines = self.placeholder_lines.setdefault(name, [])
+            if len(lines) < PLACEHOLDER_LINES:
+                lines.append(line)
+
+    def report_placeholders(self) -> None:
+        """One warning line per unfilled placeholder name: how many rows, which lines, the key to fill it."""
+        for name, n in sorted(self.placeholders.items()):
+            lines = self.placeholder_lines[name]
+            more = ", ..." if n > len(lines) else ""
+            log.warning("%s: {{%s}} is left unfilled in %d rows (lines %s%s): it is trained literally "
+                        "(fill it: --set data.placeholders.%s=VALUE)",
+                        self.placeholder_source, name, n, ", ".join(map(str, lines)), more, name)
+
     def empty_reason(self) -> str:
         if self.read == 0:
             return "no rows in the file"
-        parts = [f"{n} {reason.replace('_', ' ')}" for reason, n in self.dropped.items() if n]
+        parts = [f"{n} {reason.replace('_', ' ')}" + (f" (first: {self.first[reason]})" if reason in self.first else "")
+                 for reason, n in self.dropped.items() if n]
         return f"no usable rows ({self.read} read; dropped: {', '.join(parts)})"
 
     def empty_hint(self) -> str:
         if self.dropped["too_long"] and self.dropped["too_long"] == sum(self.dropped.values()):
-            return "raise preprocess.max_length or set preprocess.overlength=truncate"
+            return "raise preprocess.max_length or set preprocess.overlength=truncate (text rows: chunk)"
+        if self.dropped.get("too_large") and self.dropped["too_large"] == sum(self.dropped.values()):
+            return "raise preprocess.max_row_bytes, or split the rows"
+        if self.dropped.get("no_annotation") and self.dropped["no_annotation"] == sum(self.dropped.values()):
+            return "annotate the tasks in Label Studio and export again"
         if self.errors:
             return "fix the rows named above, or check --format"
         return "check data.source"
@@ -290,11 +344,27 @@ def _parsed(source: Source, item: tuple[int, Any, str | None]) -> tuple[int, Any
     return item
 
 
-def open_records(source: Source, data, progress: Callable | None) -> tuple[str, Iterator[tuple[int, Any, str | None]]]:
+def open_records(source: Source, data, progress: Callable | None,
+                 max_row_bytes: int = readers.NO_LIMIT) -> tuple[str, Iterator[tuple[int, Any, str | None]]]:
     """Detect the file type and row format; return (format, iterator of (line, record)).
 
     Raises:
         InputError: unreadable file, or a format that cannot be detected / does not match.
+    """
+    fmt, records, _ = open_input(source, data, progress, max_row_bytes)
+    return fmt, records
+
+
+def open_input(source: Source, data, progress: Callable | None,
+               max_row_bytes: int = readers.NO_LIMIT) -> tuple[str, Iterator[tuple[int, Any, str | None]], Any]:
+    """(format, iterator of (line, record, JSON text), `data` with what the format needs filled in).
+
+    The format is detected from the first valid record after `data.columns` renamed its keys; for a
+    Label Studio JSON-MIN / CSV export the answer field is found here, once (`data.label_studio.answer_from_name`).
+
+    Raises:
+        InputError: unreadable file, or a format that cannot be detected / does not match.
+        ConfigError: a flat Label Studio export whose answer field is ambiguous.
     """
     fmt = data.format
     container = readers.container_of(source)
@@ -303,46 +373,57 @@ def open_records(source: Source, data, progress: Callable | None) -> tuple[str, 
     elif fmt == "csv" and container != "csv":
         container = "csv"
     if container == "csv":
-        records = readers.read_csv(source, data.columns, progress)
+        records = readers.read_csv(source, data.columns, progress, max_row_bytes)
     elif container == "parquet":
-        records = readers.read_parquet(source, data.columns, progress)
+        records = readers.read_parquet(source, data.columns, progress, max_row_bytes)
     elif container == "json":
-        records = readers.read_json_array(source, progress)
-    else:
-        records = readers.read_jsonl(source, progress, parse=False)  # lines parsed in the batches (or workers)
-    if data.columns and container not in ("csv", "parquet"):
-        log.warning("data.columns applies to CSV and Parquet files only; %s is %s", source.name, container.upper())
+        records = readers.read_json_array(source, progress, max_row_bytes)
+    else:  # lines parsed in the batches (or workers)
+        records = readers.read_jsonl(source, progress, parse=False, max_row_bytes=max_row_bytes)
 
     head = [_parsed(source, item) for item in itertools.islice(records, DETECT_PEEK)]
     records = itertools.chain(head, records)
-    first = next(((line, r) for line, r, _ in head if not isinstance(r, RowError)), None)
+    valid = [(line, r) for line, r, _ in head if not isinstance(r, RowError)]
+    # Detection looks at renamed copies: the batches rename the records themselves.
+    first = (valid[0][0], remap(dict(valid[0][1]), data.columns) if type(valid[0][1]) is dict else valid[0][1]) if valid else None
+
+    def looks_like(record: Any) -> str | None:
+        if container == "json" and label_studio.is_export(record):
+            return "label_studio"
+        if flat_exports.is_flat_export(record):
+            return "label_studio_min"
+        return detect_row_format(record)
+
     if fmt in ("auto", "csv", "parquet", "label_studio_api"):
         if fmt == "label_studio_api":
-            return "label_studio", records
+            return "label_studio", records, data
         if first is None:
-            return ("text" if head else "unknown"), records  # only bad lines, or none: reported later
+            return ("text" if head else "unknown"), records, data  # only bad lines, or none: reported later
         line, record = first
-        if container == "json" and label_studio.is_export(record):
-            return "label_studio", records
-        detected = detect_row_format(record)
+        detected = looks_like(record)
         if detected is None:
             raise InputError(
                 f"{source.name}:{line}: cannot detect the format: {describe_keys(record)} match none of "
                 "messages, conversations (sharegpt), instruction+output (alpaca), prompt+completion, text, "
                 "or a Label Studio export",
-                hint="pass --format, or map columns with data.columns",
+                hint="map your keys to these with data.columns, e.g. --set data.columns.instruction=question "
+                "--set data.columns.output=answer (or pass --format)",
             )
-        return detected, records
-    if first is not None:
+        fmt = detected
+    elif first is not None:
         line, record = first
-        looks = "label_studio" if container == "json" and label_studio.is_export(record) else detect_row_format(record)
+        looks = looks_like(record)
         if looks is not None and looks != fmt:
-            keys = REQUIRED_KEYS.get(looks, "data, annotations")
+            keys = REQUIRED_KEYS.get(looks, "data, annotations" if looks == "label_studio" else "annotation_id, lead_time")
             raise InputError(
                 f"{source.name}:{line}: --format {fmt} does not match the file: rows look like {looks} ({keys})",
                 hint=f"--format {looks} (or --format auto)",
             )
-    return fmt, records
+    if fmt == "label_studio_min" and not data.label_studio.answer_from_name:
+        answer = flat_exports.answer_field([r for _, r in valid], data.label_studio, f"{source.name}:{first[0] if first else 1}")
+        log.info("%s: Label Studio JSON-MIN/CSV export, answer field %r", source.name, answer)
+        data = data.model_copy(update={"label_studio": data.label_studio.model_copy(update={"answer_from_name": answer})})
+    return fmt, records, data
 
 
 def _process(source, fmt, records, data, pre, renderer, stats: _Stats, seen: _Seen, sink, lengths: array, workers: Workers | None = None) -> None:
@@ -365,13 +446,16 @@ def _commit(source, outcomes, pre, stats: _Stats, seen: _Seen, sink, lengths: ar
     for outcome in outcomes:
         if outcome[0] == "fatal":
             raise InputError(outcome[1], hint=outcome[2])
+        if outcome[0] == "placeholders":
+            stats.placeholder(source, outcome[1], outcome[2])
+            continue
         stats.read += 1
         if outcome[0] == "bad":
             stats.bad(source, outcome[1], outcome[2])
             continue
         _, line, encoded, n, kind, extra = outcome
         if pre.dedupe and not seen.add(hash(encoded)):
-            stats.dropped["duplicate"] += 1
+            stats.drop("duplicate", f"{source.name}:{line}")
         elif kind == "ok":
             out.append(encoded)
             lengths.append(n)
@@ -379,8 +463,14 @@ def _commit(source, outcomes, pre, stats: _Stats, seen: _Seen, sink, lengths: ar
             stats.truncated += 1
             out.append(extra)
             lengths.append(n)
-        elif kind == "too_long":
-            stats.dropped["too_long"] += 1
+        elif kind == "chunked" and extra:
+            stats.chunked += 1
+            stats.chunks += len(extra)
+            for chunk_line, chunk_n in extra:
+                out.append(chunk_line)
+                lengths.append(chunk_n)
+        elif kind in ("too_long", "chunked"):
+            stats.drop("too_long", f"{source.name}:{line}, {n} tokens > preprocess.max_length={pre.max_length}")
         else:
             stats.bad(source, line, RowError("messages", f"the chat template rejects this conversation: {extra}"))
     if out:

@@ -2,17 +2,25 @@
 
 Part of `preprocess-sft` (ftpipe/data/preprocess_sft.py). JSONL and Parquet are read a line / a
 batch at a time, so a million-row file never sits in memory whole; a JSON array (alpaca JSON,
-a Label Studio export) is decoded element by element from the file's text. A row that cannot be
-parsed comes back as a `RowError` in place of the record; a problem with the whole file (not
-UTF-8, truncated, not Parquet, a missing mapped column) raises `InputError` (exit 2).
+a Label Studio export) is decoded element by element from the file's text. `.gz`, `.bz2` and
+`.zst` files are decompressed as they stream (gzip, bz2, zstandard), the type read from the name
+before that suffix (`train.jsonl.gz`). A row that cannot be parsed, or is bigger than
+`preprocess.max_row_bytes` (checked before it is parsed), comes back as a `RowError` in place of
+the record; a problem with the whole file (not UTF-8, truncated, corrupt compression, not
+Parquet, a missing mapped column) raises `InputError` (exit 2).
 
     ftpipe preprocess-sft --config debug_config.yaml --source data/my.csv
 """
 
 from __future__ import annotations
 
+import bz2
+import contextlib
 import csv
+import gzip
+import io
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -24,6 +32,8 @@ from ftpipe.data.formats import RowError
 Progress = Callable[[int, int], None]  # (done, total): bytes for text files, rows for Parquet
 JSON_CELLS = ("messages", "conversations", "history", "tools")  # CSV cells that may hold JSON
 UTF8_HINT = "re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8 IN > OUT"
+COMPRESSION = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".zstd": "zstd"}
+NO_LIMIT = sys.maxsize
 
 
 @dataclass
@@ -34,20 +44,73 @@ class Source:
     name: str  # project-relative, shown in every message
 
 
-def container_of(source: Source) -> str:
-    """The file type: `csv`, `parquet`, `json` (one array) or `jsonl`.
+def compression_of(path: Path) -> str | None:
+    """`gzip`, `bz2`, `zstd` from the file name's last suffix, else None."""
+    return COMPRESSION.get(path.suffix.lower())
+
+
+def _decompress_errors(kind: str) -> tuple[type[BaseException], ...]:
+    import zlib
+
+    errors: list[type[BaseException]] = [OSError, EOFError, zlib.error]
+    if kind == "zstd":
+        import zstandard
+
+        errors.append(zstandard.ZstdError)
+    return tuple(errors)
+
+
+@contextlib.contextmanager
+def open_bytes(source: Source) -> Iterator[tuple[Any, Any]]:
+    """`(stream, raw)`: the file's (decompressed) bytes, and the file itself (its `tell()` is the
+    progress through a compressed file).
 
     Raises:
-        InputError: missing, empty or not-UTF-8 start of file.
+        InputError: the compressed data is corrupt or cut short.
     """
-    suffix = source.path.suffix.lower()
-    if not source.path.is_file():
+    kind = compression_of(source.path)
+    with open(source.path, "rb") as raw:
+        if kind is None:
+            yield raw, raw
+            return
+        if kind == "gzip":
+            stream: Any = gzip.GzipFile(fileobj=raw, mode="rb")
+        elif kind == "bz2":
+            stream = bz2.BZ2File(raw, "rb")
+        else:
+            import zstandard
+
+            reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False)
+            stream = io.BufferedReader(reader, 1 << 16)
+        try:
+            yield stream, raw
+        except _decompress_errors(kind) as exc:
+            raise InputError(
+                f"{source.name}: not valid {kind} data, or the file is cut short ({type(exc).__name__}: {exc})",
+                hint="the file is damaged: compress, export or copy it again",
+            ) from None
+
+
+def container_of(source: Source) -> str:
+    """The file type: `csv`, `parquet`, `json` (one array) or `jsonl` (a `.gz`/`.bz2`/`.zst` suffix
+    is looked through).
+
+    Raises:
+        InputError: missing, empty or not-UTF-8 start of file; compressed Parquet; corrupt compression.
+    """
+    path = source.path
+    if not path.is_file():
         raise InputError(f"{source.name}: dataset file not found", hint="check data.source (or pass --source PATH)")
+    kind = compression_of(path)
+    suffix = (path.with_suffix("") if kind else path).suffix.lower()
     if suffix in (".csv", ".tsv"):
         return "csv"
     if suffix in (".parquet", ".pq"):
+        if kind:
+            raise InputError(f"{source.name}: Parquet compresses its own columns; a {kind}-compressed Parquet file "
+                             "is not read", hint=f"decompress it first, e.g. {_tool(kind)} -d {source.name}")
         return "parquet"
-    with open(source.path, "rb") as fh:
+    with open_bytes(source) as (fh, _):
         head = fh.read(4096)
     text = head.lstrip(b"\xef\xbb\xbf").lstrip()
     if not text:
@@ -65,6 +128,15 @@ def container_of(source: Source) -> str:
         f"{source.name}:1: not JSON, JSONL, CSV or Parquet (the file starts with {text[:12]!r})",
         hint="pass --format, or convert the file to JSONL",
     )
+
+
+def _tool(kind: str) -> str:
+    return {"gzip": "gzip", "bz2": "bzip2", "zstd": "zstd"}[kind]
+
+
+def _too_large(size: int, limit: int) -> RowError:
+    return RowError("<row>", f"{size / 2**20:.1f} MiB, over preprocess.max_row_bytes ({limit / 2**20:.1f} MiB)",
+                    reason="too_large")
 
 
 def _not_utf8(source: Source, data: bytes, pos: int, line_offset: int = 0) -> InputError:
@@ -107,20 +179,26 @@ def parse_jsonl_line(source_name: str, number: int, text: str, last: bool) -> An
         return RowError("<line>", f"not valid JSON: {exc.msg} at column {exc.colno}")
 
 
-def read_jsonl(source: Source, progress: Progress | None = None, parse: bool = True) -> Iterator[tuple[int, Any, str | None]]:
+def read_jsonl(source: Source, progress: Progress | None = None, parse: bool = True,
+               max_row_bytes: int = NO_LIMIT) -> Iterator[tuple[int, Any, str | None]]:
     """Yield `(line, record, text)` from a JSONL file, one line at a time.
 
-    A line that is not valid JSON yields a `RowError`; a last line cut in the middle (no newline,
-    invalid JSON) raises `InputError`: the file was truncated. With `parse=False` the record is an
-    `Unparsed` marker and `parse_jsonl_line` does that work later (in preprocess workers).
+    A line that is not valid JSON, or longer than `max_row_bytes` (not decoded then), yields a
+    `RowError`; a last line cut in the middle (no newline, invalid JSON) raises `InputError`: the
+    file was truncated. With `parse=False` the record is an `Unparsed` marker and
+    `parse_jsonl_line` does that work later (in preprocess workers).
     """
     total = source.path.stat().st_size
     done = 0
-    with open(source.path, "rb") as fh:
+    with open_bytes(source) as (fh, file):
+        compressed = fh is not file
         for number, raw in enumerate(fh, start=1):
             done += len(raw)
             if progress is not None and number % 4096 == 0:
-                progress(done, total)
+                progress(file.tell() if compressed else done, total)
+            if len(raw) > max_row_bytes:
+                yield number, _too_large(len(raw), max_row_bytes), None
+                continue
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
             try:
@@ -129,7 +207,7 @@ def read_jsonl(source: Source, progress: Progress | None = None, parse: bool = T
                 raise _not_utf8(source, raw, exc.start, number - 1) from None
             if not text.strip():
                 continue
-            last = not raw.endswith(b"\n") and done == total
+            last = not raw.endswith(b"\n")  # only the file's last line can lack its newline
             if not parse:
                 yield number, Unparsed(last), text
                 continue
@@ -139,13 +217,16 @@ def read_jsonl(source: Source, progress: Progress | None = None, parse: bool = T
         progress(total, total)
 
 
-def read_json_array(source: Source, progress: Progress | None = None) -> Iterator[tuple[int, Any, str | None]]:
-    """Yield `(line, element)` from a file holding one JSON array (line = where the element starts).
+def read_json_array(source: Source, progress: Progress | None = None,
+                    max_row_bytes: int = NO_LIMIT) -> Iterator[tuple[int, Any, str | None]]:
+    """Yield `(line, element)` from a file holding one JSON array (line = where the element starts);
+    an element over `max_row_bytes` characters comes back as a `RowError`.
 
     Raises:
         InputError: not UTF-8, truncated, or invalid JSON (one bad element breaks the whole array).
     """
-    data = source.path.read_bytes()
+    with open_bytes(source) as (fh, _):
+        data = fh.read()
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -187,7 +268,8 @@ def read_json_array(source: Source, progress: Progress | None = None) -> Iterato
                 f"{source.name}:{exc.lineno}: invalid JSON: {exc.msg} at column {exc.colno}",
                 hint="fix the file (a JSON array is parsed as a whole); JSONL drops only bad lines",
             ) from None
-        yield where(pos), element, None
+        yield where(pos), (element if end - pos <= max_row_bytes else _too_large(end - pos, max_row_bytes)), None
+        del element
         pos = skip_ws(end)
         if progress is not None:
             progress(pos, total)
@@ -234,15 +316,20 @@ def _cell(name: str, value: Any) -> Any:
     return value
 
 
-def read_csv(source: Source, columns: dict[str, str], progress: Progress | None = None) -> Iterator[tuple[int, Any, str | None]]:
+def read_csv(source: Source, columns: dict[str, str], progress: Progress | None = None,
+             max_row_bytes: int = NO_LIMIT) -> Iterator[tuple[int, Any, str | None]]:
     """Yield `(line, record)` from a CSV/TSV file with a header row, columns renamed by `columns`.
 
     Empty cells count as absent; cells of JSON columns (messages, conversations, history, tools)
-    holding JSON are decoded.
+    holding JSON are decoded. A row whose cells hold more than `max_row_bytes` characters is a `RowError`.
     """
     total = source.path.stat().st_size
-    delimiter = "\t" if source.path.suffix.lower() == ".tsv" else ","
+    kind = compression_of(source.path)
+    delimiter = "\t" if (source.path.with_suffix("") if kind else source.path).suffix.lower() == ".tsv" else ","
     done = 0
+    # csv's own cap (128 KiB per cell) would stop the whole file at one long answer: rows are
+    # bounded by max_row_bytes instead (a row error, not the end of the file).
+    csv.field_size_limit(2**31 - 1)
 
     def lines(fh) -> Iterator[str]:
         # Decode line by line so a bad byte is reported on its own line.
@@ -256,7 +343,7 @@ def read_csv(source: Source, columns: dict[str, str], progress: Progress | None 
             except UnicodeDecodeError as exc:
                 raise _not_utf8(source, raw, exc.start, number - 1) from None
 
-    with open(source.path, "rb") as fh:
+    with open_bytes(source) as (fh, file):
         reader = csv.reader(lines(fh), delimiter=delimiter)
         try:
             try:
@@ -273,17 +360,23 @@ def read_csv(source: Source, columns: dict[str, str], progress: Progress | None 
                 if len(cells) != len(header):
                     yield start, RowError("<row>", f"{len(cells)} cells but the header has {len(header)} columns"), None
                     continue
+                size = sum(map(len, cells))
+                if size > max_row_bytes:
+                    yield start, _too_large(size, max_row_bytes), None
+                    continue
                 yield start, {name: _cell(name, cells[i]) for name, i in index.items()}, None
                 if progress is not None and start % 4096 == 0:
-                    progress(done, total)
+                    progress(file.tell() if fh is not file else done, total)
         except csv.Error as exc:
             raise InputError(f"{source.name}:{reader.line_num}: invalid CSV: {exc}") from None
     if progress is not None:
         progress(total, total)
 
 
-def read_parquet(source: Source, columns: dict[str, str], progress: Progress | None = None) -> Iterator[tuple[int, Any, str | None]]:
-    """Yield `(row number, record)` from a Parquet file, a batch at a time, columns renamed."""
+def read_parquet(source: Source, columns: dict[str, str], progress: Progress | None = None,
+                 max_row_bytes: int = NO_LIMIT) -> Iterator[tuple[int, Any, str | None]]:
+    """Yield `(row number, record)` from a Parquet file, a batch at a time, columns renamed; a row
+    whose text cells hold more than `max_row_bytes` characters is a `RowError`."""
     import pyarrow.parquet as pq
 
     try:
@@ -299,6 +392,10 @@ def read_parquet(source: Source, columns: dict[str, str], progress: Progress | N
         cols = {name: data[col] for name, col in mapping.items()}
         for i in range(batch.num_rows):
             number += 1
+            size = sum(len(values[i]) for values in cols.values() if isinstance(values[i], (str, bytes)))
+            if size > max_row_bytes:
+                yield number, _too_large(size, max_row_bytes), None
+                continue
             yield number, {name: _cell(name, values[i]) for name, values in cols.items()}, None
         if progress is not None:
             progress(number, total)

@@ -15,7 +15,9 @@ Rendering every row through Jinja and encoding the whole text dominates the cost
 
 Rows with tool calls or tool definitions under a chat template that does not render them (Phi-3.5:
 the assistant turn would train as an empty answer) are row errors (`ToolsNotRendered`), found by
-rendering a probe once per tokenizer (`ftpipe.handoff.chat_template.tool_support`). Rows with tool calls or tool definitions, rows whose content holds one of the template's own
+rendering a probe once per tokenizer (`ftpipe.handoff.chat_template.tool_support`); with
+`preprocess.tools_fallback: text` they are rewritten by `tools_as_text` instead (tools and calls as
+JSON text in the turns, which every template renders). Rows with tool calls or tool definitions, rows whose content holds one of the template's own
 markers (`<|im_end|>`, `</think>`...), and templates that alter contents (e.g. `strip()`) always go
 through Jinja and a full encoding; so does everything with `preprocess.fast_render: false`.
 Token ids come from the fast tokenizer's batch encoder (Rust), without special tokens (the
@@ -27,6 +29,7 @@ template already holds them), exactly as `apply_chat_template(tokenize=True)` co
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 from typing import Any
@@ -95,6 +98,50 @@ def tokenizer_record(tokenizer, ref, root) -> dict[str, Any]:
     }
 
 
+TOOLS_HEADER = "You can call these tools (JSON definitions):"
+TOOL_RESULT = "Tool result"
+
+
+def tools_as_text(row: dict) -> dict:
+    """`row` with its tools written as plain text, for a chat template that does not render them
+    (`preprocess.tools_fallback: text`):
+
+    - tool definitions -> the system message gets `TOOLS_HEADER` and one JSON definition a line
+      (a system message is added when the row has none);
+    - an assistant's tool calls -> its content, then one `<tool_call>{"name": ..., "arguments": ...}</tool_call>` a line;
+    - a `tool` message -> a `user` message `Tool result (name): ...` (templates that know no tool
+      role often insist on user/assistant turns).
+    """
+    messages = []
+    for m in row["messages"]:
+        if m.get("tool_calls"):
+            calls = []
+            for call in m["tool_calls"]:
+                fn = call.get("function", {})
+                args = fn.get("arguments")
+                if isinstance(args, str):
+                    try:
+                        args = json.loads(args)
+                    except json.JSONDecodeError:
+                        pass
+                calls.append("<tool_call>" + json.dumps({"name": fn.get("name"), "arguments": args}, ensure_ascii=False)
+                             + "</tool_call>")
+            content = "\n".join(([m["content"]] if m.get("content") else []) + calls)
+            messages.append({"role": "assistant", "content": content})
+        elif m["role"] == "tool":
+            name = f" ({m['name']})" if m.get("name") else ""
+            messages.append({"role": "user", "content": f"{TOOL_RESULT}{name}: {m['content']}"})
+        else:
+            messages.append({"role": m["role"], "content": m["content"]})
+    if row.get("tools"):
+        text = TOOLS_HEADER + "\n" + "\n".join(json.dumps(t, ensure_ascii=False) for t in row["tools"])
+        if messages[0]["role"] == "system":
+            messages[0] = {"role": "system", "content": messages[0]["content"] + "\n\n" + text}
+        else:
+            messages.insert(0, {"role": "system", "content": text})
+    return {"messages": messages}
+
+
 class ToolsNotRendered(ValueError):
     """A row uses tools / tool calls and the chat template drops them (reported as that row's error)."""
 
@@ -137,7 +184,7 @@ class Renderer:
         what = " or ".join("tool definitions" if u == "tools" else "tool calls" for u in dropped)
         return ToolsNotRendered(
             f"it does not render {what} (the tool turns would train empty): use a model whose chat template "
-            "supports tools, or remove the row's tools"
+            "supports tools, set preprocess.tools_fallback=text, or remove the row's tools"
         )
 
     def render(self, row: dict) -> str:
@@ -276,6 +323,12 @@ class Renderer:
             return self.render(row)
         except Exception as exc:  # noqa: BLE001 - reported as this row's error
             return exc
+
+    def offsets(self, text: str) -> list[tuple[int, int]]:
+        """(start, end) character offsets of the tokens of `text` encoded alone."""
+        if self.backend is not None:
+            return self.backend.encode(text, add_special_tokens=False).offsets
+        return self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
 
     def count(self, texts: list[str]) -> list[int]:
         """Token counts of rendered texts (batched, no special tokens added)."""

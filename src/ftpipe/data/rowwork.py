@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from ftpipe.core.errors import FtpipeError, StageError
-from ftpipe.data import label_studio
-from ftpipe.data.formats import NORMALISERS, ROW_FORMATS, RowError, is_plain_messages
+from ftpipe.data import flat_exports, label_studio
+from ftpipe.data.formats import NORMALISERS, ROW_FORMATS, RowError, is_plain_messages, normalise_sharegpt
+from ftpipe.data.mapping import field_in_file, remap
 from ftpipe.data.readers import Unparsed, parse_jsonl_line
-from ftpipe.data.render import Renderer, load_tokenizer, tokenizer_record
+from ftpipe.data.render import Renderer, load_tokenizer, tokenizer_record, tools_as_text
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +45,18 @@ PRELOAD_CACHED = ("ftpipe.data.rowwork", "transformers", "tokenizers", "jinja2")
 # JSONL lines (the fast path), the decoded form in every normalised row.
 _ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# LLaMA-Factory's identity.json style: {{name}}, {{ author }}.
+PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 encode_row = json.JSONEncoder(ensure_ascii=False).encode  # one encoder: json.dumps(..., ensure_ascii=False) builds one per call
 
 # Outcomes of one record, in input order:
 #   ("bad", line, RowError)                  a malformed row
 #   ("fatal", message, hint)                 the file or the tokenizer cannot be used: stop here
+#   ("placeholders", line, names)           the next row holds {{name}} placeholders left unfilled
 #   ("row", line, encoded, n, kind, extra)   a valid row, `encoded` its JSON line (the dedupe key),
-#       n its token count; kind "ok", "truncated" (extra: the shortened JSON line), "too_long",
-#       or "rejected" (extra: why the chat template refused it)
+#       n its token count; kind "ok", "truncated" (extra: the shortened JSON line), "chunked"
+#       (extra: [(JSON line, tokens)] of its max_length windows), "too_long", or "rejected"
+#       (extra: why the chat template refused it)
 Outcome = tuple
 
 
@@ -101,14 +106,39 @@ def normaliser(fmt: str, data) -> Callable[[Any], dict]:
     """The function turning one record of format `fmt` into `{"messages": [...], ...}`."""
     if fmt == "label_studio":
         return lambda record: label_studio.normalise_task(record, data.label_studio)
+    if fmt == "label_studio_min":
+        answer = data.label_studio.answer_from_name or "response"
+        return lambda record: flat_exports.normalise_flat(record, data.label_studio, answer)
+    if fmt == "sharegpt" and data.tags is not None:
+        return lambda record: normalise_sharegpt(record, data.tags)
     if fmt in ROW_FORMATS:
         return NORMALISERS[fmt]
     return NORMALISERS["text"]
 
 
+def fill_placeholders(row: dict, values: dict[str, str]) -> set[str]:
+    """Fill `{{name}}` placeholders of the row's message contents from `values` (in place); the
+    names left unfilled."""
+    left: set[str] = set()
+
+    def sub(match: re.Match) -> str:
+        name = match.group(1)
+        if name in values:
+            return values[name]
+        left.add(name)
+        return match.group(0)
+
+    for m in row["messages"]:
+        if "{{" in m.get("content", ""):
+            m["content"] = PLACEHOLDER.sub(sub, m["content"])
+    return left
+
+
 def prepare_batch(source_name: str, items: list[tuple[int, Any, str | None]], fmt: str, data, pre, lazy) -> tuple[list[Outcome], dict[str, int]]:
     """Outcomes of a batch of `(line, record, text)` items, and the renderer's counters for it."""
     normalise = normaliser(fmt, data)
+    columns = data.columns
+    fast_ok = fmt == "messages" and not columns
     outcomes: list[Outcome] = []
     rows: list[tuple[int, int, dict, str]] = []  # (index in outcomes, line, row, encoded)
     for line, record, text in items:
@@ -121,15 +151,20 @@ def prepare_batch(source_name: str, items: list[tuple[int, Any, str | None]], fm
         if isinstance(record, RowError):
             outcomes.append(("bad", line, record))
             continue
-        if text is not None and fmt == "messages" and not _ESCAPED_SURROGATE.search(text) and is_plain_messages(record):
+        if fast_ok and text is not None and "{{" not in text and not _ESCAPED_SURROGATE.search(text) and is_plain_messages(record):
             # Already a plain {"messages": [{role, content}...]} line: keep its JSON text as is.
             row, encoded = record, text.strip()
         else:
             try:
-                row = normalise(record)
+                row = normalise(remap(record, columns))
             except RowError as err:
+                if columns:
+                    err = RowError(field_in_file(err.field, columns), err.what, err.reason)
                 outcomes.append(("bad", line, err))
                 continue
+            left = fill_placeholders(row, data.placeholders)
+            if left:
+                outcomes.append(("placeholders", line, sorted(left)))
             try:
                 encoded = encode_row(row)
             except RecursionError:  # e.g. tool definitions nested ~1000 deep
@@ -149,13 +184,22 @@ def prepare_batch(source_name: str, items: list[tuple[int, Any, str | None]], fm
         first = rows[0][0]
         return [*outcomes[:first], ("fatal", err.message, err.hint)], {}
     before = dict(renderer.stats)
+    if pre.tools_fallback == "text":
+        for j, (index, line, row, encoded) in enumerate(rows):
+            if renderer.tools_problem(row) is not None:
+                row = tools_as_text(row)
+                renderer.stats["tools_as_text"] = renderer.stats.get("tools_as_text", 0) + 1
+                rows[j] = (index, line, row, encode_row(row))
     counts = renderer.measure([row for _, _, row, _ in rows])
     for (index, line, row, encoded), n in zip(rows, counts):
         if isinstance(n, Exception):
             reason = " ".join(str(n).split())[:200] or type(n).__name__
             outcomes[index] = ("row", line, encoded, 0, "rejected", reason)
         elif n > pre.max_length:
-            fitted = truncate(row, renderer, pre.max_length) if pre.overlength == "truncate" else None
+            if pre.overlength == "chunk" and fmt == "text" and len(row["messages"]) == 1:
+                outcomes[index] = ("row", line, encoded, n, "chunked", chunk(row, renderer, pre.max_length))
+                continue
+            fitted = truncate(row, renderer, pre.max_length) if pre.overlength in ("truncate", "chunk") else None
             if fitted is None:
                 outcomes[index] = ("row", line, encoded, n, "too_long", None)
             else:
@@ -163,6 +207,42 @@ def prepare_batch(source_name: str, items: list[tuple[int, Any, str | None]], fm
         else:
             outcomes[index] = ("row", line, encoded, n, "ok", None)
     return outcomes, {k: v - before.get(k, 0) for k, v in renderer.stats.items()}
+
+
+def chunk(row: dict, renderer: Renderer, max_length: int) -> list[tuple[str, int]]:
+    """A one-message text row cut into consecutive windows that each render to <= max_length tokens.
+
+    Cuts fall on token boundaries of the text encoded alone (so no text is lost or repeated); each
+    window is then rendered with the chat template and counted, and shortened by the excess when
+    tokens merge differently across the cut or the template's own tokens were underestimated.
+
+    Returns:
+        `[(JSON line, tokens)]` of the windows, in order.
+    """
+    message = row["messages"][0]
+    text = message["content"]
+    offsets = renderer.offsets(text)
+    overhead = renderer.count([renderer.render({"messages": [{**message, "content": ""}]})])[0]
+    if overhead >= max_length:
+        return []
+    window = max_length - overhead
+    out: list[tuple[str, int]] = []
+    start = 0
+    while start < len(offsets):
+        end = min(start + window, len(offsets))
+        while True:
+            piece = text[(offsets[start][0] if start else 0): offsets[end][0] if end < len(offsets) else len(text)]
+            candidate = {**row, "messages": [{**message, "content": piece}]}
+            n = renderer.count([renderer.render(candidate)])[0]
+            if n <= max_length or end - start <= 1:
+                break
+            end = max(start + 1, end - (n - max_length))
+        if n > max_length:  # one token of text is over the budget with the template: give up
+            return []
+        if piece.strip():
+            out.append((encode_row(candidate), n))
+        start = end
+    return out
 
 
 def truncate(row: dict, renderer: Renderer, max_length: int) -> tuple[dict, int] | None:
@@ -245,6 +325,7 @@ class Workers:
         from concurrent.futures import ProcessPoolExecutor
 
         self.n = n
+        self.data = data
         self.depth = 2 * n + 1  # batches in flight: bounded, so memory stays flat in rows
         context = multiprocessing.get_context("forkserver")
         # The fork server (one clean, single-threaded process) imports transformers (and torch, unless
