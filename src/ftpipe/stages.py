@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from ftpipe.core.runs import Project, RunDir, new_run, open_run
+from ftpipe.core.runs import Project, RunDir, new_run, open_run, validate_name
 from ftpipe.core.stage import StageContext, StageResult, execute, up_to_date
 
 
@@ -78,6 +78,9 @@ class Stage:
     default: bool = False  # in `run.stages` by default
     preflight_on_host: bool = False  # prepare() before delegating too: a missing env or input is one line
     progress: Literal["read", "train"] | None = None  # the CLI's progress bar
+    # "section.key" of a node rank: above 0, this command joins the work node 0's command runs
+    # (multi-node training): module.join(ctx) instead of run(ctx), no manifest of its own.
+    joins: str | None = None
     display: Literal["metrics", "artifacts"] = "metrics"  # how the CLI prints the result
     environment_when: tuple[str, Any, str] | None = None  # (config key, value, environment) overrides
     checked_by: str | None = None  # a server step: started, checked by this stage, stopped
@@ -126,7 +129,11 @@ STAGES: tuple[Stage, ...] = (
                    key="finetune.num_processes", min=1),
             Option("--accelerate-config", Path, "accelerate config file (configs/accelerate/*.yaml: multi-GPU, "
                    "FSDP2, ZeRO-3).", key="finetune.accelerate_config"),
+            Option("--nnodes", int, key="finetune.nnodes", min=1),
+            Option("--node-rank", int, key="finetune.node_rank", min=0),
+            Option("--rdzv-endpoint", str, key="finetune.rdzv_endpoint"),
         ),
+        joins="finetune.node_rank",
     ),
     Stage(
         "export-merged", "ftpipe.export.export_merged", "train",
@@ -246,16 +253,35 @@ def prepare(stage: Stage, loaded, run_name: str | None = None, force: bool = Fal
         ctx.log_dir = ctx.run.log_dir(stage.name)
         return ctx, module(stage).prepare(ctx)
     # new-run: checked before the run folder exists; the context is bound to the run afterwards.
+    ctx.run_name = run_name
     inputs = module(stage).prepare(ctx)
     cfg = loaded.config
+    if joining(stage, cfg):  # node 0 creates the run and writes the manifest; this node only takes part
+        ctx.run = RunDir(project, validate_name(run_name))
+        ctx.log_dir = ctx.run.log_dir(stage.name)
+        return ctx, inputs
     run = new_run(project, run_name, model=cfg.model.id or cfg.model.path or "model", data=cfg.data.name)
     ctx.run, ctx.log_dir = run, run.log_dir(stage.name)
     return ctx, inputs
 
 
+def joining(stage: Stage, config: Any) -> bool:
+    """Whether this command joins work another node's command runs (`Stage.joins` > 0)."""
+    if stage.joins is None:
+        return False
+    section, field = stage.joins.split(".")
+    return getattr(getattr(config, section), field) > 0
+
+
 def run_prepared(ctx: StageContext, inputs: dict[str, Path]) -> StageResult:
-    """Run a prepared stage under the manifest lifecycle (skipped when up to date)."""
+    """Run a prepared stage under the manifest lifecycle (skipped when up to date).
+
+    A joining node (`Stage.joins`) runs the module's `join(ctx)` outside that lifecycle: node 0's
+    command owns the run folder and writes the one manifest.
+    """
     stage = ctx.spec
+    if joining(stage, ctx.config):
+        return module(stage).join(ctx)
     return execute(ctx, module(stage).run, sections=stage.sections, inputs=inputs,
                    environment=environment_of(stage, ctx.config))
 

@@ -1,5 +1,5 @@
 """Never lose work: SIGKILL + resume gives the same losses, truncated checkpoints are skipped,
-Ctrl-C saves a checkpoint, multi-process training on the CPU."""
+Ctrl-C saves a checkpoint (several processes: test_scale_out.py)."""
 
 from __future__ import annotations
 
@@ -107,19 +107,6 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(ft_project):
     assert len(saved) == 1 and not checkpoint_problems(saved[0])
     assert "training stopped at step" in err
     assert "(next: ftpipe finetune-sft --run ctrlc --resume-from latest)" in err
-
-
-@pytest.mark.slow
-def test_two_processes_on_the_cpu(ft_project):
-    result = run_cli("finetune-sft", "--config", str(ft_project / "config.yaml"), "--run", "ddp",
-                     "--num-processes", "2", "--set", "finetune.max_steps=4", cwd=ft_project, env=ENV)
-    assert result.code == 0, result.output
-    manifest = json.loads((ft_project / "logs/ddp/finetune-sft/manifest.json").read_text())
-    assert manifest["metrics"]["world_size"] == 2
-    assert manifest["metrics"]["global_step"] == 4
-    assert (ft_project / "outputs/ddp/adapter/adapter_model.safetensors").is_file()
-    run_log = (ft_project / "logs/ddp/finetune-sft/run.log").read_text()
-    assert "(2 processes)" in run_log
 
 
 @pytest.mark.slow

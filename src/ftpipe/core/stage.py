@@ -54,6 +54,7 @@ class StageContext:
     previous_manifest: dict[str, Any] | None = None
     spec: Any = None  # the stage's row of the stage table (ftpipe/stages.py)
     upstream: tuple[str, ...] = ()  # run-scoped stages whose completed manifests this one needs
+    run_name: str | None = None  # a new-run stage: the --run asked for (None: a new run-<model>-<data>-<n>)
 
     @classmethod
     def for_run(cls, stage: str, loaded: LoadedConfig, run: RunDir, force: bool = False, **options: Any) -> "StageContext":

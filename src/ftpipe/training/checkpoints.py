@@ -7,6 +7,10 @@ each present and structurally whole (safetensors header + data size, torch zip d
 Incomplete ones are skipped with a warning. Used by `finetune-sft --resume-from`:
 
     ftpipe finetune-sft --run my-run --resume-from latest
+
+Each checkpoint also records the batch it was trained with (`ftpipe_batch.json`: processes,
+rows per pass, accumulation): resuming with another number of processes continues exactly when
+the rows per optimizer step are the same, and is refused in one line when they are not.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import logging
 import re
 import struct
 import zipfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ftpipe.core.errors import InputError
@@ -191,3 +196,93 @@ def resolve_resume(option: str | None, folder: Path, project_rel=str) -> Path | 
             hint="--resume-from latest (the newest complete checkpoint)",
         )
     return path.resolve()
+
+
+BATCH_FILE = "ftpipe_batch.json"
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """How the rows of one optimizer step are split: processes x rows per pass x accumulation."""
+
+    world_size: int
+    micro_batch: int  # rows per forward/backward pass on one process
+    grad_accum: int  # passes per optimizer step
+
+    @property
+    def rows(self) -> int:
+        return self.world_size * self.micro_batch * self.grad_accum
+
+    def __str__(self) -> str:
+        processes = "process" if self.world_size == 1 else "processes"
+        return f"{self.world_size} {processes} x {self.micro_batch} rows x {self.grad_accum} accumulation = {self.rows} rows per step"
+
+
+def write_batch_record(checkpoint: Path, shape: BatchShape) -> None:
+    """Record in a checkpoint the batch shape it was trained with (rank 0, after the checkpoint is saved)."""
+    from ftpipe.core.fsutil import atomic_write_json
+
+    atomic_write_json(Path(checkpoint) / BATCH_FILE, asdict(shape))
+
+
+def batch_record(checkpoint: Path, grad_accum: int) -> BatchShape | None:
+    """The batch shape a checkpoint was trained with.
+
+    From its `ftpipe_batch.json`; for a checkpoint without one (a kill between the save and the
+    record), from HF's own files: one `rng_state_<rank>.pth` per process and `train_batch_size`
+    (rows per pass) in trainer_state.json, with `grad_accum` assumed unchanged. None if unreadable.
+    """
+    checkpoint = Path(checkpoint)
+    try:
+        return BatchShape(**json.loads((checkpoint / BATCH_FILE).read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        pass
+    try:
+        micro = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["train_batch_size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    ranks = len(list(checkpoint.glob("rng_state_*.pth"))) or 1
+    return BatchShape(ranks, int(micro), grad_accum) if isinstance(micro, int) else None
+
+
+def _sharded_optimizer(checkpoint: Path) -> bool:
+    return any(p.is_dir() and (p.name.startswith("optimizer") or p.name.startswith("global_step") or
+                               p.name.startswith("pytorch_model_fsdp")) for p in Path(checkpoint).iterdir())
+
+
+def check_resume_batch(checkpoint: Path, now: BatchShape, grad_accum: int, project_rel=str) -> None:
+    """Allow a resume only where the optimizer steps and the data order continue as before.
+
+    `grad_accum` is the config's `finetune.grad_accum` (to suggest a `batch_size` that fits).
+
+    Hugging Face's Trainer skips `global_step x accumulation` batches of each process's shard on
+    resume; the shards interleave the same seeded permutation, so the rows of every later step are
+    those of an uninterrupted run whenever the rows per step are unchanged, whatever the number of
+    processes. A different number of rows per step would change what every later step sees (and an
+    epoch's length); a sharded optimizer state (FSDP, ZeRO) belongs to its number of processes.
+
+    Raises:
+        InputError: the rows per step differ, or a sharded checkpoint meets another world size.
+    """
+    was = batch_record(checkpoint, now.grad_accum)
+    name = Path(checkpoint).name
+    if was is None or was == now:
+        return
+    if was.world_size != now.world_size and _sharded_optimizer(checkpoint):
+        raise InputError(
+            f"--resume-from: {project_rel(Path(checkpoint))} holds an optimizer sharded over {was.world_size} "
+            f"processes (FSDP / ZeRO); this launch has {now.world_size}",
+            hint=f"resume with {was.world_size} processes in all (--num-processes / --nnodes)",
+        )
+    if was.rows != now.rows:
+        per_process = was.rows // (now.world_size * grad_accum) if was.rows % (now.world_size * grad_accum) == 0 else None
+        processes = "process" if now.world_size == 1 else "processes"
+        fix = (f"--set finetune.batch_size={per_process} keeps {was.rows} rows per step with {now.world_size} {processes}"
+               if per_process else f"resume with {was.world_size} processes")
+        raise InputError(
+            f"--resume-from: {name} was trained with {was}; this launch would take {now}: later steps would see "
+            "other rows than the interrupted run",
+            hint=f"{fix} (or --force to start over)",
+        )
+    log.info("resuming %s, trained with %s, with %s: same rows per step, so the step count and the data order "
+             "continue (dropout masks differ: per-process random states do not carry over)", name, was, now)

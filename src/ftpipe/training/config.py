@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ftpipe.core.configbase import Section
 
@@ -49,10 +49,32 @@ class FinetuneConfig(Section):
     gradient_checkpointing: Literal["auto", "on", "off"] = Field(
         "auto", description="`auto`: only when memory needs it."
     )
-    num_processes: int = Field(1, gt=0, description="Processes (DDP) to launch.")
+    num_processes: int = Field(1, gt=0, description="Training processes per node (DDP): torchrun on the CPU, "
+                               "accelerate launch on GPUs.")
     accelerate_config: str | None = Field(
         None, description="accelerate config file (multi-GPU, FSDP, DeepSpeed) for scale-out."
     )
+    nnodes: int = Field(1, gt=0, description="Machines (nodes) training together; every node runs the same "
+                        "command with its own node_rank and the same --run.")
+    node_rank: int = Field(0, ge=0, description="This node's rank: 0 runs the stage (run folder, manifest, "
+                           "adapter); the others join its training.")
+    rdzv_endpoint: str | None = Field(
+        None, description="HOST:PORT of node 0 where the nodes meet (torchrun c10d rendezvous); needed when "
+        "nnodes > 1.",
+    )
+
+    @model_validator(mode="after")
+    def _nodes(self):
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("finetune.rdzv_endpoint: needed with finetune.nnodes > 1 (HOST:PORT of node 0, "
+                             "e.g. --rdzv-endpoint node0.cluster:29500)")
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"finetune.node_rank: {self.node_rank} is not below finetune.nnodes ({self.nnodes})")
+        if self.rdzv_endpoint:
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"finetune.rdzv_endpoint: {self.rdzv_endpoint!r} is not HOST:PORT")
+        return self
 
     @field_validator("packing", "gradient_checkpointing", mode="before")
     @classmethod

@@ -3,11 +3,13 @@
 Second stage of the pipeline (after `preprocess-sft`, before `export-merged`). Reads
 prepared/<data.name>/train.jsonl and val.jsonl, picks device / precision / checkpointing /
 packing for this machine (`plan.py`), trains with TRL's SFTTrainer (`sft.py`) in this process or,
-with `finetune.num_processes > 1` or `finetune.accelerate_config`, in workers started by torchrun
-(CPU, gloo) or `accelerate launch` (GPUs), and writes outputs/<run>/adapter/ and
-outputs/<run>/trainer_state/ (checkpoints, tensorboard/).
+with `finetune.num_processes > 1`, `finetune.accelerate_config` or `finetune.nnodes > 1`, in workers
+started by torchrun (CPU: gloo; several nodes: c10d rendezvous) or `accelerate launch` (GPUs), and
+writes outputs/<run>/adapter/ and outputs/<run>/trainer_state/ (checkpoints, tensorboard/).
+On several nodes, node 0's command is the stage; the others `join` its training (docs/scaling.md).
 
     ftpipe finetune-sft --config debug_config.yaml --run demo
+    ftpipe finetune-sft --run big --nnodes 2 --node-rank 0 --rdzv-endpoint node0:29500   # and --node-rank 1
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from ftpipe.core.logs import WORKER_LOG_ENV
 from ftpipe.core.model_ref import resolve_model
 from ftpipe.core.runs import Project, RunDir
 from ftpipe.core.stage import StageContext, StageResult
-from ftpipe.training.checkpoints import list_checkpoints, resolve_resume
+from ftpipe.training.checkpoints import BatchShape, check_resume_batch, list_checkpoints, resolve_resume
 from ftpipe.training.sft import RESULTS_FILE, TENSORBOARD_DIR, TrainJob
+
+JOB_FILE = "train_job.json"
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +47,12 @@ def prepare(ctx: StageContext) -> dict[str, Path]:
         InputError: prepared dataset missing (names `ftpipe preprocess-sft`), bad run name.
         ConfigError: settings this machine cannot run (QLoRA without CUDA...).
     """
+    ft = ctx.config.finetune
+    if ft.nnodes > 1 and ctx.run_name is None:
+        raise ConfigError(f"finetune.nnodes={ft.nnodes}: every node must name the same run",
+                          hint="add --run NAME, the same on every node")
     inputs = _inputs(ctx.project, ctx.config)
-    _check_hardware(ctx.config.finetune, ctx.project)
+    _check_hardware(ft, ctx.project)
     return inputs
 
 
@@ -155,6 +163,9 @@ def run(ctx: StageContext) -> StageResult:
         _clear_previous_state(ctx, output_dir)
     else:
         log.info("resuming from %s", project.rel(resume))
+        world = world_size(ft, _accelerate_config(project, ft)[1] if ft.accelerate_config else None)
+        check_resume_batch(resume, BatchShape(world, plan.micro_batch_size or ft.batch_size, plan.grad_accum),
+                           ft.grad_accum, project.rel)
     output_dir.mkdir(parents=True, exist_ok=True)
 
     # method=full writes the whole model here too (config.json, no adapter_config.json):
@@ -177,13 +188,16 @@ def run(ctx: StageContext) -> StageResult:
     # 3. Train: in this process, or in N workers running the same `train(job)`.
     results_file = output_dir / RESULTS_FILE
     results_file.unlink(missing_ok=True)
-    if ft.num_processes > 1 or ft.accelerate_config:
-        _launch_workers(ctx, job, plan.device)
+    if multi_process(ft):
+        job.write(ctx.log_dir / JOB_FILE)  # before the launch: joining nodes' workers read it after the rendezvous
+        launcher = _launch_workers(ctx, plan.device)
         metrics = _read_results(results_file)
     else:
+        launcher = "in-process"
         metrics = train(job, progress=ctx.options.get("progress"))
 
     metrics.update(
+        launcher=launcher, nodes=ft.nnodes,
         device=plan.device, precision=plan.precision, base_dtype=plan.base_dtype,
         gradient_checkpointing=plan.gradient_checkpointing, packing=plan.packing,
         micro_batch_size=plan.micro_batch_size, grad_accum=plan.grad_accum, plan_reasons=plan.reasons,
@@ -228,39 +242,71 @@ def _clear_previous_state(ctx: StageContext, output_dir: Path) -> None:
             shutil.rmtree(path)
 
 
-def _launch_workers(ctx: StageContext, job: TrainJob, device: str) -> None:
-    """Run `python -m ftpipe.training.worker JOB` under torchrun (CPU) or accelerate launch (GPU).
+def multi_process(ft) -> bool:
+    """Whether training runs in workers started by a launcher (several processes or nodes)."""
+    return ft.num_processes > 1 or bool(ft.accelerate_config) or ft.nnodes > 1
+
+
+def world_size(ft, launch: dict | None) -> int:
+    """Training processes in all: nodes x processes per node (an accelerate config's count otherwise)."""
+    if ft.accelerate_config and ft.num_processes == 1 and launch and launch.get("num_processes"):
+        return int(launch["num_processes"])  # accelerate counts every machine's processes
+    return ft.nnodes * ft.num_processes
+
+
+def launch_command(ft, device: str, job_file: Path, run_name: str, accelerate: tuple[Path, dict] | None = None,
+                   bin_dir: Path | None = None) -> tuple[list[str], str]:
+    """The launcher's argv for this node and how the manifest names it.
+
+    - one node, CPU: `torchrun --standalone` (accelerate launch --cpu starts one process here);
+    - several nodes (CPU or GPUs): `torchrun` with the c10d rendezvous at `rdzv_endpoint`, the run
+      name as rendezvous id (the same on every node);
+    - an accelerate config: `accelerate launch --config_file` (machine flags added for several nodes);
+    - GPUs, no config: `accelerate launch --multi_gpu`.
+    """
+    bin_dir = bin_dir or Path(sys.executable).parent
+    worker = ["-m", "ftpipe.training.worker", str(job_file)]
+    if ft.accelerate_config and accelerate is not None:
+        config_file, launch = accelerate
+        argv = [str(bin_dir / "accelerate"), "launch", "--config_file", str(config_file)]
+        if ft.num_processes > 1:  # accelerate's --num_processes counts the processes of every machine
+            argv += ["--num_processes", str(ft.nnodes * ft.num_processes)]
+        if ft.nnodes > 1:
+            host, port = ft.rdzv_endpoint.rsplit(":", 1)
+            argv += ["--num_machines", str(ft.nnodes), "--machine_rank", str(ft.node_rank),
+                     "--main_process_ip", host, "--main_process_port", port]
+        return [*argv, *worker], f"accelerate launch ({ft.accelerate_config})"
+    if ft.nnodes > 1:
+        argv = [str(bin_dir / "torchrun"), "--nnodes", str(ft.nnodes), "--nproc_per_node", str(ft.num_processes),
+                "--rdzv_backend", "c10d", "--rdzv_endpoint", ft.rdzv_endpoint, "--rdzv_id", run_name,
+                "--max_restarts", "0"]
+        return [*argv, *worker], f"torchrun c10d ({ft.nnodes} nodes x {ft.num_processes})"
+    if device == "cpu":
+        argv = [str(bin_dir / "torchrun"), "--standalone", "--nproc_per_node", str(ft.num_processes)]
+        return [*argv, *worker], f"torchrun --standalone ({ft.num_processes})"
+    argv = [str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(ft.num_processes)]
+    return [*argv, *worker], f"accelerate launch --multi_gpu ({ft.num_processes})"
+
+
+def _launch_workers(ctx: StageContext, device: str) -> str:
+    """Run `python -m ftpipe.training.worker JOB` under this node's launcher; returns the launcher's name.
 
     Raises:
         ConfigError: accelerate config file missing.
-        StageError: a worker failed (with the tail of workers.log).
+        Interrupted: Ctrl-C / SIGTERM stopped the workers after they saved a checkpoint.
+        StageError: a worker failed (which rank, why, and the resume command).
     """
     ft = ctx.config.finetune
-    job_file = ctx.log_dir / "train_job.json"
-    job.write(job_file)
-    launching = str(ft.num_processes)
-    bin_dir = Path(sys.executable).parent
-    worker = ["-m", "ftpipe.training.worker", str(job_file)]
-    if ft.accelerate_config:
-        config_file, launch = _accelerate_config(ctx.project, ft)
-        # The config file's num_processes counts unless --num-processes / finetune.num_processes > 1.
-        processes = ["--num_processes", str(ft.num_processes)] if ft.num_processes > 1 else []
-        argv = [str(bin_dir / "accelerate"), "launch", "--config_file", str(config_file), *processes, *worker]
-        if not processes:
-            count = launch.get("num_processes")
-            launching = f"{count} (from {ft.accelerate_config})" if count else f"the {ft.accelerate_config} number of"
-    elif device == "cpu":
-        # accelerate launch --cpu starts one process here; torchrun gives real DDP over gloo.
-        argv = [str(bin_dir / "torchrun"), "--standalone", "--nproc_per_node", str(ft.num_processes), *worker]
-    else:
-        argv = [str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(ft.num_processes), *worker]
-    env = {**os.environ, WORKER_LOG_ENV: str(ctx.log_dir / "run.log")}  # rank 0 appends to run.log
+    accelerate = _accelerate_config(ctx.project, ft) if ft.accelerate_config else None
+    argv, launcher = launch_command(ft, device, ctx.log_dir / JOB_FILE, ctx.run.name, accelerate)
+    env = {**os.environ, WORKER_LOG_ENV: str(ctx.log_dir / "run.log")}  # global rank 0 appends to run.log
     if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         from ftpipe.training.plan import thread_count
 
         env["OMP_NUM_THREADS"] = str(max(1, thread_count() // ft.num_processes))
-    workers_log = ctx.log_dir / "workers.log"
-    log.info("launching %s processes: %s (output in %s)", launching, " ".join(argv), ctx.project.rel(workers_log))
+    name = "workers.log" if ft.node_rank == 0 else f"workers-node{ft.node_rank}.log"
+    workers_log = ctx.log_dir / name
+    log.info("launching %s: %s (output in %s)", launcher, " ".join(argv), ctx.project.rel(workers_log))
     start = workers_log.stat().st_size if workers_log.exists() else 0
     with open(workers_log, "a", encoding="utf-8") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=ctx.project.root, env=env)
@@ -273,15 +319,72 @@ def _launch_workers(ctx: StageContext, job: TrainJob, device: str) -> None:
         with open(workers_log, encoding="utf-8", errors="replace") as fh:
             fh.seek(start)
             text = fh.read()  # this launch's output only
-        tail = " | ".join(text.strip().splitlines()[-3:])
+        run_name, state = ctx.run.name, ctx.run.trainer_state
         # torchrun reports a worker's 130 as its own failure: recognise the Ctrl-C message instead.
         if code == 130 or "training stopped at step" in text:
             from ftpipe.training.sft import Interrupted
 
-            raise Interrupted(f"training interrupted; checkpoint saved under {ctx.project.rel(Path(job.output_dir))}/",
-                              hint=f"ftpipe finetune-sft --run {job.run_name} --resume-from latest")
-        raise StageError(f"training workers failed with exit {code}: {tail}",
-                         hint=f"see {ctx.project.rel(workers_log)}")
+            raise Interrupted(f"training interrupted; checkpoint saved under {ctx.project.rel(state)}/",
+                              hint=f"ftpipe finetune-sft --run {run_name} --resume-from latest")
+        from ftpipe.training.checkpoints import latest_complete_checkpoint
+
+        resumable = latest_complete_checkpoint(state, ctx.project.rel) if ctx.run.trainer_state.is_dir() else None
+        then = (f"then ftpipe finetune-sft --run {run_name} --resume-from auto (continues from {resumable.name})"
+                if resumable else f"then ftpipe finetune-sft --run {run_name} --force")
+        raise StageError(f"training workers failed (exit {code}): {worker_failure(text)}",
+                         hint=f"see {ctx.project.rel(workers_log)}; {then}")
+    return launcher
+
+
+def worker_failure(text: str) -> str:
+    """What went wrong in a launcher's output, in one line: a worker's own error line (it names the
+    rank and the problem), else torchrun's root cause (which rank died, and how), else the last line."""
+    import re
+
+    own = re.findall(r"ftpipe\.training\.worker: (rank \d+: .*)", text)
+    if own:
+        return own[0]
+    cause = text.rpartition("Root Cause (first observed failure):")[2]
+    fields = dict(re.findall(r"^\s*(rank|host|exitcode|traceback)\s*:\s*(.*?)\s*$", cause, re.M))
+    if "rank" in fields:
+        rank = fields["rank"].split(" ")[0]
+        how = fields.get("traceback", "")
+        if not how or how.startswith("To enable traceback"):
+            how = f"exit code {fields.get('exitcode', '?').split(' ')[0]}"
+        return f"rank {rank} on {fields.get('host', '?')} failed ({how}); the launcher stopped the other ranks"
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def join(ctx: StageContext) -> StageResult:
+    """A node with `finetune.node_rank > 0`: take part in the training node 0's command runs.
+
+    Node 0 checks, plans, writes logs/<run>/finetune-sft/train_job.json and then joins the
+    rendezvous; this node's workers read that job once all nodes have met (shared storage: the
+    project folder at the same path on every node), so both train the same job. Node 0 writes the
+    adapter and the one manifest; this node writes only its launcher output (workers-node<R>.log).
+
+    Raises:
+        StageError / Interrupted: as `_launch_workers`.
+    """
+    ft = ctx.config.finetune
+    ctx.log_dir.mkdir(parents=True, exist_ok=True)
+    log.info("node %d of %d: joining run %s at %s", ft.node_rank, ft.nnodes, ctx.run.name, ft.rdzv_endpoint)
+    device = "cuda" if _cuda() else "cpu"
+    launcher = _launch_workers(ctx, device)
+    metrics: dict[str, Any] = {"node_rank": ft.node_rank, "nodes": ft.nnodes, "launcher": launcher}
+    results = ctx.run.trainer_state / RESULTS_FILE
+    if results.is_file():
+        metrics.update({k: v for k, v in _read_results(results).items() if k in ("global_step", "world_size")})
+    return StageResult(metrics=metrics, summary=(
+        f"finetune-sft: node {ft.node_rank} of {ft.nnodes} trained in run {ctx.run.name}; node 0 wrote "
+        f"{ctx.project.rel(ctx.run.adapter)}/ and the manifest"))
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _read_results(path: Path) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from ftpipe.core.fsutil import atomic_write_json
 from ftpipe.handoff.base_model import write_base_model
 from ftpipe.handoff.measure import encode_conversation, end_of_turn_ids
 from ftpipe.handoff.prepared import REDO, read_chat_rows
+from ftpipe.training.checkpoints import BatchShape, write_batch_record
 from ftpipe.training.config import FinetuneConfig
 from ftpipe.training.plan import TrainPlan
 
@@ -125,6 +126,11 @@ def _make_callback(stop: StopFlag, progress: ProgressFn | None):
                 raise _AlreadyTrained()
             if state.is_world_process_zero:
                 log.info("training: step %d -> %d (%d processes)", state.global_step, state.max_steps, args.world_size)
+            loader = kwargs.get("train_dataloader")
+            if args.world_size > 1 and loader is not None:  # every rank: the shard it reads
+                log.info("rank %d of %d: %d batches of %d sequences per epoch, its shard of the %d training sequences",
+                         args.process_index, args.world_size, len(loader), args.per_device_train_batch_size,
+                         len(loader.dataset))
 
         def _eta(self, state) -> float | None:
             done = state.global_step - self.start_step
@@ -167,6 +173,10 @@ def _make_callback(stop: StopFlag, progress: ProgressFn | None):
 
         def on_save(self, args, state, control, **kwargs):
             if state.is_world_process_zero:
+                checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if checkpoint.is_dir():
+                    write_batch_record(checkpoint, BatchShape(args.world_size, args.per_device_train_batch_size,
+                                                              args.gradient_accumulation_steps))
                 log.info("checkpoint saved: checkpoint-%d", state.global_step)
 
         def session_tokens_per_s(self, state) -> float:
