@@ -22,6 +22,8 @@ How each step is executed (STEPS, in order; each later step may rely on earlier 
   with exactly one `error:` line naming the reason and a `(next: ...)` step, no traceback.
 - setup: not written in the docs; creates what a documented command assumes (the user's
   data/my.csv and data/my.jsonl, a server for `ftpipe serve stop --run R` to stop).
+- node: one node of a multi-node command (the docs' second terminal): started in the background,
+  it must exit 0 (`expect` on its stdout) once the next step, which it waits for, has run.
 
 Run alone (7 minutes on this 2-core CPU, 13 when other work loads it):
     HF_HUB_OFFLINE=1 .venv/bin/python -m pytest tests/docs/test_docs_run.py -q -x
@@ -115,13 +117,18 @@ _REVIEWS = [(f"Is review {i} about the {thing} positive?", "yes" if i % 2 else "
 FILES = {
     "data/my.csv": "question,answer\n" + "".join(f'"{q}",{a}\n' for q, a in _REVIEWS),
     "data/my.jsonl": "".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in _REVIEWS),
+    # A LLaMA-Factory registry and its identity.json ({{name}} / {{author}} placeholders).
+    "data/dataset_info.json": json.dumps({"identity": {"file_name": "identity.json"}}),
+    "data/identity.json": json.dumps([{"instruction": f"Who are you? ({i})", "input": "",
+                                       "output": "I am {{name}}, an AI assistant developed by {{author}}."}
+                                      for i in range(20)]),
 }
 
 
 @dataclass(frozen=True)
 class Step:
     command: str  # as written in the docs (or a setup command / a FILES key for kind "setup")
-    kind: str = "ok"  # ok | server | refused | setup
+    kind: str = "ok"  # ok | server | refused | setup | node
     expect: str | None = None  # ok: regex on stdout; refused: regex on the error line
     serves: tuple[str, ...] = ()  # server: names the HTTP answer must list (runs / served model)
     why: str = ""
@@ -178,8 +185,15 @@ STEPS: list[Step] = [
     Step("ftpipe tensorboard --config config.yaml --all", "server", serves=("first", "my-run")),
     Step("ftpipe tensorboard --config config.yaml --all --host 0.0.0.0", "server", serves=("first", "my-run")),
     Step("ftpipe finetune-sft --config config.yaml --num-processes 2", expect=r"\(cpu, fp32\)"),
-    Step("ftpipe finetune-sft --config config.yaml --num-processes 8", expect=r"\(cpu, fp32\)",
-         why="8 DDP processes over gloo on the CPU: slow, but it runs"),
+    # docs/scaling.md: two "nodes" on 127.0.0.1 (node 1 waits in the background for node 0), then
+    # the stages after finetune-sft on the adapter they trained.
+    Step("ftpipe finetune-sft --config config.yaml --run two-nodes --nnodes 2 --node-rank 1 --rdzv-endpoint "
+         "127.0.0.1:29500", "node", expect=r"node 1 of 2 trained in run two-nodes"),
+    Step("ftpipe finetune-sft --config config.yaml --run two-nodes --nnodes 2 --node-rank 0 --rdzv-endpoint "
+         "127.0.0.1:29500", expect=r"torchrun c10d \(2 nodes x 1\)"),
+    Step("ftpipe export-merged --config config.yaml --run two-nodes"),
+    Step("ftpipe convert-awq --config config.yaml --run two-nodes"),
+    Step("ftpipe eval-sft --config config.yaml --run two-nodes", expect=r"awq\W+ok"),
     Step("ftpipe finetune-sft --config config.yaml --set finetune.method=dora --set finetune.lora_r=8"),
     Step("ftpipe finetune-sft", expect=r"run run-tiny-sentiment-\d+"),  # README, docs/reliability.md
     Step("ftpipe finetune-sft --config config.yaml --accelerate-config configs/accelerate/multi_gpu.yaml",
@@ -227,6 +241,11 @@ STEPS: list[Step] = [
     Step("data/my.jsonl", "setup", why="the alpaca JSONL preprocess.md reads"),
     Step("ftpipe preprocess-sft --source data/my.jsonl --format alpaca --strict --force",
          expect=r"18 train \+ 2 val rows"),
+    Step("data/dataset_info.json", "setup", why="the LLaMA-Factory registry preprocess.md reads"),
+    Step("data/identity.json", "setup", why="its identity entry"),
+    Step("ftpipe preprocess-sft --set data.source=null --set data.dataset_info.file=data/dataset_info.json "
+         "--set data.dataset_info.entry=identity --set data.placeholders.name=ftpipe "
+         "--set data.placeholders.author=me --force", expect=r"18 train \+ 2 val rows"),
 ]
 
 
@@ -292,7 +311,16 @@ def _execute(step: Step, project: Path) -> None:
     if step.kind == "server":
         _run_server(step, argv, project)
         return
-    result = run_cli(*argv, cwd=project, timeout=1200)
+    if step.kind == "node":
+        _NODES.append((step, _start_node(argv, project)))
+        return
+    try:
+        result = run_cli(*argv, cwd=project, timeout=1200)
+    finally:
+        nodes = [(node, *_finish_node(proc)) for node, proc in _NODES]
+        _NODES.clear()
+    for node, code, output in nodes:
+        assert code == 0 and re.search(node.expect or "", output), f"`{node.command}` exited {code}:\n{output[-3000:]}"
     (project / "step-logs").mkdir(exist_ok=True)
     (project / "step-logs" / f"{STEPS.index(step):02d}.log").write_text(f"$ {step.command}\n{result.output}")
     shown = f"`{step.command}` exited {result.code}:\n{result.output[-3000:]}"
@@ -306,6 +334,25 @@ def _execute(step: Step, project: Path) -> None:
     assert result.code == 0, shown
     if step.expect:
         assert re.search(step.expect, result.stdout, re.S), f"no /{step.expect}/ in the output of {shown}"
+
+
+_NODES: list[tuple[Step, subprocess.Popen]] = []  # started `node` steps, joined by the next step
+
+
+def _start_node(argv: list[str], project: Path) -> subprocess.Popen:
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    return subprocess.Popen([sys.executable, "-m", "ftpipe", *argv], cwd=project, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _finish_node(proc: subprocess.Popen) -> tuple[int, str]:
+    try:
+        output, _ = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output, _ = proc.communicate()
+        return -9, output + "\n(killed: still running 600 s after the step it waits for)"
+    return proc.returncode, output
 
 
 def _run_server(step: Step, argv: list[str], project: Path) -> None:
