@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create (or reuse) the stage environments from their lock files: bash scripts/bootstrap.sh [all | train awq serve gguf]
+# Create (or reuse) the stage environments from their lock files: bash scripts/bootstrap.sh [all | train awq serve gguf labelstudio]
+# (labelstudio: the Label Studio server the tests start, not a stage environment; docs/setup.md)
 # A venv is reused when its recorded hash of (lock file + scripts/post-install-<env>.sh) matches;
 # otherwise it is rebuilt from scratch.
 # ftpipe itself is installed editable, so code changes need no rebuild.

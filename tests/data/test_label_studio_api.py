@@ -1,103 +1,102 @@
-"""The Label Studio API path (label-studio-sdk) against a faithful local fake on 127.0.0.1.
+"""The Label Studio API path where a real server cannot serve: what sits in front of it, or no server.
 
-No Label Studio server runs here (PyPI `label-studio` is a full Django app with its own database);
-the fake in conftest.py implements the documented endpoints the SDK calls: token refresh,
-project, and JSON export.
+The real server covers the rest (tests/data/test_label_studio_server.py: personal access and legacy
+tokens, rotated / expired / wrong / disabled tokens, a missing project, paging). A real Label Studio
+cannot be made to answer with a reverse proxy's HTML error page or a 500 in the middle of an
+export, so a small fake on 127.0.0.1 does that here.
 """
 
 from __future__ import annotations
 
+import json
+import time
+from http.server import BaseHTTPRequestHandler
+
+import jwt
 import pytest
 
 from ftpipe.core.errors import InputError
+from loopback import LoopbackServer
 
 LEGACY = "0123456789abcdef0123456789abcdef01234567"
+HTML = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
 
 
-def task(tid, prompt, answer, cancelled=False):
-    return {"id": tid, "data": {"prompt": prompt}, "annotations": [{
-        "id": tid, "was_cancelled": cancelled, "ground_truth": False, "created_at": "2026-01-01T00:00:00Z",
-        "result": [{"from_name": "answer", "to_name": "prompt", "type": "textarea", "value": {"text": [answer]}}]}]}
+class Proxy(LoopbackServer):
+    """Answers `routes[(method, path)] = (status, body)`; anything else is a proxy's HTML 502.
+    Records (method, path, Authorization) of every request."""
+
+    def __init__(self, routes: dict) -> None:
+        self.requests: list[tuple] = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def _answer(self):
+                path = self.path.split("?")[0]
+                fake.requests.append((self.command, path, self.headers.get("Authorization")))
+                status, body = routes.get((self.command, path), (502, HTML))
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "text/html" if isinstance(body, bytes) else "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = _answer  # noqa: N815 - http.server API
+
+        super().__init__(Handler)
 
 
-TASKS = [task(1, "Capital of France?", "Paris"), task(2, "2+2?", "4"), task(3, "Skip me", "x", cancelled=True)]
-
-
-def api_config(proj, url, project_id=7):
+def api_config(proj, url, token: str | None = None):
     proj.config(source=None, extra="")
     text = (proj.root / "config.yaml").read_text()
+    token_line = f"    token: {token}\n" if token else ""
     text = text.replace("data:\n  name: ds\n", f"data:\n  name: ds\n  format: label_studio_api\n"
-                        f"  label_studio:\n    url: {url}\n    project_id: {project_id}\n")
+                        f"  label_studio:\n    url: {url}\n    project_id: 7\n{token_line}")
     (proj.root / "config.yaml").write_text(text + "  val_fraction: 0.0\n")
 
 
-def secret_free(proj, secret):
-    for folder in ("logs", "prepared"):
-        for path in (proj.root / folder).rglob("*"):
-            if path.is_file():
-                assert secret not in path.read_text(encoding="utf-8", errors="replace"), path
+def personal_token() -> str:
+    now = int(time.time())
+    return jwt.encode({"token_type": "refresh", "exp": now + 3600, "iat": now, "jti": "a" * 32, "user_id": "1"},
+                      "a-signing-key-the-proxy-never-checks-0123", algorithm="HS256")
 
 
-def test_legacy_token_export_then_skip(proj, fake_label_studio):
-    personal = "unused"
-    with fake_label_studio({7: ("SFT project", TASKS)}, LEGACY, personal) as server:
+def test_html_page_instead_of_the_api(proj, monkeypatch):
+    """A proxy (or a login page) answers the token refresh with HTML: one line, not a JSON traceback."""
+    with Proxy({}) as server:
         api_config(proj, server.url)
-        result = proj.cli(env={"LABEL_STUDIO_API_KEY": LEGACY})
-        assert result.code == 0, result.output
-        rows = proj.out("train")
-        assert [r["messages"][1]["content"] for r in rows] == ["Paris", "4"]
-        meta = proj.metadata()
-        assert meta["format"] == "label_studio" and meta["counts"]["dropped"]["no_annotation"] == 1
-        assert meta["source"]["label_studio"]["project_id"] == 7
-        assert meta["source"]["label_studio"]["title"] == "SFT project"
-        gets = [(r["path"], r["authorization"]) for r in server.requests]
-        assert ("/api/projects/7/", f"Token {LEGACY}") in gets
-        export = next(r for r in server.requests if r["path"] == "/api/projects/7/export")
-        assert export["query"].get("export_type") == ["JSON"]
-        assert not any(r["path"] == "/api/token/refresh/" for r in server.requests)
-        again = proj.cli(env={"LABEL_STUDIO_API_KEY": LEGACY})
-        assert again.code == 0 and "up to date, skipped" in again.output
-        assert LEGACY not in result.output + again.output
-    secret_free(proj, LEGACY)
-
-
-def test_personal_access_token_is_exchanged_and_never_logged(proj, fake_label_studio, make_jwt):
-    personal = make_jwt("refresh")
-    with fake_label_studio({7: ("p", TASKS)}, LEGACY, personal) as server:
-        api_config(proj, server.url)
-        result = proj.cli(env={"LABEL_STUDIO_API_KEY": personal})
-        assert result.code == 0, result.output
-        refresh = [r for r in server.requests if r["path"] == "/api/token/refresh/"]
-        assert len(refresh) == 1 and refresh[0]["method"] == "POST"
-        export = next(r for r in server.requests if r["path"] == "/api/projects/7/export")
-        assert export["authorization"].startswith("Bearer ") and personal not in export["authorization"]
-        assert export["authorization"].split(" ", 1)[1] in server.access_tokens
-        assert len(proj.out("train")) == 2
-        assert personal not in result.output
-    secret_free(proj, personal)
-
-
-@pytest.mark.parametrize("token, project_id, expected", [
-    ("wrong-legacy-token-123", 7, "the token was rejected (401: Invalid token.)"),
-    (LEGACY, 99, "project 99 not found (404)"),
-])
-def test_api_errors_are_one_line(proj, fake_label_studio, monkeypatch, token, project_id, expected):
-    with fake_label_studio({7: ("p", TASKS)}, LEGACY, "unused") as server:
-        api_config(proj, server.url, project_id)
-        monkeypatch.setenv("LABEL_STUDIO_API_KEY", token)
+        monkeypatch.setenv("LABEL_STUDIO_API_KEY", personal_token())
         with pytest.raises(InputError) as info:
             proj.stage()
-        assert info.value.message == f"Label Studio at {server.url}: {expected}"
+        assert server.requests[0][:2] == ("POST", "/api/token/refresh/")
+    assert info.value.message == (
+        f"Label Studio at {server.url}: the answer was not JSON (is a proxy or login page in front of Label Studio?)")
+    assert not list((proj.root / "logs").rglob("*.part"))
 
 
-def test_expired_personal_token(proj, fake_label_studio, monkeypatch, make_jwt):
-    with fake_label_studio({7: ("p", TASKS)}, LEGACY, "unused") as server:
+def test_server_error_during_export(proj, monkeypatch):
+    routes = {("GET", "/api/projects/7/"): (200, {"id": 7, "title": "p"}),
+              ("GET", "/api/projects/7/export"): (500, HTML)}
+    with Proxy(routes) as server:
         api_config(proj, server.url)
-        monkeypatch.setenv("LABEL_STUDIO_API_KEY", make_jwt("refresh", lifetime=-60))
+        monkeypatch.setenv("LABEL_STUDIO_API_KEY", LEGACY)
         with pytest.raises(InputError) as info:
             proj.stage()
-        assert info.value.message == (
-            f"Label Studio at {server.url}: the token was rejected (401: API key has expired. Please obtain a new refresh token.)")
+    assert info.value.message == f"Label Studio at {server.url}: export failed with HTTP 500"
+    assert not list((proj.root / "logs").rglob("*.part"))
+
+
+def test_environment_token_beats_the_config_file(proj, monkeypatch):
+    with Proxy({}) as server:
+        api_config(proj, server.url, token="token-from-config-file")
+        monkeypatch.setenv("LABEL_STUDIO_API_KEY", LEGACY)
+        with pytest.raises(InputError):
+            proj.stage()
+    assert server.requests[0][2] == f"Token {LEGACY}"
 
 
 def test_unreachable_server(proj, monkeypatch):

@@ -16,6 +16,7 @@ logged: it is registered with ftpipe's redaction (`ftpipe.core.secrets`).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -102,8 +103,37 @@ def normalise_task(task: Any, cfg) -> dict:
     return {"messages": messages}
 
 
+def _is_jwt(token: str) -> bool:
+    """True for a personal access token (a JWT), False for a legacy token (40 hex characters)."""
+    import jwt
+
+    try:
+        jwt.decode(token, options={"verify_signature": False})
+    except jwt.InvalidTokenError:
+        return False
+    return True
+
+
+def _rejected(where: str, status: int, detail: str | None, token: str, source: str) -> InputError:
+    """The one-line error for a 401 / 403, by what the server said (Label Studio 1.23's wording)."""
+    said = f"{status}: {detail}" if detail else str(status)
+    settings = "Organization > API Token Settings"
+    if detail and "legacy token authentication has been disabled" in detail:
+        return InputError(f"{where}: legacy tokens are disabled for this organization",
+                          hint=f"use a personal access token, or enable Legacy Tokens in {settings}")
+    if detail == "Authentication credentials were not provided." and _is_jwt(token):
+        # The server ignores a Bearer access token when its organization has personal access tokens off.
+        return InputError(f"{where}: personal access tokens are disabled for this organization",
+                          hint=f"use a legacy token, or enable Personal Access Tokens in {settings}")
+    return InputError(f"{where}: the token in {source} was rejected ({said})",
+                      hint=f"create a new access token in Label Studio (Account & Settings) and set {source}")
+
+
 def export_project(cfg, dest: Path) -> dict:
     """Download a project's JSON export to `dest` with label-studio-sdk.
+
+    `GET /api/projects/<id>/export` returns every annotated task in one body (it does not page);
+    tasks without annotations are not exported, skipped ones are (and dropped as `no_annotation`).
 
     Args:
         cfg: `data.label_studio` (url, project_id, token).
@@ -114,13 +144,16 @@ def export_project(cfg, dest: Path) -> dict:
 
     Raises:
         ConfigError: url, project_id or token missing.
-        InputError: server unreachable, token rejected, project not found.
+        InputError: server unreachable or not Label Studio, token rejected, project not found.
     """
     if not cfg.url:
         raise ConfigError("data.label_studio.url: required for format label_studio_api", hint="--set data.label_studio.url=http://HOST:8080")
     if cfg.project_id is None:
         raise ConfigError("data.label_studio.project_id: required for format label_studio_api", hint="--set data.label_studio.project_id=ID")
-    token = cfg.token.get_secret_value() if cfg.token is not None else os.environ.get(TOKEN_ENV)
+    # Environment beats YAML (the config order); the environment is the recommended place.
+    token, source = os.environ.get(TOKEN_ENV), TOKEN_ENV
+    if not token and cfg.token is not None:
+        token, source = cfg.token.get_secret_value(), "data.label_studio.token"
     if not token:
         raise ConfigError(f"data.label_studio.token: not set (and no {TOKEN_ENV} in the environment)", hint=f"export {TOKEN_ENV}=<your token>")
     register_secret(token)
@@ -132,28 +165,33 @@ def export_project(cfg, dest: Path) -> dict:
     base = cfg.url.rstrip("/") + "/"
     where = f"Label Studio at {cfg.url}"
     log.info("exporting project %s from %s", cfg.project_id, cfg.url)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
     try:
+        # A personal access token is exchanged for an access token here (POST /api/token/refresh/);
+        # an expired one is refused by the SDK before it is sent.
         client = LabelStudio(base_url=base, api_key=token, timeout=120)
         project = client.projects.get(id=cfg.project_id)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + ".part")
         with open(tmp, "wb") as fh:
             for chunk in client.projects.exports.download_sync(cfg.project_id, export_type="JSON"):
                 fh.write(chunk)
         os.replace(tmp, dest)
     except ApiError as exc:
         status = exc.status_code
+        detail = exc.body.get("detail") if isinstance(exc.body, dict) else None
         if status in (401, 403):
-            detail = exc.body.get("detail") if isinstance(exc.body, dict) else None
-            raise InputError(
-                f"{where}: the token was rejected ({status}{': ' + str(detail) if detail else ''})",
-                hint=f"create a new access token in Label Studio (Account & Settings) and set {TOKEN_ENV}",
-            ) from None
+            raise _rejected(where, status, detail, token, source) from None
         if status == 404:
             raise InputError(f"{where}: project {cfg.project_id} not found (404)", hint="check data.label_studio.project_id") from None
-        raise InputError(f"{where}: export failed with HTTP {status}") from None
+        raise InputError(f"{where}: export failed with HTTP {status}{': ' + str(detail) if detail else ''}") from None
     except httpx.HTTPError as exc:
         raise InputError(f"{where}: cannot connect ({type(exc).__name__}: {exc})", hint="check data.label_studio.url and that the server runs") from None
+    except json.JSONDecodeError:
+        # the SDK parses error bodies as JSON: an HTML page means something else answered (a proxy, a login page)
+        raise InputError(f"{where}: the answer was not JSON (is a proxy or login page in front of Label Studio?)",
+                         hint="check data.label_studio.url (the Label Studio base URL, without /api)") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     title = getattr(project, "title", None)
     log.info("exported project %s (%s) -> %s", cfg.project_id, title, dest.name)
     return {"url": cfg.url, "project_id": cfg.project_id, "title": title, "sha256": sha256_file(dest)}
