@@ -136,6 +136,4 @@ def resolve_dataset_info(data, root: Path) -> tuple[Any, Path | None]:
         except ValueError as exc:
             first = str(exc).splitlines()
             raise ConfigError(f"{where}: tags: {' '.join(first[1:3]) or first[0]}", hint=f"fix {info.file}") from None
-    log.info("%s: %s format%s", where, update.get("format", data.format),
-             f", columns {update['columns']}" if update["columns"] else "")
     return data.model_copy(update=update), path

@@ -96,7 +96,10 @@ def run(ctx: StageContext) -> StageResult:
     cfg = ctx.config
     pre = cfg.preprocess
     project = ctx.project
-    data, _ = resolve_dataset_info(cfg.data, project.root)
+    data, info = resolve_dataset_info(cfg.data, project.root)
+    if info is not None:
+        log.info("%s: entry %r: %s, %s format%s", project.rel(info), data.dataset_info.entry, project.rel(project.resolve(data.source)),
+                 data.format, f", columns {data.columns}" if data.columns else "")
     start = time.monotonic()
 
     renderer = LazyRenderer(cfg.model, project.root, pre.fast_render)
@@ -305,7 +308,7 @@ class _Stats:
         for name in names:
             self.placeholders[name] += 1
             lines = self.placeholder_lines.setdefault(name, [])
-            if len(lines) < PLACEHOLDER_LINES:
+            if len(lines) < PLACEHOLDER_LINES and (not lines or lines[-1] != line):  # one-line JSON: all on line 1
                 lines.append(line)
 
     def report_placeholders(self) -> None:
