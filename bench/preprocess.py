@@ -7,7 +7,9 @@ that chose workers) and `datasets.load_dataset("json") + .map(apply_chat_templat
 (the baseline). The host's speed drifts between minutes, so each round's ratio is printed and the
 summary takes each side's fastest round: rows/s, CPU seconds, the speed-up and peak memory (PSS
 summed over each process tree), and ftpipe's peak memory at N/10 rows to show memory stays flat in
-rows. Not part of the test suite (a test runs it on a few rows so it cannot rot).
+rows. Then the cost of one big row: 100 demo rows plus one 10 MiB row (refused by
+`preprocess.max_row_bytes` before it is parsed), and plus one row just under the default limit
+(1 MiB, tokenized). Not part of the test suite (a test runs it on a few rows so it cannot rot).
 
     .venv/bin/python bench/preprocess.py --rows 1000000
     .venv/bin/python bench/preprocess.py --rows 20000 --model models/tiny
@@ -53,6 +55,14 @@ def make_data(path: Path, rows: int) -> None:
             msgs = [dict(m) for m in row["messages"]]
             msgs[1]["content"] = f"{msgs[1]['content']} (review {i})"
             fh.write(json.dumps({"messages": msgs}) + "\n")
+
+
+def make_big_row(path: Path, size: int) -> None:
+    """100 demo rows and one messages row whose JSON line is about `size` bytes (the user turn)."""
+    base = [line for line in DEMO.read_text(encoding="utf-8").splitlines() if line.strip()][:100]
+    big = {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "ok"}]}
+    big["messages"][0]["content"] = "word " * ((size - len(json.dumps(big)) - 1) // 5)
+    path.write_text("\n".join([*base, json.dumps(big)]) + "\n", encoding="utf-8")
 
 
 def timed(argv: list[str], cwd: Path, env: dict) -> tuple[float, float, str]:
@@ -149,6 +159,12 @@ def main() -> None:
         print(f"ftpipe (N/10, cold tokenizer cache: AutoTokenizer, torch imported) {small_rows / c_sec:.0f} rows/s  "
               f"({c_sec:.1f} s wall)  peak memory {c_rss:.0f} MiB")
         s_sec, s_rss, _ = ftpipe_run(work, model, small, small_rows, env)  # warm, like the N-row runs
+        for label, size in (("10 MiB row", 10 * 2**20), ("row just under the 1 MiB limit", 2**20 - 64)):
+            path = work / f"big-row-{size}.jsonl"
+            make_big_row(path, size)
+            r_sec, r_rss, r_meta = ftpipe_run(work, model, path, size, env)
+            print(f"ftpipe, 100 rows + one {label}: peak memory {r_rss:.0f} MiB ({r_sec:.1f} s; kept "
+                  f"{r_meta['counts']['kept']}, dropped {({k: v for k, v in r_meta['counts']['dropped'].items() if v})})")
         best: dict[str, tuple[float, float, float]] = {}  # side -> (wall s, CPU s, peak MiB) of its fastest round
 
         def keep(side: str, sec: float, rss: float) -> None:
