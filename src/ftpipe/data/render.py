@@ -245,11 +245,14 @@ class Renderer:
         segmented: list[tuple[int, tuple]] = []
         checks: list[tuple[int, tuple]] = []
         for i, row in enumerate(rows):
-            problem = self.tools_problem(row)
-            if problem is not None:
-                results[i] = problem
-                continue
             shape = self._shape(row)
+            # A shape means no `tools` and only role/content keys: a tool role is the one tool use left
+            # to look for (a tuple scan; the full check per message cost ~5% of the stage).
+            if shape is None or "tool" in shape:
+                problem = self.tools_problem(row)
+                if problem is not None:
+                    results[i] = problem
+                    continue
             pieces = self._skeleton(shape) if shape is not None else None
             if pieces is None:
                 text = self._jinja(row)
