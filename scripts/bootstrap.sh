@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Create (or reuse) the stage environments from their lock files: bash scripts/bootstrap.sh [all | train awq serve gguf labelstudio]
+# Create (or reuse) the stage environments from their lock files:
+#   bash scripts/bootstrap.sh [all | stages | train awq serve gguf labelstudio]
+# all: every requirements/*.lock (the tests); stages: all but the test-only ones (the demo).
 # (labelstudio: the Label Studio server the tests start, not a stage environment; docs/setup.md)
 # A venv is reused when its recorded hash of (lock file + scripts/post-install-<env>.sh) matches;
 # otherwise it is rebuilt from scratch.
@@ -10,6 +12,8 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ $# -eq 0 ] && set -- train
 if [ "$1" = all ]; then set -- $(ls requirements/*.lock | xargs -n1 basename | sed 's/\.lock$//' | sort); fi
+TEST_ONLY="labelstudio"
+if [ "$1" = stages ]; then set -- $(ls requirements/*.lock | xargs -n1 basename | sed 's/\.lock$//' | grep -vxF "$TEST_ONLY" | sort); fi
 
 # pip, with the machine's noisy "Location ... is ignored" index warnings filtered; its exit code is kept.
 pipq() { "$dir/bin/pip" install -q --disable-pip-version-check "$@" 2> >(grep -v '^WARNING: Location' >&2); }

@@ -25,3 +25,14 @@ def test_setup_doc_names_every_lock() -> None:
     setup = (REPO / "docs/setup.md").read_text(encoding="utf-8")
     for path in (REPO / "requirements").glob("*.lock"):
         assert f"`requirements/{path.name}`" in setup, path.name
+
+
+def test_the_demo_builds_the_stage_environments_only() -> None:
+    """`bootstrap.sh stages` (demo.sh) = every lock but the test-only ones, which bootstrap lists itself."""
+    import re
+
+    bootstrap = (REPO / "scripts/bootstrap.sh").read_text()
+    test_only = re.search(r'^TEST_ONLY="([^"]*)"$', bootstrap, re.M).group(1).split()
+    assert set(test_only) == set(TEST_ENVIRONMENTS)
+    assert "bash scripts/bootstrap.sh stages" in (REPO / "scripts/demo.sh").read_text()
+    assert "bash scripts/bootstrap.sh all" in (REPO / "scripts/test.sh").read_text()
