@@ -96,7 +96,8 @@ def test_two_processes_equal_one_process(project, one_process):
     shards = dict(re.findall(r"rank (\d) of 2: (\d+) batches of 2 sequences per epoch", workers))
     total = int(re.search(r"its shard of the (\d+) training sequences", workers).group(1))
     assert set(shards) == {"0", "1"} and shards["0"] == shards["1"]
-    assert 2 * 2 * int(shards["0"]) in (total, total + 2)  # an odd last batch is evened out
+    # 2 ranks x 2 rows per batch cover every sequence once (a short last round is evened out)
+    assert total <= 2 * 2 * int(shards["0"]) < total + 2 * 2
     # ... and rank 0 alone wrote the stage's log, the TensorBoard events and the weights.
     run_log = (logs / "run.log").read_text()
     assert "rank 0 of 2:" in run_log and "rank 1 of 2:" not in run_log
