@@ -17,15 +17,7 @@ import pytest
 
 from ftpipe.core.errors import ConfigError, InputError
 from tests.data.conftest import Proj
-
-
-def chat(user, answer, system=None):
-    msgs = [{"role": "system", "content": system}] if system else []
-    return msgs + [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-
-
-def all_rows(proj):
-    return proj.out("train") + proj.out("val")
+from tests.data.test_formats import all_rows, chat
 
 
 def contents(proj):

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from ftpipe.core.errors import InputError
 from ftpipe.data.config import DataConfig, PreprocessConfig
 from ftpipe.data.formats import ROLES
-from ftpipe.data.preprocess_sft import _process, _Seen, _Stats, open_records
+from ftpipe.data.preprocess_sft import _process, _Seen, _Stats, open_input
 from ftpipe.data.readers import Source
 
 ROWS = {"total": 0}
@@ -133,7 +133,7 @@ def run_reader(path: Path, renderer, n_rows: int, fmt: str = "auto", **pre) -> t
     sink = io.StringIO()
     lengths = []
     try:
-        detected, records = open_records(Source(path, path.name), data, None)
+        detected, records, _ = open_input(Source(path, path.name), data, None)
         from array import array
 
         lengths = array("I")

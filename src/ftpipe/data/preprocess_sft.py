@@ -347,17 +347,6 @@ def _parsed(source: Source, item: tuple[int, Any, str | None]) -> tuple[int, Any
     return item
 
 
-def open_records(source: Source, data, progress: Callable | None,
-                 max_row_bytes: int = readers.NO_LIMIT) -> tuple[str, Iterator[tuple[int, Any, str | None]]]:
-    """Detect the file type and row format; return (format, iterator of (line, record)).
-
-    Raises:
-        InputError: unreadable file, or a format that cannot be detected / does not match.
-    """
-    fmt, records, _ = open_input(source, data, progress, max_row_bytes)
-    return fmt, records
-
-
 def open_input(source: Source, data, progress: Callable | None,
                max_row_bytes: int = readers.NO_LIMIT) -> tuple[str, Iterator[tuple[int, Any, str | None]], Any]:
     """(format, iterator of (line, record, JSON text), `data` with what the format needs filled in).
