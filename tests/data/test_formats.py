@@ -136,3 +136,19 @@ def test_label_studio_export_annotations(proj):
     proj.stage("data.label_studio.annotation=latest", "preprocess.val_fraction=0.0")
     answers = {r["messages"][0]["content"]: r["messages"][1]["content"] for r in proj.out("train")}
     assert answers["P2"] == "later"
+
+
+def test_quick_decoder_is_trusted_only_for_plain_messages_rows():
+    from ftpipe.data.rowwork import quick_plain
+
+    row = {"messages": [{"role": "user", "content": "é \\u00e9 😀"}, {"role": "assistant", "content": "ok"}]}
+    assert quick_plain(json.dumps(row)) == row
+    assert quick_plain(json.dumps(row, ensure_ascii=False)) == row
+    # Everything else goes to json.loads (same rows, same errors as before): not plain, numbers,
+    # NaN, lone surrogates, invalid JSON, deep nesting.
+    for line in ['{"messages": [{"role": "user", "content": "hi"}], "n": 123456789012345678901234567890}',
+                 '{"instruction": "a", "output": "b"}',
+                 '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": NaN}]}',
+                 '{"messages": [{"role": "user", "content": "\\ud800"}, {"role": "assistant", "content": "x"}]}',
+                 '{"messages": [', "[" * 5000 + "]" * 5000]:
+        assert quick_plain(line) is None, line

@@ -24,6 +24,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from orjson import loads as _orjson_loads
+
 from ftpipe.core.errors import FtpipeError, StageError
 from ftpipe.data import flat_exports, label_studio
 from ftpipe.data.formats import NORMALISERS, ROW_FORMATS, RowError, is_plain_messages, normalise_sharegpt
@@ -134,6 +136,22 @@ def fill_placeholders(row: dict, values: dict[str, str]) -> set[str]:
     return left
 
 
+def quick_plain(text: str) -> dict | None:
+    """The record of a JSONL line when orjson decodes it to a plain `{"messages": [...]}` row, else None.
+
+    orjson decodes these lines ~1.4x faster than `json.loads` (a sixth of the stage's Python time
+    on chat rows: docs/preprocess.md). Its result is used only for rows made of strings, where both
+    decoders agree by the JSON spec (orjson turns integers over 64 bits into floats, and rejects NaN,
+    lone surrogates and deep nesting that `json` accepts); every other line, valid or not, is
+    decoded by `json.loads`, so what a row becomes and the errors a user sees do not change.
+    """
+    try:
+        record = _orjson_loads(text)
+    except ValueError:
+        return None
+    return record if is_plain_messages(record) else None
+
+
 def prepare_batch(source_name: str, items: list[tuple[int, Any, str | None]], fmt: str, data, pre, lazy) -> tuple[list[Outcome], dict[str, int]]:
     """Outcomes of a batch of `(line, record, text)` items, and the renderer's counters for it."""
     normalise = normaliser(fmt, data)
@@ -142,16 +160,22 @@ def prepare_batch(source_name: str, items: list[tuple[int, Any, str | None]], fm
     outcomes: list[Outcome] = []
     rows: list[tuple[int, int, dict, str]] = []  # (index in outcomes, line, row, encoded)
     for line, record, text in items:
+        plain = False
         if isinstance(record, Unparsed):
-            try:
-                record = parse_jsonl_line(source_name, line, text, record.last)
-            except FtpipeError as err:  # a truncated file: nothing follows
-                outcomes.append(("fatal", err.message, err.hint))
-                break
+            if fast_ok:
+                quick = quick_plain(text)
+                if quick is not None:
+                    record, plain = quick, True
+            if not plain:
+                try:
+                    record = parse_jsonl_line(source_name, line, text, record.last)
+                except FtpipeError as err:  # a truncated file: nothing follows
+                    outcomes.append(("fatal", err.message, err.hint))
+                    break
         if isinstance(record, RowError):
             outcomes.append(("bad", line, record))
             continue
-        if fast_ok and text is not None and "{{" not in text and not _ESCAPED_SURROGATE.search(text) and is_plain_messages(record):
+        if fast_ok and text is not None and "{{" not in text and not _ESCAPED_SURROGATE.search(text) and (plain or is_plain_messages(record)):
             # Already a plain {"messages": [{role, content}...]} line: keep its JSON text as is.
             row, encoded = record, text.strip()
         else:
