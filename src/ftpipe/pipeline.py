@@ -146,7 +146,7 @@ def run_pipeline(
         stage = table.get(name)
         if on_stage:
             on_stage(name, None)
-        paths = _manifest_paths(project, run, stage, loaded.config.data.name)
+        paths = _manifest_paths(project, run, stage, table.dataset_of(stage, loaded.config))
         before = _stamp(paths)
         start = time.monotonic()
         # Starting a server only to repeat a passing check of the same artifact, prompts and config

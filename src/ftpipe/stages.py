@@ -84,6 +84,9 @@ class Stage:
     display: Literal["metrics", "artifacts"] = "metrics"  # how the CLI prints the result
     environment_when: tuple[str, Any, str] | None = None  # (config key, value, environment) overrides
     checked_by: str | None = None  # a server step: started, checked by this stage, stopped
+    # "section.key" naming the prepared set a project-scoped stage writes: its manifest and logs go to
+    # logs/_prepared/<that name>/ (preprocess-sft: data.name, preprocess-dpo: preference.name).
+    dataset: str = "data.name"
 
     @property
     def sections(self) -> tuple[str, ...]:
@@ -115,6 +118,20 @@ STAGES: tuple[Stage, ...] = (
             Option("--strict", bool, "Fail on the first bad row instead of dropping it.", key="preprocess.strict",
                    default=False),
             Option("--source", Path, "Input file (overrides data.source).", key="data.source", absolute=True),
+        ),
+    ),
+    Stage(
+        "preprocess-dpo", "ftpipe.data.preprocess_dpo", "train",
+        "Validate, normalise to preference pairs (prompt, chosen, rejected), dedupe, measure and split "
+        "preference data into prepared/<preference.name>/.",
+        scope="project", progress="read", dataset="preference.name",
+        owns=(Section("preference", "ftpipe.data.config:PreferenceConfig", "preprocess-dpo."),),
+        options=(
+            Option("--format", str, key="preference.format"),
+            Option("--strict", bool, "Fail on the first bad row instead of dropping it.", key="preference.strict",
+                   default=False),
+            Option("--source", Path, "Input file (overrides preference.source).", key="preference.source",
+                   absolute=True),
         ),
     ),
     Stage(
@@ -223,6 +240,12 @@ def environments() -> dict[str, list[str]]:
     return envs
 
 
+def dataset_of(stage: Stage, config: Any) -> str:
+    """The name of the prepared set a project-scoped stage writes (`Stage.dataset`, e.g. data.name)."""
+    section, field = stage.dataset.split(".")
+    return getattr(getattr(config, section), field)
+
+
 def module(stage: Stage):
     """The stage's module (imported here, when it runs: `ftpipe --help` imports none)."""
     return importlib.import_module(stage.module)
@@ -246,7 +269,7 @@ def prepare(stage: Stage, loaded, run_name: str | None = None, force: bool = Fal
     ctx = StageContext(stage.name, loaded, project, project.root, None, force or not stage.force, dict(options),
                        spec=stage, upstream=upstream)
     if stage.scope == "project":
-        ctx.log_dir = project.prepared_log_dir(loaded.config.data.name)
+        ctx.log_dir = project.prepared_log_dir(dataset_of(stage, loaded.config))
         return ctx, module(stage).prepare(ctx)
     if stage.scope == "run":
         ctx.run = open_run(project, run_name)

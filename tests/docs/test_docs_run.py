@@ -122,6 +122,14 @@ FILES = {
     "data/identity.json": json.dumps([{"instruction": f"Who are you? ({i})", "input": "",
                                        "output": "I am {{name}}, an AI assistant developed by {{author}}."}
                                       for i in range(20)]),
+    # docs/dpo.md: TRL preference rows, and a Label Studio export of a Pairwise project (task 11 unannotated).
+    "data/prefs.jsonl": "".join(json.dumps({"prompt": q, "chosen": a, "rejected": "no" if a == "yes" else "yes"}) + "\n"
+                                for q, a in _REVIEWS),
+    "data/prefs-export.json": json.dumps(
+        [{"id": i, "data": {"prompt": q, "answer1": a, "answer2": "no" if a == "yes" else "yes"},
+          "annotations": [{"id": i, "result": [{"from_name": "comparison", "to_name": "answer1", "type": "pairwise",
+                                                "value": {"selected": "left"}}]}] if i < 10 else []}
+         for i, (q, a) in enumerate(_REVIEWS[:11])], indent=1),
 }
 
 
@@ -246,6 +254,12 @@ STEPS: list[Step] = [
     Step("ftpipe preprocess-sft --set data.source=null --set data.dataset_info.file=data/dataset_info.json "
          "--set data.dataset_info.entry=identity --set data.placeholders.name=ftpipe "
          "--set data.placeholders.author=me --force", expect=r"18 train \+ 2 val rows"),
+    # docs/dpo.md: preference data.
+    Step("data/prefs.jsonl", "setup", why="the TRL preference rows dpo.md reads"),
+    Step("ftpipe preprocess-dpo --source data/prefs.jsonl", expect=r"18 train \+ 2 val pairs"),
+    Step("data/prefs-export.json", "setup", why="the Label Studio pairwise export dpo.md reads"),
+    Step("ftpipe preprocess-dpo --source data/prefs-export.json --format label_studio --set preference.name=rlhf",
+         expect=r"prepared/rlhf/: 9 train \+ 1 val pairs \(1 dropped\)"),
 ]
 
 

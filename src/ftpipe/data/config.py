@@ -1,6 +1,7 @@
-"""Config sections `data` (which dataset) and `preprocess` (how to prepare it).
+"""Config sections `data` (which dataset) and `preprocess` (how to prepare it), and `preference`
+(the preference pairs of `preprocess-dpo`).
 
-Owned by the preprocess stage (`ftpipe/data/preprocess_sft.py`); nested into the root config
+Owned by the preprocess stages (`ftpipe/data/preprocess_sft.py`, `preprocess_dpo.py`); nested into the root config
 (`ftpipe/config.py`) by the stage table (`ftpipe/stages.py`). Imports only pydantic so `ftpipe --help` stays instant.
 """
 
@@ -133,3 +134,48 @@ class PreprocessConfig(Section):
         json_schema_extra={"in_hash": False},
     )
     errors_shown: int = Field(10, ge=0, description="How many bad rows to print (all are counted).")
+
+
+class PairwiseLabelStudioConfig(Section):
+    """Which task fields and result a Label Studio pairwise export (format `label_studio`) uses."""
+
+    prompt_field: str = Field("prompt", description="Task data field holding the prompt.")
+    left_field: str = Field(
+        "answer1", description="Task data field of the left answer (the first `toName` of the Pairwise tag)."
+    )
+    right_field: str = Field("answer2", description="Task data field of the right answer.")
+    from_name: str | None = Field(
+        None, description="`from_name` of the Pairwise result to use; default: the first pairwise result."
+    )
+    annotation: Literal["ground_truth", "latest"] = Field(
+        "ground_truth", description="Which annotation to use when a task has several."
+    )
+
+
+class PreferenceConfig(Section):
+    """The preference pairs `preprocess-dpo` reads, validates, measures and splits."""
+
+    name: str = Field("preference", description="Preference set name: output goes to prepared/<name>/.")
+    source: str | None = Field(None, description="Input file (relative to the project root).")
+    format: Literal["auto", "trl", "sharegpt", "alpaca", "label_studio"] = Field(
+        "auto", description="Input format; `auto` detects it from the first valid row."
+    )
+    val_source: str | None = Field(None, description="Optional separate validation file (same formats).")
+    val_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Fraction of pairs held out for val (when val_source is not set)."
+    )
+    seed: int = Field(42, description="Seed of the deterministic train/val split.")
+    max_length: int = Field(
+        2048, gt=0, description="Token budget of a pair: the prompt plus the longer answer, rendered with the "
+        "model's chat template; longer pairs are dropped and counted.",
+    )
+    dedupe: bool = Field(True, description="Drop exact duplicate pairs (same prompt, chosen and rejected).")
+    strict: bool = Field(False, description="Fail on the first bad row instead of dropping it.")
+    errors_shown: int = Field(10, ge=0, description="How many bad rows to print (all are counted).")
+    max_row_bytes: int = Field(
+        2**20, gt=0, description="A row bigger than this (bytes of its JSON line / cells) is a row error, "
+        "before parsing and tokenization.",
+    )
+    label_studio: PairwiseLabelStudioConfig = Field(
+        default_factory=PairwiseLabelStudioConfig, description="Label Studio pairwise export settings."
+    )

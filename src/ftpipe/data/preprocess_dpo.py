@@ -1,0 +1,349 @@
+"""Stage `preprocess-dpo`: read preference data, validate and normalise it to pairs, split, measure.
+
+Runs on its own (not a default stage of `ftpipe run`); `finetune-dpo` reads its output through
+`ftpipe.handoff.pairs`. Input: `preference.source` (and optionally `preference.val_source`) as
+JSON, JSONL, CSV or Parquet, plain or `.gz` / `.bz2` / `.zst`, in one of the formats of
+`ftpipe/data/preference_formats.py` (TRL, LLaMA-Factory sharegpt / alpaca preference rows, a Label
+Studio Pairwise export). Output:
+
+    prepared/<preference.name>/train.jsonl, val.jsonl   {"prompt": [...], "chosen": [...], "rejected": [...]}
+    prepared/<preference.name>/metadata.json            counts, drop reasons, token lengths, tokenizer
+    logs/_prepared/<preference.name>/manifest.json      (written by ftpipe.core.stage.execute)
+
+Rows are streamed: read -> normalise -> dedupe -> render prompt+chosen and prompt+rejected with the
+chat template and count tokens (in batches) -> drop pairs over `preference.max_length` -> a temporary
+file; the kept pairs are then split by seed into train and val. A bad row is one line
+`file:line: field: what`, the first `preference.errors_shown` printed, all counted in metadata.json.
+
+    ftpipe preprocess-dpo --config config.yaml --source data/prefs.jsonl
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+import time
+from array import array
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from ftpipe.core.errors import ConfigError, InputError
+from ftpipe.core.fsutil import atomic_write_json, sha256_file
+from ftpipe.core.runs import Project
+from ftpipe.core.stage import StageContext, StageResult
+from ftpipe.data import preference_formats, readers
+from ftpipe.data.formats import RowError, describe_keys, detect_row_format
+# The dedupe filter, the hashed output writer and the token summary are preprocess-sft's own.
+from ftpipe.data.preprocess_sft import _Seen, _Writer, token_stats
+from ftpipe.data.readers import Source
+from ftpipe.data.rowwork import LazyRenderer, batches, encode_row
+from ftpipe.handoff.pairs import pairs_dir
+
+log = logging.getLogger(__name__)
+
+BATCH = 256  # pairs rendered and counted together
+ERRORS_KEPT = 100  # bad-row messages kept in metadata.json (all are counted)
+DETECT_PEEK = 100  # records looked at to find the first valid one
+NOT_ERRORS = ("no_annotation",)  # dropped, but not a malformed row: not shown, not --strict
+COMMAND = "ftpipe preprocess-dpo"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+SHAPES = ("prompt+chosen+rejected (trl), chosen+rejected (trl, implicit prompt), conversations+chosen+rejected "
+          "(sharegpt), instruction+chosen+rejected (alpaca), or a Label Studio export")
+
+
+def prepare(ctx: StageContext) -> dict[str, Path]:
+    """Check the settings and that the input files exist; prepared/<preference.name>/ is project-wide.
+
+    Raises:
+        ConfigError / InputError: bad config or a missing file (exit 2).
+    """
+    from ftpipe.core.model_ref import resolve_model
+
+    cfg = ctx.config
+    pref = cfg.preference
+    project = ctx.project
+    if pref.name == cfg.data.name:
+        raise ConfigError(f"preference.name {pref.name!r} is also data.name: the pairs would overwrite the SFT "
+                          f"data in prepared/{pref.name}/", hint=f"--set preference.name={pref.name}-pairs")
+    if not pref.source:
+        raise ConfigError("preference.source: not set", hint=f"{COMMAND} --source PATH (or set preference.source)")
+    inputs = {"source": _existing(project, pref.source, "preference.source")}
+    if pref.val_source:
+        inputs["val_source"] = _existing(project, pref.val_source, "preference.val_source")
+    ref = resolve_model(cfg.model, project.root)
+    if ref.path:
+        inputs["model"] = Path(ref.path)
+    return inputs
+
+
+def _existing(project: Project, path: str, key: str) -> Path:
+    resolved = project.resolve(path)
+    if not resolved.is_file():
+        raise InputError(f"{key} {path}: preference file not found", hint=f"check {key} (relative to {project.root})")
+    return resolved
+
+
+def run(ctx: StageContext) -> StageResult:
+    """Read, validate, normalise, dedupe, measure, split and write `prepared/<preference.name>/`."""
+    import numpy as np
+
+    cfg = ctx.config
+    pref = cfg.preference
+    project = ctx.project
+    start = time.monotonic()
+    renderer = LazyRenderer(cfg.model, project.root, fast=True)
+    out_dir = pairs_dir(project, pref.name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    path = project.resolve(pref.source)
+    main = Source(path, project.rel(path))
+    sources = [("train", main)]
+    if pref.val_source:
+        path = project.resolve(pref.val_source)
+        sources.append(("val", Source(path, project.rel(path))))
+
+    stats = _Stats(pref.strict, pref.errors_shown)
+    seen = _Seen()
+    kept: dict[str, tuple[Path, array]] = {}
+    formats: dict[str, str] = {}
+    try:
+        for role, source in sources:
+            fmt, container, records = open_pairs(source, pref.format, ctx.options.get("progress") if role == "train"
+                                                 else None, pref.max_row_bytes)
+            formats[role] = fmt
+            tmp = out_dir / f".{role}.kept.tmp"
+            kept[role] = (tmp, array("I"))
+            with open(tmp, "w", encoding="utf-8") as sink:
+                _process(source, fmt, container, records, pref, renderer, stats, seen, sink, kept[role][1])
+            log.info("%s: %s format, %d rows read so far, %d pairs kept", source.name, fmt, stats.read,
+                     len(kept[role][1]))
+    except BaseException:
+        _cleanup(kept)
+        raise
+
+    n_main = len(kept["train"][1])
+    if n_main == 0:
+        _cleanup(kept)
+        raise InputError(f"{main.name}: {stats.empty_reason()}", hint=stats.empty_hint(main.name))
+    if stats.errors:
+        log.warning("%d bad rows dropped (first %d shown above; all counted in metadata.json)",
+                    stats.errors, min(stats.errors, pref.errors_shown))
+
+    train_out, val_out = out_dir / "train.jsonl", out_dir / "val.jsonl"
+    writers = {"train": _Writer(train_out), "val": _Writer(val_out)}
+    lengths = array("I")
+    train_tmp, train_lengths = kept["train"]
+    if pref.val_source:
+        with open(train_tmp, encoding="utf-8") as fh:
+            for line in fh:
+                writers["train"].write(line)
+        val_tmp, val_lengths = kept["val"]
+        with open(val_tmp, encoding="utf-8") as fh:
+            for line in fh:
+                writers["val"].write(line)
+        lengths.extend(train_lengths)
+        lengths.extend(val_lengths)
+    else:
+        n_val = min(max(1, round(n_main * pref.val_fraction)), n_main - 1) if pref.val_fraction > 0 else 0
+        is_val = np.zeros(n_main, dtype=bool)
+        is_val[np.random.default_rng(pref.seed).choice(n_main, n_val, replace=False)] = True
+        with open(train_tmp, encoding="utf-8") as fh:
+            for i, line in enumerate(fh):
+                writers["val" if is_val[i] else "train"].write(line)
+        lengths.extend(train_lengths)
+    outputs = {role: writer.close() for role, writer in writers.items()}
+    tokenizer = renderer.record()
+    _cleanup(kept)
+
+    seconds = time.monotonic() - start
+    val_source = sources[1][1] if pref.val_source else None
+    metadata = {
+        "dataset": pref.name,
+        "kind": "preference",
+        "source": {"path": main.name, "sha256": sha256_file(main.path), "bytes": main.path.stat().st_size},
+        "format": formats["train"],
+        "val_source": {"path": val_source.name, "format": formats["val"], "sha256": sha256_file(val_source.path)}
+        if val_source else None,
+        "counts": {
+            "read": stats.read,
+            "kept": outputs["train"]["rows"] + outputs["val"]["rows"],
+            "train": outputs["train"]["rows"],
+            "val": outputs["val"]["rows"],
+            "dropped": dict(stats.dropped),
+        },
+        "errors": {"count": stats.errors, "first": stats.messages},
+        # Tokens of a pair: the prompt plus the longer of its two answers, as rendered by the chat template.
+        "tokens": token_stats(lengths, pref.max_length),
+        "tokenizer": tokenizer,
+        "render": {key: stats.render.get(key, 0) for key in ("fast", "jinja", "mismatches", "segmented")},
+        "settings": pref.model_dump(mode="json"),
+        "outputs": {f"{role}.jsonl": rec for role, rec in outputs.items()},
+        "rows_per_second": round(stats.read / seconds, 1) if seconds > 0 else None,
+    }
+    meta_path = out_dir / "metadata.json"
+    atomic_write_json(meta_path, metadata)
+    dropped = sum(stats.dropped.values())
+    metrics = {
+        "rows_read": stats.read,
+        "pairs_kept": metadata["counts"]["kept"],
+        "pairs_train": outputs["train"]["rows"],
+        "pairs_val": outputs["val"]["rows"],
+        **{f"dropped_{k}": v for k, v in sorted(stats.dropped.items())},
+        "tokens_p50": metadata["tokens"]["p50"],
+        "tokens_max": metadata["tokens"]["max"],
+    }
+    summary = (f"{project.rel(out_dir)}/: {outputs['train']['rows']} train + {outputs['val']['rows']} val pairs "
+               f"({dropped} dropped)")
+    return StageResult(outputs=[train_out, val_out, meta_path], metrics=metrics, summary=summary)
+
+
+def open_pairs(source: Source, fmt: str, progress: Callable | None,
+               max_row_bytes: int) -> tuple[str, str, Iterator[tuple[int, Any, str | None]]]:
+    """(format, container, iterator of (line, record, text)) of one preference file.
+
+    The format is detected from the first valid record (`fmt` auto), or checked against it.
+
+    Raises:
+        InputError: unreadable file; SFT data; a format that cannot be detected or does not match.
+    """
+    container = readers.container_of(source)
+    if container == "csv":
+        records = readers.read_csv(source, {}, progress, max_row_bytes)
+    elif container == "parquet":
+        records = readers.read_parquet(source, {}, progress, max_row_bytes)
+    elif container == "json":
+        records = readers.read_json_array(source, progress, max_row_bytes)
+    else:
+        records = readers.read_jsonl(source, progress, max_row_bytes=max_row_bytes)
+    head = list(itertools.islice(records, DETECT_PEEK))
+    records = itertools.chain(head, records)
+    valid = [(line, r) for line, r, _ in head if not isinstance(r, RowError)]
+    if not valid:  # no rows, or only bad ones: reported row by row
+        return ("trl" if fmt == "auto" else fmt), container, records
+    # The first record whose shape is known decides (a broken first row stays that row's error).
+    line, record, detected = next(((line, r, f) for line, r in valid
+                                   if (f := preference_formats.detect(r, container)) is not None),
+                                  (*valid[0], None))
+    if detected is None:
+        sft = detect_row_format(record)
+        if sft is not None:
+            raise InputError(f"{source.name}:{line}: rows look like SFT data ({sft}: {describe_keys(record)}), not "
+                             f"preference pairs: no chosen and rejected",
+                             hint=f"ftpipe preprocess-sft --source {source.name} for SFT data; preference rows are "
+                             f"{SHAPES}")
+        if fmt == "auto":
+            raise InputError(f"{source.name}:{line}: cannot detect the preference format: {describe_keys(record)} "
+                             f"match none of {SHAPES}", hint="rename the keys (docs/dpo.md), or pass --format")
+    elif fmt != "auto" and detected != fmt:
+        raise InputError(f"{source.name}:{line}: --format {fmt} does not match the file: rows look like {detected}",
+                         hint=f"--format {detected} (or --format auto)")
+    return (detected if fmt == "auto" else fmt), container, records
+
+
+class _Stats:
+    """Counts per drop reason and the bad-row messages (first few logged, first 100 kept)."""
+
+    def __init__(self, strict: bool, shown: int) -> None:
+        self.strict, self.shown = strict, shown
+        self.read = 0
+        self.errors = 0
+        self.dropped: Counter = Counter({"invalid": 0, "identical": 0, "duplicate": 0, "too_long": 0})
+        self.render: Counter = Counter()
+        self.messages: list[str] = []
+        self.first: dict[str, str] = {}  # drop reason -> where its first row is
+
+    def drop(self, reason: str, where: str) -> None:
+        self.dropped[reason] += 1
+        self.first.setdefault(reason, where)
+
+    def bad(self, source: Source, line: int, err: RowError) -> None:
+        what = err.what.replace("preprocess.max_row_bytes", "preference.max_row_bytes")  # the readers' wording
+        self.drop(err.reason, f"{source.name}:{line} {err.field}")
+        if err.reason in NOT_ERRORS:
+            return
+        message = f"{source.name}:{line}: {err.field}: {what}"
+        if self.strict:
+            raise InputError(message, hint="fix the row, or run without --strict to drop bad rows")
+        self.errors += 1
+        if self.errors <= self.shown:
+            log.warning("%s", message)
+        if len(self.messages) < ERRORS_KEPT:
+            self.messages.append(message)
+
+    def empty_reason(self) -> str:
+        if self.read == 0:
+            return "no rows in the file"
+        parts = [f"{n} {reason.replace('_', ' ')}" + (f" (first: {self.first[reason]})" if reason in self.first else "")
+                 for reason, n in self.dropped.items() if n]
+        return f"no usable preference pairs ({self.read} read; dropped: {', '.join(parts)})"
+
+    def empty_hint(self, source: str) -> str:
+        total = sum(self.dropped.values())
+        if total and self.dropped["too_long"] == total:
+            return f"raise the budget: {COMMAND} --set preference.max_length=4096"
+        if total and self.dropped.get("too_large") == total:
+            return f"raise preference.max_row_bytes, or split the rows: {COMMAND} --set preference.max_row_bytes=8388608"
+        if total and self.dropped.get("no_annotation") == total:
+            return f"annotate the tasks in Label Studio, export the project again, then: {COMMAND} --source EXPORT.json"
+        if self.errors:
+            return f"fix the rows named above (or pass --format), then: {COMMAND} --source {source}"
+        return f"check preference.source, then: {COMMAND} --source PATH"
+
+
+def _process(source: Source, fmt: str, container: str, records, pref, renderer: LazyRenderer, stats: _Stats,
+             seen: _Seen, sink, lengths: array) -> None:
+    """Normalise, dedupe, count tokens and filter one source; kept pairs go to `sink` as JSON lines."""
+    normalise = preference_formats.normaliser(fmt, pref.label_studio)
+    cells = container in ("csv", "parquet")
+    for batch in batches(records, BATCH):
+        pending: list[tuple[int, dict, str]] = []  # (line, pair, JSON line)
+        for line, record, _ in batch:
+            stats.read += 1
+            if isinstance(record, RowError):
+                stats.bad(source, line, record)
+                continue
+            try:
+                pair = normalise(preference_formats.json_cells(record) if cells else record)
+                encoded = encode_row(pair)
+            except RowError as err:
+                stats.bad(source, line, err)
+                continue
+            bad = _SURROGATE.search(encoded)
+            if bad:  # JSON "\ud800" without its pair: not text (the tokenizer and UTF-8 output refuse it)
+                stats.bad(source, line, RowError("<row>", f"not valid Unicode: a lone surrogate \\u{ord(bad.group()):04x}"))
+                continue
+            if pref.dedupe and not seen.add(hash(encoded)):
+                stats.drop("duplicate", f"{source.name}:{line}")
+                continue
+            pending.append((line, pair, encoded))
+        if not pending:
+            continue
+        r = renderer.get()
+        before = dict(r.stats)
+        counts = r.measure([{"messages": pair["prompt"] + pair[key]}
+                            for _, pair, _ in pending for key in ("chosen", "rejected")])
+        stats.render.update({k: v - before.get(k, 0) for k, v in r.stats.items()})
+        out = []
+        for i, (line, _, encoded) in enumerate(pending):
+            chosen, rejected = counts[2 * i], counts[2 * i + 1]
+            failed = next(((key, n) for key, n in (("chosen", chosen), ("rejected", rejected))
+                           if isinstance(n, Exception)), None)
+            if failed is not None:
+                reason = " ".join(str(failed[1]).split())[:200] or type(failed[1]).__name__
+                stats.bad(source, line, RowError(failed[0], f"the chat template rejects prompt + {failed[0]}: {reason}"))
+                continue
+            n = max(chosen, rejected)
+            if n > pref.max_length:
+                stats.drop("too_long", f"{source.name}:{line}, {n} tokens > preference.max_length={pref.max_length}")
+                continue
+            out.append(encoded)
+            lengths.append(n)
+        if out:
+            sink.write("\n".join(out) + "\n")
+
+
+def _cleanup(kept: dict) -> None:
+    for tmp, _ in kept.values():
+        tmp.unlink(missing_ok=True)
