@@ -30,8 +30,10 @@ for env in "$@"; do
     continue
   fi
   echo "bootstrap: building $dir from $lock"
+  started=$(date +%s)
   rm -rf "$dir"
   "$PYTHON" -m venv "$dir"
+  echo $$ > "$dir/.ftpipe-building"  # ftpipe print-runtime: "building" while this runs, "incomplete" if it stops
   if grep -q '^torch==' "$lock"; then
     pipq "$(grep '^torch==' "$lock")"
   fi
@@ -40,4 +42,6 @@ for env in "$@"; do
   if [ -f "scripts/post-install-$env.sh" ]; then bash "scripts/post-install-$env.sh" "$dir"; fi
   "$dir/bin/python" -c "import ftpipe" # fail here, not in the middle of a test run
   echo "$want" > "$dir/.ftpipe-lock"
+  rm -f "$dir/.ftpipe-building"
+  echo "bootstrap: $dir built in $(( $(date +%s) - started )) s"
 done

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -52,9 +53,38 @@ def test_print_runtime_json_names_every_environment() -> None:
     assert train["versions"]["transformers"].startswith("5.") and "torch" in train["versions"]
     for env in report["environments"].values():
         assert env["installed"] == bool(env["versions"])
+    assert train["state"] == "ready"  # test.sh built it from requirements/train.lock just now
     assert report["prepared_dir"] == "prepared/sentiment"
     assert isinstance(report["devices"]["cpu_bf16"], bool)
     assert set(report["docker"]) == {"client", "engine", "compose"}
+
+
+def test_environment_state_follows_bootstrap_markers(tmp_path: Path, monkeypatch) -> None:
+    import hashlib
+
+    from ftpipe.core.executor import ENVIRONMENTS
+    from ftpipe.core.runtime_info import environment_state
+
+    monkeypatch.setenv("FTPIPE_VENV_ROOT", str(tmp_path))
+    env = ENVIRONMENTS["awq"]
+    assert environment_state(tmp_path, env) == "missing (bash scripts/bootstrap.sh awq)"
+    folder = tmp_path / ".venv-awq"
+    folder.mkdir()
+    assert environment_state(tmp_path, env).startswith("unmanaged (")
+    (folder / ".ftpipe-building").write_text(str(os.getpid()))
+    assert environment_state(tmp_path, env) == f"building (bootstrap.sh, pid {os.getpid()})"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (folder / ".ftpipe-building").write_text(str(dead.pid))
+    assert environment_state(tmp_path, env) == "incomplete (a build stopped midway: bash scripts/bootstrap.sh awq)"
+    (folder / ".ftpipe-building").unlink()
+    (folder / ".ftpipe-lock").write_text("0" * 64 + "\n")
+    assert environment_state(tmp_path, env) == "stale (requirements/awq.lock changed: bash scripts/bootstrap.sh awq)"
+    # The digest bootstrap.sh writes: sha256 of the lock file followed by its post-install script.
+    post = REPO / "scripts/post-install-awq.sh"
+    data = (REPO / "requirements/awq.lock").read_bytes() + (post.read_bytes() if post.is_file() else b"")
+    (folder / ".ftpipe-lock").write_text(hashlib.sha256(data).hexdigest() + "\n")
+    assert environment_state(tmp_path, env) == "ready"
 
 
 def test_print_runtime_for_a_run(tmp_path: Path) -> None:

@@ -6,13 +6,14 @@ is true for the venv that will run the stage, not for the one printing it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from ftpipe.core.executor import ENVIRONMENTS, docker_available, venv_python
+from ftpipe.core.executor import ENVIRONMENTS, Environment, docker_available, venv_dir, venv_python
 from ftpipe.core.manifest import TRACKED_PACKAGES
 from ftpipe.core.runs import Project, RunDir
 
@@ -35,6 +36,37 @@ def environment_versions(python: Path) -> dict[str, str] | None:
         return json.loads(proc.stdout) if proc.returncode == 0 else None
     except (OSError, subprocess.TimeoutExpired, json.JSONDecodeError):
         return None
+
+
+def environment_state(root: Path, env: Environment) -> str:
+    """Whether an environment matches its lock file, as `scripts/bootstrap.sh` decides.
+
+    bootstrap.sh records sha256(requirements/<env>.lock + scripts/post-install-<env>.sh) in the
+    venv's `.ftpipe-lock` once the build completed; while it builds, `.ftpipe-building` holds its pid.
+
+    Returns:
+        "ready", "building (...)", "incomplete (...)", "stale (...)", "missing (...)" or
+        "unmanaged (...)", each but the first with the command that fixes it.
+    """
+    checkout = Path(__file__).resolve().parents[3]
+    fix = f"bash scripts/bootstrap.sh {env.name}"
+    lock = checkout / "requirements" / f"{env.name}.lock"
+    folder = venv_dir(root, env)
+    building = folder / ".ftpipe-building"
+    if building.is_file():
+        pid = building.read_text(encoding="utf-8").strip()
+        alive = pid.isdigit() and Path(f"/proc/{pid}").exists()
+        return f"building (bootstrap.sh, pid {pid})" if alive else f"incomplete (a build stopped midway: {fix})"
+    if not folder.exists():
+        return f"missing ({fix})"
+    marker = folder / ".ftpipe-lock"
+    if not lock.is_file() or not marker.is_file():
+        return f"unmanaged (not built by bootstrap.sh: {fix} rebuilds it)"
+    post = checkout / "scripts" / f"post-install-{env.name}.sh"
+    digest = hashlib.sha256(lock.read_bytes() + (post.read_bytes() if post.is_file() else b"")).hexdigest()
+    if marker.read_text(encoding="utf-8").strip() != digest:
+        return f"stale (requirements/{env.name}.lock changed: {fix})"
+    return "ready"
 
 
 def cpu_flags() -> set[str]:
@@ -108,6 +140,7 @@ def runtime_report(loaded, run: RunDir | None, stages_by_environment: dict[str, 
             "venv": env.venv,
             "service": env.service,
             "installed": versions is not None,
+            "state": environment_state(project.root, env),
             "stages": sorted(stages_by_environment.get(name, [])),
             "versions": versions or {},
         }
