@@ -99,7 +99,8 @@ class Stage:
 
 
 SERVER_OPTIONS = (
-    Option("--artifact", str, "What to serve: merged, awq, adapter (vLLM) or gguf (llama.cpp).", key="serve.artifact"),
+    Option("--artifact", str, "What to serve: merged, awq, adapter, adapters (vLLM: the SFT and DPO adapters side by "
+           "side) or gguf (llama.cpp).", key="serve.artifact"),
     Option("--host", str, "Bind address (default 127.0.0.1).", key="serve.host"),
     Option("--port", int, "Port.", key="serve.port"),
     Option("--api-key", str, "Bearer key clients must send; required off loopback. Prefer the FTPIPE_API_KEY "
@@ -166,9 +167,9 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "eval-sft", "ftpipe.eval.eval_sft", "train",
-        "Perplexity (val, assistant tokens), prompt checks and samples for each artifact of a run.",
+        "Perplexity (val, assistant tokens), prompt checks, samples and preference accuracy for each artifact of a run.",
         scope="run", default=True, upstream=("finetune-sft",), display="artifacts",
-        owns=(Section("eval", "ftpipe.eval.config:EvalConfig", "eval-sft."),), reads=("data",),
+        owns=(Section("eval", "ftpipe.eval.config:EvalConfig", "eval-sft."),), reads=("data", "preference"),
     ),
     Stage(
         "export-gguf", "ftpipe.export.export_gguf", "gguf",

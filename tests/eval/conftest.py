@@ -180,3 +180,88 @@ def cli(command: str, root: Path, *args: str, env: dict | None = None):
 def evaluated(tuned_project):
     """`ftpipe eval-sft` run once on the tuned project: (project root, CLI result)."""
     return tuned_project, cli("eval-sft", tuned_project, "--run", RUN)
+
+
+# ---------------------------------------------------------------------- preference tuning (DPO)
+
+PREF = "sentiment-pref"  # preference.name: prepared/sentiment-pref/{train,val}.jsonl
+OPPOSITE = {"positive": "negative", "negative": "positive"}
+
+
+def write_pairs(root: Path) -> None:
+    """prepared/sentiment-pref/ in the shape preprocess-dpo writes (`ftpipe.handoff.pairs`), made from
+    the prepared sentiment split: prompt = system + review, chosen = the right label, rejected = the
+    other one; and the `preference` section in config.yaml that names it."""
+    out = root / "prepared" / PREF
+    out.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val"):
+        lines = []
+        for line in (root / "prepared" / "sentiment" / f"{split}.jsonl").read_text(encoding="utf-8").splitlines():
+            messages = json.loads(line)["messages"]
+            label = messages[-1]["content"]
+            lines.append(json.dumps({"prompt": messages[:-1], "chosen": [{"role": "assistant", "content": label}],
+                                     "rejected": [{"role": "assistant", "content": OPPOSITE[label]}]}))
+        (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with open(root / "config.yaml", "a", encoding="utf-8") as fh:
+        fh.write(f"preference:\n  name: {PREF}\n  source: data/sentiment-pref.jsonl\n")
+
+
+def dpo_tune(root: Path, max_steps: int = 20, pairs: int = 80) -> None:
+    """A real DPO fine-tune (sigmoid + NLL on the chosen answer) with TRL's DPOTrainer from the SFT
+    adapter of run r1 (the reference: a frozen copy of it), saved as a LoRA adapter on the raw base in outputs/r1/dpo_adapter under a
+    completed finetune-dpo manifest (the layout of ftpipe's finetune-dpo stage)."""
+    import torch
+    from datasets import Dataset
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from ftpipe.config import load_config
+    from ftpipe.core.runs import Project, RunDir
+    from ftpipe.core.stage import StageContext, StageResult, execute
+    from ftpipe.handoff.pairs import read_pairs
+
+    loaded = load_config(root / "config.yaml")
+    project = Project.from_config(loaded)
+    run = RunDir(project, RUN)
+    train = project.prepared_dir(PREF) / "train.jsonl"
+    folder = run.path / "dpo_adapter"
+
+    def body(ctx):
+        tok = AutoTokenizer.from_pretrained(run.adapter)
+        base = AutoModelForCausalLM.from_pretrained(root / "models" / "tiny", dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, run.adapter, is_trainable=True)
+        args = DPOConfig(
+            output_dir=str(run.path / "dpo_trainer_state"), max_steps=max_steps, per_device_train_batch_size=8,
+            learning_rate=5e-4, lr_scheduler_type="constant", warmup_steps=0, beta=0.1, logging_steps=5,
+            # DPO alone drifts the end-of-turn token both answers share ("negativepositive..." after 20
+            # steps, measured); the added NLL on the chosen answer (RPO) keeps the answers stopping.
+            loss_type=["sigmoid", "sft"], loss_weights=[1.0, 1.0],
+            save_strategy="no", report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False,
+            max_length=256, seed=0, dataloader_num_workers=0, disable_tqdm=True,
+        )
+        trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(list(read_pairs(train, pairs))),
+                             processing_class=tok)
+        trainer.train()
+        trainer.model.save_pretrained(folder, selected_adapters=["default"])
+        tok.save_pretrained(folder)
+        shutil.copy(run.adapter / "ftpipe_base_model.json", folder / "ftpipe_base_model.json")
+        return StageResult(outputs=[folder])
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see fine_tune
+    try:
+        execute(StageContext.for_run("finetune-dpo", loaded, run), body, sections=("dpo",), inputs={"train": train},
+                environment="train")
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def dpo_project(tuned_project, tmp_path_factory) -> Path:
+    """A copy of `tuned_project` with preference pairs and a real DPO adapter (20 DPO steps from the SFT adapter)."""
+    root = tmp_path_factory.mktemp("dpo-proj") / "proj"
+    shutil.copytree(tuned_project, root, symlinks=True)
+    write_pairs(root)
+    dpo_tune(root)
+    return root

@@ -32,7 +32,7 @@ def test_tuned_beats_base_and_checks_pass_or_fail_as_the_yaml_says(evaluated):
     root, result = evaluated
     assert result.code == 0, result.output
     arts = _metrics(root)["artifacts"]
-    assert list(arts) == ["base", "adapter", "merged", "awq"]
+    assert list(arts) == ["base", "adapter", "dpo_adapter", "merged", "awq"]
     base, adapter, merged = arts["base"], arts["adapter"], arts["merged"]
     assert base["status"] == adapter["status"] == merged["status"] == "ok"
     # Perplexity over assistant tokens only (label + end-of-turn: 2 per val row).
@@ -47,7 +47,11 @@ def test_tuned_beats_base_and_checks_pass_or_fail_as_the_yaml_says(evaluated):
     assert (adapter["checks_passed"], adapter["checks_total"]) == (2, 3)
     # The project has no .venv-awq and no awq output: reported, never silently dropped.
     assert arts["awq"] == {"status": "skipped", "reason": "not produced (ftpipe convert-awq --run r1)"}
-    assert "eval-sft: evaluated base, adapter, merged; skipped awq" in result.stdout
+    assert arts["dpo_adapter"] == {"status": "skipped", "reason": "not produced (ftpipe finetune-dpo --run r1)"}
+    assert "eval-sft: evaluated base, adapter, merged; skipped dpo_adapter, awq" in result.stdout
+    # No preference set in this config: the preference column is "-" with the reason, no failure.
+    assert _metrics(root)["preference"] == {"status": "skipped", "reason": "no preference set (preference.source is not set)"}
+    assert "preference accuracy: - (no preference set (preference.source is not set))" in result.stdout
     assert "artifacts side by side" in result.stdout
     assert "not produced (ftpipe" in result.stdout
 

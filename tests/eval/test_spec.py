@@ -39,10 +39,10 @@ def test_round_trip_through_json(tmp_path):
 
 def test_the_stage_builds_the_spec_from_the_eval_config(tmp_path):
     """Every setting comes from the `eval` section (none is a default repeated where the spec is read)."""
-    cfg = EvalConfig(max_val_rows=5, max_length=300, batch_tokens=999, max_new_tokens=4, samples=1)
+    cfg = EvalConfig(max_val_rows=5, max_length=300, batch_tokens=999, max_new_tokens=4, samples=1, max_pairs=7)
     ctx = SimpleNamespace(
         config=SimpleNamespace(eval=cfg, model=SimpleNamespace(dtype="bfloat16")),
-        options={"plan": {"val_file": tmp_path / "val.jsonl", "checks": [CHECK]}},
+        options={"plan": {"val_file": tmp_path / "val.jsonl", "checks": [CHECK], "pairs_file": tmp_path / "pairs.jsonl"}},
     )
     art = Artifact("merged", model="outputs/r1/merged", tokenizer="outputs/r1/merged")
     spec = eval_spec(ctx, [art], "train")
@@ -51,6 +51,7 @@ def test_the_stage_builds_the_spec_from_the_eval_config(tmp_path):
         cfg.max_val_rows, cfg.max_length, cfg.batch_tokens, cfg.max_new_tokens, cfg.samples)
     assert (spec.environment, spec.dtype, spec.val_file) == ("train", "bfloat16", tmp_path / "val.jsonl")
     assert spec.checks == [PromptCheck(**CHECK)]
+    assert (spec.pairs_file, spec.max_pairs) == (tmp_path / "pairs.jsonl", 7)
 
 
 def _bad(data: dict, case: str) -> dict:

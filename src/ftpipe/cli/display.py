@@ -68,16 +68,18 @@ def show(display: str, result, title: str) -> None:
     """Print a stage's result the way its row asks for."""
     if display == "artifacts":
         console.print(f"[{'yellow' if result.skipped else 'green'}]{result.summary}[/]")
-        comparison_table(result.metrics.get("artifacts") or {})
+        comparison_table(result.metrics.get("artifacts") or {}, result.metrics.get("preference"))
     else:
         show_result(result, title)
 
 
-def comparison_table(artifacts: dict) -> None:
-    """Print eval-sft's artifacts side by side: status, perplexity, checks, time, environment or reason."""
+def comparison_table(artifacts: dict, preference: dict | None = None) -> None:
+    """Print eval-sft's artifacts side by side: status, perplexity, checks, preference accuracy, time,
+    environment or reason; without preference pairs that column is "-" and the reason is printed below."""
     table = Table(title="eval-sft: artifacts side by side", header_style="bold")
     for col, justify in (("artifact", "left"), ("status", "left"), ("perplexity", "right"),
-                         ("checks", "right"), ("seconds", "right"), ("env / note", "left")):
+                         ("checks", "right"), ("pref. acc (margin)", "right"), ("seconds", "right"),
+                         ("env / note", "left")):
         table.add_column(col, justify=justify)
     for name, a in artifacts.items():
         status = a.get("status", "?")
@@ -86,8 +88,14 @@ def comparison_table(artifacts: dict) -> None:
         checks = f"{a['checks_passed']}/{a['checks_total']}" if a.get("checks_total") else "-"
         seconds = a.get("seconds")
         note = a.get("reason") or a.get("error") or a.get("environment") or ""
+        acc, margin = a.get("preference_accuracy"), a.get("preference_margin")
+        pref = f"{acc:.0%} ({margin:+.3g})" if isinstance(acc, (int, float)) and isinstance(margin, (int, float)) else "-"
         table.add_row(
             escape(name), f"[{style}]{escape(status)}[/{style}]", f"{ppl:.4g}" if isinstance(ppl, (int, float)) else "-",
-            checks, f"{seconds:.1f}" if isinstance(seconds, (int, float)) else "-", escape(note),
+            checks, pref, f"{seconds:.1f}" if isinstance(seconds, (int, float)) else "-", escape(note),
         )
     console.print(table)
+    if preference and preference.get("reason"):
+        console.print(f"preference accuracy: - ({escape(preference['reason'])})")
+    elif preference and preference.get("pairs"):
+        console.print(f"preference accuracy: {preference['pairs']} held-out pairs of {escape(str(preference.get('val_file')))}")

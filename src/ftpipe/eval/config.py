@@ -12,9 +12,10 @@ from ftpipe.core.configbase import Section
 class EvalConfig(Section):
     """`eval-sft`: perplexity and prompt checks per artifact."""
 
-    artifacts: list[Literal["base", "adapter", "merged", "awq"]] = Field(
-        default_factory=lambda: ["base", "adapter", "merged", "awq"],
-        description="Artifacts to evaluate (those that exist; the others are reported as skipped).",
+    artifacts: list[Literal["base", "adapter", "dpo_adapter", "merged", "awq"]] = Field(
+        default_factory=lambda: ["base", "adapter", "dpo_adapter", "merged", "awq"],
+        description="Artifacts to evaluate (those that exist; the others are reported as skipped). "
+        "dpo_adapter: finetune-dpo's adapter on the same base.",
     )
     prompts_file: str | None = Field(
         None,
@@ -25,6 +26,10 @@ class EvalConfig(Section):
     max_length: int = Field(2048, gt=1, description="Truncate val conversations to this many tokens.")
     batch_tokens: int = Field(
         4096, gt=0, description="Token budget per perplexity batch (rows x padded length)."
+    )
+    max_pairs: int | None = Field(
+        None, gt=0, description="Limit the held-out preference pairs (prepared/<preference.name>/val.jsonl) "
+        "scored for preference accuracy.",
     )
     max_new_tokens: int = Field(32, gt=0, description="Tokens generated per prompt (greedy).")
     samples: int = Field(

@@ -1,12 +1,17 @@
-"""Stage `eval-sft`: base vs adapter vs merged vs AWQ, measured the same way, side by side.
+"""Stage `eval-sft`: base vs adapter vs DPO adapter vs merged vs AWQ, measured the same way, side by side.
 
 For each artifact of the run that exists (base = the adapter's base model from
-`ftpipe_base_model.json`; adapter = base + the run's LoRA adapter; merged = outputs/<run>/merged;
-awq = outputs/<run>/awq), it measures perplexity on the val split over assistant tokens, runs the
-prompt checks of `eval.prompts_file` and greedy sample generations (`ftpipe.eval.measure`).
-base / adapter / merged run here, in the train environment; the AWQ model runs in the awq
-environment through `python -m ftpipe.eval.worker`, and its result is merged in. An artifact that
-is absent, or whose environment is missing, is reported as skipped with the reason.
+`ftpipe_base_model.json`; adapter = base + the run's LoRA adapter; dpo_adapter = base + finetune-dpo's
+LoRA adapter, when that stage completed; merged = outputs/<run>/merged; awq = outputs/<run>/awq), it
+measures perplexity on the val split over assistant tokens, runs the prompt checks of
+`eval.prompts_file` and greedy sample generations (`ftpipe.eval.measure`). When the config has a
+preference set (`preference.source`) whose held-out pairs exist (prepared/<preference.name>/val.jsonl,
+written by preprocess-dpo), base, adapter and dpo_adapter also get a preference accuracy: the share
+of pairs whose chosen answer has the higher summed log-prob, and the mean margin; without pairs
+that column is "-" with the reason. base / adapter / dpo_adapter / merged run here, in the train
+environment; the AWQ model runs in the awq environment through `python -m ftpipe.eval.worker`, and
+its result is merged in. An artifact that is absent, or whose environment is missing, is reported
+as skipped with the reason.
 
 Writes outputs/<run>/eval/metrics.json and generations.jsonl. Needs finetune-sft completed.
 
@@ -33,12 +38,14 @@ from ftpipe.core.stage import StageContext, StageResult, require_upstream
 from ftpipe.eval.spec import ArtifactSpec, EvalSpec
 from ftpipe.handoff.base_model import read_base_model
 from ftpipe.handoff.checks import load_checks
+from ftpipe.handoff.pairs import pairs_dir, read_pairs
 from ftpipe.stages import PRODUCED_BY
 
 log = logging.getLogger(__name__)
 
-ARTIFACTS = ("base", "adapter", "merged", "awq")
-EVALUATED_ARTIFACTS = ("merged", "awq")  # made by other stages (the stage table's PRODUCED_BY)
+ARTIFACTS = ("base", "adapter", "dpo_adapter", "merged", "awq")
+EVALUATED_ARTIFACTS = ("dpo_adapter", "merged", "awq")  # made by other stages (the stage table's PRODUCED_BY)
+PREFERENCE_ARTIFACTS = ("base", "adapter", "dpo_adapter")  # scored on the held-out preference pairs
 AWQ_ENV_MISSING = "awq environment not installed (bash scripts/bootstrap.sh awq)"
 
 
@@ -53,10 +60,11 @@ class Artifact:
     tokenizer: str | None = None
     adapter: str | None = None
     skipped: str | None = None
+    preference: bool = False  # scored on the held-out preference pairs
 
     def spec(self) -> ArtifactSpec:
         return ArtifactSpec(name=self.name, model=self.model, revision=self.revision,
-                            tokenizer=self.tokenizer, adapter=self.adapter)
+                            tokenizer=self.tokenizer, adapter=self.adapter, preference=self.preference)
 
 
 def prepare(ctx: StageContext) -> dict[str, Path]:
@@ -71,6 +79,8 @@ def prepare(ctx: StageContext) -> dict[str, Path]:
     inputs = {"finetune": run.manifest_path("finetune-sft"), "val": plan["val_file"]}
     if plan["prompts_file"] is not None:
         inputs["prompts"] = plan["prompts_file"]
+    if plan["pairs_file"] is not None:
+        inputs["pairs"] = plan["pairs_file"]
     for name in EVALUATED_ARTIFACTS:
         upstream = PRODUCED_BY[name].name
         if run.manifest_path(upstream).exists():
@@ -108,6 +118,7 @@ def preflight(ctx: StageContext) -> dict[str, Any]:
             checks = load_checks(prompts_file, cfg.prompts_file)
         except InputError as exc:
             problems.append(exc.message)
+    pairs_file, pairs_note = preference_pairs(ctx, problems)
     if problems:
         raise InputError("; ".join(problems), hint=f"ftpipe preprocess-sft, then ftpipe eval-sft --run {run.name}")
     if cfg.lm_eval_tasks and importlib.util.find_spec("lm_eval") is None:
@@ -119,29 +130,71 @@ def preflight(ctx: StageContext) -> dict[str, Any]:
         "val_file": val_file,
         "prompts_file": prompts_file,
         "checks": checks or [],
-        "artifacts": plan_artifacts(ctx, base),
+        "pairs_file": pairs_file,
+        "preference": pairs_note,
+        "artifacts": plan_artifacts(ctx, base, scored=pairs_file is not None),
     }
 
 
-def plan_artifacts(ctx: StageContext, base: ModelRef) -> list[Artifact]:
-    """Which artifacts are evaluated, where, and why the others are skipped."""
+def preference_pairs(ctx: StageContext, problems: list[str]) -> tuple[Path | None, dict[str, Any]]:
+    """The held-out preference pairs to score, or why there are none (not a failure).
+
+    A pairs file that exists but is not pairs is a problem (appended to `problems`).
+
+    Returns:
+        (prepared/<preference.name>/val.jsonl or None, the `preference` entry of metrics.json:
+        {"val_file", "pairs"} or {"status": "skipped", "reason"}).
+    """
+    project, pref = ctx.project, getattr(ctx.config, "preference", None)
+    if pref is None or not pref.source:
+        return None, {"status": "skipped", "reason": "no preference set (preference.source is not set)"}
+    val = pairs_dir(project, pref.name) / "val.jsonl"
+    if not val.is_file():
+        return None, {"status": "skipped", "reason": f"no held-out pairs {project.rel(val)} (ftpipe preprocess-dpo)"}
+    try:
+        count = sum(1 for _ in read_pairs(val, ctx.config.eval.max_pairs))
+    except InputError as exc:
+        problems.append(exc.message)
+        return None, {}
+    if not count:
+        return None, {"status": "skipped", "reason": f"{project.rel(val)} has no pairs (preference.val_fraction is 0?)"}
+    return val, {"val_file": project.rel(val), "pairs": count}
+
+
+def plan_artifacts(ctx: StageContext, base: ModelRef, scored: bool = False) -> list[Artifact]:
+    """Which artifacts are evaluated, where, and why the others are skipped.
+
+    `scored`: held-out preference pairs exist; the PREFERENCE_ARTIFACTS evaluated are scored on them.
+    """
     run, project, wanted = ctx.run, ctx.project, ctx.config.eval.artifacts
     adapter_dir = str(run.adapter)
     plan = []
     for name in ARTIFACTS:
-        art = Artifact(name)
+        art = Artifact(name, preference=scored and name in PREFERENCE_ARTIFACTS)
         plan.append(art)
         if name not in wanted:
             art.skipped = "not in eval.artifacts"
             continue
-        if name in ("base", "adapter"):
+        if name in ("base", "adapter", "dpo_adapter"):
             art.model, art.revision, art.tokenizer = base.load_from, base.revision if not base.path else None, adapter_dir
             art.adapter = adapter_dir if name == "adapter" else None
+        if name in ("base", "adapter"):
             continue
-        folder = run.merged if name == "merged" else run.awq
+        # dpo_adapter (a LoRA on the same base, like the SFT adapter), merged, awq: another stage's product.
+        folder = run.path / PRODUCED_BY[name].produces
         upstream, command = PRODUCED_BY[name].name, PRODUCED_BY[name].command
         manifest = read_manifest(run.manifest_path(upstream))
         status = manifest.get("status") if manifest else None
+        if name == "dpo_adapter":
+            if not (folder / "adapter_config.json").is_file():
+                art.skipped = f"not produced ({command} --run {run.name})"
+            elif status != "completed":
+                art.skipped = f"{project.rel(folder)} exists but {upstream} is {status or 'missing'} ({command} --run {run.name})"
+            else:
+                art.adapter = str(folder)
+                if (folder / "tokenizer_config.json").is_file():
+                    art.tokenizer = str(folder)
+            continue
         if not (folder / "config.json").is_file():
             art.skipped = f"not produced ({command} --run {run.name})"
         elif status != "completed":
@@ -199,6 +252,7 @@ def run(ctx: StageContext) -> StageResult:
         "val_file": project.rel(plan["val_file"]),
         "prompts_file": project.rel(plan["prompts_file"]) if plan["prompts_file"] else None,
         "max_new_tokens": cfg.max_new_tokens,
+        "preference": plan["preference"],
         "artifacts": artifacts,
         "lm_eval": lm_eval_results,
     }
@@ -214,7 +268,7 @@ def run(ctx: StageContext) -> StageResult:
         )
     return StageResult(
         outputs=[out / "metrics.json", out / "generations.jsonl"],
-        metrics=summary_metrics(artifacts),
+        metrics=summary_metrics(artifacts, plan["preference"]),
         summary=_summary(artifacts),
     )
 
@@ -226,7 +280,7 @@ def eval_spec(ctx: StageContext, arts: list[Artifact], environment: str) -> Eval
         artifacts=[a.spec() for a in arts], environment=environment, val_file=plan["val_file"],
         max_val_rows=cfg.max_val_rows, max_length=cfg.max_length, batch_tokens=cfg.batch_tokens,
         checks=plan["checks"], max_new_tokens=cfg.max_new_tokens, samples=cfg.samples,
-        dtype=ctx.config.model.dtype,
+        dtype=ctx.config.model.dtype, pairs_file=plan["pairs_file"], max_pairs=cfg.max_pairs,
     )
 
 
@@ -281,18 +335,24 @@ def _lm_eval(tasks: list[str], plan: list[Artifact]) -> dict[str, Any]:
     return {"model_args": model_args, "results": json.loads(json.dumps(out.get("results", {}), default=str))}
 
 
-def summary_metrics(artifacts: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Manifest metrics: a compact per-artifact comparison plus the tuned model's perplexity."""
+def summary_metrics(artifacts: dict[str, dict[str, Any]], preference: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Manifest metrics: a compact per-artifact comparison plus the tuned model's perplexity.
+
+    `preference`: the held-out pairs scored ({"val_file", "pairs"}) or why none were.
+    """
     compact = {}
     for name, a in artifacts.items():
-        keys = ("status", "reason", "error", "perplexity", "assistant_tokens", "checks_passed", "checks_total", "seconds", "environment")
+        keys = ("status", "reason", "error", "perplexity", "assistant_tokens", "checks_passed", "checks_total",
+                "preference_accuracy", "preference_margin", "preference_pairs", "seconds", "environment")
         compact[name] = {k: a[k] for k in keys if k in a}
-    metrics: dict[str, Any] = {"artifacts": compact}
+    metrics: dict[str, Any] = {"artifacts": compact, "preference": preference or {}}
     for name, a in artifacts.items():
         if a.get("perplexity") is not None:
             metrics[f"perplexity_{name}"] = a["perplexity"]
         if a.get("checks_total"):
             metrics[f"checks_passed_{name}"] = a["checks_passed"]
+        if a.get("preference_accuracy") is not None:
+            metrics[f"preference_accuracy_{name}"] = a["preference_accuracy"]
     tuned = next((artifacts[n] for n in ("adapter", "merged", "awq") if artifacts[n].get("perplexity") is not None), None)
     if tuned is not None:
         metrics["perplexity"] = tuned["perplexity"]

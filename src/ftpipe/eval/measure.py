@@ -7,7 +7,10 @@ loads each artifact with transformers (and peft for an adapter), then measures:
   the same function convert-awq compares the merged and AWQ models with);
 - the prompt checks (greedy decoding, `eval.max_new_tokens`), judged by `ftpipe.handoff.checks`;
 - greedy sample generations of the val rows' prompts (`ftpipe.handoff.prepared.prompt`), next to
-  their reference answers.
+  their reference answers;
+- for the artifacts marked `preference` (base, adapter, dpo_adapter) when the spec names held-out
+  preference pairs: preference accuracy, the share of pairs whose chosen answer has the higher
+  summed log-prob given the prompt, and the mean margin (`ftpipe.handoff.measure.preference_accuracy`).
 
 The train environment calls `evaluate_spec` in process; the awq environment runs the same code
 through `python -m ftpipe.eval.worker`. Only torch, transformers (peft for adapters), the
@@ -24,7 +27,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ftpipe.handoff.checks import judge
-from ftpipe.handoff.measure import generate, perplexity
+from ftpipe.handoff.measure import generate, perplexity, preference_accuracy
+from ftpipe.handoff.pairs import read_pairs
 from ftpipe.handoff.prepared import prompt, read_split, reference
 
 if TYPE_CHECKING:
@@ -46,6 +50,7 @@ def evaluate_spec(spec: EvalSpec) -> dict[str, Any]:
         "failed" (with "error"): one artifact failing does not stop the others.
     """
     rows = list(read_split(spec.val_file, spec.max_val_rows))  # every artifact measures the same rows
+    pairs = list(read_pairs(spec.pairs_file, spec.max_pairs)) if spec.pairs_file else []
     results: dict[str, Any] = {}
     generations: list[dict[str, Any]] = []
     previous: tuple[str, Any] | None = None  # (model path, loaded plain model) for adapter reuse
@@ -57,6 +62,8 @@ def evaluate_spec(spec: EvalSpec) -> dict[str, Any]:
             model, tokenizer = _load(art, spec.dtype, previous)
             previous = None if art.adapter else (art.model, model)
             result = _measure(model, tokenizer, rows, spec, name, generations)
+            if art.preference and pairs:
+                result.update(_preference(model, tokenizer, pairs, spec, name))
         except Exception as exc:  # noqa: BLE001 - recorded as this artifact's failure; the stage fails on it
             log.exception("eval %s failed", name)
             result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500]}
@@ -127,6 +134,14 @@ def _measure(model, tokenizer, rows, spec: EvalSpec, name, generations) -> dict[
         "checks": checks,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
+
+
+def _preference(model, tokenizer, pairs, spec: EvalSpec, name: str) -> dict[str, Any]:
+    scored = preference_accuracy(model, tokenizer, pairs, spec.max_length)
+    log.info("eval %s: preference accuracy %s over %d pairs (mean margin %s)", name, scored["accuracy"],
+             scored["pairs"], scored["mean_margin"])
+    return {"preference_accuracy": scored["accuracy"], "preference_margin": scored["mean_margin"],
+            "preference_pairs": scored["pairs"]}
 
 
 def _versions() -> dict[str, str]:

@@ -3,7 +3,8 @@
 Sections: data stats (prepared/<dataset>/metadata.json, token-length histogram), training curves
 (TensorBoard event files under outputs/<run>/trainer_state/, read with TensorBoard's
 EventAccumulator), the eval comparison across artifacts (outputs/<run>/eval/metrics.json and
-generations.jsonl), artifact sizes, stage timings, versions and output hashes from every
+generations.jsonl), SFT vs DPO (preference accuracy on held-out pairs and prompt-check pass rates of
+base, SFT adapter and DPO adapter, in-process and served), artifact sizes, stage timings, versions and output hashes from every
 logs/<run>/*/manifest.json and preprocess-sft's logs/_prepared/<dataset>/manifest.json. Plots are inline SVG; the page loads nothing from anywhere. Every
 text is HTML-escaped; configs come from manifests, where secrets are already redacted. Whatever
 is missing is shown as "not available": the report works on a partial run.
@@ -32,7 +33,10 @@ log = logging.getLogger(__name__)
 
 SMOKE_RESULTS = "results.json"  # written by ftpipe.serve.smoke_test into logs/<run>/smoke-test/
 NA = '<p class="na">not available</p>'
-ARTIFACT_DIRS = ("adapter", "merged", "awq", "gguf")
+ARTIFACT_DIRS = ("adapter", "dpo_adapter", "merged", "awq", "gguf")  # folders under outputs/<run>/
+# The "SFT vs DPO" rows: eval-sft's artifact name -> label, and the suffix of its served name
+# (serve --artifact adapters serves <run>-base, <run>-sft, <run>-dpo).
+PREFERENCE_ROWS = (("base", "base", "base"), ("adapter", "SFT (adapter)", "sft"), ("dpo_adapter", "DPO (dpo_adapter)", "dpo"))
 
 
 def prepare(ctx: StageContext) -> dict[str, Path]:
@@ -200,6 +204,7 @@ def render(
         _section_data(dataset, metadata),
         _section_training(scalars, manifests.get("finetune-sft")),
         _section_eval(eval_doc, generations, generations_shown),
+        _section_sft_vs_dpo(eval_doc, smoke),
         _section_served(smoke, eval_doc),
         _section_sizes(run, manifests),
         _section_versions(manifests),
@@ -448,6 +453,49 @@ def _section_served(smoke: dict[str, Any] | None, eval_doc: dict[str, Any] | Non
     return head + body + "<h3>Served answers</h3>" + _table(["check", "prompt", "answer", "result"], answers)
 
 
+def _rate(passed: Any, total: Any) -> str:
+    return f"{passed}/{total} ({passed / total:.0%})" if _is_num(passed) and _is_num(total) and total else "-"
+
+
+def _section_sft_vs_dpo(eval_doc: dict[str, Any] | None, smoke: dict[str, Any] | None) -> str:
+    """base, SFT and DPO side by side: preference accuracy and margin on the held-out pairs, the
+    prompt-check pass rate in-process (eval-sft) and served (smoke-test of `serve --artifact adapters`).
+    Shown when eval-sft evaluated the DPO adapter or scored preference pairs."""
+    head = '<h2 id="sft-vs-dpo">SFT vs DPO: preference accuracy on held-out pairs</h2>'
+    artifacts = (eval_doc or {}).get("artifacts") or {}
+    preference = (eval_doc or {}).get("preference") or {}
+    dpo = artifacts.get("dpo_adapter") if isinstance(artifacts.get("dpo_adapter"), dict) else {}
+    if dpo.get("status") != "ok" and not preference.get("pairs"):
+        return ""
+    served = (smoke or {}).get("models") or {}
+    served_by_suffix = {str(name).rsplit("-", 1)[-1]: (name, m) for name, m in served.items() if isinstance(m, dict)}
+    rows = []
+    for name, label, suffix in PREFERENCE_ROWS:
+        a = artifacts.get(name) if isinstance(artifacts.get(name), dict) else {}
+        acc = a.get("preference_accuracy")
+        served_name, m = served_by_suffix.get(suffix, (None, {}))
+        checks = m.get("prompt_checks") or []
+        rows.append([
+            _e(label),
+            f'<td class="num" id="pref-acc-{_e(name)}">{_e(f"{acc:.0%}") if _is_num(acc) else "-"}</td>',
+            f'<td class="num">{_num(a.get("preference_margin"))}</td>',
+            f'<td class="num">{_num(a.get("preference_pairs"))}</td>',
+            f'<td class="num">{_e(_rate(a.get("checks_passed"), a.get("checks_total")))}</td>',
+            f'<td class="num">{_e(_rate(sum(bool(c.get("passed")) for c in checks), len(checks)))}</td>',
+            _e(served_name or "-") if checks else "-",
+            _e(a.get("reason") or a.get("error") or ""),
+        ])
+    note = ""
+    if preference.get("reason"):
+        note = f'<p class="na">preference accuracy: - ({_e(preference["reason"])})</p>'
+    elif preference.get("pairs"):
+        note = (f'<p class="meta">{_e(preference["pairs"])} held-out pairs of <code>{_e(preference.get("val_file"))}</code>: '
+                "accuracy = share of pairs whose chosen answer has the higher summed log-prob given the prompt; "
+                "margin = mean of (chosen - rejected) log-prob, nats.</p>")
+    return head + _table(["model", "preference accuracy", "mean margin", "pairs", "prompt checks (eval-sft)",
+                          "prompt checks (served)", "served as", "note"], rows, "sft-vs-dpo") + note
+
+
 def _folder_bytes(folder: Path) -> int | None:
     if not folder.is_dir():
         return None
@@ -457,7 +505,7 @@ def _folder_bytes(folder: Path) -> int | None:
 def _section_sizes(run: RunDir, manifests: dict[str, dict[str, Any]]) -> str:
     rows = []
     for name in ARTIFACT_DIRS:
-        size = _folder_bytes(getattr(run, name))
+        size = _folder_bytes(run.path / name)
         if size is not None:
             rows.append([_e(name), f'<td class="num">{_e(_bytes(size))}</td>', f'<td class="num">{size}</td>'])
     art = _table(["artifact", "size", "bytes"], rows) if rows else NA

@@ -25,11 +25,12 @@ class _Strict(BaseModel):
 class ArtifactSpec(_Strict):
     """One model to evaluate: `model` (plus the peft `adapter` when given) and its tokenizer."""
 
-    name: str = Field(description="Artifact name: base, adapter, merged or awq.")
+    name: str = Field(description="Artifact name: base, adapter, dpo_adapter, merged or awq.")
     model: str = Field(description="What from_pretrained loads: a folder or a hub id.")
     revision: str | None = Field(None, description="Hub revision of `model` (None for a folder).")
     tokenizer: str = Field(description="Folder or hub id of the tokenizer.")
     adapter: str | None = Field(None, description="peft adapter folder applied on top of `model`.")
+    preference: bool = Field(False, description="Also score the spec's preference pairs (preference accuracy).")
 
 
 class PromptCheck(_Strict):
@@ -58,3 +59,5 @@ class EvalSpec(HandOffFile):
     max_new_tokens: int = Field(gt=0, description="eval.max_new_tokens.")
     samples: int = Field(ge=0, description="eval.samples.")
     dtype: str = Field(description="model.dtype: `auto` or a torch dtype name.")
+    pairs_file: Path | None = Field(None, description="Held-out preference pairs (prepared/<preference.name>/val.jsonl).")
+    max_pairs: int | None = Field(None, gt=0, description="eval.max_pairs.")

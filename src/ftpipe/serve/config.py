@@ -12,8 +12,9 @@ from ftpipe.core.configbase import Section
 class ServeConfig(Section):
     """`serve`: an OpenAI-compatible server for one artifact (vLLM; llama.cpp for GGUF)."""
 
-    artifact: Literal["merged", "awq", "adapter", "gguf"] = Field(
-        "merged", description="What to serve: merged / awq (vLLM), adapter (vLLM + LoRA on its base), gguf (llama.cpp)."
+    artifact: Literal["merged", "awq", "adapter", "adapters", "gguf"] = Field(
+        "merged", description="What to serve: merged / awq (vLLM), adapter (vLLM + LoRA on its base), adapters "
+        "(vLLM: the base with the SFT and DPO adapters side by side, <run>-base / <run>-sft / <run>-dpo), gguf (llama.cpp).",
     )
     host: str = Field("127.0.0.1", description="Bind address; anything but loopback requires serve.api_key.")
     port: int = Field(8000, gt=0, lt=65536, description="Port.")

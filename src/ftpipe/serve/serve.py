@@ -1,7 +1,9 @@
 """`ftpipe serve`: an OpenAI-compatible server for one artifact of a run.
 
 Where it sits: after export-merged (merged), convert-awq (awq), finetune-sft (adapter, served by
-vLLM as a LoRA on its base) or export-gguf (gguf, served by llama.cpp). It writes no artifact and
+vLLM as a LoRA on its base), finetune-sft + finetune-dpo (adapters: the base with the SFT and DPO
+LoRA adapters side by side, as <run>-base, <run>-sft and <run>-dpo) or export-gguf (gguf, served by
+llama.cpp). It writes no artifact and
 no manifest; its logs go to logs/<run>/serve/ (run.log: ftpipe, server.log: the server's own
 output), and while a server runs, logs/<run>/serve/server.json records its pid, port and model
 (the pid file `ftpipe serve stop` reads). The served model name is the run name.
@@ -72,12 +74,14 @@ def vllm_command(python: str, served: Served, cfg, content_format: str | None = 
         "--max-model-len", str(cfg.max_model_len),
         "--dtype", cfg.dtype,
     ]
-    if served.lora is not None:
-        # The base answers as "<run>-base"; the adapter as "<run>", the name clients use.
+    if served.loras:
+        # The base answers as "<run>-base"; each adapter by its own name ("<run>" for `adapter`;
+        # "<run>-sft", "<run>-dpo" for `adapters`), all on one copy of the base.
         argv += [
-            "--served-model-name", f"{served.name}-base",
-            "--enable-lora", "--lora-modules", f"{served.name}={served.lora}",
-            "--max-lora-rank", str(served.lora_rank),
+            "--served-model-name", served.baseline,
+            "--enable-lora", "--max-loras", str(len(served.loras)),
+            "--max-lora-rank", str(vllm_lora_rank(served.lora_rank)),
+            "--lora-modules", *(f"{name}={folder}" for name, folder in served.loras),
         ]
         if served.base_revision:
             argv += ["--revision", served.base_revision]
@@ -88,6 +92,23 @@ def vllm_command(python: str, served: Served, cfg, content_format: str | None = 
     if content_format:
         argv += ["--chat-template-content-format", content_format]
     return argv + list(cfg.extra_args)
+
+
+# vLLM 0.32's --max-lora-rank choices (`python -m vllm.entrypoints.openai.api_server --help=LoRA`).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest --max-lora-rank vLLM accepts that holds an adapter of rank `rank` (r=4 -> 8).
+
+    Raises:
+        InputError: a rank above vLLM's largest (512).
+    """
+    fits = [r for r in VLLM_LORA_RANKS if r >= rank]
+    if not fits:
+        raise InputError(f"serve: LoRA rank {rank} is above vLLM's largest --max-lora-rank {VLLM_LORA_RANKS[-1]}",
+                         hint="serve the merged model: ftpipe export-merged, then --artifact merged")
+    return fits[0]
 
 
 def chat_content_format(served: Served) -> str | None:
@@ -382,8 +403,9 @@ def serve(loaded, run_name: str | None, detach: bool, on_ready: Callable[[Server
                 else llama_cpp_command(python, served, cfg))
         env = server_environment(served, cfg)
         server_log = log_dir / SERVER_LOG
-        log.info("serving %s (%s) as %r with %s", project.rel(Path(served.model)) if Path(served.model).exists() else served.model,
-                 served.artifact, served.name, served.kind)
+        log.info("serving %s (%s) as %s with %s", project.rel(Path(served.model)) if Path(served.model).exists() else served.model,
+                 served.artifact, ", ".join(repr(n) for n in ([served.baseline, *(n for n, _ in served.loras)] if served.loras else [served.name])),
+                 served.kind)
         log.info("$ %s  (output: %s)", " ".join(argv), project.rel(server_log))
         with open(server_log, "ab") as out:
             proc = subprocess.Popen(

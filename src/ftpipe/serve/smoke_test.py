@@ -6,8 +6,11 @@ answer is non-empty and ends at EOS (finish_reason "stop", not "length"); it com
 tokenization of chat messages (vLLM `/tokenize`) with HF `apply_chat_template` on the served
 folder's tokenizer; and when `eval.prompts_file` exists it runs its checks, parsed and judged as
 eval-sft does (`ftpipe.handoff.checks`; `must_stop` = finish_reason "stop"). The val prompts are
-`ftpipe.handoff.prepared.prompt` of each conversation. Results go to
-logs/<run>/smoke-test/results.json, the manifest beside it.
+`ftpipe.handoff.prepared.prompt` of each conversation. With several served names (`serve.artifact`
+adapters: <run>-base, <run>-sft, <run>-dpo) every name is checked the same way and recorded apart
+(results.json `models`, manifest metrics `models`); the tuned adapters must pass, the base's answers
+and checks are recorded as the baseline, not judged (a base model need not stop at its end of turn).
+Results go to logs/<run>/smoke-test/results.json, the manifest beside it.
 
     ftpipe smoke-test --config debug_config.yaml
 """
@@ -24,6 +27,7 @@ from ftpipe.core.stage import StageContext, StageResult
 from ftpipe.handoff.checks import judge, load_checks
 from ftpipe.handoff.prepared import split_prompts
 from ftpipe.serve.served import Served, base_url, resolve_artifact
+from ftpipe.stages import PRODUCED_BY
 
 log = logging.getLogger(__name__)
 
@@ -104,25 +108,79 @@ def run(ctx: StageContext) -> StageResult:
         raise InputError(f"no server answers at {url}", hint=hint) from None
     except openai.AuthenticationError:
         raise InputError(f"{url} refused our API key (401)", hint="pass the server's key: --api-key or FTPIPE_API_KEY") from None
-    if served.name not in models:
-        raise StageError(f"{url} does not serve model {served.name!r} (it serves {', '.join(models) or 'nothing'})", hint=hint)
+    missing = [n for n in served.names if n not in models]
+    if missing:
+        raise StageError(f"{url} does not serve model {', '.join(map(repr, missing))} (it serves {', '.join(models) or 'nothing'})",
+                         hint=hint)
     log.info("smoke-test: %s serves %s", url, ", ".join(models))
 
+    checks = load_checks(ctx.options["checks_file"], ctx.project.rel(ctx.options["checks_file"])) \
+        if ctx.options.get("checks_file") is not None else []
+    per_model: dict[str, dict[str, Any]] = {}
+    problems: list[str] = []
+    for name in served.names:
+        judged = name != served.baseline  # the base next to adapters: recorded as the baseline
+        result = _check_model(ctx, client, url, key, served, name, checks)
+        result["judged"] = judged
+        per_model[name] = result
+        if judged:
+            prefix = f"{name}: " if len(served.names) > 1 else ""
+            problems += [prefix + p for p in result["problems"]]
+        elif result["problems"]:
+            log.info("%s (baseline, not judged): %s", name, "; ".join(result["problems"]))
+
+    main = per_model[served.name]
+    results_path = ctx.log_dir / RESULTS
+    atomic_write_json(results_path, {
+        "url": url, "model": served.name, "artifact": served.artifact, "answers": main["answers"],
+        "chat_template": main["chat_template"], "prompt_checks": main["prompt_checks"], "problems": problems,
+        "models": per_model,
+    })
+    metrics: dict[str, Any] = _model_metrics(main)
+    if len(served.names) > 1:
+        metrics["models"] = {n: {**_model_metrics(r), "judged": r["judged"]} for n, r in per_model.items()}
+        metrics["requests"] = sum(m["requests"] for m in metrics["models"].values())
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        who = ", ".join(n for n in served.names if n != served.baseline)
+        raise StageError(f"smoke-test of {who} at {url}: {len(problems)} problem(s): {shown}",
+                         hint=f"read {ctx.project.rel(results_path)}")
+    summary = (f"smoke-test passed: {metrics['answers']} answers stopped at EOS, "
+               f"template {'matches' if main['chat_template'].get('equal') else 'not checked'}, "
+               f"{metrics['checks_passed']}/{metrics['checks']} prompt checks")
+    if len(served.names) > 1:
+        summary = "smoke-test passed: " + "; ".join(
+            f"{n}{'' if r['judged'] else ' (baseline, not judged)'}: {sum(a['ok'] for a in r['answers'])}/"
+            f"{len(r['answers'])} answers stopped at EOS, template "
+            f"{'matches' if r['chat_template'].get('equal') else 'differs' if r['chat_template'].get('checked') else 'not checked'}, "
+            f"{sum(c['passed'] for c in r['prompt_checks'])}/{len(r['prompt_checks'])} prompt checks"
+            for n, r in per_model.items())
+    return StageResult(outputs=[results_path], metrics=metrics, summary=summary)
+
+
+def _check_model(ctx: StageContext, client, url: str, key: str | None, served: Served, name: str,
+                 checks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Val answers, the chat template and the prompt checks of one served model name.
+
+    Returns:
+        {"answers", "chat_template", "prompt_checks", "problems"} (problems: what failed, unprefixed).
+    """
+    st = ctx.config.smoke_test
     problems: list[str] = []
     answers = []
     for i, messages in enumerate(ctx.options["prompts"]):
-        text, finish = _chat(client, served.name, messages, st.max_tokens)
+        text, finish = _chat(client, name, messages, st.max_tokens)
         ok = bool(text.strip()) and finish == "stop"
         if not text.strip():
             problems.append(f"val[{i}]: empty answer")
         elif finish != "stop":
             problems.append(f"val[{i}]: did not stop at EOS within {st.max_tokens} tokens (finish_reason {finish})")
         answers.append({"index": i, "prompt": messages[-1]["content"], "answer": text, "finish_reason": finish, "ok": ok})
-        log.info("val[%d]: %r -> %r (%s)", i, messages[-1]["content"][:60], text[:60], finish)
+        log.info("%s val[%d]: %r -> %r (%s)", name, i, messages[-1]["content"][:60], text[:60], finish)
 
     template: dict[str, Any] = {"checked": False}
     if st.check_template and served.kind == "vllm" and served.tokenizer_dir is not None:
-        template = {"checked": True, **template_matches(url, key, served.name, served.tokenizer_dir, ctx.options["prompts"][0], st.timeout)}
+        template = {"checked": True, **template_matches(url, key, name, served.tokenizer_dir, ctx.options["prompts"][0], st.timeout)}
         if not template["equal"]:
             problems.append(f"chat template: the server's prompt tokens ({template['server_tokens']}) differ from HF "
                             f"apply_chat_template ({template['hf_tokens']}) for {ctx.project.rel(served.tokenizer_dir)} "
@@ -133,49 +191,36 @@ def run(ctx: StageContext) -> StageResult:
         log.info("chat template check skipped: %s", template["reason"])
 
     checks_out = []
-    checks_file: Path | None = ctx.options.get("checks_file")
-    if checks_file is not None:
-        for check in load_checks(checks_file, ctx.project.rel(checks_file)):
-            messages = ([{"role": "system", "content": check["system"]}] if check["system"] else []) + [
-                {"role": "user", "content": check["prompt"]}
-            ]
-            text, finish = _chat(client, served.name, messages, st.max_tokens)
-            checks_out.append(check_verdict(check, text, finish))
-        if checks_out:
-            passed = sum(c["passed"] for c in checks_out)
-            rate = passed / len(checks_out)
-            if rate < st.min_check_pass_rate:
-                failed = [c for c in checks_out if not c["passed"]]
-                first = "; ".join(f"{c['name']}: answer {c['answer'].strip()[:40]!r}: {'; '.join(c['problems'])}" for c in failed[:2])
-                problems.append(f"prompt checks: {passed}/{len(checks_out)} passed ({rate:.0%}) < "
-                                f"smoke_test.min_check_pass_rate {st.min_check_pass_rate:.0%} ({first})")
+    for check in checks:
+        messages = ([{"role": "system", "content": check["system"]}] if check["system"] else []) + [
+            {"role": "user", "content": check["prompt"]}
+        ]
+        text, finish = _chat(client, name, messages, st.max_tokens)
+        checks_out.append(check_verdict(check, text, finish))
+    if checks_out:
+        passed = sum(c["passed"] for c in checks_out)
+        rate = passed / len(checks_out)
+        if rate < st.min_check_pass_rate:
+            failed = [c for c in checks_out if not c["passed"]]
+            first = "; ".join(f"{c['name']}: answer {c['answer'].strip()[:40]!r}: {'; '.join(c['problems'])}" for c in failed[:2])
+            problems.append(f"prompt checks: {passed}/{len(checks_out)} passed ({rate:.0%}) < "
+                            f"smoke_test.min_check_pass_rate {st.min_check_pass_rate:.0%} ({first})")
+    return {"answers": answers, "chat_template": template, "prompt_checks": checks_out, "problems": problems}
 
-    results_path = ctx.log_dir / RESULTS
-    atomic_write_json(results_path, {
-        "url": url, "model": served.name, "artifact": served.artifact, "answers": answers,
-        "chat_template": template, "prompt_checks": checks_out, "problems": problems,
-    })
+
+def _model_metrics(result: dict[str, Any]) -> dict[str, Any]:
+    answers, checks, template = result["answers"], result["prompt_checks"], result["chat_template"]
     metrics = {
-        "requests": len(answers) + len(checks_out),
+        "requests": len(answers) + len(checks),
         "answers_ok": sum(a["ok"] for a in answers),
         "answers": len(answers),
         "template_equal": template.get("equal"),
-        "checks_passed": sum(c["passed"] for c in checks_out),
-        "checks": len(checks_out),
+        "checks_passed": sum(c["passed"] for c in checks),
+        "checks": len(checks),
     }
-    if checks_out:
-        metrics["check_accuracy"] = round(metrics["checks_passed"] / len(checks_out), 4)
-    if problems:
-        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
-        raise StageError(f"smoke-test of {served.name} at {url}: {len(problems)} problem(s): {shown}",
-                         hint=f"read {ctx.project.rel(results_path)}")
-    return StageResult(
-        outputs=[results_path],
-        metrics=metrics,
-        summary=f"smoke-test passed: {metrics['answers']} answers stopped at EOS, "
-        f"template {'matches' if template.get('equal') else 'not checked'}, "
-        f"{metrics['checks_passed']}/{metrics['checks']} prompt checks",
-    )
+    if checks:
+        metrics["check_accuracy"] = round(metrics["checks_passed"] / len(checks), 4)
+    return metrics
 
 
 def prepare(ctx: StageContext) -> dict[str, Path]:
@@ -203,6 +248,8 @@ def prepare(ctx: StageContext) -> dict[str, Path]:
             log.warning("eval.prompts_file %s does not exist: prompt checks skipped", cfg.eval.prompts_file)
     ctx.options.update(served=served, prompts=split_prompts(val_file, cfg.smoke_test.prompts), checks_file=checks_file)
     inputs = {"artifact": served.upstream_manifest, "val": val_file}
+    if any(folder == ctx.run.path / PRODUCED_BY["dpo_adapter"].produces for _, folder in served.loras):
+        inputs["dpo_artifact"] = ctx.run.manifest_path(PRODUCED_BY["dpo_adapter"].name)
     if checks_file is not None:
         inputs["prompts_file"] = checks_file
     return inputs
