@@ -154,6 +154,14 @@ STAGES: tuple[Stage, ...] = (
         joins="finetune.node_rank",
     ),
     Stage(
+        "finetune-dpo", "ftpipe.training.finetune_dpo", "train",
+        "Preference tuning (DPO, TRL) on prepared/<preference.name>/ -> outputs/<run>/dpo_adapter.",
+        scope="run", upstream=("finetune-sft",), produces="dpo_adapter", progress="train",
+        owns=(Section("dpo", "ftpipe.training.config:DpoConfig", "finetune-dpo."),), reads=("preference",),
+        options=(Option("--resume-from", str, "latest | auto | <checkpoint folder>: continue from a complete "
+                        "checkpoint."),),
+    ),
+    Stage(
         "export-merged", "ftpipe.export.export_merged", "train",
         "Merge outputs/<run>/adapter into its base -> outputs/<run>/merged, verified by logits.",
         scope="run", default=True, produces="merged", upstream=("finetune-sft",),

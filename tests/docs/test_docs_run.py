@@ -260,6 +260,9 @@ STEPS: list[Step] = [
     Step("data/prefs-export.json", "setup", why="the Label Studio pairwise export dpo.md reads"),
     Step("ftpipe preprocess-dpo --source data/prefs-export.json --format label_studio --set preference.name=rlhf",
          expect=r"prepared/rlhf/: 9 train \+ 1 val pairs \(1 dropped\)"),
+    # docs/dpo.md: training (on prepared/preference/, the TRL rows above; dpo's defaults: one epoch).
+    Step("ftpipe finetune-dpo --config debug_config.yaml --run first", expect=r"finetune-dpo: run first: \d+ steps"),
+    Step("ftpipe finetune-dpo --config debug_config.yaml --run first --resume-from latest", expect=SKIPPED),
 ]
 
 

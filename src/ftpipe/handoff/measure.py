@@ -8,6 +8,9 @@
   (`awq.max_perplexity_increase`), so the two stages never disagree on what perplexity means.
 - `greedy` (token ids) and `generate` (a conversation, answered as text): greedy decoding that
   stops at the model's end-of-turn tokens.
+- `preference_logps` / `preference_accuracy`: the summed log-probability of each answer of a
+  preference pair (the completion tokens after the rendered prompt, as TRL's DPOTrainer scores
+  them) and the share of pairs whose chosen answer is the likelier one (finetune-dpo's tests, eval).
 
 Only torch and transformers are imported, inside the functions (the awq environment's eval
 worker and convert-awq run this code too).
@@ -278,3 +281,61 @@ def generate(model, tokenizer, messages: list[dict[str, Any]], max_new_tokens: i
 def _stop_ids(model, tokenizer) -> set[int]:
     return end_of_turn_ids(tokenizer, getattr(model, "generation_config", None))
 
+
+
+def _completion_ids(tokenizer, prompt: list[dict[str, Any]], answer: list[dict[str, Any]],
+                    max_length: int) -> tuple[list[int], int]:
+    """Token ids of prompt + answer and where the answer starts (as DPOTrainer splits them)."""
+    prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True)["input_ids"]
+    full = tokenizer.apply_chat_template(prompt + answer, tokenize=True, return_dict=True)["input_ids"]
+    start = 0
+    while start < min(len(prompt_ids), len(full)) and prompt_ids[start] == full[start]:
+        start += 1
+    return list(full[:max_length]), start
+
+
+def preference_logps(model, tokenizer, pairs, max_length: int = 1024) -> list[tuple[float, float]]:
+    """Summed log-probability of the chosen and the rejected answer of each pair.
+
+    Args:
+        model: a causal LM (a peft model scores with its active adapter).
+        tokenizer: its tokenizer, with a chat template.
+        pairs: {"prompt", "chosen", "rejected"} message lists (`ftpipe.handoff.pairs.read_pairs`).
+        max_length: tokens kept of prompt + answer (the rest is not scored).
+
+    Returns:
+        [(chosen log-prob, rejected log-prob)] in the order of `pairs`.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    out = []
+    with torch.inference_mode():
+        for pair in pairs:
+            scores = []
+            for key in ("chosen", "rejected"):
+                ids, start = _completion_ids(tokenizer, pair["prompt"], pair[key], max_length)
+                input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+                logits = model(input_ids=input_ids, use_cache=False).logits[0, :-1].float()
+                logps = torch.log_softmax(logits, dim=-1).gather(1, input_ids[0, 1:, None])[:, 0]
+                scores.append(float(logps[max(start - 1, 0):].sum()))
+            out.append((scores[0], scores[1]))
+    return out
+
+
+def preference_accuracy(model, tokenizer, pairs, max_length: int = 1024) -> dict[str, Any]:
+    """Share of pairs whose chosen answer has the higher summed log-probability.
+
+    Returns:
+        {"accuracy", "mean_margin" (chosen - rejected log-prob, nats), "pairs"}; accuracy is None
+        without pairs.
+    """
+    scores = preference_logps(model, tokenizer, list(pairs), max_length)
+    if not scores:
+        return {"accuracy": None, "mean_margin": None, "pairs": 0}
+    return {
+        "accuracy": sum(c > r for c, r in scores) / len(scores),
+        "mean_margin": sum(c - r for c, r in scores) / len(scores),
+        "pairs": len(scores),
+    }

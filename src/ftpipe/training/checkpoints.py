@@ -159,7 +159,7 @@ def latest_complete_checkpoint(folder: Path, project_rel=str) -> Path | None:
     return None
 
 
-def resolve_resume(option: str | None, folder: Path, project_rel=str) -> Path | None:
+def resolve_resume(option: str | None, folder: Path, project_rel=str, command: str = "ftpipe finetune-sft") -> Path | None:
     """Turn `--resume-from` into the checkpoint folder to resume from.
 
     Args:
@@ -167,6 +167,7 @@ def resolve_resume(option: str | None, folder: Path, project_rel=str) -> Path | 
             (newest complete checkpoint if any, else fresh) or a checkpoint folder path.
         folder: the run's trainer_state/ folder.
         project_rel: formats paths for messages (relative to the project root).
+        command: the training command, for the hint (finetune-sft or finetune-dpo).
 
     Returns:
         The checkpoint folder, or None to start from scratch.
@@ -181,7 +182,7 @@ def resolve_resume(option: str | None, folder: Path, project_rel=str) -> Path | 
         if found is None and option == "latest":
             raise InputError(
                 f"--resume-from latest: no complete checkpoint under {project_rel(folder)}/",
-                hint="start over with `ftpipe finetune-sft --force`, or use --resume-from auto",
+                hint=f"start over with `{command} --force`, or use --resume-from auto",
             )
         if found is None:
             log.info("--resume-from auto: no complete checkpoint under %s; starting from scratch", project_rel(folder))

@@ -1,4 +1,5 @@
-"""Config section `finetune` (LoRA SFT), owned by `finetune-sft`.
+"""Config sections `finetune` (LoRA SFT), owned by `finetune-sft`, and `dpo` (preference tuning),
+owned by `finetune-dpo`.
 
 Nested into the root config by the stage table (`ftpipe/stages.py` -> `ftpipe/config.py`).
 """
@@ -83,3 +84,43 @@ class FinetuneConfig(Section):
         if isinstance(value, bool):
             return "on" if value else "off"
         return value
+
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero")
+
+
+class DpoConfig(Section):
+    """Preference tuning with TRL's DPOTrainer (`finetune-dpo`) on prepared/<preference.name>/."""
+
+    init: Literal["sft", "base"] = Field(
+        "sft", description="`sft`: continue the run's SFT adapter (outputs/<run>/adapter; reference = a frozen "
+        "copy of it); `base`: a new LoRA on the base model (reference = the base, adapter disabled).",
+    )
+    beta: float = Field(0.1, gt=0, description="DPO beta: how far the policy may move from the reference "
+                        "(smaller = further).")
+    loss_type: Literal[DPO_LOSS_TYPES] = Field(  # type: ignore[valid-type]
+        "sigmoid", description="TRL loss: sigmoid (DPO), ipo, hinge, robust or apo_zero.",
+    )
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Assumed label noise (loss_type=robust).")
+    learning_rate: float = Field(5e-6, gt=0, description="Peak learning rate.")
+    lr_scheduler: str = Field("linear", description="transformers LR scheduler name.")
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Warm-up fraction of steps.")
+    epochs: float = Field(1.0, gt=0, description="Epochs over the training pairs (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs).")
+    batch_size: int = Field(4, gt=0, description="Pairs per forward/backward pass (each is a chosen and a "
+                            "rejected sequence).")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Passes per optimizer step.")
+    max_length: int = Field(1024, gt=0, description="Max tokens of prompt + answer; longer pairs are cut at the "
+                            "end, pairs whose prompt alone fills it are dropped.")
+    logging_steps: int = Field(10, gt=0, description="Log loss and rewards every N steps.")
+    save_steps: int = Field(100, gt=0, description="Checkpoint every N steps.")
+    save_total_limit: int = Field(3, gt=0, description="Keep at most N checkpoints.")
+    seed: int = Field(42, description="Training seed.")
+    lora_r: int = Field(16, gt=0, description="init=base only: LoRA rank of the new adapter (init=sft keeps the "
+                        "SFT adapter's own LoRA settings).")
+    lora_alpha: int = Field(32, gt=0, description="init=base only: LoRA alpha of the new adapter.")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="init=base only: LoRA dropout (TRL disables "
+                                "dropout during DPO anyway).")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="init=base only: modules to adapt, or `all-linear`."
+    )

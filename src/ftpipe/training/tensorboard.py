@@ -1,6 +1,7 @@
 """Serve the TensorBoard logs of one run or of all runs (`ftpipe tensorboard`).
 
-Each `finetune-sft` run writes its events to outputs/<run>/trainer_state/tensorboard/; this
+Each `finetune-sft` run writes its events to outputs/<run>/trainer_state/tensorboard/ (and
+`finetune-dpo` to outputs/<run>/dpo_trainer_state/tensorboard/, shown as `<run>-dpo`); this
 starts TensorBoard from the training environment with one named entry per run, bound to
 127.0.0.1 unless told otherwise, and blocks until Ctrl-C.
 
@@ -35,9 +36,11 @@ def event_dirs(project: Project, run_name: str | None, all_runs: bool) -> dict[s
         names = [open_run(project, run_name).name]
     found = {}
     for name in names:
-        folder = project.outputs / name / "trainer_state" / TENSORBOARD_DIR
-        if folder.is_dir() and any(folder.rglob("events.out.tfevents.*")):
-            found[name] = folder
+        # finetune-sft's events, and finetune-dpo's (outputs/<run>/dpo_trainer_state/) as `<run>-dpo`.
+        for entry, state in ((name, "trainer_state"), (f"{name}-dpo", "dpo_trainer_state")):
+            folder = project.outputs / name / state / TENSORBOARD_DIR
+            if folder.is_dir() and any(folder.rglob("events.out.tfevents.*")):
+                found[entry] = folder
     if not found:
         what = "any run" if all_runs else f"run {names[0]}"
         raise InputError(f"no TensorBoard events in {what} (outputs/<run>/trainer_state/{TENSORBOARD_DIR}/)",
