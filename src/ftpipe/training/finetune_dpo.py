@@ -191,6 +191,7 @@ def dpo_args(dpo, output_dir: Path, device: str, precision: str, has_eval: bool)
         fp16=False,
         use_cpu=device == "cpu",
         gradient_checkpointing=False,  # LoRA on one device: memory is not the limit, speed is
+        include_num_input_tokens_seen="non_padding",  # the tokens/s of run.log and the progress bar
         report_to="none",  # the TensorBoard callback is added with a fixed folder
         disable_tqdm=True,
         dataloader_num_workers=0,
