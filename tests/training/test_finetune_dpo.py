@@ -111,6 +111,9 @@ def test_init_sft_completes_with_a_frozen_sft_reference(dpo_project, dpo_sft):
     assert metrics["final_reward_accuracy"] >= 0.9 and metrics["final_reward_margin"] > 0
     assert metrics["eval_reward_accuracy"] >= 0.9
     assert metrics["seconds"] > 0
+    # Only the "default" adapter trains: TRL's "ref" copy is frozen (else twice the SFT count).
+    sft_metrics = json.loads((dpo_project / "logs/demo/finetune-sft/manifest.json").read_text())["metrics"]
+    assert metrics["trainable_parameters"] == sft_metrics["trainable_parameters"]
     assert set(manifest["inputs"]) >= {"finetune-sft", "sft_adapter", "train", "val", "base_model"}
     paths = {o["path"] for o in manifest["outputs"]}
     assert "outputs/demo/dpo_adapter/adapter_model.safetensors" in paths
@@ -268,6 +271,14 @@ def test_init_sft_without_finetune_sft_is_one_line(dpo_project):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert "stage finetune-sft is missing" in lines[0] and "(next: ftpipe finetune-sft --run nosft)" in lines[0]
+
+
+def test_more_than_one_process_is_refused_in_one_line(dpo_project):
+    result = run_cli("finetune-dpo", "--config", str(dpo_project / "config.yaml"), "--run", "demo", "--force",
+                     cwd=dpo_project, env={**ENV, "WORLD_SIZE": "2"})
+    assert result.code == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "finetune-dpo runs in one process (started with WORLD_SIZE=2)" in lines[0], result.stderr
 
 
 def test_missing_pairs_name_preprocess_dpo(dpo_project):
