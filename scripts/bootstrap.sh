@@ -37,7 +37,12 @@ for env in "$@"; do
   if grep -q '^torch==' "$lock"; then
     pipq "$(grep '^torch==' "$lock")"
   fi
-  pipq -r "$lock"
+  # "# build-env: NAME=VALUE" lines of a lock: build settings for its sdists (gguf: llama.cpp's CMake
+  # flags), exported while it installs; they are part of the lock, so changing one rebuilds the venv.
+  build_env=$(sed -n 's/^# build-env: //p' "$lock")
+  if [ -n "$build_env" ]; then echo "bootstrap: building sdists with $build_env"; fi
+  # shellcheck disable=SC2086 # NAME=VALUE words
+  env $build_env "$dir/bin/pip" install -q --disable-pip-version-check -r "$lock" 2> >(grep -v '^WARNING: Location' >&2)
   pipq --no-deps -e .
   if [ -f "scripts/post-install-$env.sh" ]; then bash "scripts/post-install-$env.sh" "$dir"; fi
   "$dir/bin/python" -c "import ftpipe" # fail here, not in the middle of a test run
