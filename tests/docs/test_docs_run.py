@@ -71,6 +71,8 @@ data:
 preprocess:
   val_fraction: 0.1
   max_length: 256
+preference:
+  source: data/prefs.jsonl   # dpo.md's TRL rows (a setup step below writes them)
 finetune:
   lora_r: 32
   lora_alpha: 64
@@ -257,12 +259,17 @@ STEPS: list[Step] = [
     # docs/dpo.md: preference data.
     Step("data/prefs.jsonl", "setup", why="the TRL preference rows dpo.md reads"),
     Step("ftpipe preprocess-dpo --source data/prefs.jsonl", expect=r"18 train \+ 2 val pairs"),
+    Step("ftpipe preprocess-dpo", expect=r"18 train \+ 2 val pairs"),  # README: preference.source of the config
     Step("data/prefs-export.json", "setup", why="the Label Studio pairwise export dpo.md reads"),
     Step("ftpipe preprocess-dpo --source data/prefs-export.json --format label_studio --set preference.name=rlhf",
          expect=r"prepared/rlhf/: 9 train \+ 1 val pairs \(1 dropped\)"),
     # docs/dpo.md: training (on prepared/preference/, the TRL rows above; dpo's defaults: one epoch).
     Step("ftpipe finetune-dpo --config debug_config.yaml --run first", expect=r"finetune-dpo: run first: \d+ steps"),
     Step("ftpipe finetune-dpo --config debug_config.yaml --run first --resume-from latest", expect=SKIPPED),
+    # docs/dpo.md: evaluation of the DPO adapter next to base and SFT (serving several adapters is
+    # tests/serve/test_serve_adapters.py's: a vLLM start per docs step is too dear for this tier).
+    Step("ftpipe eval-sft --config debug_config.yaml --run first --set eval.artifacts='[base, adapter, dpo_adapter]'",
+         expect=r"dpo_adapter\W+ok"),
 ]
 
 
