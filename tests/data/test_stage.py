@@ -174,10 +174,10 @@ def test_renderer_counts_survive_cache_overflow(tiny_model_dir, monkeypatch):
 
 
 def test_dedupe_filter_across_merges(monkeypatch):
-    from ftpipe.data.preprocess_sft import _Seen
+    from ftpipe.data.preprocess_sft import Seen
 
-    monkeypatch.setattr(_Seen, "MERGE", 5)
-    seen = _Seen()
+    monkeypatch.setattr(Seen, "MERGE", 5)
+    seen = Seen()
     keys = [7, -3, 2**62, 7, 11, 5, 9, -3, 100, 2**62, 13, 14, 15, 100, 16]
     assert [seen.add(k) for k in keys] == [True, True, True, False, True, True, True, False, True, False,
                                            True, True, True, False, True]

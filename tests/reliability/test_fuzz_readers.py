@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from ftpipe.core.errors import InputError
 from ftpipe.data.config import DataConfig, PreprocessConfig
 from ftpipe.data.formats import ROLES
-from ftpipe.data.preprocess_sft import _process, _Seen, _Stats, open_input
+from ftpipe.data.preprocess_sft import _process, Seen, _Stats, open_input
 from ftpipe.data.readers import Source
 
 ROWS = {"total": 0}
@@ -137,7 +137,7 @@ def run_reader(path: Path, renderer, n_rows: int, fmt: str = "auto", **pre) -> t
         from array import array
 
         lengths = array("I")
-        _process(Source(path, path.name), detected, records, data, settings_, renderer, stats, _Seen(), sink, lengths)
+        _process(Source(path, path.name), detected, records, data, settings_, renderer, stats, Seen(), sink, lengths)
     except InputError as exc:
         assert exc.one_line() and "\n" not in exc.one_line()
         return stats, []

@@ -70,19 +70,25 @@ def detect_row_format(record: Any) -> str | None:
 def describe_keys(record: Any) -> str:
     """Short description of a record's keys for 'cannot detect' messages."""
     if not isinstance(record, dict):
-        return f"a JSON {_json_type(record)}, not an object"
+        return f"a JSON {json_type(record)}, not an object"
     keys = ", ".join(sorted(map(str, record))[:8]) or "no keys"
     return f"keys {keys}"
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
+    """The JSON name of a decoded value's type ("object", "array", ...), for error messages."""
     return {
         dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
         float: "number", type(None): "null",
     }.get(type(value), type(value).__name__)
 
 
-def _string(record: dict, key: str, field: str | None = None, required: bool = True) -> str | None:
+def string_field(record: dict, key: str, field: str | None = None, required: bool = True) -> str | None:
+    """`record[key]` as a string (None when absent and not `required`).
+
+    Raises:
+        RowError: missing, empty or not a string, naming `field` (default: `key`).
+    """
     field = field or key
     if key not in record or record[key] is None:
         if required:
@@ -90,19 +96,20 @@ def _string(record: dict, key: str, field: str | None = None, required: bool = T
         return None
     value = record[key]
     if not isinstance(value, str):
-        raise RowError(field, f"expected a string, got {_json_type(value)}")
+        raise RowError(field, f"expected a string, got {json_type(value)}")
     if required and not value.strip():
         raise RowError(field, "empty")
     return value
 
 
-def _need_object(record: Any) -> dict:
+def need_object(record: Any) -> dict:
+    """`record` when it is a JSON object; otherwise a `RowError` for the whole row."""
     if not isinstance(record, dict):
-        raise RowError("<row>", f"expected a JSON object, got {_json_type(record)}")
+        raise RowError("<row>", f"expected a JSON object, got {json_type(record)}")
     return record
 
 
-def _content(value: Any, field: str) -> str:
+def content_text(value: Any, field: str) -> str:
     """Message content: a string, or a list of text parts joined (OpenAI `{"type": "text", "text"}`,
     LLaMA-Factory `{"type": "text", "value"}`)."""
     if isinstance(value, str):
@@ -117,7 +124,7 @@ def _content(value: Any, field: str) -> str:
                 raise RowError(f"{field}[{j}]", what + "only text parts ({\"type\": \"text\", \"text\" or \"value\": ...}) are supported")
             texts.append(text)
         return "".join(texts)
-    raise RowError(field, f"expected a string, got {_json_type(value)}")
+    raise RowError(field, f"expected a string, got {json_type(value)}")
 
 
 def _tool_calls(value: Any, field: str) -> list[dict]:
@@ -160,11 +167,11 @@ def normalise_messages(record: Any, field: str = "messages") -> dict:
     """OpenAI-style `{"messages": [{"role", "content", ...}]}` (tool calls and `tools` kept)."""
     if field == "messages" and is_plain_messages(record):
         return {"messages": [{"role": m["role"], "content": m["content"]} for m in record["messages"]]}
-    record = _need_object(record)
+    record = need_object(record)
     row: dict[str, Any] = {"messages": _check_conversation(_message_list(record.get(field), field), field)}
     if record.get("tools") is not None:
         if not isinstance(record["tools"], list):
-            raise RowError("tools", f"expected a list of tool definitions, got {_json_type(record['tools'])}")
+            raise RowError("tools", f"expected a list of tool definitions, got {json_type(record['tools'])}")
         row["tools"] = record["tools"]
     return row
 
@@ -173,12 +180,12 @@ def _message_list(raw: Any, field: str) -> list[dict]:
     if raw is None:
         raise RowError(field, "missing")
     if not isinstance(raw, list) or not raw:
-        raise RowError(field, f"expected a non-empty list of messages, got {_json_type(raw) if raw != [] else 'an empty list'}")
+        raise RowError(field, f"expected a non-empty list of messages, got {json_type(raw) if raw != [] else 'an empty list'}")
     messages = []
     for i, msg in enumerate(raw):
         where = f"{field}[{i}]"
         if not isinstance(msg, dict):
-            raise RowError(where, f"expected an object with role and content, got {_json_type(msg)}")
+            raise RowError(where, f"expected an object with role and content, got {json_type(msg)}")
         role = msg.get("role")
         if role is None:
             raise RowError(f"{where}.role", "missing")
@@ -189,16 +196,16 @@ def _message_list(raw: Any, field: str) -> list[dict]:
         if "tool_calls" in msg and msg["tool_calls"] is not None:
             if role != "assistant":
                 raise RowError(f"{where}.tool_calls", f"only assistant messages carry tool calls, not {role}")
-            out["content"] = "" if content is None else _content(content, f"{where}.content")
+            out["content"] = "" if content is None else content_text(content, f"{where}.content")
             out["tool_calls"] = _tool_calls(msg["tool_calls"], f"{where}.tool_calls")
         else:
             if content is None:
                 raise RowError(f"{where}.content", "missing")
-            out["content"] = _content(content, f"{where}.content")
+            out["content"] = content_text(content, f"{where}.content")
         for key in ("name", "tool_call_id"):
             if msg.get(key) is not None:
                 if not isinstance(msg[key], str):
-                    raise RowError(f"{where}.{key}", f"expected a string, got {_json_type(msg[key])}")
+                    raise RowError(f"{where}.{key}", f"expected a string, got {json_type(msg[key])}")
                 out[key] = msg[key]
         messages.append(out)
     return messages
@@ -206,18 +213,18 @@ def _message_list(raw: Any, field: str) -> list[dict]:
 
 def normalise_alpaca(record: Any) -> dict:
     """Alpaca: instruction (+ input) -> user, output -> assistant; optional system and history."""
-    record = _need_object(record)
-    instruction = _string(record, "instruction")
-    extra = _string(record, "input", required=False)
-    output = _string(record, "output")
-    system = _string(record, "system", required=False)
+    record = need_object(record)
+    instruction = string_field(record, "instruction")
+    extra = string_field(record, "input", required=False)
+    output = string_field(record, "output")
+    system = string_field(record, "system", required=False)
     messages: list[dict] = []
     if system:
         messages.append({"role": "system", "content": system})
     history = record.get("history")
     if history is not None:
         if not isinstance(history, list):
-            raise RowError("history", f"expected a list of (user, assistant) pairs, got {_json_type(history)}")
+            raise RowError("history", f"expected a list of (user, assistant) pairs, got {json_type(history)}")
         for i, pair in enumerate(history):
             if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
                 raise RowError(f"history[{i}]", "expected a (user, assistant) pair of strings")
@@ -241,7 +248,7 @@ def normalise_sharegpt(record: Any, tags=None) -> dict:
     With `tags` (`data.tags`): turns use `tags.role_tag` / `tags.content_tag` keys and exactly the
     speaker names the tags give (as LLaMA-Factory reads them).
     """
-    record = _need_object(record)
+    record = need_object(record)
     role_key, value_key = (tags.role_tag, tags.content_tag) if tags is not None else ("from", "value")
     roles = sharegpt_roles(tags) if tags is not None else None
     raw = record.get("conversations")
@@ -250,13 +257,13 @@ def normalise_sharegpt(record: Any, tags=None) -> dict:
     if not isinstance(raw, list) or not raw:
         raise RowError("conversations", "expected a non-empty list of {from, value} turns")
     messages: list[dict] = []
-    system = _string(record, "system", required=False)
+    system = string_field(record, "system", required=False)
     if system:
         messages.append({"role": "system", "content": system})
     for i, turn in enumerate(raw):
         where = f"conversations[{i}]"
         if not isinstance(turn, dict):
-            raise RowError(where, f"expected an object with {role_key} and {value_key}, got {_json_type(turn)}")
+            raise RowError(where, f"expected an object with {role_key} and {value_key}, got {json_type(turn)}")
         speaker = turn.get(role_key)
         if speaker is None:
             raise RowError(f"{where}.{role_key}", "missing")
@@ -273,7 +280,7 @@ def normalise_sharegpt(record: Any, tags=None) -> dict:
         value = turn.get(value_key)
         if value is None:
             raise RowError(f"{where}.{value_key}", "missing")
-        value = _content(value, f"{where}.{value_key}")
+        value = content_text(value, f"{where}.{value_key}")
         if role == "function_call":
             try:
                 call = json.loads(value)
@@ -297,14 +304,14 @@ def normalise_sharegpt(record: Any, tags=None) -> dict:
             except (json.JSONDecodeError, RecursionError):
                 raise RowError("tools", "not valid JSON") from None
         if not isinstance(tools, list):
-            raise RowError("tools", f"expected a list of tool definitions, got {_json_type(tools)}")
+            raise RowError("tools", f"expected a list of tool definitions, got {json_type(tools)}")
         row["tools"] = tools
     return row
 
 
 def normalise_prompt_completion(record: Any) -> dict:
     """prompt -> user, completion -> assistant (strings, or conversational lists of messages)."""
-    record = _need_object(record)
+    record = need_object(record)
     prompt, completion = record.get("prompt"), record.get("completion")
     if isinstance(prompt, list) or isinstance(completion, list):
         if not isinstance(prompt, list):
@@ -313,10 +320,10 @@ def normalise_prompt_completion(record: Any) -> dict:
             raise RowError("completion", "expected a list of messages like prompt")
         messages = _message_list(prompt, "prompt") + _message_list(completion, "completion")
         return {"messages": _check_conversation(messages, "completion")}
-    prompt = _string(record, "prompt")
-    completion = _string(record, "completion")
+    prompt = string_field(record, "prompt")
+    completion = string_field(record, "completion")
     messages = []
-    system = _string(record, "system", required=False)
+    system = string_field(record, "system", required=False)
     if system:
         messages.append({"role": "system", "content": system})
     messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
@@ -325,8 +332,8 @@ def normalise_prompt_completion(record: Any) -> dict:
 
 def normalise_text(record: Any) -> dict:
     """Plain `text` -> one assistant message (the whole text is the training target)."""
-    record = _need_object(record)
-    return {"messages": [{"role": "assistant", "content": _string(record, "text")}]}
+    record = need_object(record)
+    return {"messages": [{"role": "assistant", "content": string_field(record, "text")}]}
 
 
 NORMALISERS: dict[str, Callable[[Any], dict]] = {

@@ -21,7 +21,7 @@ import json
 from typing import Any, Callable
 
 from ftpipe.data import label_studio
-from ftpipe.data.formats import SHAREGPT_ROLES, RowError, _content, _json_type, _need_object, _string
+from ftpipe.data.formats import SHAREGPT_ROLES, RowError, content_text, json_type, need_object, string_field
 
 FORMATS = ("trl", "sharegpt", "alpaca", "label_studio")
 PROMPT_ROLES = ("system", "user", "assistant")
@@ -80,12 +80,12 @@ def _messages(raw: Any, field: str) -> list[dict]:
     if raw is None:
         raise RowError(field, "missing")
     if not isinstance(raw, list) or not raw:
-        raise RowError(field, f"expected a non-empty list of messages, got {_json_type(raw) if raw != [] else 'an empty list'}")
+        raise RowError(field, f"expected a non-empty list of messages, got {json_type(raw) if raw != [] else 'an empty list'}")
     messages = []
     for i, msg in enumerate(raw):
         where = f"{field}[{i}]"
         if not isinstance(msg, dict):
-            raise RowError(where, f"expected an object with role and content, got {_json_type(msg)}")
+            raise RowError(where, f"expected an object with role and content, got {json_type(msg)}")
         role = msg.get("role")
         if role is None:
             raise RowError(f"{where}.role", "missing")
@@ -96,7 +96,7 @@ def _messages(raw: Any, field: str) -> list[dict]:
             raise RowError(f"{where}.tool_calls", "preference pairs hold no tool calls")
         if msg.get("content") is None:
             raise RowError(f"{where}.content", "missing")
-        messages.append({"role": role, "content": _content(msg["content"], f"{where}.content")})
+        messages.append({"role": role, "content": content_text(msg["content"], f"{where}.content")})
     return messages
 
 
@@ -117,7 +117,7 @@ def _answer(value: Any, field: str) -> list[dict]:
         if len(messages) != 1 or messages[0]["role"] != "assistant":
             raise RowError(field, f"expected exactly one assistant message, got {_roles(messages)}")
     else:
-        raise RowError(field, f"expected a string or a list of messages, got {_json_type(value)}")
+        raise RowError(field, f"expected a string or a list of messages, got {json_type(value)}")
     if not messages[0]["content"].strip():
         raise RowError(field, "empty answer")
     return messages
@@ -139,7 +139,7 @@ def normalise_trl(record: Any) -> dict:
     """TRL preference rows: `prompt` (string or messages) + `chosen` / `rejected` (string or one
     assistant message), or, without a prompt, `chosen` / `rejected` as whole conversations whose
     shared turns up to the last shared user turn are the prompt."""
-    record = _need_object(record)
+    record = need_object(record)
     prompt = record.get("prompt")
     if prompt is None:
         return _implicit(record)
@@ -150,7 +150,7 @@ def normalise_trl(record: Any) -> dict:
     elif isinstance(prompt, list):
         messages = _ends_with_user(_messages(prompt, "prompt"), "prompt")
     else:
-        raise RowError("prompt", f"expected a string or a list of messages, got {_json_type(prompt)}")
+        raise RowError("prompt", f"expected a string or a list of messages, got {json_type(prompt)}")
     return _pair(messages, _answer(record.get("chosen"), "chosen"), _answer(record.get("rejected"), "rejected"))
 
 
@@ -180,7 +180,7 @@ def _implicit(record: dict) -> dict:
 
 def _sharegpt_turn(turn: Any, where: str) -> dict:
     if not isinstance(turn, dict):
-        raise RowError(where, f"expected an object with from and value, got {_json_type(turn)}")
+        raise RowError(where, f"expected an object with from and value, got {json_type(turn)}")
     speaker = turn.get("from")
     if speaker is None:
         raise RowError(f"{where}.from", "missing")
@@ -189,20 +189,20 @@ def _sharegpt_turn(turn: Any, where: str) -> dict:
         raise RowError(f"{where}.from", f"{speaker!r} is not one of human, gpt, system (or user, assistant)")
     if turn.get("value") is None:
         raise RowError(f"{where}.value", "missing")
-    return {"role": role, "content": _content(turn["value"], f"{where}.value")}
+    return {"role": role, "content": content_text(turn["value"], f"{where}.value")}
 
 
 def normalise_sharegpt(record: Any) -> dict:
     """LLaMA-Factory sharegpt preference rows: `conversations` (ending with a human turn), `chosen` and
     `rejected` as one gpt turn `{"from": "gpt", "value": ...}` each; optional `system`."""
-    record = _need_object(record)
+    record = need_object(record)
     raw = record.get("conversations")
     if raw is None:
         raise RowError("conversations", "missing")
     if not isinstance(raw, list) or not raw:
         raise RowError("conversations", "expected a non-empty list of {from, value} turns")
     prompt = []
-    system = _string(record, "system", required=False)
+    system = string_field(record, "system", required=False)
     if system:
         prompt.append({"role": "system", "content": system})
     prompt += [_sharegpt_turn(turn, f"conversations[{i}]") for i, turn in enumerate(raw)]
@@ -226,22 +226,22 @@ def normalise_sharegpt(record: Any) -> dict:
 def normalise_alpaca(record: Any) -> dict:
     """LLaMA-Factory alpaca preference rows: `instruction` (+ `input`) -> the user turn, `chosen` /
     `rejected` strings; optional `system` and `history` ([user, assistant] pairs before it)."""
-    record = _need_object(record)
-    instruction = _string(record, "instruction")
-    extra = _string(record, "input", required=False)
-    system = _string(record, "system", required=False)
+    record = need_object(record)
+    instruction = string_field(record, "instruction")
+    extra = string_field(record, "input", required=False)
+    system = string_field(record, "system", required=False)
     prompt: list[dict] = [{"role": "system", "content": system}] if system else []
     history = record.get("history")
     if history is not None:
         if not isinstance(history, list):
-            raise RowError("history", f"expected a list of (user, assistant) pairs, got {_json_type(history)}")
+            raise RowError("history", f"expected a list of (user, assistant) pairs, got {json_type(history)}")
         for i, pair in enumerate(history):
             if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
                 raise RowError(f"history[{i}]", "expected a (user, assistant) pair of strings")
             prompt += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     prompt.append({"role": "user", "content": f"{instruction}\n{extra}" if extra else instruction})
-    chosen = [{"role": "assistant", "content": _string(record, "chosen")}]
-    rejected = [{"role": "assistant", "content": _string(record, "rejected")}]
+    chosen = [{"role": "assistant", "content": string_field(record, "chosen")}]
+    rejected = [{"role": "assistant", "content": string_field(record, "rejected")}]
     return _pair(prompt, chosen, rejected)
 
 

@@ -36,7 +36,7 @@ from ftpipe.core.stage import StageContext, StageResult
 from ftpipe.data import preference_formats, readers
 from ftpipe.data.formats import RowError, describe_keys, detect_row_format
 # The dedupe filter, the hashed output writer and the token summary are preprocess-sft's own.
-from ftpipe.data.preprocess_sft import _Seen, _Writer, token_stats
+from ftpipe.data.preprocess_sft import Seen, RowWriter, token_stats
 from ftpipe.data.readers import Source
 from ftpipe.data.rowwork import LazyRenderer, batches, encode_row
 from ftpipe.handoff.pairs import pairs_dir
@@ -105,7 +105,7 @@ def run(ctx: StageContext) -> StageResult:
         sources.append(("val", Source(path, project.rel(path))))
 
     stats = _Stats(pref.strict, pref.errors_shown)
-    seen = _Seen()
+    seen = Seen()
     kept: dict[str, tuple[Path, array]] = {}
     formats: dict[str, str] = {}
     try:
@@ -132,7 +132,7 @@ def run(ctx: StageContext) -> StageResult:
                     stats.errors, min(stats.errors, pref.errors_shown))
 
     train_out, val_out = out_dir / "train.jsonl", out_dir / "val.jsonl"
-    writers = {"train": _Writer(train_out), "val": _Writer(val_out)}
+    writers = {"train": RowWriter(train_out), "val": RowWriter(val_out)}
     lengths = array("I")
     train_tmp, train_lengths = kept["train"]
     if pref.val_source:
@@ -293,7 +293,7 @@ class _Stats:
 
 
 def _process(source: Source, fmt: str, container: str, records, pref, renderer: LazyRenderer, stats: _Stats,
-             seen: _Seen, sink, lengths: array) -> None:
+             seen: Seen, sink, lengths: array) -> None:
     """Normalise, dedupe, count tokens and filter one source; kept pairs go to `sink` as JSON lines."""
     normalise = preference_formats.normaliser(fmt, pref.label_studio)
     cells = container in ("csv", "parquet")

@@ -118,7 +118,7 @@ def run(ctx: StageContext) -> StageResult:
         sources.append(("val", Source(path, project.rel(path))))
 
     stats = _Stats(strict=pre.strict, shown=pre.errors_shown)
-    seen = _Seen()
+    seen = Seen()
     kept: dict[str, tuple[Path, array]] = {}
     formats = {}
     n_workers = worker_count(pre.workers, main.path)
@@ -161,7 +161,7 @@ def run(ctx: StageContext) -> StageResult:
     train_out, val_out = out_dir / "train.jsonl", out_dir / "val.jsonl"
     selected = _select(n_main, pre)
     stats.dropped["over_limit"] += n_main - len(selected)
-    writers = {"train": _Writer(train_out), "val": _Writer(val_out)}
+    writers = {"train": RowWriter(train_out), "val": RowWriter(val_out)}
     final_lengths = array("I")
     if data.val_source:
         for i, line in _pick(kept["train"][0], selected):
@@ -239,7 +239,7 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult(outputs=[train_out, val_out, meta_path], metrics=metrics, summary=summary)
 
 
-class _Seen:
+class Seen:
     """Exact-duplicate filter holding 8 bytes per row: a sorted int64 array plus a small set of
     recent digests merged into it every `MERGE` rows (a Python set would take ~70 bytes a row)."""
 
@@ -418,7 +418,7 @@ def open_input(source: Source, data, progress: Callable | None,
     return fmt, records, data
 
 
-def _process(source, fmt, records, data, pre, renderer, stats: _Stats, seen: _Seen, sink, lengths: array, workers: Workers | None = None) -> None:
+def _process(source, fmt, records, data, pre, renderer, stats: _Stats, seen: Seen, sink, lengths: array, workers: Workers | None = None) -> None:
     """Normalise, count tokens, dedupe and filter one source; kept rows go to `sink` as JSON lines.
 
     The per-row work runs in batches, in-process or in `workers`; the outcomes are committed here in
@@ -433,7 +433,7 @@ def _process(source, fmt, records, data, pre, renderer, stats: _Stats, seen: _Se
         _commit(source, outcomes, pre, stats, seen, sink, lengths)
 
 
-def _commit(source, outcomes, pre, stats: _Stats, seen: _Seen, sink, lengths: array) -> None:
+def _commit(source, outcomes, pre, stats: _Stats, seen: Seen, sink, lengths: array) -> None:
     out = []
     for outcome in outcomes:
         if outcome[0] == "fatal":
@@ -493,7 +493,7 @@ def _pick(path: Path, selected) -> Iterator[tuple[int, str]]:
                 target = next(wanted, None)
 
 
-class _Writer:
+class RowWriter:
     """Writes a JSONL output through a temp file, hashing as it goes; `close` renames it in place."""
 
     def __init__(self, path: Path) -> None:

@@ -217,7 +217,7 @@ def train(ctx: StageContext, train_file: Path, val_file: Path | None, state: Pat
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import DPOTrainer
 
-    from ftpipe.training.sft import TENSORBOARD_DIR, StopFlag, _AlreadyTrained, _finished_checkpoint, _make_callback
+    from ftpipe.training.sft import TENSORBOARD_DIR, StopFlag, AlreadyTrained, finished_checkpoint, make_callback
 
     cfg, project, run_dir = ctx.config, ctx.project, ctx.run
     dpo = cfg.dpo
@@ -252,7 +252,7 @@ def train(ctx: StageContext, train_file: Path, val_file: Path | None, state: Pat
     train_ds = Dataset.from_list(train_pairs)
     eval_ds = Dataset.from_list(load_pairs(val_file)) if val_file is not None else None
     stop = StopFlag()
-    callback = _make_callback(stop, ctx.options.get("progress"))
+    callback = make_callback(stop, ctx.options.get("progress"))
     tensorboard = TensorBoardCallback()
     tensorboard.logging_dir = str(state / TENSORBOARD_DIR)
     args = dpo_args(dpo, state, device, precision, eval_ds is not None)
@@ -277,8 +277,8 @@ def train(ctx: StageContext, train_file: Path, val_file: Path | None, state: Pat
     with stop:
         try:
             train_loss = float(trainer.train(resume_from_checkpoint=str(resume) if resume else None).training_loss)
-        except _AlreadyTrained:
-            train_loss = _finished_checkpoint(trainer.state, callback, resume.name)
+        except AlreadyTrained:
+            train_loss = finished_checkpoint(trainer.state, callback, resume.name)
     tstate = trainer.state
     if callback.interrupted_at is not None:
         from ftpipe.training.sft import Interrupted

@@ -47,7 +47,7 @@ class Interrupted(StageError):
     exit_code = 130
 
 
-class _AlreadyTrained(Exception):
+class AlreadyTrained(Exception):
     """Raised from `on_train_begin`: the checkpoint resumed from is already at the last step."""
 
 
@@ -98,7 +98,7 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def _make_callback(stop: StopFlag, progress: ProgressFn | None):
+def make_callback(stop: StopFlag, progress: ProgressFn | None):
     from transformers import TrainerCallback
 
     class FtpipeCallback(TrainerCallback):
@@ -123,7 +123,7 @@ def _make_callback(stop: StopFlag, progress: ProgressFn | None):
                 # Resumed from the last checkpoint (killed after it, before the stage completed).
                 # HF Trainer would run one more step (global_step = max_steps + 1): stop here,
                 # with the checkpoint's weights and state already loaded.
-                raise _AlreadyTrained()
+                raise AlreadyTrained()
             if state.is_world_process_zero:
                 log.info("training: step %d -> %d (%d processes)", state.global_step, state.max_steps, args.world_size)
             loader = kwargs.get("train_dataloader")
@@ -373,7 +373,7 @@ def train(job: TrainJob, progress: ProgressFn | None = None, extra_callbacks: li
     peft_config = None if ft.method == "full" else _peft_config(ft)
 
     stop = StopFlag()
-    callback = _make_callback(stop, progress)
+    callback = make_callback(stop, progress)
     tensorboard = TensorBoardCallback()
     tensorboard.logging_dir = str(Path(job.output_dir) / TENSORBOARD_DIR)  # stable folder per run
     args = sft_config(job, has_eval=eval_ds is not None)
@@ -401,8 +401,8 @@ def train(job: TrainJob, progress: ProgressFn | None = None, extra_callbacks: li
     with stop:
         try:
             train_loss = float(trainer.train(resume_from_checkpoint=job.resume_from).training_loss)
-        except _AlreadyTrained:
-            train_loss = _finished_checkpoint(trainer.state, callback, Path(job.resume_from).name)
+        except AlreadyTrained:
+            train_loss = finished_checkpoint(trainer.state, callback, Path(job.resume_from).name)
     state = trainer.state
     if callback.interrupted_at is not None:
         saved = Path(job.output_dir) / f"checkpoint-{state.global_step}"
@@ -441,7 +441,7 @@ def train(job: TrainJob, progress: ProgressFn | None = None, extra_callbacks: li
     return metrics
 
 
-def _finished_checkpoint(state, callback, checkpoint: str) -> float:
+def finished_checkpoint(state, callback, checkpoint: str) -> float:
     """Metrics of a run resumed from its last checkpoint, taken from that checkpoint's log history.
 
     The first / last logged losses and the mean training loss are those of the whole run, as an
