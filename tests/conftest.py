@@ -20,6 +20,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The SFT -> DPO projects, registered here so tests/eval and tests/serve share one build per session.
+from tests.dpo_fixture import sft_dpo_project, tuned_project  # noqa: E402, F401
+
 
 @dataclass
 class CliResult:

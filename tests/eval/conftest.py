@@ -5,7 +5,8 @@ stage), on the demo sentiment data, inside `ftpipe.core.stage.execute` so the ru
 completed `finetune-sft` manifest; TensorBoard events go under outputs/<run>/trainer_state/.
 The merged model is made with peft's merge_and_unload under an `export-merged` manifest.
 ENVIRONMENT.md: the tiny model learns the labels 0% -> 100% in 200 steps (hidden 128, 4 layers,
-r=32).
+r=32). The session fixtures built from these helpers (`tuned_project`, `sft_dpo_project`) are in
+tests/dpo_fixture.py: tests/serve uses them too.
 """
 
 from __future__ import annotations
@@ -160,15 +161,6 @@ def merge(root: Path) -> None:
     execute(ctx, body, sections=("merge",), inputs={"adapter": run.adapter}, environment="train")
 
 
-@pytest.fixture(scope="session")
-def tuned_project(tmp_path_factory, tiny_model_dir) -> Path:
-    """Project with run r1: 200 real LoRA steps on the sentiment data (~35 s), then merged."""
-    root = make_project(tmp_path_factory.mktemp("eval-proj"), tiny_model_dir)
-    fine_tune(root)
-    merge(root)
-    return root
-
-
 def cli(command: str, root: Path, *args: str, env: dict | None = None):
     """`ftpipe <command> --config <root>/config.yaml ARGS` in a subprocess, one OpenMP thread."""
     from tests.conftest import run_cli
@@ -177,9 +169,13 @@ def cli(command: str, root: Path, *args: str, env: dict | None = None):
 
 
 @pytest.fixture(scope="session")
-def evaluated(tuned_project):
-    """`ftpipe eval-sft` run once on the tuned project: (project root, CLI result)."""
-    return tuned_project, cli("eval-sft", tuned_project, "--run", RUN)
+def evaluated(tuned_project, tmp_path_factory):
+    """`ftpipe eval-sft` run once on a copy of the tuned project (`tuned_project`, tests/dpo_fixture.py,
+    stays as trained: `sft_dpo_project` is made from it): (project root, CLI result)."""
+    from tests.dpo_fixture import copy_project
+
+    root = copy_project(tuned_project, tmp_path_factory.mktemp("evaluated") / "proj")
+    return root, cli("eval-sft", root, "--run", RUN)
 
 
 # ---------------------------------------------------------------------- preference tuning (DPO)
@@ -255,13 +251,3 @@ def dpo_tune(root: Path, max_steps: int = 20, pairs: int = 80) -> None:
                 environment="train")
     finally:
         torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def dpo_project(tuned_project, tmp_path_factory) -> Path:
-    """A copy of `tuned_project` with preference pairs and a real DPO adapter (20 DPO steps from the SFT adapter)."""
-    root = tmp_path_factory.mktemp("dpo-proj") / "proj"
-    shutil.copytree(tuned_project, root, symlinks=True)
-    write_pairs(root)
-    dpo_tune(root)
-    return root

@@ -2,8 +2,9 @@
 report's "SFT vs DPO" part.
 
 The slow test evaluates a run with a real SFT adapter (200 TRL steps) and a real DPO adapter (20
-DPOTrainer steps from it, `dpo_project` in conftest.py) on 40 held-out pairs: chosen = the right
-sentiment label, rejected = the other. The fast tests cover why the column is "-" and the rendering.
+DPOTrainer steps from it, `sft_dpo_project` in tests/dpo_fixture.py, shared with tests/serve) on 40
+held-out pairs: chosen = the right sentiment label, rejected = the other. The fast tests cover why
+the column is "-" and the rendering.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q tests/eval/test_preference.py
 """
@@ -16,12 +17,13 @@ from types import SimpleNamespace
 
 import pytest
 
+from tests.dpo_fixture import copy_project
 from tests.eval.conftest import PREF, RUN, cli
 
 
 @pytest.mark.slow
-def test_preference_accuracy_of_base_sft_and_dpo(dpo_project):
-    root = dpo_project
+def test_preference_accuracy_of_base_sft_and_dpo(sft_dpo_project, tmp_path):
+    root = copy_project(sft_dpo_project, tmp_path / "proj")  # the session's project is shared with tests/serve
     result = cli("eval-sft", root, "--run", RUN, "--set", "eval.artifacts=[base, adapter, dpo_adapter]",
                  "--set", "eval.max_pairs=40")
     assert result.code == 0, result.output

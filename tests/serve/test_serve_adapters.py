@@ -2,7 +2,8 @@
 adapters side by side, each answering by its name, and `ftpipe smoke-test` checking each name.
 
 The run is real: the tiny Llama fine-tuned with TRL (200 SFT steps, then 20 DPO steps from that
-adapter: tests/eval/conftest.py), so both adapters label reviews and stop at end-of-turn while the
+adapter: `sft_dpo_project`, tests/dpo_fixture.py, built once per session and shared with
+tests/eval; served from a copy), so both adapters label reviews and stop at end-of-turn while the
 random base does not. One foreground server is shared by the module and stopped at its end.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q tests/serve/test_serve_adapters.py
@@ -22,7 +23,8 @@ import pytest
 from conftest import run_cli
 
 from serve.helpers import SERVE_PYTHON, free_port, require_serve_env
-from tests.eval.conftest import RUN, dpo_tune, fine_tune, make_project, write_pairs
+from tests.dpo_fixture import copy_project
+from tests.eval.conftest import RUN
 
 pytestmark = pytest.mark.slow
 
@@ -39,12 +41,10 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_model_dir):
+def server(tmp_path_factory, sft_dpo_project):
     require_serve_env()
-    root = make_project(tmp_path_factory.mktemp("serve-adapters") / "proj", tiny_model_dir)
-    fine_tune(root)
-    write_pairs(root)
-    dpo_tune(root)
+    # A copy: serve, smoke-test and the `serve:` section below write to it.
+    root = copy_project(sft_dpo_project, tmp_path_factory.mktemp("serve-adapters") / "proj")
     port = free_port()
     with open(root / "config.yaml", "a", encoding="utf-8") as fh:
         fh.write(f"serve:\n  artifact: adapters\n  port: {port}\n  startup_timeout: 900\n  max_model_len: 256\n"
