@@ -44,10 +44,11 @@ def first_run(demo_project: Path):
 def test_demo_completes_every_stage(demo_project: Path, first_run) -> None:
     manifests = stamps(demo_project)
     stages = {Path(p).parent.name for p in manifests}
-    assert {"sentiment", "finetune-sft", "export-merged", "convert-awq", "eval-sft", "smoke-test", "report"} <= stages
+    assert {"sentiment", "preference", "finetune-sft", "finetune-dpo", "export-merged", "convert-awq", "eval-sft",
+            "smoke-test", "report"} <= stages
     assert all(status == "completed" for status, _, _ in manifests.values()), manifests
     run = demo_project / "outputs/demo"
-    for sub in ("adapter", "merged", "awq", "eval", "report.html"):
+    for sub in ("adapter", "dpo_adapter", "merged", "awq", "eval", "report.html"):
         assert (run / sub).exists(), sub
     assert (demo_project / "outputs/latest.txt").read_text().strip() == "demo"
     # The fine-tune learned what the base cannot: held-out prompts, in-process and over the API.
@@ -57,6 +58,11 @@ def test_demo_completes_every_stage(demo_project: Path, first_run) -> None:
     served = json.loads((demo_project / "logs/demo/smoke-test/results.json").read_text())["prompt_checks"]
     assert len(served) == 20 and sum(c["passed"] for c in served) / 20 >= 0.6
     assert 'id="served-accuracy"' in (run / "report.html").read_text()
+    # The preference step moved what SFT did not: held-out pairs, chosen scored above rejected.
+    sft, dpo = artifacts["adapter"], artifacts["dpo_adapter"]
+    assert sft["preference_pairs"] == dpo["preference_pairs"] == 60
+    assert dpo["preference_accuracy"] >= 0.85 and dpo["preference_accuracy"] >= sft["preference_accuracy"] + 0.1, (sft, dpo)
+    assert 'id="sft-vs-dpo"' in (run / "report.html").read_text()
 
 
 def test_second_run_skips_everything(demo_project: Path, first_run) -> None:
