@@ -25,18 +25,16 @@ import logging
 import re
 import time
 from array import array
-from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ftpipe.core.errors import ConfigError, InputError
 from ftpipe.core.fsutil import atomic_write_json, sha256_file
-from ftpipe.core.runs import Project
 from ftpipe.core.stage import StageContext, StageResult
 from ftpipe.data import preference_formats, readers
 from ftpipe.data.formats import RowError, describe_keys, detect_row_format
 # The dedupe filter, the hashed output writer and the token summary are preprocess-sft's own.
-from ftpipe.data.preprocess_sft import Seen, RowWriter, token_stats
+from ftpipe.data.preprocess_sft import RowStats, RowWriter, Seen, existing_file, token_stats
 from ftpipe.data.readers import Source
 from ftpipe.data.rowwork import LazyRenderer, batches, encode_row
 from ftpipe.handoff.pairs import pairs_dir
@@ -69,20 +67,13 @@ def prepare(ctx: StageContext) -> dict[str, Path]:
                           f"data in prepared/{pref.name}/", hint=f"--set preference.name={pref.name}-pairs")
     if not pref.source:
         raise ConfigError("preference.source: not set", hint=f"{COMMAND} --source PATH (or set preference.source)")
-    inputs = {"source": _existing(project, pref.source, "preference.source")}
+    inputs = {"source": existing_file(project, pref.source, "preference.source", "preference")}
     if pref.val_source:
-        inputs["val_source"] = _existing(project, pref.val_source, "preference.val_source")
+        inputs["val_source"] = existing_file(project, pref.val_source, "preference.val_source", "preference")
     ref = resolve_model(cfg.model, project.root)
     if ref.path:
         inputs["model"] = Path(ref.path)
     return inputs
-
-
-def _existing(project: Project, path: str, key: str) -> Path:
-    resolved = project.resolve(path)
-    if not resolved.is_file():
-        raise InputError(f"{key} {path}: preference file not found", hint=f"check {key} (relative to {project.root})")
-    return resolved
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -242,50 +233,23 @@ def open_pairs(source: Source, fmt: str, progress: Callable | None,
     return (detected if fmt == "auto" else fmt), container, records
 
 
-class _Stats:
-    """Counts per drop reason and the bad-row messages (first few logged, first 100 kept)."""
+class _Stats(RowStats):
+    """preprocess-dpo's counters (RowStats), with its own drop reasons, key names and hints."""
+
+    UNIT = "preference pairs"
 
     def __init__(self, strict: bool, shown: int) -> None:
-        self.strict, self.shown = strict, shown
-        self.read = 0
-        self.errors = 0
-        self.dropped: Counter = Counter({"invalid": 0, "identical": 0, "duplicate": 0, "too_long": 0})
-        self.render: Counter = Counter()
-        self.messages: list[str] = []
-        self.first: dict[str, str] = {}  # drop reason -> where its first row is
+        super().__init__(strict, shown, ("invalid", "identical", "duplicate", "too_long"))
 
-    def drop(self, reason: str, where: str) -> None:
-        self.dropped[reason] += 1
-        self.first.setdefault(reason, where)
-
-    def bad(self, source: Source, line: int, err: RowError) -> None:
-        what = err.what.replace("preprocess.max_row_bytes", "preference.max_row_bytes")  # the readers' wording
-        self.drop(err.reason, f"{source.name}:{line} {err.field}")
-        if err.reason in NOT_ERRORS:
-            return
-        message = f"{source.name}:{line}: {err.field}: {what}"
-        if self.strict:
-            raise InputError(message, hint="fix the row, or run without --strict to drop bad rows")
-        self.errors += 1
-        if self.errors <= self.shown:
-            log.warning("%s", message)
-        if len(self.messages) < ERRORS_KEPT:
-            self.messages.append(message)
-
-    def empty_reason(self) -> str:
-        if self.read == 0:
-            return "no rows in the file"
-        parts = [f"{n} {reason.replace('_', ' ')}" + (f" (first: {self.first[reason]})" if reason in self.first else "")
-                 for reason, n in self.dropped.items() if n]
-        return f"no usable preference pairs ({self.read} read; dropped: {', '.join(parts)})"
+    def wording(self, what: str) -> str:
+        return what.replace("preprocess.max_row_bytes", "preference.max_row_bytes")  # the readers' wording
 
     def empty_hint(self, source: str) -> str:
-        total = sum(self.dropped.values())
-        if total and self.dropped["too_long"] == total:
+        if self.only("too_long"):
             return f"raise the budget: {COMMAND} --set preference.max_length=4096"
-        if total and self.dropped.get("too_large") == total:
+        if self.only("too_large"):
             return f"raise preference.max_row_bytes, or split the rows: {COMMAND} --set preference.max_row_bytes=8388608"
-        if total and self.dropped.get("no_annotation") == total:
+        if self.only("no_annotation"):
             return f"annotate the tasks in Label Studio, export the project again, then: {COMMAND} --source EXPORT.json"
         if self.errors:
             return f"fix the rows named above (or pass --format), then: {COMMAND} --source {source}"

@@ -73,19 +73,24 @@ def prepare(ctx: StageContext) -> dict[str, Path]:
         if not data.source:
             raise ConfigError("data.source: not set", hint="ftpipe preprocess-sft --source PATH (or set data.source, "
                               "or data.dataset_info.file and .entry)")
-        inputs["source"] = _existing(project, data.source, "data.source")
+        inputs["source"] = existing_file(project, data.source, "data.source")
     if cfg.data.val_source:
-        inputs["val_source"] = _existing(project, cfg.data.val_source, "data.val_source")
+        inputs["val_source"] = existing_file(project, cfg.data.val_source, "data.val_source")
     ref = resolve_model(cfg.model, project.root)
     if ref.path:
         inputs["model"] = Path(ref.path)
     return inputs
 
 
-def _existing(project: Project, path: str, key: str) -> Path:
+def existing_file(project: Project, path: str, key: str, what: str = "dataset") -> Path:
+    """`path` (config key `key`) resolved against the project root.
+
+    Raises:
+        InputError: no such file, naming the key.
+    """
     resolved = project.resolve(path)
     if not resolved.is_file():
-        raise InputError(f"{key} {path}: dataset file not found", hint=f"check {key} (relative to {project.root})")
+        raise InputError(f"{key} {path}: {what} file not found", hint=f"check {key} (relative to {project.root})")
     return resolved
 
 
@@ -268,33 +273,31 @@ class Seen:
         return True
 
 
-class _Stats:
-    """Counts per drop reason and the bad-row messages (first few logged, first 100 kept)."""
+class RowStats:
+    """Counts per drop reason and the bad-row messages (first few logged, first 100 kept): what a
+    preprocess stage reports about the rows it could not use (preprocess-sft, preprocess-dpo)."""
 
-    def __init__(self, strict: bool, shown: int) -> None:
+    UNIT = "rows"  # what a usable row is called in the "no usable ..." line
+
+    def __init__(self, strict: bool, shown: int, reasons: tuple[str, ...]) -> None:
         self.strict, self.shown = strict, shown
         self.read = 0
-        self.truncated = 0
-        self.chunked = 0  # text rows split into max_length windows
-        self.chunks = 0  # the windows written
         self.errors = 0
-        self.dropped: Counter = Counter({"invalid": 0, "duplicate": 0, "too_long": 0, "over_limit": 0})
+        self.dropped: Counter = Counter(dict.fromkeys(reasons, 0))
         self.render: Counter = Counter()  # the renderer's counters, summed over batches (and workers)
         self.messages: list[str] = []
         self.first: dict[str, str] = {}  # drop reason -> where its first row is (file:line field)
-        self.placeholders: Counter = Counter()  # unfilled {{name}} -> rows
-        self.placeholder_lines: dict[str, list[int]] = {}
-        self.placeholder_source = ""
 
     def drop(self, reason: str, where: str) -> None:
         self.dropped[reason] += 1
         self.first.setdefault(reason, where)
 
     def bad(self, source: Source, line: int, err: RowError) -> None:
+        """Count a bad row; log its line (the first `shown`), or raise it with --strict."""
         self.drop(err.reason, f"{source.name}:{line} {err.field}")
         if err.reason in NOT_ERRORS:
             return
-        message = f"{source.name}:{line}: {err.field}: {err.what}"
+        message = f"{source.name}:{line}: {err.field}: {self.wording(err.what)}"
         if self.strict:
             raise InputError(message, hint="fix the row, or run without --strict to drop bad rows")
         self.errors += 1
@@ -302,6 +305,36 @@ class _Stats:
             log.warning("%s", message)
         if len(self.messages) < ERRORS_KEPT:
             self.messages.append(message)
+
+    def wording(self, what: str) -> str:
+        """A row error's text as this stage says it (the readers name preprocess-sft's keys)."""
+        return what
+
+    def empty_reason(self) -> str:
+        """Why no row was usable: the counts per reason, each with where its first row is."""
+        if self.read == 0:
+            return "no rows in the file"
+        parts = [f"{n} {reason.replace('_', ' ')}" + (f" (first: {self.first[reason]})" if reason in self.first else "")
+                 for reason, n in self.dropped.items() if n]
+        return f"no usable {self.UNIT} ({self.read} read; dropped: {', '.join(parts)})"
+
+    def only(self, reason: str) -> bool:
+        """Whether every dropped row was dropped for `reason`."""
+        total = sum(self.dropped.values())
+        return bool(total) and self.dropped.get(reason, 0) == total
+
+
+class _Stats(RowStats):
+    """preprocess-sft's counters: the common ones, truncated / chunked rows and unfilled placeholders."""
+
+    def __init__(self, strict: bool, shown: int) -> None:
+        super().__init__(strict, shown, ("invalid", "duplicate", "too_long", "over_limit"))
+        self.truncated = 0
+        self.chunked = 0  # text rows split into max_length windows
+        self.chunks = 0  # the windows written
+        self.placeholders: Counter = Counter()  # unfilled {{name}} -> rows
+        self.placeholder_lines: dict[str, list[int]] = {}
+        self.placeholder_source = ""
 
     def placeholder(self, source: Source, line: int, names: list[str]) -> None:
         self.placeholder_source = self.placeholder_source or source.name
@@ -320,19 +353,12 @@ class _Stats:
                         "(fill it: --set data.placeholders.%s=VALUE)",
                         self.placeholder_source, name, n, ", ".join(map(str, lines)), more, name)
 
-    def empty_reason(self) -> str:
-        if self.read == 0:
-            return "no rows in the file"
-        parts = [f"{n} {reason.replace('_', ' ')}" + (f" (first: {self.first[reason]})" if reason in self.first else "")
-                 for reason, n in self.dropped.items() if n]
-        return f"no usable rows ({self.read} read; dropped: {', '.join(parts)})"
-
     def empty_hint(self) -> str:
-        if self.dropped["too_long"] and self.dropped["too_long"] == sum(self.dropped.values()):
+        if self.only("too_long"):
             return "raise preprocess.max_length or set preprocess.overlength=truncate (text rows: chunk)"
-        if self.dropped.get("too_large") and self.dropped["too_large"] == sum(self.dropped.values()):
+        if self.only("too_large"):
             return "raise preprocess.max_row_bytes, or split the rows"
-        if self.dropped.get("no_annotation") and self.dropped["no_annotation"] == sum(self.dropped.values()):
+        if self.only("no_annotation"):
             return "annotate the tasks in Label Studio and export again"
         if self.errors:
             return "fix the rows named above, or check --format"

@@ -9,18 +9,18 @@ TRL's conversational preference shape:
 
 finetune-dpo trains on them, eval-sft scores held-out pairs (preference accuracy), the report
 shows them. They are read only through `read_pairs` (streaming, the same errors everywhere).
-Only the standard library and `ftpipe.core` are imported.
+Only the standard library, `ftpipe.core` and `ftpipe.handoff.prepared` (its JSON-lines reader) are imported.
 
     ftpipe preprocess-dpo --config config.yaml
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from ftpipe.core.errors import InputError
+from ftpipe.handoff.prepared import json_lines
 
 if TYPE_CHECKING:
     from ftpipe.core.runs import Project
@@ -59,30 +59,19 @@ def _pairs(path: Path, limit: int | None) -> Iterator[Pair]:
     if limit is not None and limit <= 0:
         return
     count = 0
-    with open(path, "rb") as fh:
-        for number, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise InputError(f"{path}:{number}: not UTF-8 text", hint=REDO) from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{number}: invalid JSON ({exc.msg})", hint=REDO) from None
-            if not isinstance(row, dict):
-                raise InputError(f"{path}:{number}: expected an object with prompt, chosen, rejected", hint=REDO)
-            for key in KEYS:
-                messages = row.get(key)
-                if not isinstance(messages, list) or not messages:
-                    raise InputError(f"{path}:{number}: {key}: expected a non-empty list of messages", hint=REDO)
-                for i, message in enumerate(messages):
-                    if (not isinstance(message, dict) or not isinstance(message.get("role"), str)
-                            or not isinstance(message.get("content"), str)):
-                        raise InputError(f"{path}:{number}: {key}[{i}]: expected an object with string `role` "
-                                         "and `content`", hint=REDO)
-            yield {key: row[key] for key in KEYS}
-            count += 1
-            if limit is not None and count >= limit:
-                return
+    for number, row in json_lines(path, REDO):
+        if not isinstance(row, dict):
+            raise InputError(f"{path}:{number}: expected an object with prompt, chosen, rejected", hint=REDO)
+        for key in KEYS:
+            messages = row.get(key)
+            if not isinstance(messages, list) or not messages:
+                raise InputError(f"{path}:{number}: {key}: expected a non-empty list of messages", hint=REDO)
+            for i, message in enumerate(messages):
+                if (not isinstance(message, dict) or not isinstance(message.get("role"), str)
+                        or not isinstance(message.get("content"), str)):
+                    raise InputError(f"{path}:{number}: {key}[{i}]: expected an object with string `role` "
+                                     "and `content`", hint=REDO)
+        yield {key: row[key] for key in KEYS}
+        count += 1
+        if limit is not None and count >= limit:
+            return

@@ -87,32 +87,42 @@ def read_chat_rows(path: Path) -> list[dict[str, Any]]:
             for row in _rows(path, None)]
 
 
-def _rows(path: Path, limit: int | None) -> Iterator[dict[str, Any]]:
-    if limit is not None and limit <= 0:
-        return
-    count = 0
+def json_lines(path: Path, redo: str) -> Iterator[tuple[int, Any]]:
+    """`(line number, decoded value)` of each non-blank line of a JSONL file a stage wrote.
+
+    Raises:
+        InputError: a line is not UTF-8 or not JSON, naming `file:line`, with `redo` (the command
+            that writes the file again) as the hint.
+    """
     with open(path, "rb") as fh:
         for number, raw in enumerate(fh, start=1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
-                raise InputError(f"{path}:{number}: not UTF-8 text", hint=REDO) from None
+                raise InputError(f"{path}:{number}: not UTF-8 text", hint=redo) from None
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield number, json.loads(line)
             except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{number}: invalid JSON ({exc.msg})", hint=REDO) from None
-            messages = row.get("messages") if isinstance(row, dict) else None
-            if not isinstance(messages, list) or not messages:
-                raise InputError(f"{path}:{number}: expected {{\"messages\": [...]}} with a non-empty list", hint=REDO)
-            for i, message in enumerate(messages):
-                if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-                    raise InputError(f"{path}:{number}: messages[{i}]: expected an object with a string `role`", hint=REDO)
-            yield row
-            count += 1
-            if limit is not None and count >= limit:
-                return
+                raise InputError(f"{path}:{number}: invalid JSON ({exc.msg})", hint=redo) from None
+
+
+def _rows(path: Path, limit: int | None) -> Iterator[dict[str, Any]]:
+    if limit is not None and limit <= 0:
+        return
+    count = 0
+    for number, row in json_lines(path, REDO):
+        messages = row.get("messages") if isinstance(row, dict) else None
+        if not isinstance(messages, list) or not messages:
+            raise InputError(f"{path}:{number}: expected {{\"messages\": [...]}} with a non-empty list", hint=REDO)
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise InputError(f"{path}:{number}: messages[{i}]: expected an object with a string `role`", hint=REDO)
+        yield row
+        count += 1
+        if limit is not None and count >= limit:
+            return
 
 
 def _last_assistant(messages: Messages) -> int | None:
