@@ -11,7 +11,7 @@ definitions) or raise `RowError(field, what)`, which the stage reports as
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 ROLES = ("system", "user", "assistant", "tool")
 # ShareGPT speaker names (incl. the LLaMA-Factory variants) -> chat roles.
@@ -176,12 +176,18 @@ def normalise_messages(record: Any, field: str = "messages") -> dict:
     return row
 
 
-def _message_list(raw: Any, field: str) -> list[dict]:
+def message_objects(raw: Any, field: str, roles: tuple[str, ...] = ROLES, why: str = "") -> Iterator[tuple[str, dict, str]]:
+    """`(where, message, role)` for each message of a non-empty list whose items are objects with a
+    role among `roles` (SFT rows and preference pairs check their lists alike).
+
+    Raises:
+        RowError: the list is missing or empty, an item is not an object, a role is missing or not
+            allowed (`why` is appended to that message), naming `field[i]`.
+    """
     if raw is None:
         raise RowError(field, "missing")
     if not isinstance(raw, list) or not raw:
         raise RowError(field, f"expected a non-empty list of messages, got {json_type(raw) if raw != [] else 'an empty list'}")
-    messages = []
     for i, msg in enumerate(raw):
         where = f"{field}[{i}]"
         if not isinstance(msg, dict):
@@ -189,8 +195,14 @@ def _message_list(raw: Any, field: str) -> list[dict]:
         role = msg.get("role")
         if role is None:
             raise RowError(f"{where}.role", "missing")
-        if role not in ROLES:
-            raise RowError(f"{where}.role", f"{role!r} is not one of {', '.join(ROLES)}")
+        if role not in roles:
+            raise RowError(f"{where}.role", f"{role!r} is not one of {', '.join(roles)}{why}")
+        yield where, msg, role
+
+
+def _message_list(raw: Any, field: str) -> list[dict]:
+    messages = []
+    for where, msg, role in message_objects(raw, field):
         out: dict[str, Any] = {"role": role}
         content = msg.get("content")
         if "tool_calls" in msg and msg["tool_calls"] is not None:

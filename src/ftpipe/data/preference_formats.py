@@ -21,7 +21,7 @@ import json
 from typing import Any, Callable
 
 from ftpipe.data import label_studio
-from ftpipe.data.formats import SHAREGPT_ROLES, RowError, content_text, json_type, need_object, string_field
+from ftpipe.data.formats import SHAREGPT_ROLES, RowError, content_text, json_type, message_objects, need_object, string_field
 
 FORMATS = ("trl", "sharegpt", "alpaca", "label_studio")
 PROMPT_ROLES = ("system", "user", "assistant")
@@ -77,21 +77,8 @@ def json_cells(record: Any) -> Any:
 
 def _messages(raw: Any, field: str) -> list[dict]:
     """A list of {role, content} messages (system, user, assistant; text content only)."""
-    if raw is None:
-        raise RowError(field, "missing")
-    if not isinstance(raw, list) or not raw:
-        raise RowError(field, f"expected a non-empty list of messages, got {json_type(raw) if raw != [] else 'an empty list'}")
     messages = []
-    for i, msg in enumerate(raw):
-        where = f"{field}[{i}]"
-        if not isinstance(msg, dict):
-            raise RowError(where, f"expected an object with role and content, got {json_type(msg)}")
-        role = msg.get("role")
-        if role is None:
-            raise RowError(f"{where}.role", "missing")
-        if role not in PROMPT_ROLES:
-            raise RowError(f"{where}.role", f"{role!r} is not one of {', '.join(PROMPT_ROLES)} (preference pairs "
-                           "hold no tool turns)")
+    for where, msg, role in message_objects(raw, field, PROMPT_ROLES, " (preference pairs hold no tool turns)"):
         if msg.get("tool_calls"):
             raise RowError(f"{where}.tool_calls", "preference pairs hold no tool calls")
         if msg.get("content") is None:

@@ -149,6 +149,38 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: checkpoint_step(p))
 
 
+def clear_for_fresh_start(ctx, folder: Path, events: Path, command: str, what: str = "checkpoints") -> None:
+    """Start a training over in `folder`: remove its checkpoints and the TensorBoard `events` folder,
+    refusing to drop the work of an interrupted run.
+
+    Args:
+        ctx: the stage context (its previous manifest, `--force`, `--resume-from`).
+        command: the stage's command, for the hint (`ftpipe finetune-sft`).
+        what: how the refusal names the checkpoints ("checkpoints", "DPO checkpoints").
+
+    Raises:
+        InputError: checkpoints of an unfinished training, without --force or --resume-from auto.
+    """
+    import shutil
+
+    checkpoints = list_checkpoints(folder)
+    previous = ctx.previous_manifest  # before this attempt: ours already says `running`
+    interrupted = previous is not None and previous.get("status") in ("running", "failed")
+    # `--resume-from auto` found no complete checkpoint (a kill before or while the first one was
+    # written): starting over is what it asks for, and the incomplete folders hold nothing usable.
+    fresh_asked = ctx.options.get("resume_from") == "auto"
+    if checkpoints and interrupted and not ctx.force and not fresh_asked:
+        raise InputError(
+            f"run {ctx.run.name} has {what} from an unfinished training "
+            f"({', '.join(p.name for p in checkpoints)})",
+            hint=f"{command} --run {ctx.run.name} --resume-from latest (or --force to start over)",
+        )
+    for path in [*checkpoints, events]:
+        if path.exists():
+            log.warning("starting over: removing %s", ctx.project.rel(path))
+            shutil.rmtree(path)
+
+
 def latest_complete_checkpoint(folder: Path, project_rel=str) -> Path | None:
     """The newest complete checkpoint under `folder`; incomplete newer ones are skipped with a warning."""
     for path in reversed(list_checkpoints(folder)):

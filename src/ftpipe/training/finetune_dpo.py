@@ -99,14 +99,15 @@ def prepare(ctx: StageContext) -> dict[str, Path]:
 
 def run(ctx: StageContext) -> StageResult:
     """Load base (+ SFT adapter), train with DPOTrainer, publish outputs/<run>/dpo_adapter atomically."""
-    from ftpipe.training.checkpoints import BatchShape, check_resume_batch, resolve_resume
+    from ftpipe.training.checkpoints import BatchShape, check_resume_batch, clear_for_fresh_start, resolve_resume
+    from ftpipe.training.sft import TENSORBOARD_DIR
 
     cfg, project, run_dir = ctx.config, ctx.project, ctx.run
     dpo = cfg.dpo
     state = state_dir(run_dir)
     resume = resolve_resume(ctx.options.get("resume_from"), state, project.rel, command=COMMAND)
     if resume is None:
-        _clear_previous_state(ctx, state)
+        clear_for_fresh_start(ctx, state, state / TENSORBOARD_DIR, COMMAND, what="DPO checkpoints")
     else:
         log.info("resuming from %s", project.rel(resume))
         check_resume_batch(resume, BatchShape(1, dpo.batch_size, dpo.gradient_accumulation_steps),
@@ -126,26 +127,6 @@ def run(ctx: StageContext) -> StageResult:
                f"loss {metrics['final_loss']}, {rewards} (init {dpo.init}, reference: {metrics['reference']}) "
                f"-> {project.rel(final)}/")
     return StageResult(outputs=[final, state / RESULTS_FILE], metrics=metrics, summary=summary)
-
-
-def _clear_previous_state(ctx: StageContext, state: Path) -> None:
-    """Start over: drop old checkpoints and events, refusing to drop an interrupted run's work."""
-    from ftpipe.training.checkpoints import list_checkpoints
-    from ftpipe.training.sft import TENSORBOARD_DIR
-
-    checkpoints = list_checkpoints(state)
-    previous = ctx.previous_manifest
-    interrupted = previous is not None and previous.get("status") in ("running", "failed")
-    if checkpoints and interrupted and not ctx.force and ctx.options.get("resume_from") != "auto":
-        raise InputError(
-            f"run {ctx.run.name} has DPO checkpoints from an unfinished training "
-            f"({', '.join(p.name for p in checkpoints)})",
-            hint=f"{COMMAND} --run {ctx.run.name} --resume-from latest (or --force to start over)",
-        )
-    for path in [*checkpoints, state / TENSORBOARD_DIR]:
-        if path.exists():
-            log.warning("starting over: removing %s", ctx.project.rel(path))
-            shutil.rmtree(path)
 
 
 def _precision() -> tuple[str, str]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ from ftpipe.core.logs import WORKER_LOG_ENV
 from ftpipe.core.model_ref import resolve_model
 from ftpipe.core.runs import Project, RunDir
 from ftpipe.core.stage import StageContext, StageResult
-from ftpipe.training.checkpoints import BatchShape, check_resume_batch, list_checkpoints, resolve_resume
+from ftpipe.training.checkpoints import BatchShape, check_resume_batch, clear_for_fresh_start, resolve_resume
 from ftpipe.training.sft import RESULTS_FILE, TENSORBOARD_DIR, TrainJob
 
 JOB_FILE = "train_job.json"
@@ -160,7 +159,7 @@ def run(ctx: StageContext) -> StageResult:
     output_dir = run_dir.trainer_state
     resume = resolve_resume(ctx.options.get("resume_from"), output_dir, project.rel)
     if resume is None:
-        _clear_previous_state(ctx, output_dir)
+        clear_for_fresh_start(ctx, output_dir, output_dir / TENSORBOARD_DIR, "ftpipe finetune-sft")
     else:
         log.info("resuming from %s", project.rel(resume))
         world = world_size(ft, _accelerate_config(project, ft)[1] if ft.accelerate_config else None)
@@ -220,26 +219,6 @@ def _sample_lengths(tokenizer, rows: list[dict]) -> list[int]:
         text = tokenizer.apply_chat_template(row["messages"], tools=row.get("tools"), tokenize=False)
         lengths.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
     return lengths
-
-
-def _clear_previous_state(ctx: StageContext, output_dir: Path) -> None:
-    """Start over: remove old checkpoints and TensorBoard events, refusing to drop an interrupted run's work."""
-    checkpoints = list_checkpoints(output_dir)
-    previous = ctx.previous_manifest  # before this attempt: ours already says `running`
-    interrupted = previous is not None and previous.get("status") in ("running", "failed")
-    # `--resume-from auto` found no complete checkpoint (a kill before or while the first one was
-    # written): starting over is what it asks for, and the incomplete folders hold nothing usable.
-    fresh_asked = ctx.options.get("resume_from") == "auto"
-    if checkpoints and interrupted and not ctx.force and not fresh_asked:
-        raise InputError(
-            f"run {ctx.run.name} has checkpoints from an unfinished training "
-            f"({', '.join(p.name for p in checkpoints)})",
-            hint=f"ftpipe finetune-sft --run {ctx.run.name} --resume-from latest (or --force to start over)",
-        )
-    for path in [*checkpoints, output_dir / TENSORBOARD_DIR]:
-        if path.exists():
-            log.warning("starting over: removing %s", ctx.project.rel(path))
-            shutil.rmtree(path)
 
 
 def multi_process(ft) -> bool:
