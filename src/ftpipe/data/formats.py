@@ -226,13 +226,22 @@ def _message_list(raw: Any, field: str) -> list[dict]:
 def normalise_alpaca(record: Any) -> dict:
     """Alpaca: instruction (+ input) -> user, output -> assistant; optional system and history."""
     record = need_object(record)
+    messages = alpaca_prompt(record)
+    messages.append({"role": "assistant", "content": string_field(record, "output")})
+    return {"messages": messages}
+
+
+def alpaca_prompt(record: dict) -> list[dict]:
+    """The prompt of an alpaca row (SFT or preference): `system`, then `history` ([user, assistant]
+    pairs), then `instruction` (+ `input`) as the user turn.
+
+    Raises:
+        RowError: a missing or non-string instruction, a bad system / input / history, naming the key.
+    """
     instruction = string_field(record, "instruction")
     extra = string_field(record, "input", required=False)
-    output = string_field(record, "output")
     system = string_field(record, "system", required=False)
-    messages: list[dict] = []
-    if system:
-        messages.append({"role": "system", "content": system})
+    messages: list[dict] = [{"role": "system", "content": system}] if system else []
     history = record.get("history")
     if history is not None:
         if not isinstance(history, list):
@@ -241,9 +250,8 @@ def normalise_alpaca(record: Any) -> dict:
             if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
                 raise RowError(f"history[{i}]", "expected a (user, assistant) pair of strings")
             messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
-    prompt = f"{instruction}\n{extra}" if extra else instruction
-    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
-    return {"messages": messages}
+    messages.append({"role": "user", "content": f"{instruction}\n{extra}" if extra else instruction})
+    return messages
 
 
 def sharegpt_roles(tags) -> dict[str, str]:

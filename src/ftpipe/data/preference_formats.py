@@ -21,7 +21,8 @@ import json
 from typing import Any, Callable
 
 from ftpipe.data import label_studio
-from ftpipe.data.formats import SHAREGPT_ROLES, RowError, content_text, json_type, message_objects, need_object, string_field
+from ftpipe.data.formats import (SHAREGPT_ROLES, RowError, alpaca_prompt, content_text, json_type, message_objects,
+                                 need_object, string_field)
 
 FORMATS = ("trl", "sharegpt", "alpaca", "label_studio")
 PROMPT_ROLES = ("system", "user", "assistant")
@@ -213,20 +214,7 @@ def normalise_sharegpt(record: Any) -> dict:
 def normalise_alpaca(record: Any) -> dict:
     """LLaMA-Factory alpaca preference rows: `instruction` (+ `input`) -> the user turn, `chosen` /
     `rejected` strings; optional `system` and `history` ([user, assistant] pairs before it)."""
-    record = need_object(record)
-    instruction = string_field(record, "instruction")
-    extra = string_field(record, "input", required=False)
-    system = string_field(record, "system", required=False)
-    prompt: list[dict] = [{"role": "system", "content": system}] if system else []
-    history = record.get("history")
-    if history is not None:
-        if not isinstance(history, list):
-            raise RowError("history", f"expected a list of (user, assistant) pairs, got {json_type(history)}")
-        for i, pair in enumerate(history):
-            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
-                raise RowError(f"history[{i}]", "expected a (user, assistant) pair of strings")
-            prompt += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
-    prompt.append({"role": "user", "content": f"{instruction}\n{extra}" if extra else instruction})
+    prompt = alpaca_prompt(need_object(record))
     chosen = [{"role": "assistant", "content": string_field(record, "chosen")}]
     rejected = [{"role": "assistant", "content": string_field(record, "rejected")}]
     return _pair(prompt, chosen, rejected)
