@@ -60,3 +60,56 @@ def test_run_tool_failure_names_command_and_tail(tmp_path: Path) -> None:
     assert "hello" in log.read_text() and "nope" in log.read_text()
     with pytest.raises(StageError, match="not found"):
         run_tool(["definitely-not-a-tool-xyz"])
+
+
+def test_a_stage_waits_for_a_background_build(tmp_path: Path, monkeypatch, caplog) -> None:
+    """`bootstrap.sh --background` (demo.sh) marks the venv with its pid: a stage that needs it waits
+    until the marker is gone, saying what it waits for, then runs in the finished venv."""
+    import logging
+    import subprocess
+    import threading
+
+    from ftpipe.core.executor import wait_for_build
+
+    monkeypatch.setenv("FTPIPE_VENV_ROOT", str(tmp_path))
+    env = ENVIRONMENTS["gguf"]
+    folder = tmp_path / ".venv-gguf"
+    (folder / "bin").mkdir(parents=True)
+    builder = subprocess.Popen(["sleep", "30"])  # stands in for the live bootstrap.sh process
+    try:
+        (folder / ".ftpipe-building").write_text(f"{builder.pid}\n")
+        (tmp_path / "logs/bootstrap").mkdir(parents=True)
+        (tmp_path / "logs/bootstrap/gguf.log").write_text("bootstrap: building .venv-gguf\n")
+
+        def finish() -> None:
+            (folder / "bin/python").write_text("")
+            (folder / ".ftpipe-building").unlink()
+
+        timer = threading.Timer(1.5, finish)
+        timer.start()
+        with caplog.at_level(logging.INFO, logger="ftpipe.core.executor"):
+            argv = local_command(tmp_path, env, ["export-gguf"])
+        timer.join()
+    finally:
+        builder.kill()
+        builder.wait()
+    assert argv == [str(folder / "bin/python"), "-m", "ftpipe", "export-gguf"]
+    waiting = [r.getMessage() for r in caplog.records if "waiting for environment gguf" in r.getMessage()]
+    assert waiting and f"pid {builder.pid}" in waiting[0] and "logs/bootstrap/gguf.log" in waiting[0]
+    assert any(r.getMessage().startswith("environment gguf is ready (waited ") for r in caplog.records)
+    assert wait_for_build(tmp_path, env) < 1.0  # nothing to wait for now
+
+
+def test_a_build_that_died_is_one_clear_error(tmp_path: Path, monkeypatch) -> None:
+    import subprocess
+
+    monkeypatch.setenv("FTPIPE_VENV_ROOT", str(tmp_path))
+    folder = tmp_path / ".venv-gguf"
+    (folder / "bin").mkdir(parents=True)
+    (folder / "bin/python").write_text("")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (folder / ".ftpipe-building").write_text(f"{dead.pid}\n")
+    with pytest.raises(InputError, match=r"environment 'gguf' did not finish building \(\.venv-gguf/ is incomplete\)") as exc:
+        local_command(tmp_path, ENVIRONMENTS["gguf"], ["export-gguf"])
+    assert exc.value.hint == "bash scripts/bootstrap.sh gguf"

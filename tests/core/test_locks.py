@@ -34,5 +34,5 @@ def test_the_demo_builds_the_stage_environments_only() -> None:
     bootstrap = (REPO / "scripts/bootstrap.sh").read_text()
     test_only = re.search(r'^TEST_ONLY="([^"]*)"$', bootstrap, re.M).group(1).split()
     assert set(test_only) == set(TEST_ENVIRONMENTS)
-    assert "bash scripts/bootstrap.sh stages" in (REPO / "scripts/demo.sh").read_text()
+    assert "bash scripts/bootstrap.sh --background stages" in (REPO / "scripts/demo.sh").read_text()
     assert "bash scripts/bootstrap.sh all" in (REPO / "scripts/test.sh").read_text()

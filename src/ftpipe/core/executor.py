@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,12 +81,73 @@ def in_environment(root: Path, env: Environment) -> bool:
     return Path(sys.prefix).resolve() == venv_dir(root, env).resolve()
 
 
-def local_command(root: Path, env: Environment, argv: list[str]) -> list[str]:
-    """argv that runs `ftpipe <argv>` in the environment's local venv.
+BUILDING = ".ftpipe-building"  # scripts/bootstrap.sh writes its pid here while it builds a venv
+
+
+def build_pid(root: Path, env: Environment) -> tuple[int | None, bool]:
+    """(pid, alive) of the bootstrap.sh build marked in the environment's venv; (None, False) if none."""
+    marker = venv_dir(root, env) / BUILDING
+    try:
+        text = marker.read_text(encoding="utf-8").strip()
+    except OSError:
+        return None, False
+    pid = int(text) if text.isdigit() else None
+    return pid, pid is not None and Path(f"/proc/{pid}").exists()
+
+
+def installed(root: Path, env: Environment) -> bool:
+    """True when the environment's venv has an interpreter, or bootstrap.sh is building it now."""
+    return venv_python(root, env).exists() or build_pid(root, env)[1]
+
+
+def build_log(root: Path, env: Environment) -> Path:
+    """Where `bootstrap.sh --background` writes an environment's build output."""
+    return venv_dir(root, env).parent / "logs" / "bootstrap" / f"{env.name}.log"
+
+
+def wait_for_build(root: Path, env: Environment, poll_s: float = 1.0, report_s: float = 30.0) -> float:
+    """Wait while bootstrap.sh (e.g. `--background`, started by scripts/demo.sh) builds the venv.
+
+    Logs what it waits for when it starts and every `report_s` seconds. Returns the seconds waited.
 
     Raises:
-        InputError: the venv is missing, naming the command that creates it.
+        InputError: the build stopped without finishing, naming its log and the command to rerun.
     """
+    started = time.monotonic()
+    reported = None
+    while True:
+        pid, alive = build_pid(root, env)
+        if pid is None and not (venv_dir(root, env) / BUILDING).exists():
+            break
+        waited = time.monotonic() - started
+        if not alive:
+            logfile = build_log(root, env)
+            where = f"; its output: {logfile}" if logfile.is_file() else ""
+            raise InputError(
+                f"environment {env.name!r} did not finish building ({env.venv}/ is incomplete{where})",
+                hint=f"bash scripts/bootstrap.sh {env.name}",
+            )
+        if reported is None or waited - reported >= report_s:
+            logfile = build_log(root, env)
+            log.info(
+                "waiting for environment %s: bootstrap.sh (pid %s) is still building %s (%.0f s so far%s)",
+                env.name, pid, env.venv, waited, f"; log: {logfile}" if logfile.is_file() else "",
+            )
+            reported = waited
+        time.sleep(poll_s)
+    waited = time.monotonic() - started
+    if reported is not None:
+        log.info("environment %s is ready (waited %.0f s)", env.name, waited)
+    return waited
+
+
+def local_command(root: Path, env: Environment, argv: list[str]) -> list[str]:
+    """argv that runs `ftpipe <argv>` in the environment's local venv, once any build of it is done.
+
+    Raises:
+        InputError: the venv is missing or its build stopped midway, naming the command that fixes it.
+    """
+    wait_for_build(root, env)
     python = venv_python(root, env)
     if not python.exists():  # not in the project, not in the ftpipe checkout
         raise InputError(

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ftpipe.core.errors import ConfigError, InputError, StageError
-from ftpipe.core.executor import ENV_MARKER, ENVIRONMENTS, run_tool, venv_python
+from ftpipe.core.executor import ENV_MARKER, ENVIRONMENTS, installed, run_tool, venv_python, wait_for_build
 from ftpipe.core.fsutil import atomic_write_json, atomic_write_text, read_json
 from ftpipe.core.logs import WORKER_LOG_ENV
 from ftpipe.core.manifest import read_manifest
@@ -207,7 +207,7 @@ def plan_artifacts(ctx: StageContext, base: ModelRef, scored: bool = False) -> l
             art.environment = "awq"
             if ctx.config.runtime.mode == "compose" or os.environ.get("FTPIPE_SERVICE"):
                 art.skipped = "awq evaluation under --runtime compose is not supported yet (use --runtime local)"
-            elif not venv_python(project.root, ENVIRONMENTS["awq"]).exists():
+            elif not installed(project.root, ENVIRONMENTS["awq"]):
                 art.skipped = AWQ_ENV_MISSING
     for art in plan:
         if art.skipped:
@@ -293,6 +293,7 @@ def _run_worker(ctx: StageContext, art: Artifact, spec: EvalSpec) -> dict[str, A
     result_file = ctx.run.eval / f"{art.name}-result.json"
     result_file.unlink(missing_ok=True)
     spec.write(spec_file)
+    wait_for_build(ctx.project.root, env)  # bootstrap.sh --background may still be building it
     python = venv_python(ctx.project.root, env)
     # Same source tree as this process, whether or not the venv has ftpipe installed.
     src = str(Path(ftpipe.__file__).resolve().parents[1])

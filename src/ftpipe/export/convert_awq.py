@@ -52,7 +52,7 @@ def prepare(ctx: StageContext) -> dict[str, Path]:
     Raises:
         InputError: one line listing the problems, with the commands that fix them.
     """
-    from ftpipe.core.executor import environment, in_environment, venv_python
+    from ftpipe.core.executor import environment, in_environment, installed
 
     cfg, run, project = ctx.config, ctx.run, ctx.project
     problems: list[str] = []
@@ -90,7 +90,7 @@ def prepare(ctx: StageContext) -> dict[str, Path]:
 
     env = environment(ctx.spec.environment)
     if cfg.runtime.mode == "local" and not in_environment(ctx.loaded.root, env):
-        if not venv_python(ctx.loaded.root, env).exists():
+        if not installed(ctx.loaded.root, env):  # a background build is waited for
             problems.append(f"environment 'awq' is not installed ({env.venv}/ missing)")
             hints.append("bash scripts/bootstrap.sh awq")
     elif in_environment(ctx.loaded.root, env) and importlib.util.find_spec("llmcompressor") is None:
