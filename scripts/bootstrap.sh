@@ -100,7 +100,9 @@ for env in "$@"; do
     settings+=(--config-settings-package "${value//@REPO@/$PWD}")
   done < <(sed -n 's/^# config-settings: //p' "$lock")
   if [ ${#settings[@]} -gt 0 ]; then echo "bootstrap: compiling sdists with ${settings[*]//$PWD/@REPO@}"; fi
-  "$UV" pip install -q --python "$dir/bin/python" "${UV_ARGS[@]}" "${settings[@]}" -r "$lock"
+  # --compile-bytecode: as pip does; without .pyc files (or with PYTHONDONTWRITEBYTECODE set) every
+  # start of a stage would compile its imports again (vLLM, llm-compressor: 10+ s each).
+  "$UV" pip install -q --compile-bytecode --python "$dir/bin/python" "${UV_ARGS[@]}" "${settings[@]}" -r "$lock"
   "$UV" pip install -q --python "$dir/bin/python" "${UV_ARGS[@]}" --no-deps -e .
   if [ -f "scripts/post-install-$env.sh" ]; then bash "scripts/post-install-$env.sh" "$dir"; fi
   "$dir/bin/python" -c "import ftpipe" # fail here, not in the middle of a test run

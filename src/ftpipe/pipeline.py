@@ -105,6 +105,22 @@ def _stamp(paths: list[Path]) -> list[tuple]:
     return out
 
 
+def _up_to_date_here(name: str, loaded, run) -> bool:
+    """Whether stage `name` would skip itself, judged in this process by its own test.
+
+    A new-run stage (finetune-sft) is left to itself: its pre-flight opens a run. A pre-flight this
+    environment cannot complete (one that imports another environment's packages) is not an answer
+    either: then the stage runs in its environment and decides there.
+    """
+    if table.get(name).scope == "new-run":
+        return False
+    try:
+        return table.is_up_to_date(name, loaded, run)
+    except Exception as exc:  # noqa: BLE001 - any pre-flight failure here means "let the stage decide"
+        log.debug("%s: up-to-date test not possible in this environment (%s); running it", name, exc)
+        return False
+
+
 def run_pipeline(
     loaded,
     config_path: Path,
@@ -149,12 +165,18 @@ def run_pipeline(
         paths = _manifest_paths(project, run, stage, table.dataset_of(stage, loaded.config))
         before = _stamp(paths)
         start = time.monotonic()
-        # Starting a server only to repeat a passing check of the same artifact, prompts and config
-        # is the one expensive no-op a second `ftpipe run` would do: ask the checking stage first.
-        if stage.checked_by and not force and table.is_up_to_date(stage.checked_by, loaded, run):
+        # A second `ftpipe run` should not start an interpreter per stage (llm-compressor alone
+        # imports in 5+ s), nor a server only to repeat a passing check of the same artifact,
+        # prompts and config: ask the stage's own up-to-date test here first (the checking stage's,
+        # for a served one).
+        judge = stage.checked_by or name
+        if not force and _up_to_date_here(judge, loaded, run):
             outcome = StageOutcome(name, "skipped", time.monotonic() - start, [project.rel(p) for p in paths])
-            log.info("%s: a %s of this artifact, prompts and config already passed; skipped (--force reruns)",
-                     name, stage.checked_by)
+            if stage.checked_by:
+                log.info("%s: a %s of this artifact, prompts and config already passed; skipped (--force reruns)",
+                         name, stage.checked_by)
+            else:
+                log.info("%s: up to date (same config and inputs); skipped - use --force to rerun", name)
             outcomes.append(outcome)
             if on_stage:
                 on_stage(name, outcome)
