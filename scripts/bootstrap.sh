@@ -85,6 +85,12 @@ for env in "$@"; do
   lock="requirements/$env.lock"
   [ -f "$lock" ] || { echo "bootstrap: no lock file $lock" >&2; exit 2; }
   dir=$(venv_dir "$env")
+  if [ -f "$dir/.ftpipe-building" ] && kill -0 "$(cat "$dir/.ftpipe-building")" 2>/dev/null; then
+    # Another bootstrap.sh (demo.sh's --background one) is building it: wait, do not pull it away.
+    builder=$(cat "$dir/.ftpipe-building")
+    echo "bootstrap: $dir is being built by pid $builder (logs/bootstrap/$env.log); waiting for it"
+    while kill -0 "$builder" 2>/dev/null; do sleep 2; done
+  fi
   if up_to_date "$env"; then
     echo "bootstrap: $dir up to date"
     continue

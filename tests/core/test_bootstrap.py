@@ -109,3 +109,18 @@ def test_background_build_marks_logs_and_is_waited_for(tmp_path: Path, monkeypat
     assert not (root / ".venv-fake/.ftpipe-building").exists()
     done = subprocess.run(["bash", "scripts/bootstrap.sh", "--background", "fake"], cwd=root, capture_output=True, text=True, timeout=60)
     assert done.stdout == "bootstrap: .venv-fake up to date\n"
+
+
+def test_a_foreground_bootstrap_waits_for_a_background_build(tmp_path: Path) -> None:
+    """`bootstrap.sh gguf` (or test.sh) while demo.sh's background build of it runs: it waits for
+    that build instead of deleting the venv under it, and then finds it up to date."""
+    root = fake_checkout(tmp_path)
+    env = {"FAKE_UV_SLEEP": "1", "PATH": "/usr/bin:/bin"}
+    started = subprocess.run(["bash", "scripts/bootstrap.sh", "--background", "fake"], cwd=root, env=env,
+                             capture_output=True, text=True, timeout=60)
+    pid = re.search(r"\(pid (\d+),", started.stdout)[1]
+    out = subprocess.run(["bash", "scripts/bootstrap.sh", "fake"], cwd=root, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == (f"bootstrap: .venv-fake is being built by pid {pid} (logs/bootstrap/fake.log); waiting for it\n"
+                          "bootstrap: .venv-fake up to date\n")
+    assert "built in" in (root / "logs/bootstrap/fake.log").read_text()
