@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The test command (README, .ci/run): set up every stage environment that has a lock file
-# (reused when its lock hash matches), then run the whole suite, slow end-to-end tests included.
+# The test command (README, .ci/run): set up every environment that has a lock file (reused when
+# its lock hash matches), then run the whole suite, slow end-to-end tests included.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Every build at once (llama.cpp compiles at low priority while uv installs the others), then wait
+# for each: one that failed in the background is built again here, with its output shown.
+bash scripts/bootstrap.sh --background all
 bash scripts/bootstrap.sh all
 # The report test renders report.html in headless Chromium (Debian package).
 if ! command -v chromium >/dev/null 2>&1; then
