@@ -35,7 +35,7 @@ from ftpipe.data import preference_formats, readers
 from ftpipe.data.formats import RowError, describe_keys, detect_row_format
 # The dedupe filter, the hashed output writer and the token summary are preprocess-sft's own.
 from ftpipe.data.preprocess_sft import RowStats, RowWriter, Seen, existing_file, token_stats
-from ftpipe.data.readers import Source
+from ftpipe.data.readers import Source, train_val_sources
 from ftpipe.data.rowwork import LazyRenderer, batches, encode_row
 from ftpipe.handoff.pairs import pairs_dir
 
@@ -88,12 +88,8 @@ def run(ctx: StageContext) -> StageResult:
     out_dir = pairs_dir(project, pref.name)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    path = project.resolve(pref.source)
-    main = Source(path, project.rel(path))
-    sources = [("train", main)]
-    if pref.val_source:
-        path = project.resolve(pref.val_source)
-        sources.append(("val", Source(path, project.rel(path))))
+    main = Source.configured(project, pref.source)
+    sources = train_val_sources(project, main, pref.val_source)
 
     stats = _Stats(pref.strict, pref.errors_shown)
     seen = Seen()

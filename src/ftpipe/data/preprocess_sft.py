@@ -35,7 +35,7 @@ from ftpipe.core.stage import StageContext, StageResult
 from ftpipe.data import flat_exports, label_studio, readers
 from ftpipe.data.formats import REQUIRED_KEYS, RowError, describe_keys, detect_row_format
 from ftpipe.data.mapping import remap, resolve_dataset_info
-from ftpipe.data.readers import Source, Unparsed, parse_jsonl_line
+from ftpipe.data.readers import Source, Unparsed, parse_jsonl_line, train_val_sources
 from ftpipe.data.rowwork import LazyRenderer, Workers, batches, few_collections, prepare_batch, worker_count
 
 log = logging.getLogger(__name__)
@@ -115,12 +115,8 @@ def run(ctx: StageContext) -> StageResult:
         main = Source(ctx.log_dir / f"label_studio_project_{data.label_studio.project_id}.json", "")
         main.name = project.rel(main.path)
     else:
-        path = project.resolve(data.source)
-        main = Source(path, project.rel(path))
-    sources = [("train", main)]
-    if data.val_source:
-        path = project.resolve(data.val_source)
-        sources.append(("val", Source(path, project.rel(path))))
+        main = Source.configured(project, data.source)
+    sources = train_val_sources(project, main, data.val_source)
 
     stats = _Stats(strict=pre.strict, shown=pre.errors_shown)
     seen = Seen()

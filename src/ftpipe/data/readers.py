@@ -43,6 +43,21 @@ class Source:
     path: Path
     name: str  # project-relative, shown in every message
 
+    @classmethod
+    def configured(cls, project, value: str) -> Source:
+        """The file a config key names (relative to the project), named as the project shows it."""
+        path = project.resolve(value)
+        return cls(path, project.rel(path))
+
+
+def train_val_sources(project, main: Source, val_source: str | None) -> list[tuple[str, Source]]:
+    """What a preprocess stage reads: ("train", main) and, when the config names a separate
+    validation file, ("val", that file)."""
+    sources = [("train", main)]
+    if val_source:
+        sources.append(("val", Source.configured(project, val_source)))
+    return sources
+
 
 def compression_of(path: Path) -> str | None:
     """`gzip`, `bz2`, `zstd` from the file name's last suffix, else None."""
