@@ -30,6 +30,8 @@ if [ "$1" = stages ]; then set -- $(ls requirements/*.lock | xargs -n1 basename 
 venv_dir() { case "$1" in train) echo .venv ;; *) echo ".venv-$1" ;; esac; }
 lock_hash() { cat "requirements/$1.lock" $(ls "scripts/post-install-$1.sh" 2>/dev/null) | sha256sum | cut -d' ' -f1; }
 up_to_date() { local dir; dir=$(venv_dir "$1"); [ -f "$dir/.ftpipe-lock" ] && [ "$(cat "$dir/.ftpipe-lock")" = "$(lock_hash "$1")" ]; }
+# The pid of a live bootstrap.sh building the environment now (its venv's .ftpipe-building); fails if none.
+builder() { local pid; pid=$(cat "$(venv_dir "$1")/.ftpipe-building" 2>/dev/null) && kill -0 "$pid" 2>/dev/null && echo "$pid"; }
 
 # uv itself, pinned, in its own small venv (pip, from the same indexes as everything else).
 UV=.uv/bin/uv
@@ -46,9 +48,7 @@ if [ "$background" = 1 ]; then
     [ -f "requirements/$env.lock" ] || { echo "bootstrap: no lock file requirements/$env.lock" >&2; exit 2; }
     dir=$(venv_dir "$env")
     if up_to_date "$env"; then echo "bootstrap: $dir up to date"; continue; fi
-    if [ -f "$dir/.ftpipe-building" ] && kill -0 "$(cat "$dir/.ftpipe-building")" 2>/dev/null; then
-      echo "bootstrap: $dir is already being built (pid $(cat "$dir/.ftpipe-building"))"; continue
-    fi
+    if pid=$(builder "$env"); then echo "bootstrap: $dir is already being built (pid $pid)"; continue; fi
     # One that compiles an sdist (a `# config-settings:` line: llama.cpp, minutes of CPU) gets what the
     # running stages leave (nice 19); the others are seconds of work, needed soon: normal priority.
     niceness=0
@@ -85,11 +85,10 @@ for env in "$@"; do
   lock="requirements/$env.lock"
   [ -f "$lock" ] || { echo "bootstrap: no lock file $lock" >&2; exit 2; }
   dir=$(venv_dir "$env")
-  if [ -f "$dir/.ftpipe-building" ] && kill -0 "$(cat "$dir/.ftpipe-building")" 2>/dev/null; then
+  if pid=$(builder "$env"); then
     # Another bootstrap.sh (demo.sh's --background one) is building it: wait, do not pull it away.
-    builder=$(cat "$dir/.ftpipe-building")
-    echo "bootstrap: $dir is being built by pid $builder (logs/bootstrap/$env.log); waiting for it"
-    while kill -0 "$builder" 2>/dev/null; do sleep 2; done
+    echo "bootstrap: $dir is being built by pid $pid (logs/bootstrap/$env.log); waiting for it"
+    while kill -0 "$pid" 2>/dev/null; do sleep 2; done
   fi
   if up_to_date "$env"; then
     echo "bootstrap: $dir up to date"

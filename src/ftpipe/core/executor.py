@@ -84,11 +84,15 @@ def in_environment(root: Path, env: Environment) -> bool:
 BUILDING = ".ftpipe-building"  # scripts/bootstrap.sh writes its pid here while it builds a venv
 
 
-def build_pid(root: Path, env: Environment) -> tuple[int | None, bool]:
-    """(pid, alive) of the bootstrap.sh build marked in the environment's venv; (None, False) if none."""
-    marker = venv_dir(root, env) / BUILDING
+def build_pid(root: Path, env: Environment) -> tuple[int | None, bool] | None:
+    """(pid, alive) of the bootstrap.sh build marked in the environment's venv; None if none is.
+
+    A marker without a readable pid is (None, False): a build that stopped midway.
+    """
     try:
-        text = marker.read_text(encoding="utf-8").strip()
+        text = (venv_dir(root, env) / BUILDING).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
     except OSError:
         return None, False
     pid = int(text) if text.isdigit() else None
@@ -97,7 +101,8 @@ def build_pid(root: Path, env: Environment) -> tuple[int | None, bool]:
 
 def installed(root: Path, env: Environment) -> bool:
     """True when the environment's venv has an interpreter, or bootstrap.sh is building it now."""
-    return venv_python(root, env).exists() or build_pid(root, env)[1]
+    build = build_pid(root, env)
+    return venv_python(root, env).exists() or (build is not None and build[1])
 
 
 def build_log(root: Path, env: Environment) -> Path:
@@ -116,9 +121,10 @@ def wait_for_build(root: Path, env: Environment, poll_s: float = 1.0, report_s: 
     started = time.monotonic()
     reported = None
     while True:
-        pid, alive = build_pid(root, env)
-        if pid is None and not (venv_dir(root, env) / BUILDING).exists():
+        build = build_pid(root, env)
+        if build is None:
             break
+        pid, alive = build
         waited = time.monotonic() - started
         if not alive:
             logfile = build_log(root, env)

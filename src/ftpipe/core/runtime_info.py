@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ftpipe.core.executor import BUILDING, ENVIRONMENTS, Environment, build_pid, docker_available, venv_dir, venv_python
+from ftpipe.core.executor import ENVIRONMENTS, Environment, build_pid, docker_available, venv_dir, venv_python
 from ftpipe.core.manifest import TRACKED_PACKAGES
 from ftpipe.core.runs import Project, RunDir
 
@@ -52,8 +52,9 @@ def environment_state(root: Path, env: Environment) -> str:
     fix = f"bash scripts/bootstrap.sh {env.name}"
     lock = checkout / "requirements" / f"{env.name}.lock"
     folder = venv_dir(root, env)
-    pid, alive = build_pid(root, env)
-    if pid is not None or (folder / BUILDING).exists():
+    build = build_pid(root, env)
+    if build is not None:
+        pid, alive = build
         return f"building (bootstrap.sh, pid {pid})" if alive else f"incomplete (a build stopped midway: {fix})"
     if not folder.exists():
         return f"missing ({fix})"
