@@ -13,7 +13,8 @@
 # uv (UV_VERSION below, installed into .uv/ by pip) installs each lock with the indexes pip is
 # configured with (`pip config list`: index-url, extra-index-url, find-links, constraint, cert) and,
 # like pip, takes the best matching version across them. Its cache (~/.cache/uv, or UV_CACHE_DIR)
-# is shared by every environment and checkout: a package downloaded or compiled once is linked from it.
+# is shared by every environment and checkout: a package downloaded once is linked from it (a wheel
+# compiled with a lock's config settings only within one checkout: @REPO@ is part of its cache key).
 # torch: the lock pins torch==2.13.0; where a CPU build of it is on an index (`2.13.0+cpu`) it wins,
 # as with pip. A plain PyPI index alone gives the CUDA build: see docs/setup.md.
 set -euo pipefail
