@@ -201,7 +201,10 @@ STAGES: tuple[Stage, ...] = (
         scope="run", cli="ftpipe.cli.serve", force=False, checked_by="smoke-test", environment_when=("serve.artifact", "gguf", "gguf"),
         owns=(Section("serve", "ftpipe.serve.config:ServeConfig", "serve."),),
         options=(*SERVER_OPTIONS,
-                 Option("--detach", bool, "Return once healthy; stop with `ftpipe serve stop`.", default=False)),
+                 Option("--detach", bool, "Return once healthy; stop with `ftpipe serve stop`.", default=False),
+                 Option("--fallback", bool, "When this machine cannot run the artifact (4-bit AWQ without vLLM's W4A16 "
+                        "CPU kernel), serve the run's merged model instead and record why (ftpipe run passes it).",
+                        default=False)),
     ),
     Stage(
         "smoke-test", "ftpipe.serve.smoke_test", "serve",

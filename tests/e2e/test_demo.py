@@ -59,6 +59,9 @@ def test_demo_completes_every_stage(demo_project: Path, first_run) -> None:
     served = json.loads((demo_project / "logs/demo/smoke-test/results.json").read_text())["prompt_checks"]
     assert len(served) == 20 and sum(c["passed"] for c in served) / 20 >= 0.6
     assert 'id="served-accuracy"' in (run / "report.html").read_text()
+    # Which artifact was served and why (debug_config.yaml: merged; `ftpipe run` would name what
+    # replaced an AWQ this CPU cannot serve: tests/serve/test_serve_awq.py).
+    assert 'Served artifact: <b>merged</b> (serve.artifact)' in (run / "report.html").read_text()
     # The preference step moved what SFT did not: held-out pairs, chosen scored above rejected.
     sft, dpo = artifacts["adapter"], artifacts["dpo_adapter"]
     assert sft["preference_pairs"] == dpo["preference_pairs"] == 60

@@ -147,6 +147,28 @@ def test_hostile_text_is_escaped(tmp_path):
     assert "&lt;script&gt;" in html
 
 
+@pytest.mark.parametrize("smoke, expected", [
+    ({"artifact": "merged", "artifact_reason": "serve.artifact"}, "Served artifact: <b>merged</b> (serve.artifact)"),
+    ({"artifact": "merged", "requested_artifact": "awq",
+      "artifact_reason": "serve: outputs/r1/awq is a 4-bit weight-only (W4A16) model and this CPU cannot run it in vLLM: "
+                         "vLLM's CPU kernels here (_C_AVX2.abi3.so) lack torch.ops._C.cpu_gemm_wna16"},
+     "Served artifact: <b>merged</b> instead of serve.artifact <b>awq</b>: serve: outputs/r1/awq is a 4-bit weight-only "
+     "(W4A16) model and this CPU cannot run it in vLLM: vLLM&#x27;s CPU kernels here (_C_AVX2.abi3.so) lack "
+     "torch.ops._C.cpu_gemm_wna16"),
+])
+def test_the_report_says_which_artifact_was_served_and_why(tmp_path, smoke, expected):
+    from ftpipe.core.runs import Project, RunDir
+    from ftpipe.eval.report import render
+
+    project = Project(tmp_path, tmp_path / "prepared", tmp_path / "outputs", tmp_path / "logs")
+    smoke = {**smoke, "model": "r1", "url": "http://127.0.0.1:8765/v1",
+             "prompt_checks": [{"name": "c1", "prompt": "p", "answer": "positive", "passed": True}]}
+    html = render(title="t", run=RunDir(project, "r1"), dataset="d", manifests={}, metadata=None, scalars={},
+                  eval_doc=None, generations=[], smoke=smoke)
+    assert expected in html, html[html.find('id="served"'):][:1500]
+    assert html.count('id="served-artifact"') == 1
+
+
 def test_histogram_shapes():
     from ftpipe.eval.report import find_histograms
 

@@ -49,9 +49,12 @@ def _serve(ctx: typer.Context, **values: Any) -> None:
     def ready(state) -> None:
         console.print(f"[green]serving {state.model_name!r} ({state.artifact}, {state.kind}) at {state.url}[/green] "
                       f"pid {state.pid}, log {state.log}")
+        if "substitution" in state.extra:
+            console.print(f"[yellow]served {state.artifact} instead of {state.extra['requested_artifact']}: "
+                          f"{state.extra['substitution']}[/yellow]")
         console.print(f"stop it with: ftpipe serve stop --run {state.run}" if detach else "Ctrl-C stops it")
 
-    serve(loaded, values["run"], detach=detach, on_ready=ready)
+    serve(loaded, values["run"], detach=detach, on_ready=ready, fallback=bool(options["fallback"]))
     if not detach:
         console.print("[green]server stopped[/green]")
 

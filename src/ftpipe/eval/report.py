@@ -147,7 +147,7 @@ h3{font-size:15px;margin:18px 0 6px}.meta{color:#666;font-size:13px}
 table{border-collapse:collapse;margin:8px 0;font-size:13px;background:#fff}
 th,td{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}th{background:#f0f0f0}
 td.num{text-align:right;font-variant-numeric:tabular-nums}.ok{color:#11772d;font-weight:bold}
-.fail{color:#b3261e;font-weight:bold}.skip{color:#8a6d00}.na{color:#888;font-style:italic}
+.fail{color:#b3261e;font-weight:bold}.skip{color:#8a6d00}.warn{color:#8a6d00}.na{color:#888;font-style:italic}
 .charts{display:flex;flex-wrap:wrap;gap:12px}.charts svg{border:1px solid #ddd;background:#fff}
 code,.mono{font-family:ui-monospace,monospace;font-size:12px;word-break:break-all}
 details{margin:6px 0}summary{cursor:pointer}
@@ -434,7 +434,7 @@ def _section_eval(doc: dict[str, Any] | None, generations: list[dict[str, Any]],
 def _section_served(smoke: dict[str, Any] | None, eval_doc: dict[str, Any] | None) -> str:
     """Held-out prompt checks answered by the served model (smoke-test), next to eval-sft's
     in-process accuracy of each artifact - the base model's row is the baseline."""
-    head = '<h2 id="served">Served model: held-out prompt checks over the OpenAI API</h2>'
+    head = '<h2 id="served">Served model: held-out prompt checks over the OpenAI API</h2>' + _served_artifact(smoke)
     checks = (smoke or {}).get("prompt_checks") or []
     if not checks:
         return head + '<p class="na">no smoke-test with prompt checks in this run (ftpipe serve + ftpipe smoke-test)</p>'
@@ -451,6 +451,18 @@ def _section_served(smoke: dict[str, Any] | None, eval_doc: dict[str, Any] | Non
     answers = [[_e(c.get("name", "")), _e(c.get("prompt", "")), f'<code>{_e(str(c.get("answer", ""))[:80])}</code>',
                 '<span class="ok">pass</span>' if c.get("passed") else '<span class="fail">fail</span>'] for c in checks]
     return head + body + "<h3>Served answers</h3>" + _table(["check", "prompt", "answer", "result"], answers)
+
+
+def _served_artifact(smoke: dict[str, Any] | None) -> str:
+    """Which artifact the server served and why: serve.artifact, or what replaced it (AWQ on a CPU
+    whose vLLM has no W4A16 kernel, `ftpipe run` serving the merged model instead)."""
+    if not smoke or not smoke.get("artifact"):
+        return ""
+    artifact, requested = str(smoke["artifact"]), smoke.get("requested_artifact")
+    if requested and requested != artifact:
+        return (f'<p id="served-artifact" class="warn">Served artifact: <b>{_e(artifact)}</b> instead of '
+                f'serve.artifact <b>{_e(str(requested))}</b>: {_e(str(smoke.get("artifact_reason") or "reason not recorded"))}</p>')
+    return f'<p id="served-artifact">Served artifact: <b>{_e(artifact)}</b> (serve.artifact)</p>'
 
 
 def _rate(passed: Any, total: Any) -> str:

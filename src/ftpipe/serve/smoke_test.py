@@ -10,13 +10,20 @@ eval-sft does (`ftpipe.handoff.checks`; `must_stop` = finish_reason "stop"). The
 adapters: <run>-base, <run>-sft, <run>-dpo) every name is checked the same way and recorded apart
 (results.json `models`, manifest metrics `models`); the tuned adapters must pass, the base's answers
 and checks are recorded as the baseline, not judged (a base model need not stop at its end of turn).
-Results go to logs/<run>/smoke-test/results.json, the manifest beside it.
+It checks what the server really serves: when `ftpipe serve` recorded (server.json) another
+artifact than serve.artifact at this address (`serve --fallback` on a CPU that cannot run AWQ, or a
+server started by hand), that artifact, and results.json says which was asked for and why.
+A server that fails (HTTP 5xx, a reset or refused connection, a timeout, an answer that is not the
+API's JSON) fails the stage in one line that quotes the cause from the server's log
+(`ftpipe.serve.server_record.root_cause`). Results go to logs/<run>/smoke-test/results.json, the
+manifest beside it.
 
     ftpipe smoke-test --config debug_config.yaml
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -27,6 +34,7 @@ from ftpipe.core.stage import StageContext, StageResult
 from ftpipe.handoff.checks import judge, load_checks
 from ftpipe.handoff.prepared import split_prompts
 from ftpipe.serve.served import Served, base_url, resolve_artifact
+from ftpipe.serve.server_record import ServerState, alive, log_size, read_state, root_cause, server_log_path
 from ftpipe.stages import PRODUCED_BY
 
 log = logging.getLogger(__name__)
@@ -59,10 +67,68 @@ def check_verdict(check: dict[str, Any], answer: str, finish_reason: str | None)
             "passed": not problems, "problems": problems}
 
 
+class MalformedAnswer(Exception):
+    """The server answered 200 with something that is not the API's JSON (`what`: the request)."""
+
+    def __init__(self, message: str, what: str) -> None:
+        super().__init__(message)
+        self.what = what
+
+
+CHAT = "POST /v1/chat/completions"
+
+
 def _chat(client, model: str, messages, max_tokens: int) -> tuple[str, str | None]:
-    response = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0.0)
+    try:
+        response = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0.0)
+    except json.JSONDecodeError as exc:
+        raise MalformedAnswer(str(exc), CHAT) from exc
+    if not getattr(response, "choices", None) or getattr(response.choices[0], "message", None) is None:
+        raise MalformedAnswer(f"a chat completion without choices: {str(response)[:120]!r}", CHAT)
     choice = response.choices[0]
     return choice.message.content or "", choice.finish_reason
+
+
+def server_failure(exc: BaseException, url: str, server_log: Path | None, since: int, project, pid: int | None) -> StageError:
+    """One line for a server that failed a request: what failed, and the cause its log gives.
+
+    Args:
+        exc: an openai / httpx error, or `MalformedAnswer`.
+        server_log: the server's log (None when no ftpipe server runs at that address).
+        since: the log's size when the smoke test began; the cause is looked for from there.
+        pid: the server's pid from server.json, to say whether it is still running.
+    """
+    try:
+        request = getattr(exc, "request", None)
+    except RuntimeError:  # httpx: "The .request property has not been set."
+        request = None
+    what = getattr(exc, "what", None) or (f"{request.method} {request.url.path}" if request is not None else "a request")
+    status = getattr(exc, "status_code", None) or getattr(getattr(exc, "response", None), "status_code", None)
+    if status is not None:
+        body = getattr(exc, "body", None)
+        detail = (body.get("message") if isinstance(body, dict) else None) or getattr(exc, "message", None) or str(exc)
+        failed = f"{what} answered HTTP {status} ({' '.join(str(detail).split())[:160]})"
+    elif isinstance(exc, MalformedAnswer):
+        failed = f"{what} answered something that is not the API's JSON ({' '.join(str(exc).split())[:120]})"
+    else:  # connection refused / reset, timeout
+        cause = exc.__cause__ or exc.__context__
+        failed = f"{what} got no answer: {type(exc).__name__}{f' ({type(cause).__name__}: {cause})' if cause else ''}"
+    message = f"smoke-test: the server at {url} failed: {failed}"
+    if pid is not None and not alive(pid):
+        message += f"; the server (pid {pid}) is no longer running"
+    if server_log is None:
+        return StageError(message + "; no ftpipe server log for this address (the server was not started by ftpipe serve)",
+                          hint="read the server's own log")
+    cause, earlier = root_cause(server_log, since), None
+    if cause is None:  # nothing new: the server may have broken before the smoke test began
+        earlier = root_cause(server_log)
+    if cause:
+        message += f"; {project.rel(server_log)} says: {cause}"
+    elif earlier:
+        message += f"; nothing new in {project.rel(server_log)}, whose last error (before this smoke test) is: {earlier}"
+    else:
+        message += f"; no error line in {project.rel(server_log)}"
+    return StageError(message, hint=f"read {project.rel(server_log)}")
 
 
 def template_matches(url: str, api_key: str | None, model: str, tokenizer_dir: Path, messages, timeout: float) -> dict[str, Any]:
@@ -79,7 +145,10 @@ def template_matches(url: str, api_key: str | None, model: str, tokenizer_dir: P
     body = {"model": model, "messages": messages, "add_generation_prompt": True}
     response = httpx.post(url.removesuffix("/v1") + "/tokenize", json=body, headers=headers, timeout=timeout)
     response.raise_for_status()
-    server_ids = list(response.json()["tokens"])
+    try:
+        server_ids = list(response.json()["tokens"])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise MalformedAnswer(f"no token list: {response.text[:120]!r}", "POST /tokenize") from exc
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     hf = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     hf_ids = list(hf["input_ids"] if hasattr(hf, "keys") else hf)
@@ -102,12 +171,21 @@ def run(ctx: StageContext) -> StageResult:
     key = cfg.serve.api_key.get_secret_value() if cfg.serve.api_key is not None else None
     client = openai.OpenAI(base_url=url, api_key=key or "EMPTY", timeout=st.timeout, max_retries=0)
     hint = f"ftpipe serve --run {ctx.run.name} --artifact {served.artifact} --detach"
+    server: ServerState | None = ctx.options["server"]
+    server_log = ctx.project.resolve(server.log) if server is not None else server_log_path(ctx.run)
+    server_log = server_log if server_log.is_file() else None
+    since = log_size(server_log) if server_log is not None else 0
     try:
-        models = [m.id for m in client.models.list().data]
+        try:
+            models = [m.id for m in client.models.list().data]
+        except json.JSONDecodeError as exc:
+            raise MalformedAnswer(str(exc), "GET /v1/models") from exc
     except openai.APIConnectionError:
         raise InputError(f"no server answers at {url}", hint=hint) from None
     except openai.AuthenticationError:
         raise InputError(f"{url} refused our API key (401)", hint="pass the server's key: --api-key or FTPIPE_API_KEY") from None
+    except (openai.APIStatusError, MalformedAnswer) as exc:
+        raise server_failure(exc, url, server_log, since, ctx.project, server.pid if server else None) from None
     missing = [n for n in served.names if n not in models]
     if missing:
         raise StageError(f"{url} does not serve model {', '.join(map(repr, missing))} (it serves {', '.join(models) or 'nothing'})",
@@ -118,9 +196,14 @@ def run(ctx: StageContext) -> StageResult:
         if ctx.options.get("checks_file") is not None else []
     per_model: dict[str, dict[str, Any]] = {}
     problems: list[str] = []
+    import httpx
+
     for name in served.names:
         judged = name != served.baseline  # the base next to adapters: recorded as the baseline
-        result = _check_model(ctx, client, url, key, served, name, checks)
+        try:
+            result = _check_model(ctx, client, url, key, served, name, checks)
+        except (openai.APIError, httpx.HTTPError, MalformedAnswer) as exc:
+            raise server_failure(exc, url, server_log, since, ctx.project, server.pid if server else None) from None
         result["judged"] = judged
         per_model[name] = result
         if judged:
@@ -132,7 +215,7 @@ def run(ctx: StageContext) -> StageResult:
     main = per_model[served.name]
     results_path = ctx.log_dir / RESULTS
     atomic_write_json(results_path, {
-        "url": url, "model": served.name, "artifact": served.artifact, "answers": main["answers"],
+        "url": url, "model": served.name, "artifact": served.artifact, **ctx.options["served_why"], "answers": main["answers"],
         "chat_template": main["chat_template"], "prompt_checks": main["prompt_checks"], "problems": problems,
         "models": per_model,
     })
@@ -234,7 +317,8 @@ def prepare(ctx: StageContext) -> dict[str, Path]:
         InputError: the artifact's stage has not completed, or no val split.
     """
     cfg, project = ctx.config, ctx.project
-    served = resolve_artifact(ctx.run, cfg.serve.artifact, cfg.serve.gguf_type)
+    server, artifact, why = served_here(ctx)
+    served = resolve_artifact(ctx.run, artifact, cfg.serve.gguf_type)
     val_file = project.prepared_dir(cfg.data.name) / "val.jsonl"
     if not val_file.is_file():
         raise InputError(f"no val split for dataset {cfg.data.name} ({project.rel(val_file)} missing)",
@@ -246,10 +330,30 @@ def prepare(ctx: StageContext) -> dict[str, Path]:
             checks_file = candidate
         else:
             log.warning("eval.prompts_file %s does not exist: prompt checks skipped", cfg.eval.prompts_file)
-    ctx.options.update(served=served, prompts=split_prompts(val_file, cfg.smoke_test.prompts), checks_file=checks_file)
+    ctx.options.update(served=served, server=server, served_why=why,
+                       prompts=split_prompts(val_file, cfg.smoke_test.prompts), checks_file=checks_file)
     inputs = {"artifact": served.upstream_manifest, "val": val_file}
     if any(folder == ctx.run.path / PRODUCED_BY["dpo_adapter"].produces for _, folder in served.loras):
         inputs["dpo_artifact"] = ctx.run.manifest_path(PRODUCED_BY["dpo_adapter"].name)
     if checks_file is not None:
         inputs["prompts_file"] = checks_file
     return inputs
+
+
+def served_here(ctx: StageContext) -> tuple[ServerState | None, str, dict[str, str]]:
+    """The run's server at the smoke test's address, the artifact it serves and why that one.
+
+    Returns:
+        (server.json's record or None, artifact, {"artifact_reason": ...} plus "requested_artifact"
+        when the server serves another artifact than serve.artifact).
+    """
+    cfg = ctx.config
+    server = read_state(ctx.run)
+    if server is not None and server.url.rstrip("/") != endpoint(cfg):
+        server = None  # a server of this run, but not the one at smoke_test's address
+    if server is None or server.artifact == cfg.serve.artifact:
+        return server, cfg.serve.artifact, {"artifact_reason": "serve.artifact"}
+    why = server.extra.get("substitution") or f"the server at {server.url} was started with --artifact {server.artifact}"
+    log.warning("smoke-test: the server at %s serves %s, not serve.artifact %s (%s): checking %s",
+                server.url, server.artifact, cfg.serve.artifact, why, server.artifact)
+    return server, server.artifact, {"requested_artifact": cfg.serve.artifact, "artifact_reason": why}
