@@ -62,15 +62,16 @@ def open_pipeline_run(loaded, run_name: str | None, start: str | None, stop: str
     """The run folder and the stages `ftpipe run` will execute (checked before the folder is made).
 
     Raises:
-        ConfigError: bad stage names; InputError: --runtime compose without a Docker engine.
+        ConfigError: bad stage names; InputError: --runtime compose without its stack file or a Docker engine.
     """
     cfg = loaded.config
     stages = select_stages(cfg.run.stages, start, stop)
+    project = Project.from_config(loaded)
     if cfg.runtime.mode == "compose":  # refuse before a run folder and latest.txt are written
-        from ftpipe.core.executor import require_docker
+        from ftpipe.core.executor import require_compose
 
-        require_docker()
-    run = new_run(Project.from_config(loaded), run_name or cfg.run.name,
+        require_compose(project.root, cfg.runtime.compose_file)
+    run = new_run(project, run_name or cfg.run.name,
                   model=cfg.model.id or cfg.model.path or "model", data=cfg.data.name)
     return run, stages
 
@@ -94,7 +95,10 @@ def _steps(stage: table.Stage, common: list[str], run: RunDir, force: bool, conf
     if stage.checked_by is None:
         return [(env, argv(stage))]
     check = table.get(stage.checked_by)
-    return [(env, argv(stage, "--detach")), (table.environment_of(check, config), argv(check)), (env, argv(stage, "stop"))]
+    # --fallback: an artifact this machine cannot serve (AWQ without vLLM's W4A16 CPU kernel) is
+    # replaced by the merged model; smoke-test checks what the server really serves.
+    return [(env, argv(stage, "--detach", "--fallback")), (table.environment_of(check, config), argv(check)),
+            (env, argv(stage, "stop"))]
 
 
 def _stamp(paths: list[Path]) -> list[tuple]:

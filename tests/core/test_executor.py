@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,75 @@ def test_a_build_that_died_is_one_clear_error(tmp_path: Path, monkeypatch) -> No
     with pytest.raises(InputError, match=r"environment 'gguf' did not finish building \(\.venv-gguf/ is incomplete\)") as exc:
         local_command(tmp_path, ENVIRONMENTS["gguf"], ["export-gguf"])
     assert exc.value.hint == "bash scripts/bootstrap.sh gguf"
+
+
+# --runtime compose: what it lacks is said at once, before anything runs (issue: a machine with a
+# Docker engine ran `docker compose -f <project>/docker-compose.yml` in a project without one).
+STACK = "services:\n" + "".join(f"  {e.service}:\n    image: ftpipe-{e.service}:local\n" for e in ENVIRONMENTS.values())
+
+
+@pytest.mark.parametrize("stack, docker, built, expected", [
+    (False, dict(client=False, engine=False, compose=False), True,
+     [r"no docker-compose\.yml in the project", r"no docker client on PATH"]),
+    (False, dict(client=True, engine=False, compose=False), True,
+     [r"no docker-compose\.yml in the project .*the ftpipe repository's docker-compose\.yml", r"no Docker engine answers"]),
+    (False, dict(client=True, engine=True, compose=True), True, [r"no docker-compose\.yml in the project"]),
+    (True, dict(client=True, engine=False, compose=False), True, [r"^--runtime compose: no Docker engine answers"]),
+    (True, dict(client=True, engine=True, compose=False), True, [r"no compose plugin"]),
+    (True, dict(client=True, engine=True, compose=True), False, [r"image\(s\) not built: sft \(ftpipe-sft:local\), "
+                                                                  r"awq-runner \(ftpipe-awq-runner:local\)"]),
+])
+def test_compose_preflight_names_every_missing_part(tmp_path: Path, monkeypatch, stack, docker, built, expected) -> None:
+    from ftpipe.core import executor
+
+    if stack:
+        (tmp_path / "docker-compose.yml").write_text(STACK)
+    monkeypatch.setattr(executor, "docker_available", lambda: docker)
+    monkeypatch.setattr(executor, "_quiet", lambda argv: built)
+    with pytest.raises(InputError) as caught:
+        executor.require_compose(tmp_path)
+    line = caught.value.one_line()
+    assert "\n" not in line
+    for pattern in expected:
+        assert re.search(pattern, line), line
+    if not stack:
+        assert "(next: run from the ftpipe repository" in line
+    elif not built:
+        assert "(next: docker compose build" in line
+    else:
+        assert "(next: start the Docker engine" in line
+
+
+def test_compose_preflight_passes_when_everything_is_there(tmp_path: Path, monkeypatch) -> None:
+    from ftpipe.core import executor
+
+    (tmp_path / "docker-compose.yml").write_text(STACK)
+    asked: list[list[str]] = []
+    monkeypatch.setattr(executor, "docker_available", lambda: dict(client=True, engine=True, compose=True))
+    monkeypatch.setattr(executor, "_quiet", lambda argv: asked.append(argv) or True)
+    executor.require_compose(tmp_path)
+    assert sorted(a[-1] for a in asked) == sorted(f"ftpipe-{e.service}:local" for e in ENVIRONMENTS.values())
+
+
+def test_compose_preflight_on_this_machine(tmp_path: Path) -> None:
+    """No fake: in a project without a stack file the refusal says so, and names the engine exactly
+    when this machine has none (the docs tier runs the documented command the same way)."""
+    import shutil
+    import subprocess
+
+    from ftpipe.core import executor
+
+    engine = shutil.which("docker") is not None and subprocess.run(
+        ["docker", "info"], capture_output=True, timeout=30).returncode == 0
+    with pytest.raises(InputError) as caught:
+        executor.require_compose(tmp_path)
+    line = caught.value.one_line()
+    assert "no docker-compose.yml in the project" in line
+    assert ("Docker engine answers" in line or "docker client" in line) is not engine, line
+
+
+def test_repo_stack_names_an_image_for_every_environment() -> None:
+    from ftpipe.core.executor import service_images
+
+    images = service_images(Path(__file__).resolve().parents[2] / "docker-compose.yml")
+    assert set(images) == {e.service for e in ENVIRONMENTS.values()}

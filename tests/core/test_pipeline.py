@@ -26,7 +26,8 @@ def test_bad_stage_names() -> None:
 
 
 def test_compose_runtime_without_docker_writes_no_run(tmp_path) -> None:
-    """`ftpipe run --runtime compose` with no Docker engine refuses before a run folder or latest.txt exists."""
+    """`ftpipe run --runtime compose` with no stack file and no Docker refuses in one line naming both,
+    before a run folder or latest.txt exists."""
     import os
 
     from conftest import run_cli
@@ -39,7 +40,8 @@ def test_compose_runtime_without_docker_writes_no_run(tmp_path) -> None:
                      env={"PATH": f"{no_docker}{os.pathsep}/usr/bin/nonexistent"})
     assert result.code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and "--runtime compose needs a running Docker engine" in lines[0], result.output
+    assert len(lines) == 1 and lines[0].startswith("error: --runtime compose: no docker-compose.yml in the project"), result.output
+    assert "no docker client on PATH" in lines[0], result.output
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "logs").exists()
 
 
@@ -60,7 +62,7 @@ def test_force_goes_only_to_commands_that_take_it(tmp_path) -> None:
     assert _steps(stages.get("preprocess-sft"), common, run, True, config) == [
         ("train", ["preprocess-sft", "--config", "c.yaml", "--force"])]
     assert _steps(stages.get("serve"), common, run, True, config) == [
-        ("serve", ["serve", "--detach", "--config", "c.yaml", "--run", "r1"]),
+        ("serve", ["serve", "--detach", "--fallback", "--config", "c.yaml", "--run", "r1"]),
         ("serve", ["smoke-test", "--config", "c.yaml", "--run", "r1"]),
         ("serve", ["serve", "stop", "--config", "c.yaml", "--run", "r1"]),
     ]

@@ -18,7 +18,7 @@ How each step is executed (STEPS, in order; each later step may rely on earlier 
 - ok: runs to exit 0 (`expect`: a regex its stdout must match, e.g. an up-to-date skip).
 - server: long-running (`ftpipe tensorboard`, foreground `ftpipe serve`): started, must answer
   HTTP on 127.0.0.1 with the expected runs / model, then gets SIGINT (Ctrl-C) and must exit 0.
-- refused: cannot run on this machine (no Docker engine, no CUDA GPU, no Ollama server): exit 2
+- refused: cannot run here (no Compose stack in the scratch project, no CUDA GPU, no Ollama server): exit 2
   with exactly one `error:` line naming the reason and a `(next: ...)` step, no traceback.
 - setup: not written in the docs; creates what a documented command assumes (the user's
   data/my.csv and data/my.jsonl, a server for `ftpipe serve stop --run R` to stop).
@@ -144,7 +144,19 @@ class Step:
     why: str = ""
 
 
-REFUSED_COMPOSE = r"Docker engine"
+
+
+def _compose_refusal() -> str:
+    """What `ftpipe run --runtime compose` must say in the scratch project on this machine: it has no
+    docker-compose.yml (the stack lives in the ftpipe repository), and where no Docker engine
+    answers, that too, in the same line."""
+    engine = shutil.which("docker") is not None and subprocess.run(
+        ["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, timeout=30).returncode == 0
+    stack = r"no docker-compose\.yml in the project .* the Compose stack is the ftpipe repository's docker-compose\.yml"
+    return stack + ("" if engine else r".*no (Docker engine answers|docker client on PATH)")
+
+
+REFUSED_COMPOSE = _compose_refusal()
 REFUSED_GPU = r"is a GPU config \(distributed_type \w+\) and this machine has no CUDA GPU"
 SKIPPED = r"up to date, skipped"
 
@@ -235,7 +247,8 @@ STEPS: list[Step] = [
     Step("ftpipe export-gguf --run R"),
     Step("ftpipe serve --run R --detach", "setup", why="the server that `ftpipe serve stop --run R` stops"),
     Step("ftpipe serve stop --run R", expect=r"stopped the server of run R"),
-    # docs/compose.md and the README's GPU quick start: no Docker engine here.
+    # docs/compose.md and the README's GPU quick start: the scratch project has no stack file (and
+    # this machine may have no Docker engine: REFUSED_COMPOSE says what is true here).
     Step("ftpipe run --config config.yaml --runtime compose", "refused", expect=REFUSED_COMPOSE),
     Step("ftpipe serve --runtime compose", "refused", expect=r"the vllm-server Compose service is the server"),
     # docs/families.md: a real family's tokenizer and template, and the demo on one (its own model

@@ -203,13 +203,60 @@ def _quiet(argv: list[str]) -> bool:
         return False
 
 
-def require_docker() -> None:
-    """Raises InputError unless a Docker engine answers (for `--runtime compose`)."""
-    if not docker_available()["engine"]:
-        raise InputError(
-            "--runtime compose needs a running Docker engine with the compose plugin",
-            hint="start Docker, or use --runtime local",
+def compose_problems(root: Path, compose_file: str = "docker-compose.yml") -> list[str]:
+    """What `--runtime compose` lacks here, every item at once (empty: it can run).
+
+    The stack file comes first: it is the ftpipe repository's docker-compose.yml (next to the
+    Dockerfiles it builds), and it mounts the folder it sits in as the project, so a project
+    without it cannot run in Compose whatever the engine.
+    """
+    problems = []
+    stack = Path(root) / compose_file
+    if not stack.is_file():
+        problems.append(
+            f"no {compose_file} in the project {root} (runtime.compose_file): the Compose stack is the ftpipe "
+            "repository's docker-compose.yml with its Dockerfiles, and it mounts the folder it sits in as the project"
         )
+    docker = docker_available()
+    if not docker["client"]:
+        problems.append("no docker client on PATH")
+    elif not docker["engine"]:
+        problems.append("no Docker engine answers (`docker info` failed)")
+    elif not docker["compose"]:
+        problems.append("the docker client has no compose plugin (`docker compose version` failed)")
+    elif stack.is_file():
+        # `docker compose run` would build a missing image on the spot (pulling its base image):
+        # ask for the documented `docker compose build` instead of starting that mid-pipeline.
+        missing = [f"{service} ({image})" for service, image in service_images(stack).items() if not _quiet(
+            ["docker", "image", "inspect", "--format", "{{.Id}}", image])]
+        if missing:
+            problems.append(f"image(s) not built: {', '.join(missing)} (`docker compose build`)")
+    return problems
+
+
+def service_images(stack: Path) -> dict[str, str]:
+    """Service -> image name of the stage environments' services in a compose file (those with `image:`)."""
+    import yaml
+
+    services = (yaml.safe_load(stack.read_text(encoding="utf-8")) or {}).get("services") or {}
+    wanted = [env.service for env in ENVIRONMENTS.values()]
+    return {name: str(services[name]["image"]) for name in wanted
+            if isinstance(services.get(name), dict) and services[name].get("image")}
+
+
+def require_compose(root: Path, compose_file: str = "docker-compose.yml") -> None:
+    """Raises InputError (one line, every problem) unless `--runtime compose` can run in `root`."""
+    problems = compose_problems(root, compose_file)
+    if not problems:
+        return
+    if not (Path(root) / compose_file).is_file():
+        hint = "run from the ftpipe repository (copy your config and data into it) with a Docker engine and " \
+               "`docker compose build` done, or use --runtime local (docs/compose.md)"
+    elif problems[-1].startswith("image"):
+        hint = "docker compose build (docs/compose.md), or use --runtime local"
+    else:
+        hint = "start the Docker engine (dockerd) with the compose plugin, or use --runtime local (docs/compose.md)"
+    raise InputError("--runtime compose: " + "; ".join(problems), hint=hint)
 
 
 def run_in_environment(root: Path, env_name: str, argv: list[str], runtime: str = "local", compose_file: str = "docker-compose.yml") -> int:
@@ -220,7 +267,7 @@ def run_in_environment(root: Path, env_name: str, argv: list[str], runtime: str 
     """
     env = environment(env_name)
     if runtime == "compose":
-        require_docker()
+        require_compose(root, compose_file)
         cmd = compose_command(root, env, argv, compose_file)
     else:
         cmd = local_command(root, env, argv)
