@@ -3,3 +3,21 @@
 # `common` library on, which only its multimodal (mtmd) library links and no stage loads. Without it
 # the compile is 74 units instead of 127 (measured on 2 cores: about 110 s instead of 220 s).
 set(LLAMA_BUILD_COMMON OFF CACHE BOOL "llama.cpp: common library (not used by the llama_cpp package)" FORCE)
+
+# A portable x86-64 build instead of llama.cpp's default -march=native, for two reasons seen here:
+# - uv caches the compiled wheel by package and config-settings, not by CPU, and these machines
+#   differ between sessions (AVX-512 + AMX on one, AVX2 only on another): a native build from one
+#   dies with SIGILL on the other;
+# - on a CPU with AMX, -march=native compiles llama.cpp's AMX path, which repacks q8_0 weights and
+#   crashed (SIGSEGV in llama_decode) on the tiny models' 128-wide matrices, failing export-gguf's
+#   check and GGUF serving. The AVX2/FMA/F16C baseline runs on every machine of this project.
+# On x86 only: other processors keep llama.cpp's defaults.
+if(CMAKE_SYSTEM_PROCESSOR MATCHES "^(x86_64|AMD64|amd64)$")
+  set(GGML_NATIVE OFF CACHE BOOL "ftpipe: portable build" FORCE)
+  foreach(_ftpipe_feature GGML_SSE42 GGML_AVX GGML_AVX2 GGML_FMA GGML_F16C GGML_BMI2)
+    set(${_ftpipe_feature} ON CACHE BOOL "ftpipe: x86-64 AVX2 baseline" FORCE)
+  endforeach()
+  foreach(_ftpipe_feature GGML_AVX512 GGML_AVX512_VBMI GGML_AVX512_VNNI GGML_AVX512_BF16 GGML_AMX_TILE GGML_AMX_INT8 GGML_AMX_BF16)
+    set(${_ftpipe_feature} OFF CACHE BOOL "ftpipe: x86-64 AVX2 baseline" FORCE)
+  endforeach()
+endif()

@@ -106,6 +106,18 @@ def test_second_run_is_skipped_and_ollama_loads_the_real_gguf(gguf_project):
         assert fake.blobs[fake.models["r1"]["files"]["model-q8_0.gguf"]] == (gguf_project / "outputs/r1/gguf/model-q8_0.gguf").stat().st_size
 
 
+def test_llama_cpp_is_the_portable_build() -> None:
+    """The gguf environment's llama.cpp is the AVX2 baseline of scripts/cmake/llama-cpp-lean.cmake,
+    whatever CPU compiled it: a -march=native wheel from uv's cache would die (SIGILL) on a machine
+    with fewer features, and its AMX path crashed llama_decode on q8_0 tiny models."""
+    proc = subprocess.run([str(GGUF_PYTHON), "-c", "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    features = dict(item.strip().split(" = ") for item in proc.stdout.split("|") if " = " in item)
+    assert features.get("AVX2") == "1" and features.get("FMA") == "1", proc.stdout
+    assert not {"AVX512", "AMX_INT8", "AVX512_VNNI"} & set(features), proc.stdout
+
+
 def test_adapter_only_input_exits_2(tmp_path, tiny_model_dir):
     root = make_project(tmp_path / "p", tiny_model_dir)
     fabricate_finetune(root)
