@@ -154,6 +154,11 @@ def test_run_serves_merged_where_awq_cannot_run(awq_project):
     assert manifest["inputs"]["artifact"]["path"] == "logs/run-awq/export-merged/manifest.json"
     assert not (root / "logs/run-awq/serve/server.json").exists()  # the pipeline stopped it
 
+    again = run_cli("run", "--config", str(config), "--run", "run-awq", "--set", "run.stages=[serve]",
+                    "--set", "serve.artifact=awq", "--set", EAGER, env=AVX2, timeout=600)
+    assert again.code == 0 and "serve: skipped" in again.stdout, again.output  # no second server for the same check
+    assert "serving 'run-awq'" not in again.stdout
+
 
 def test_smoke_test_names_the_root_cause_of_a_real_failing_vllm(awq_project):
     """vLLM on the AWQ model with AVX2 kernels (what ftpipe serve refuses to start) reports healthy,

@@ -90,7 +90,7 @@ def stub_project(tmp_path_factory, answering_model):
 EXPECTED = {
     "500": r"POST /v1/chat/completions answered HTTP 500 \(EngineCore encountered an issue\.",
     "reset": r"POST /v1/chat/completions got no answer: APIConnectionError \(\w+(Error|Exception)",
-    "timeout": r"POST /v1/chat/completions got no answer: APITimeoutError",
+    "timeout": r"POST /v1/chat/completions got no answer: APITimeoutError \(ReadTimeout: timed out\) within smoke_test\.timeout",
     "not-json": r"POST /v1/chat/completions answered something that is not the API's JSON",
     "no-choices": r"POST /v1/chat/completions answered something that is not the API's JSON \(a chat completion without choices",
 }

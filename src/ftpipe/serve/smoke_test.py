@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ftpipe.core.errors import InputError, StageError
-from ftpipe.core.fsutil import atomic_write_json
+from ftpipe.core.fsutil import atomic_write_json, read_json
 from ftpipe.core.stage import StageContext, StageResult
 from ftpipe.handoff.checks import judge, load_checks
 from ftpipe.handoff.prepared import split_prompts
@@ -113,6 +113,8 @@ def server_failure(exc: BaseException, url: str, server_log: Path | None, since:
     else:  # connection refused / reset, timeout
         cause = exc.__cause__ or exc.__context__
         failed = f"{what} got no answer: {type(exc).__name__}{f' ({type(cause).__name__}: {cause})' if cause else ''}"
+        if "Timeout" in type(exc).__name__:
+            failed += " within smoke_test.timeout"
     message = f"smoke-test: the server at {url} failed: {failed}"
     if pid is not None and not alive(pid):
         message += f"; the server (pid {pid}) is no longer running"
@@ -351,7 +353,17 @@ def served_here(ctx: StageContext) -> tuple[ServerState | None, str, dict[str, s
     server = read_state(ctx.run)
     if server is not None and server.url.rstrip("/") != endpoint(cfg):
         server = None  # a server of this run, but not the one at smoke_test's address
-    if server is None or server.artifact == cfg.serve.artifact:
+    if server is None:
+        # No server now (`ftpipe run` asking whether the check is up to date): when the last smoke
+        # test served a replacement for this very serve.artifact, that is what a rerun would
+        # serve again on this machine, so it is the input to compare.
+        last = read_json(ctx.log_dir / RESULTS)
+        if (isinstance(last, dict) and last.get("requested_artifact") == cfg.serve.artifact
+                and last.get("artifact") not in (None, cfg.serve.artifact)):
+            return None, str(last["artifact"]), {"requested_artifact": cfg.serve.artifact,
+                                                 "artifact_reason": str(last.get("artifact_reason"))}
+        return None, cfg.serve.artifact, {"artifact_reason": "serve.artifact"}
+    if server.artifact == cfg.serve.artifact:
         return server, cfg.serve.artifact, {"artifact_reason": "serve.artifact"}
     why = server.extra.get("substitution") or f"the server at {server.url} was started with --artifact {server.artifact}"
     log.warning("smoke-test: the server at %s serves %s, not serve.artifact %s (%s): checking %s",
