@@ -122,3 +122,16 @@ def test_debug_shows_the_traceback(stub_project):
     stub.mode = "500"
     result = run_cli("smoke-test", "--config", str(config), "--run", "run-s", env={"FTPIPE_DEBUG": "1"}, timeout=300)
     assert result.code != 0 and "Traceback" in result.stderr and "StageError" in result.stderr
+
+
+def test_another_servers_log_is_not_quoted(stub_project):
+    """With smoke_test.base_url the server is not ftpipe's: the run's serve log is not its log."""
+    root, config, stub = stub_project
+    stub.mode = "500"
+    (root / "logs/run-s/serve/server.log").write_text(STALE, encoding="utf-8")
+    result = run_cli("smoke-test", "--config", str(config), "--run", "run-s",
+                     "--set", f"smoke_test.base_url=http://127.0.0.1:{stub.port}/v1", timeout=300)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.code == 1 and len(errors) == 1, result.output
+    assert "answered HTTP 500" in errors[0] and "no ftpipe server log for this address" in errors[0], errors[0]
+    assert "server.log" not in errors[0] and "cpu_gemm_wna16" not in errors[0], errors[0]

@@ -164,6 +164,7 @@ def template_matches(url: str, api_key: str | None, model: str, tokenizer_dir: P
 
 def run(ctx: StageContext) -> StageResult:
     """Send the requests, check them, write results.json; raise listing every failed check."""
+    import httpx
     import openai
 
     cfg = ctx.config
@@ -174,8 +175,11 @@ def run(ctx: StageContext) -> StageResult:
     client = openai.OpenAI(base_url=url, api_key=key or "EMPTY", timeout=st.timeout, max_retries=0)
     hint = f"ftpipe serve --run {ctx.run.name} --artifact {served.artifact} --detach"
     server: ServerState | None = ctx.options["server"]
-    server_log = ctx.project.resolve(server.log) if server is not None else server_log_path(ctx.run)
-    server_log = server_log if server_log.is_file() else None
+    # The log of the server at this address: server.json's; without one, the run's serve log unless
+    # smoke_test.base_url points elsewhere (another server's log would quote another failure).
+    server_log = ctx.project.resolve(server.log) if server is not None else (
+        server_log_path(ctx.run) if not st.base_url else None)
+    server_log = server_log if server_log is not None and server_log.is_file() else None
     since = log_size(server_log) if server_log is not None else 0
     try:
         try:
@@ -198,8 +202,6 @@ def run(ctx: StageContext) -> StageResult:
         if ctx.options.get("checks_file") is not None else []
     per_model: dict[str, dict[str, Any]] = {}
     problems: list[str] = []
-    import httpx
-
     for name in served.names:
         judged = name != served.baseline  # the base next to adapters: recorded as the baseline
         try:
