@@ -21,7 +21,7 @@ from ftpipe.core.errors import ConfigError, StageError
 from ftpipe.core.executor import run_in_environment
 from ftpipe.core.manifest import read_manifest
 from ftpipe.core.runs import Project, RunDir, new_run
-from ftpipe.training.tiny_model import built_from
+from ftpipe.handoff.base_model import built_from
 
 log = logging.getLogger(__name__)
 
@@ -110,19 +110,14 @@ def _stamp(paths: list[Path]) -> list[tuple]:
 
 
 def _up_to_date_here(name: str, loaded, run) -> bool:
-    """Whether stage `name` would skip itself, judged in this process by its own test.
+    """Whether stage `name` would skip itself, judged in this process by its own `check`.
 
-    A new-run stage (finetune-sft) is left to itself: its pre-flight opens a run. A pre-flight this
-    environment cannot complete (one that imports another environment's packages) is not an answer
-    either: then the stage runs in its environment and decides there.
+    A new-run stage (finetune-sft) is left to itself: it opens a run. A check that refuses (one
+    line, FtpipeError) means the stage runs in its environment and says why there.
     """
     if table.get(name).scope == "new-run":
         return False
-    try:
-        return table.is_up_to_date(name, loaded, run)
-    except Exception as exc:  # noqa: BLE001 - any pre-flight failure here means "let the stage decide"
-        log.debug("%s: up-to-date test not possible in this environment (%s); running it", name, exc)
-        return False
+    return table.is_up_to_date(name, loaded, run)
 
 
 def run_pipeline(

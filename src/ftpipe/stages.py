@@ -6,10 +6,12 @@ config's sections (`ftpipe/config.py`), each stage's environment (venv / Compose
 its upstream checks, the options it takes and whether it is run-scoped. Adding a stage = one row
 here + one module (docs/architecture.md walks through it).
 
-A stage module (`Stage.module`, named as the command) exposes two plain functions:
+A stage module (`Stage.module`, named as the command) exposes three plain functions, the contract
+described in `ftpipe/core/stage.py`:
 
-    prepare(ctx: StageContext) -> dict[str, Path]   # every check before heavy work; the inputs to hash
-    run(ctx: StageContext) -> StageResult            # the work, under core/stage.py's manifest lifecycle
+    check(ctx) -> dict[str, Path | Remote]   # pure, cheap pre-flight; the inputs to hash
+    plan(ctx) -> <Stage>Plan                 # frozen dataclass, resolved once in the stage's environment
+    run(ctx, plan) -> StageResult            # the work, under core/stage.py's manifest lifecycle
 
     ftpipe --help        # one command per row
 """
@@ -19,8 +21,9 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
+from ftpipe.core.manifest import Remote
 from ftpipe.core.runs import Project, RunDir, new_run, open_run, validate_name
 from ftpipe.core.stage import StageContext, StageResult, execute, up_to_date
 
@@ -63,20 +66,20 @@ class Stage:
     """One row of the stage table."""
 
     name: str  # command = run sub-folder = manifest stage name
-    module: str  # the module named as the command: prepare(ctx) + run(ctx)
+    module: str  # the module named as the command: check(ctx), plan(ctx), run(ctx, plan)
     environment: str  # train | awq | serve | gguf (core/executor.py ENVIRONMENTS)
     help: str  # the command's --help line
     scope: Literal["project", "new-run", "run"]  # prepared/<data>/, a new (or --run) run, an existing run
     owns: tuple[Section, ...] = ()  # config sections of this stage
     reads: tuple[str, ...] = ()  # other sections that change its result (hashed with `model` and `owns`)
-    upstream: tuple[str, ...] = ()  # stages whose completed manifests it needs (checked in prepare)
+    upstream: tuple[str, ...] = ()  # stages whose completed manifests it needs (checked in check)
     produces: str | None = None  # the artifact it writes under outputs/<run>/, if any
     options: tuple[Option, ...] = ()
     force: bool = True  # takes --force; False: it always runs (it talks to a server)
     cli: str | None = None  # None: the generic stage command; else the CLI module that registers it
     pipeline: bool = True  # a step of `ftpipe run`
     default: bool = False  # in `run.stages` by default
-    preflight_on_host: bool = False  # prepare() before delegating too: a missing env or input is one line
+    preflight_on_host: bool = False  # check() before delegating too: a missing env or input is one line
     progress: Literal["read", "train"] | None = None  # the CLI's progress bar
     # "section.key" of a node rank: above 0, this command joins the work node 0's command runs
     # (multi-node training): module.join(ctx) instead of run(ctx), no manifest of its own.
@@ -263,8 +266,9 @@ def module(stage: Stage):
     return importlib.import_module(stage.module)
 
 
-def prepare(stage: Stage, loaded, run_name: str | None = None, force: bool = False, **options: Any) -> tuple[StageContext, dict[str, Path]]:
-    """Open the run the stage works in and run its pre-flight (every check before heavy work).
+def prepare(stage: Stage, loaded, run_name: str | None = None, force: bool = False,
+            progress: Callable[..., None] | None = None, **options: Any) -> tuple[StageContext, dict[str, Path | Remote]]:
+    """Open the run the stage works in and run its `check` (every check before heavy work).
 
     A `new-run` stage creates its run only after its checks passed, so a refused command leaves
     no empty run folder behind.
@@ -278,18 +282,19 @@ def prepare(stage: Stage, loaded, run_name: str | None = None, force: bool = Fal
     project = Project.from_config(loaded)
     # Run-scoped upstream stages: their manifests are checked by `require_upstream(ctx)` in prepare.
     upstream = tuple(u for u in stage.upstream if get(u).scope != "project")
-    ctx = StageContext(stage.name, loaded, project, project.root, None, force or not stage.force, dict(options),
-                       spec=stage, upstream=upstream)
+    ctx = StageContext(stage.name, loaded, project, project.root, None, force or not stage.force, options,
+                       spec=stage, upstream=upstream, progress=progress,
+                       producers={artifact: row.name for artifact, row in PRODUCED_BY.items()})
     if stage.scope == "project":
         ctx.log_dir = project.prepared_log_dir(dataset_of(stage, loaded.config))
-        return ctx, module(stage).prepare(ctx)
+        return ctx, module(stage).check(ctx)
     if stage.scope == "run":
         ctx.run = open_run(project, run_name)
         ctx.log_dir = ctx.run.log_dir(stage.name)
-        return ctx, module(stage).prepare(ctx)
+        return ctx, module(stage).check(ctx)
     # new-run: checked before the run folder exists; the context is bound to the run afterwards.
     ctx.run_name = run_name
-    inputs = module(stage).prepare(ctx)
+    inputs = module(stage).check(ctx)
     cfg = loaded.config
     if joining(stage, cfg):  # node 0 creates the run and writes the manifest; this node only takes part
         ctx.run = RunDir(project, validate_name(run_name))
@@ -308,8 +313,8 @@ def joining(stage: Stage, config: Any) -> bool:
     return getattr(getattr(config, section), field) > 0
 
 
-def run_prepared(ctx: StageContext, inputs: dict[str, Path]) -> StageResult:
-    """Run a prepared stage under the manifest lifecycle (skipped when up to date).
+def run_prepared(ctx: StageContext, inputs: dict[str, Path | Remote]) -> StageResult:
+    """Plan and run a checked stage under the manifest lifecycle (skipped when up to date).
 
     A joining node (`Stage.joins`) runs the module's `join(ctx)` outside that lifecycle: node 0's
     command owns the run folder and writes the one manifest.
@@ -317,7 +322,8 @@ def run_prepared(ctx: StageContext, inputs: dict[str, Path]) -> StageResult:
     stage = ctx.spec
     if joining(stage, ctx.config):
         return module(stage).join(ctx)
-    return execute(ctx, module(stage).run, sections=stage.sections, inputs=inputs,
+    stage_module = module(stage)
+    return execute(ctx, stage_module.plan, stage_module.run, sections=stage.sections, inputs=inputs,
                    environment=environment_of(stage, ctx.config))
 
 
@@ -332,9 +338,9 @@ def run_stage(name: str, loaded, run_name: str | None = None, force: bool = Fals
 
 
 def is_up_to_date(name: str, loaded, run: RunDir) -> bool:
-    """Whether the stage would be skipped now (same config, inputs and intact outputs).
+    """Whether the stage would be skipped now (same config, inputs and intact outputs), from its `check`.
 
-    False when its pre-flight refuses: then running it is what says why.
+    False when its check refuses: then running it is what says why.
     """
     from ftpipe.core.errors import FtpipeError
 

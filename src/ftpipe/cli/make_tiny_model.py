@@ -45,7 +45,8 @@ def make_tiny_model(
     from ftpipe.cli.common import setup_logging
     from ftpipe.core.errors import ConfigError
     from ftpipe.core.config import TinyModelConfig
-    from ftpipe.training.tiny_model import build, built_from
+    from ftpipe.handoff.base_model import built_from
+    from ftpipe.training.tiny_model import build
 
     setup_logging()
     texts = list(text or [])

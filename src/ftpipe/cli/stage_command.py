@@ -118,9 +118,7 @@ def register(app: typer.Typer, stage: Stage) -> None:
                 stages.prepare(stage, loaded, run_name, force, **options)
             delegate(env, loaded)
         with display.progress(stage.progress) as progress:
-            if progress is not None:
-                options["progress"] = progress
-            ctx, inputs = stages.prepare(stage, loaded, run_name, force, **options)
+            ctx, inputs = stages.prepare(stage, loaded, run_name, force, progress=progress, **options)
             result = stages.run_prepared(ctx, inputs)
         display.show(stage.display, result, stage.name)
 

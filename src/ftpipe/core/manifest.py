@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import sys
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -78,9 +79,20 @@ def file_records(project: Project, paths: list[Path]) -> list[dict[str, Any]]:
     return records
 
 
-def input_record(project: Project, path: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Remote:
+    """An input that lives on a server (a Label Studio project): `check` may not open a connection,
+    so it cannot be compared, and a stage with one always runs (its plan fetches it)."""
+
+    url: str
+
+
+def input_record(project: Project, path: Path | Remote) -> dict[str, Any]:
     """Describe one input: a file by sha256; a folder by a digest of its files' names and sizes
-    (weights are not re-hashed at every start); a stage output by its manifest's digest."""
+    (weights are not re-hashed at every start); a stage output by its manifest's digest; a
+    `Remote` input by its address."""
+    if isinstance(path, Remote):
+        return {"remote": path.url}
     path = Path(path)
     if path.name == "manifest.json":
         manifest = read_json(path) or {}

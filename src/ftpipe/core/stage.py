@@ -1,11 +1,20 @@
-"""The stage lifecycle every stage goes through: skip check, logging, manifest, outputs.
+"""The stage contract and the lifecycle every stage goes through: skip check, logging, manifest, outputs.
 
-A stage module exposes `prepare(ctx) -> inputs` and `run(ctx: StageContext) -> StageResult`
-(plain functions; `ftpipe/stages.py` calls them). `execute` wraps `run`:
+A stage module (`ftpipe/stages.py` names it and calls it) exposes three plain functions:
 
-1. same config hash and same inputs as a `completed` manifest whose outputs are intact -> skip;
+    check(ctx) -> dict[str, Path | Remote]   # pure and cheap: validates config and inputs, returns the
+                                             # inputs to hash; no network, no writes, ctx untouched
+    plan(ctx) -> <Stage>Plan                 # a frozen dataclass: everything resolved before the work;
+                                             # may do I/O (downloads, reading configs); runs once
+    run(ctx, plan) -> StageResult            # the work
+
+`check` is all that pre-flight (on the host, before delegating to the stage's environment) and the
+pipeline's up-to-date test call, so it may run several times. `execute` wraps `plan` and `run`:
+
+1. same config hash and same inputs as a `completed` manifest whose outputs are intact -> skip
+   (an input on a server, `Remote`, is never up to date: it cannot be compared without a connection);
 2. manifest `running` written, logging goes to logs/.../<stage>/run.log and console.log;
-3. the stage runs; its outputs are hashed; the manifest is rewritten last, atomically, as
+3. `plan` then `run`; the outputs are hashed; the manifest is rewritten last, atomically, as
    `completed` - or `failed` with the error, and the error re-raised.
 
 A crash (even SIGKILL) therefore leaves `running` or the previous manifest, never `completed`.
@@ -17,13 +26,15 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
 
 from ftpipe.core.config import LoadedConfig
 from ftpipe.core.errors import FtpipeError
 from ftpipe.core.logs import stage_logging
 from ftpipe.core.manifest import (
     SCHEMA_VERSION,
+    Remote,
     environment_record,
     file_records,
     input_record,
@@ -40,7 +51,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class StageContext:
-    """Everything a stage needs: its config, its run folder, where to log, whether to force."""
+    """Everything a stage needs: its config, its run folder, where to log, whether to force.
+
+    `options` (the command's options that set no config key, e.g. --resume-from) is read-only: what a
+    stage works out before running goes into its plan, never back into the context.
+    """
 
     stage: str
     loaded: LoadedConfig
@@ -48,13 +63,21 @@ class StageContext:
     log_dir: Path
     run: RunDir | None = None
     force: bool = False
-    options: dict[str, Any] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)
     # The manifest as it was before this attempt (execute() overwrites it with `running` first):
     # how a stage tells an interrupted attempt from a finished one.
     previous_manifest: dict[str, Any] | None = None
     spec: Any = None  # the stage's row of the stage table (ftpipe/stages.py)
     upstream: tuple[str, ...] = ()  # run-scoped stages whose completed manifests this one needs
     run_name: str | None = None  # a new-run stage: the --run asked for (None: a new run-<model>-<data>-<n>)
+    progress: Callable[..., None] | None = None  # the CLI's progress bar: progress(done, total)
+    # What the stage table knows that a stage needs and may not import upward (ftpipe/stages.py):
+    # artifact name -> the stage whose completed manifest vouches for it (adapter: finetune-sft, ...).
+    producers: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.options = MappingProxyType(dict(self.options))
+        self.producers = MappingProxyType(dict(self.producers))
 
     @classmethod
     def for_run(cls, stage: str, loaded: LoadedConfig, run: RunDir, force: bool = False, **options: Any) -> "StageContext":
@@ -84,19 +107,22 @@ class StageResult:
 
 def execute(
     ctx: StageContext,
-    fn: Callable[[StageContext], StageResult],
+    plan: Callable[[StageContext], Any],
+    run: Callable[[StageContext, Any], StageResult],
     *,
     sections: tuple[str, ...],
-    inputs: dict[str, Path],
+    inputs: dict[str, Path | Remote],
     environment: str = "train",
 ) -> StageResult:
-    """Run `fn(ctx)` under the manifest lifecycle described in the module docstring.
+    """Run `run(ctx, plan(ctx))` under the manifest lifecycle described in the module docstring.
 
     Args:
         ctx: the stage context.
-        fn: the stage body.
+        plan: the stage's `plan` (runs once, only when the stage is not up to date).
+        run: the stage's `run`.
         sections: config sections that affect the result (hashed, with `model`).
-        inputs: named input files/folders/upstream manifests (recorded and compared).
+        inputs: what `check` returned: named input files/folders/upstream manifests (recorded and
+            compared), or `Remote` inputs (recorded, never up to date).
         environment: the stage environment name recorded in the manifest.
 
     Returns:
@@ -142,7 +168,7 @@ def execute(
     with stage_logging(ctx.log_dir):
         log.info("%s: started (config hash %s)", ctx.stage, config_hash[:12])
         try:
-            result = fn(ctx)
+            result = run(ctx, plan(ctx))
         except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised unchanged
             manifest.update(
                 status="failed",
@@ -166,7 +192,11 @@ def _completed_match(
     ctx: StageContext, previous: dict[str, Any] | None, config_hash: str, input_records: dict[str, Any]
 ) -> dict[str, Any] | None:
     """`previous` when it is `completed` for exactly this config and these inputs, with its outputs
-    intact; None when the stage has to run."""
+    intact; None when the stage has to run (always, with an input on a server)."""
+    remote = [name for name, record in input_records.items() if "remote" in record]
+    if remote:
+        log.info("%s: input %s is on a server and is read again on every run", ctx.stage, ", ".join(remote))
+        return None
     if (
         previous is not None
         and previous.get("status") == "completed"
@@ -178,7 +208,7 @@ def _completed_match(
     return None
 
 
-def up_to_date(ctx: StageContext, *, sections: tuple[str, ...], inputs: dict[str, Path]) -> bool:
+def up_to_date(ctx: StageContext, *, sections: tuple[str, ...], inputs: dict[str, Path | Remote]) -> bool:
     """Whether `execute` would skip this stage (same config sections, inputs, intact outputs)."""
     records = {name: input_record(ctx.project, path) for name, path in inputs.items()}
     previous = read_manifest(ctx.manifest_path)

@@ -60,3 +60,14 @@ def read_base_model(run: RunDir) -> ModelRef:
         return resolve_model(ref, project.root)
     except InputError as exc:
         raise InputError(f"{project.rel(ref_file)}: base model: {exc.message}", hint=exc.hint) from None
+
+
+TINY_SPEC_FILE = "ftpipe_tiny_model.json"  # the model.tiny section a tiny base model was built from
+
+
+def built_from(folder: Path) -> dict | None:
+    """The `model.tiny` settings the tiny model in `folder` was built from (None: none recorded).
+
+    `make-tiny-model` writes it; `ftpipe run` compares it with `model.tiny` to rebuild on a change.
+    """
+    return read_json(Path(folder) / TINY_SPEC_FILE)

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from ftpipe.core.errors import InputError
 from ftpipe.core.config import TinyModelConfig
+from ftpipe.handoff.base_model import TINY_SPEC_FILE
 
 log = logging.getLogger(__name__)
 
-SPEC_FILE = "ftpipe_tiny_model.json"  # the model.tiny section a folder was built from
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 
 # ChatML; assistant turns wrapped in generation tags for assistant-only loss masks.
@@ -76,17 +76,9 @@ def build_tokenizer(cfg: TinyModelConfig, extra_files: list[Path] = ()):
     return fast
 
 
-def built_from(out: Path) -> dict | None:
-    """The `model.tiny` settings the model in `out` was built from (None: none recorded)."""
-    try:
-        return json.loads((Path(out) / SPEC_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def build(out: Path, cfg: TinyModelConfig, extra_files: list[Path] = (), root: Path | None = None) -> dict:
     info = _build(out, cfg, extra_files, root)
-    (Path(out) / SPEC_FILE).write_text(json.dumps(cfg.model_dump(), sort_keys=True), encoding="utf-8")
+    (Path(out) / TINY_SPEC_FILE).write_text(json.dumps(cfg.model_dump(), sort_keys=True), encoding="utf-8")
     return info
 
 
