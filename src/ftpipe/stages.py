@@ -231,6 +231,12 @@ DEFAULT_STAGES: list[str] = [s.name for s in STAGES if s.default]
 PRODUCED_BY: dict[str, Stage] = {s.produces: s for s in STAGES if s.produces}
 
 
+def producers() -> dict[str, str]:
+    """Artifact name -> the stage whose completed manifest vouches for it (`StageContext.producers`;
+    the artifact's folder is outputs/<run>/<artifact>, its command `ftpipe <stage>`)."""
+    return {artifact: row.name for artifact, row in PRODUCED_BY.items()}
+
+
 def get(name: str) -> Stage:
     """The row of a stage (KeyError for an unknown name: a programming error, not user input)."""
     return BY_NAME[name]
@@ -284,7 +290,7 @@ def prepare(stage: Stage, loaded, run_name: str | None = None, force: bool = Fal
     upstream = tuple(u for u in stage.upstream if get(u).scope != "project")
     ctx = StageContext(stage.name, loaded, project, project.root, None, force or not stage.force, options,
                        spec=stage, upstream=upstream, progress=progress,
-                       producers={artifact: row.name for artifact, row in PRODUCED_BY.items()})
+                       producers=producers())
     if stage.scope == "project":
         ctx.log_dir = project.prepared_log_dir(dataset_of(stage, loaded.config))
         return ctx, module(stage).check(ctx)
