@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 # for each: one that failed in the background is built again here, with its output shown.
 bash scripts/bootstrap.sh --background all
 bash scripts/bootstrap.sh all
+echo "test.sh: environments ready after ${SECONDS} s"
 # The report test renders report.html in headless Chromium (Debian package).
 if ! command -v chromium >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null

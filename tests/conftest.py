@@ -116,3 +116,32 @@ def project(tmp_path, tiny_model_dir) -> Path:
         encoding="utf-8",
     )
     return tmp_path
+
+
+# Time per tier (the first folder under tests/, fast and slow apart), printed at the end of every run
+# (`bash scripts/test.sh` shows it; docs/setup.md records it): where the suite's minutes go.
+_TIER_SECONDS: dict[tuple[str, str], list[float]] = {}
+
+
+def pytest_runtest_logreport(report) -> None:
+    parts = report.nodeid.split("::")[0].split("/")
+    tier = parts[1] if len(parts) > 2 and parts[0] == "tests" else "tests"
+    speed = "slow" if "slow" in report.keywords else "fast"
+    entry = _TIER_SECONDS.setdefault((tier, speed), [0.0, 0])
+    entry[0] += report.duration
+    entry[1] += report.when == "call"
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not _TIER_SECONDS:
+        return
+    total = sum(seconds for seconds, _ in _TIER_SECONDS.values())
+    terminalreporter.section("time per tier (set-up, call and teardown of each test)")
+    for (tier, speed), (seconds, count) in sorted(_TIER_SECONDS.items(), key=lambda kv: -kv[1][0]):
+        terminalreporter.write_line(f"{tier + ' (' + speed + ')':<22} {count:>4} tests {_clock(seconds):>8} "
+                                    f"{100 * seconds / total:5.1f} %")
+    terminalreporter.write_line(f"{'all':<22} {sum(c for _, c in _TIER_SECONDS.values()):>4} tests {_clock(total):>8}")
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60)}:{seconds % 60:04.1f}"

@@ -272,6 +272,31 @@ def module(stage: Stage):
     return importlib.import_module(stage.module)
 
 
+def context(stage: Stage, loaded, run_name: str | None = None, force: bool = False,
+            progress: Callable[..., None] | None = None, **options: Any) -> StageContext:
+    """The stage's context, bound to its run folder when the run exists (nothing is created here).
+
+    A `new-run` stage gets `run_name` only: `prepare` opens its run after the checks passed.
+
+    Raises:
+        InputError: a run-scoped stage whose run does not exist.
+    """
+    project = Project.from_config(loaded)
+    # Run-scoped upstream stages: their manifests are checked by `require_upstream(ctx)` in check.
+    upstream = tuple(u for u in stage.upstream if get(u).scope != "project")
+    ctx = StageContext(stage.name, loaded, project, project.root, None, force or not stage.force, options,
+                       spec=stage, upstream=upstream, progress=progress,
+                       producers={artifact: row.name for artifact, row in PRODUCED_BY.items()})
+    if stage.scope == "project":
+        ctx.log_dir = project.prepared_log_dir(dataset_of(stage, loaded.config))
+    elif stage.scope == "run":
+        ctx.run = open_run(project, run_name)
+        ctx.log_dir = ctx.run.log_dir(stage.name)
+    else:
+        ctx.run_name = run_name
+    return ctx
+
+
 def prepare(stage: Stage, loaded, run_name: str | None = None, force: bool = False,
             progress: Callable[..., None] | None = None, **options: Any) -> tuple[StageContext, dict[str, Path | Remote]]:
     """Open the run the stage works in and run its `check` (every check before heavy work).
@@ -285,28 +310,17 @@ def prepare(stage: Stage, loaded, run_name: str | None = None, force: bool = Fal
     Raises:
         InputError / ConfigError: from the stage's checks, naming the command that fixes them.
     """
-    project = Project.from_config(loaded)
-    # Run-scoped upstream stages: their manifests are checked by `require_upstream(ctx)` in prepare.
-    upstream = tuple(u for u in stage.upstream if get(u).scope != "project")
-    ctx = StageContext(stage.name, loaded, project, project.root, None, force or not stage.force, options,
-                       spec=stage, upstream=upstream, progress=progress,
-                       producers=producers())
-    if stage.scope == "project":
-        ctx.log_dir = project.prepared_log_dir(dataset_of(stage, loaded.config))
-        return ctx, module(stage).check(ctx)
-    if stage.scope == "run":
-        ctx.run = open_run(project, run_name)
-        ctx.log_dir = ctx.run.log_dir(stage.name)
-        return ctx, module(stage).check(ctx)
-    # new-run: checked before the run folder exists; the context is bound to the run afterwards.
-    ctx.run_name = run_name
+    ctx = context(stage, loaded, run_name, force, progress, **options)
     inputs = module(stage).check(ctx)
+    if stage.scope != "new-run":
+        return ctx, inputs
+    # new-run: checked before the run folder exists; the context is bound to the run afterwards.
     cfg = loaded.config
     if joining(stage, cfg):  # node 0 creates the run and writes the manifest; this node only takes part
-        ctx.run = RunDir(project, validate_name(run_name))
+        ctx.run = RunDir(ctx.project, validate_name(run_name))
         ctx.log_dir = ctx.run.log_dir(stage.name)
         return ctx, inputs
-    run = new_run(project, run_name, model=cfg.model.id or cfg.model.path or "model", data=cfg.data.name)
+    run = new_run(ctx.project, run_name, model=cfg.model.id or cfg.model.path or "model", data=cfg.data.name)
     ctx.run, ctx.log_dir = run, run.log_dir(stage.name)
     return ctx, inputs
 
