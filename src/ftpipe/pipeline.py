@@ -164,9 +164,9 @@ def run_pipeline(
         paths = _manifest_paths(project, run, stage, table.dataset_of(stage, loaded.config))
         before = _stamp(paths)
         start = time.monotonic()
-        # A second `ftpipe run` should not start an interpreter per stage (llm-compressor alone
-        # imports in 5+ s), nor a server only to repeat a passing check of the same artifact,
-        # prompts and config: ask the stage's own up-to-date test here first (the checking stage's,
+        # A second `ftpipe run` should not start an interpreter per stage (llm-compressor's imports
+        # alone take seconds: docs/setup.md), nor a server only to repeat a passing check of the same
+        # artifact, prompts and config: ask the stage's own check here first (the checking stage's,
         # for a served one).
         judge = stage.checked_by or name
         if not force and _up_to_date_here(judge, loaded, run):

