@@ -61,15 +61,11 @@ Config = create_model(
 )
 
 
-def load_config(
-    path: Path | None,
-    overrides: list[str] | None = None,
-    environ: dict[str, str] | None = None,
-    flags: dict[str, Any] | None = None,
-) -> LoadedConfig:
-    """Load, merge and validate the root config (see `ftpipe.core.config.load_config`).
+def load_config(path: Path | None, *args: Any, **kwargs: Any) -> LoadedConfig:
+    """Load, merge and validate the root config: `ftpipe.core.config.load_config` with this schema
+    (overrides, environ, flags as there).
 
     Raises:
         ConfigError: listing every invalid key with its origin (file:line, env var or --set).
     """
-    return core_config.load_config(Config, path, overrides, environ, flags)
+    return core_config.load_config(Config, path, *args, **kwargs)

@@ -29,7 +29,7 @@ def test_secrets_never_written(tmp_path: Path) -> None:
     loaded = load_config(cfg, environ={"HF_TOKEN": ENV_TOKEN})
     run = new_run(Project.from_config(loaded), "r1")
 
-    def careless(ctx: StageContext) -> StageResult:
+    def careless(ctx: StageContext, plan: None) -> StageResult:
         # A library that logs too much: the config object, the raw secret values, the env token.
         log = logging.getLogger("ftpipe.careless")
         log.info("config: %r", ctx.config)
@@ -41,7 +41,7 @@ def test_secrets_never_written(tmp_path: Path) -> None:
         out.write_text("fine", encoding="utf-8")
         return StageResult(outputs=[out], metrics={"note": "ok"})
 
-    execute(StageContext.for_run("careless", loaded, run), careless, sections=("serve",), inputs={})
+    execute(StageContext.for_run("careless", loaded, run), lambda ctx: None, careless, sections=("serve",), inputs={})
     files = [p for folder in ("logs", "outputs") for p in (tmp_path / folder).rglob("*") if p.is_file()]
     assert any(p.name == "run.log" for p in files) and any(p.name == "manifest.json" for p in files)
     run_log = (run.log_dir("careless") / "run.log").read_text()

@@ -32,8 +32,12 @@ def setup(tmp_path: Path):
     return tmp_path, loaded, project, run
 
 
+def no_plan(ctx: StageContext) -> None:
+    return None
+
+
 def writer(calls: list):
-    def run(ctx: StageContext) -> StageResult:
+    def run(ctx: StageContext, plan: None) -> StageResult:
         calls.append(1)
         out = ctx.run.path / "thing"
         out.mkdir(exist_ok=True)
@@ -47,7 +51,7 @@ def test_completed_manifest_then_skip_then_rerun_on_change(setup) -> None:
     root, loaded, project, run = setup
     calls: list = []
     ctx = StageContext.for_run("demo-stage", loaded, run)
-    result = execute(ctx, writer(calls), sections=("finetune",), inputs={"data": root / "in.txt"})
+    result = execute(ctx, no_plan, writer(calls), sections=("finetune",), inputs={"data": root / "in.txt"})
     m = read_manifest(run.manifest_path("demo-stage"))
     assert m["status"] == "completed" and m["run"] == "r1" and m["stage"] == "demo-stage"
     assert m["schema_version"] == 1 and m["finished_at"] and m["config_hash"]
@@ -60,35 +64,35 @@ def test_completed_manifest_then_skip_then_rerun_on_change(setup) -> None:
     assert "working on r1" in (run.log_dir("demo-stage") / "run.log").read_text()
     assert not result.skipped and len(calls) == 1
 
-    again = execute(ctx, writer(calls), sections=("finetune",), inputs={"data": root / "in.txt"})
+    again = execute(ctx, no_plan, writer(calls), sections=("finetune",), inputs={"data": root / "in.txt"})
     assert again.skipped and len(calls) == 1 and again.metrics["score"] == 1.5
 
     # an unrelated section changing does not rerun; the stage's own section does
     other = load_config(root / "config.yaml", ["eval.max_new_tokens=3"], environ={})
-    assert execute(StageContext.for_run("demo-stage", other, run), writer(calls), sections=("finetune",), inputs={"data": root / "in.txt"}).skipped
+    assert execute(StageContext.for_run("demo-stage", other, run), no_plan, writer(calls), sections=("finetune",), inputs={"data": root / "in.txt"}).skipped
     changed = load_config(root / "config.yaml", ["finetune.lora_r=2"], environ={})
-    execute(StageContext.for_run("demo-stage", changed, run), writer(calls), sections=("finetune",), inputs={"data": root / "in.txt"})
+    execute(StageContext.for_run("demo-stage", changed, run), no_plan, writer(calls), sections=("finetune",), inputs={"data": root / "in.txt"})
     assert len(calls) == 2
 
     # a changed input reruns; a deleted output reruns; --force reruns
     (root / "in.txt").write_text("input v2", encoding="utf-8")
-    execute(StageContext.for_run("demo-stage", changed, run), writer(calls), sections=("finetune",), inputs={"data": root / "in.txt"})
+    execute(StageContext.for_run("demo-stage", changed, run), no_plan, writer(calls), sections=("finetune",), inputs={"data": root / "in.txt"})
     assert len(calls) == 3
     (run.path / "thing/a.bin").unlink()
-    execute(StageContext.for_run("demo-stage", changed, run), writer(calls), sections=("finetune",), inputs={"data": root / "in.txt"})
+    execute(StageContext.for_run("demo-stage", changed, run), no_plan, writer(calls), sections=("finetune",), inputs={"data": root / "in.txt"})
     assert len(calls) == 4
-    execute(StageContext.for_run("demo-stage", changed, run, force=True), writer(calls), sections=("finetune",), inputs={"data": root / "in.txt"})
+    execute(StageContext.for_run("demo-stage", changed, run, force=True), no_plan, writer(calls), sections=("finetune",), inputs={"data": root / "in.txt"})
     assert len(calls) == 5
 
 
 def test_failure_is_recorded_and_reraised(setup) -> None:
     root, loaded, project, run = setup
 
-    def boom(ctx):
+    def boom(ctx, plan):
         raise StageError("it broke", hint="ftpipe finetune-sft --force")
 
     with pytest.raises(StageError):
-        execute(StageContext.for_run("bad", loaded, run), boom, sections=(), inputs={})
+        execute(StageContext.for_run("bad", loaded, run), no_plan, boom, sections=(), inputs={})
     m = read_manifest(run.manifest_path("bad"))
     assert m["status"] == "failed"
     assert m["error"] == "it broke (next: ftpipe finetune-sft --force)"
@@ -125,6 +129,59 @@ def test_manifest_valid_json_when_writer_is_killed(tmp_path: Path) -> None:
     assert all(name.startswith(".manifest.json.") and name.endswith(".tmp") for name in leftovers)
 
 
+def test_plan_runs_once_and_only_when_the_stage_runs(setup) -> None:
+    """execute: plan(ctx) once, its value handed to run; an up-to-date stage plans nothing."""
+    from dataclasses import dataclass
+
+    root, loaded, project, run = setup
+
+    @dataclass(frozen=True)
+    class DemoPlan:
+        size: int
+
+    planned: list = []
+
+    def plan(ctx: StageContext) -> DemoPlan:
+        planned.append(ctx.stage)
+        return DemoPlan(size=3)
+
+    def body(ctx: StageContext, plan: DemoPlan) -> StageResult:
+        out = ctx.run.path / "sized.bin"
+        out.write_bytes(b"x" * plan.size)
+        return StageResult(outputs=[out])
+
+    ctx = StageContext.for_run("planned", loaded, run)
+    execute(ctx, plan, body, sections=("finetune",), inputs={"data": root / "in.txt"})
+    assert planned == ["planned"] and (run.path / "sized.bin").read_bytes() == b"xxx"
+    assert execute(ctx, plan, body, sections=("finetune",), inputs={"data": root / "in.txt"}).skipped
+    assert planned == ["planned"]
+
+
+def test_a_remote_input_is_never_up_to_date(setup) -> None:
+    """An input on a server (check may not connect) is recorded by address and always reruns the stage."""
+    from ftpipe.core.manifest import Remote
+    from ftpipe.core.stage import up_to_date
+
+    root, loaded, project, run = setup
+    calls: list = []
+    inputs = {"source": Remote("http://127.0.0.1:8080/api/projects/3")}
+    ctx = StageContext.for_run("remote-stage", loaded, run)
+    execute(ctx, no_plan, writer(calls), sections=("finetune",), inputs=inputs)
+    assert read_manifest(run.manifest_path("remote-stage"))["inputs"] == {
+        "source": {"remote": "http://127.0.0.1:8080/api/projects/3"}}
+    assert not up_to_date(ctx, sections=("finetune",), inputs=inputs)
+    assert not execute(ctx, no_plan, writer(calls), sections=("finetune",), inputs=inputs).skipped
+    assert len(calls) == 2
+
+
+def test_options_are_read_only(setup) -> None:
+    root, loaded, project, run = setup
+    ctx = StageContext.for_run("demo-stage", loaded, run, resume_from="latest")
+    assert ctx.options["resume_from"] == "latest"
+    with pytest.raises(TypeError):
+        ctx.options["source"] = "elsewhere"  # type: ignore[index]
+
+
 def test_killed_stage_is_never_completed(setup) -> None:
     root, loaded, project, run = setup
     script = (
@@ -134,9 +191,9 @@ def test_killed_stage_is_never_completed(setup) -> None:
         "from ftpipe.core.stage import StageContext, StageResult, execute\n"
         "loaded = load_config(sys.argv[1], environ={})\n"
         "run = RunDir(Project.from_config(loaded), 'r1')\n"
-        "def body(ctx):\n"
+        "def body(ctx, plan):\n"
         "    print('started', flush=True); time.sleep(60); return StageResult()\n"
-        "execute(StageContext.for_run('slow', loaded, run), body, sections=(), inputs={})\n"
+        "execute(StageContext.for_run('slow', loaded, run), lambda ctx: None, body, sections=(), inputs={})\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", script, str(root / "config.yaml")], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "started"

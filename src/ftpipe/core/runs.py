@@ -116,6 +116,11 @@ class Project:
         return sorted(names)
 
 
+def _under_run(name: str, doc: str | None = None) -> property:
+    """A `RunDir` property: outputs/<run>/<name>."""
+    return property(lambda self: self.path / name, doc=doc or f"outputs/<run>/{name}")
+
+
 @dataclass(frozen=True)
 class RunDir:
     """One run: outputs/<name>/ and logs/<name>/."""
@@ -127,38 +132,15 @@ class RunDir:
     def path(self) -> Path:
         return self.project.outputs / self.name
 
-    @property
-    def adapter(self) -> Path:
-        return self.path / "adapter"
-
-    @property
-    def trainer_state(self) -> Path:
-        return self.path / "trainer_state"
-
-    @property
-    def merged(self) -> Path:
-        return self.path / "merged"
-
-    @property
-    def awq(self) -> Path:
-        return self.path / "awq"
-
-    @property
-    def gguf(self) -> Path:
-        return self.path / "gguf"
-
-    @property
-    def ollama(self) -> Path:
-        """Where `ollama-load --dry-run` writes the Modelfile it would send."""
-        return self.path / "ollama"
-
-    @property
-    def eval(self) -> Path:
-        return self.path / "eval"
-
-    @property
-    def report(self) -> Path:
-        return self.path / "report.html"
+    # The run's artifacts, each in its own folder under outputs/<run>/ (named as the artifact).
+    adapter = _under_run("adapter")
+    trainer_state = _under_run("trainer_state")
+    merged = _under_run("merged")
+    awq = _under_run("awq")
+    gguf = _under_run("gguf")
+    ollama = _under_run("ollama", "Where `ollama-load --dry-run` writes the Modelfile it would send.")
+    eval = _under_run("eval")
+    report = _under_run("report.html")
 
     @property
     def log_root(self) -> Path:

@@ -30,26 +30,14 @@ CHAT_ROLES = ("system", "user", "assistant")
 
 # Conversations used to verify artifacts when the run has no prepared split.
 FALLBACK_CONVERSATIONS: list[Messages] = [
-    [
-        {"role": "system", "content": "You are a helpful assistant."},
-        {"role": "user", "content": "What is the capital of France?"},
-        {"role": "assistant", "content": "Paris."},
-    ],
-    [
-        {"role": "user", "content": "Label the review: a wonderful, moving film."},
-        {"role": "assistant", "content": "positive"},
-    ],
-    [
-        {"role": "user", "content": "Write one sentence about the sea."},
-        {"role": "assistant", "content": "The sea is wide and blue."},
-    ],
-    [
-        {"role": "system", "content": "Answer briefly."},
-        {"role": "user", "content": "Name a prime number."},
-        {"role": "assistant", "content": "Seven."},
-        {"role": "user", "content": "And another one?"},
-        {"role": "assistant", "content": "Eleven."},
-    ],
+    [{"role": role, "content": content} for role, content in turns]
+    for turns in (
+        (("system", "You are a helpful assistant."), ("user", "What is the capital of France?"), ("assistant", "Paris.")),
+        (("user", "Label the review: a wonderful, moving film."), ("assistant", "positive")),
+        (("user", "Write one sentence about the sea."), ("assistant", "The sea is wide and blue.")),
+        (("system", "Answer briefly."), ("user", "Name a prime number."), ("assistant", "Seven."),
+         ("user", "And another one?"), ("assistant", "Eleven.")),
+    )
 ]
 
 
