@@ -1,8 +1,9 @@
 """Fixtures of the eval tests: a project whose run went through a short, real fine-tune.
 
 The fine-tune is done here directly with TRL's SFTTrainer + peft (not with ftpipe's finetune
-stage), on the demo sentiment data, inside `ftpipe.core.stage.execute` so the run has a genuine
-completed `finetune-sft` manifest; TensorBoard events go under outputs/<run>/trainer_state/.
+stage), on the demo sentiment data, under `stage_record.record_stage` (the manifest lifecycle with the
+stage table's own sections) so the run has a genuine completed `finetune-sft` manifest;
+TensorBoard events go under outputs/<run>/trainer_state/.
 The merged model is made with peft's merge_and_unload under an `export-merged` manifest.
 ENVIRONMENT.md: the tiny model learns the labels 0% -> 100% in 200 steps (hidden 128, 4 layers,
 r=32). The session fixtures built from these helpers (`tuned_project`, `sft_dpo_project`) are in
@@ -87,9 +88,11 @@ def fine_tune(root: Path, max_steps: int = 200, lr: float = 1e-3, scheduler: str
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
+    from stage_record import record_stage
+
     from ftpipe.config import load_config
     from ftpipe.core.runs import Project, new_run
-    from ftpipe.core.stage import StageContext, StageResult, execute
+    from ftpipe.core.stage import StageResult
 
     loaded = load_config(root / "config.yaml")
     project = Project.from_config(loaded)
@@ -130,8 +133,7 @@ def fine_tune(root: Path, max_steps: int = 200, lr: float = 1e-3, scheduler: str
     # these tiny matmuls ~10x slower (measured: 60 steps 12 s with one thread, minutes with two).
     torch.set_num_threads(1)
     try:
-        ctx = StageContext.for_run("finetune-sft", loaded, run)
-        execute(ctx, body, sections=("finetune",), inputs={"train": prepared / "train.jsonl"}, environment="train")
+        record_stage("finetune-sft", loaded, run, body, inputs={"train": prepared / "train.jsonl"})
     finally:
         torch.set_num_threads(threads)
 
@@ -142,9 +144,11 @@ def merge(root: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from stage_record import record_stage
+
     from ftpipe.config import load_config
     from ftpipe.core.runs import Project, RunDir
-    from ftpipe.core.stage import StageContext, StageResult, execute
+    from ftpipe.core.stage import StageResult
 
     loaded = load_config(root / "config.yaml")
     run = RunDir(Project.from_config(loaded), RUN)
@@ -157,8 +161,7 @@ def merge(root: Path) -> None:
         shutil.copy(run.adapter / "ftpipe_base_model.json", run.merged / "ftpipe_base_model.json")
         return StageResult(outputs=[run.merged])
 
-    ctx = StageContext.for_run("export-merged", loaded, run)
-    execute(ctx, body, sections=("merge",), inputs={"adapter": run.adapter}, environment="train")
+    record_stage("export-merged", loaded, run, body, inputs={"adapter": run.adapter})
 
 
 def cli(command: str, root: Path, *args: str, env: dict | None = None):
@@ -212,9 +215,11 @@ def dpo_tune(root: Path, max_steps: int = 20, pairs: int = 80) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
+    from stage_record import record_stage
+
     from ftpipe.config import load_config
     from ftpipe.core.runs import Project, RunDir
-    from ftpipe.core.stage import StageContext, StageResult, execute
+    from ftpipe.core.stage import StageResult
     from ftpipe.handoff.pairs import read_pairs
 
     loaded = load_config(root / "config.yaml")
@@ -247,7 +252,6 @@ def dpo_tune(root: Path, max_steps: int = 20, pairs: int = 80) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # see fine_tune
     try:
-        execute(StageContext.for_run("finetune-dpo", loaded, run), body, sections=("dpo",), inputs={"train": train},
-                environment="train")
+        record_stage("finetune-dpo", loaded, run, body, inputs={"train": train})
     finally:
         torch.set_num_threads(threads)

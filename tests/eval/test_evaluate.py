@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from stage_record import record_stage
 
 from tests.eval.conftest import RUN, cli, make_project
 
@@ -96,7 +97,7 @@ def test_awq_runs_in_the_awq_environment(evaluated, tmp_path):
     shutil.copytree(src, root, symlinks=True)
     from ftpipe.config import load_config
     from ftpipe.core.runs import Project, RunDir
-    from ftpipe.core.stage import StageContext, StageResult, execute
+    from ftpipe.core.stage import StageResult
 
     loaded = load_config(root / "config.yaml")
     run = RunDir(Project.from_config(loaded), RUN)
@@ -105,7 +106,7 @@ def test_awq_runs_in_the_awq_environment(evaluated, tmp_path):
         shutil.copytree(run.merged, run.awq)
         return StageResult(outputs=[run.awq])
 
-    execute(StageContext.for_run("convert-awq", loaded, run), fake_awq, sections=("awq",), inputs={}, environment="awq")
+    record_stage("convert-awq", loaded, run, fake_awq)
     only = ("--set", "eval.artifacts=[merged, awq]")
 
     # Venvs are looked up in FTPIPE_VENV_ROOT: the project, which has .venv but no .venv-awq.
@@ -157,7 +158,7 @@ def _bare_run(tmp_path, tiny_model_dir, finetuned: bool):
     root = make_project(tmp_path / "proj", tiny_model_dir)
     from ftpipe.config import load_config
     from ftpipe.core.runs import Project, new_run
-    from ftpipe.core.stage import StageContext, StageResult, execute
+    from ftpipe.core.stage import StageResult
 
     loaded = load_config(root / "config.yaml")
     run = new_run(Project.from_config(loaded), RUN)
@@ -167,7 +168,7 @@ def _bare_run(tmp_path, tiny_model_dir, finetuned: bool):
             (run.adapter / "ftpipe_base_model.json").write_text('{"id": null, "revision": null, "path": "models/gone"}')
             return StageResult(outputs=[run.adapter])
 
-        execute(StageContext.for_run("finetune-sft", loaded, run), body, sections=("finetune",), inputs={})
+        record_stage("finetune-sft", loaded, run, body)
     return root
 
 

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from ftpipe.eval.config import EvalConfig
-from ftpipe.eval.eval_sft import Artifact, eval_spec
+from ftpipe.eval.eval_sft import Artifact, EvalSftPlan, eval_spec
 from ftpipe.eval.spec import ArtifactSpec, EvalSpec, PromptCheck
 
 CHECK = {"name": "label", "system": None, "prompt": "Great kettle.", "expect": {"exact": "positive", "must_stop": True}}
@@ -40,12 +40,11 @@ def test_round_trip_through_json(tmp_path):
 def test_the_stage_builds_the_spec_from_the_eval_config(tmp_path):
     """Every setting comes from the `eval` section (none is a default repeated where the spec is read)."""
     cfg = EvalConfig(max_val_rows=5, max_length=300, batch_tokens=999, max_new_tokens=4, samples=1, max_pairs=7)
-    ctx = SimpleNamespace(
-        config=SimpleNamespace(eval=cfg, model=SimpleNamespace(dtype="bfloat16")),
-        options={"plan": {"val_file": tmp_path / "val.jsonl", "checks": [CHECK], "pairs_file": tmp_path / "pairs.jsonl"}},
-    )
+    ctx = SimpleNamespace(config=SimpleNamespace(eval=cfg, model=SimpleNamespace(dtype="bfloat16")))
     art = Artifact("merged", model="outputs/r1/merged", tokenizer="outputs/r1/merged")
-    spec = eval_spec(ctx, [art], "train")
+    plan = EvalSftPlan(val_file=tmp_path / "val.jsonl", prompts_file=None, checks=(CHECK,),
+                       pairs_file=tmp_path / "pairs.jsonl", preference={}, artifacts=(art,))
+    spec = eval_spec(ctx, plan, [art], "train")
     assert spec.artifacts == [ArtifactSpec(name="merged", model="outputs/r1/merged", tokenizer="outputs/r1/merged")]
     assert (spec.max_val_rows, spec.max_length, spec.batch_tokens, spec.max_new_tokens, spec.samples) == (
         cfg.max_val_rows, cfg.max_length, cfg.batch_tokens, cfg.max_new_tokens, cfg.samples)

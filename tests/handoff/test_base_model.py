@@ -70,8 +70,8 @@ def test_every_reader_is_the_hand_off(run, tmp_path, monkeypatch):
     (run.adapter / "adapter_config.json").write_text('{"r": 8}')
     write_base_model(run.adapter, {"id": "org/base", "revision": "abc", "path": "models/gone"})
     monkeypatch.setattr(served_module, "require_completed", lambda *a: {})
-    served = served_module.resolve_artifact(run, "adapter")
+    served = served_module.resolve_artifact(run, "adapter", producers={"adapter": "finetune-sft"})
     assert (served.model, served.base_revision, served.lora_rank) == ("org/base", "abc", 8)
     (run.adapter / BASE_MODEL_FILE).unlink()
     with pytest.raises(InputError, match="missing or invalid"):
-        served_module.resolve_artifact(run, "adapter")
+        served_module.resolve_artifact(run, "adapter", producers={"adapter": "finetune-sft"})

@@ -66,10 +66,12 @@ def make_answering_model(src: Path, out: Path, answer: str = ANSWER) -> list[int
 
 
 def fabricate_merged(project_dir: Path, run_name: str, model_dir: Path) -> None:
-    """outputs/<run>/merged = `model_dir`, with a completed export-merged manifest written by execute()."""
+    """outputs/<run>/merged = `model_dir`, with a completed export-merged manifest (`record_stage`)."""
+    from stage_record import record_stage
+
     from ftpipe.config import load_config
     from ftpipe.core.runs import Project, new_run
-    from ftpipe.core.stage import StageContext, StageResult, execute
+    from ftpipe.core.stage import StageResult
 
     loaded = load_config(project_dir / "config.yaml", environ={})
     run = new_run(Project.from_config(loaded), run_name)
@@ -79,8 +81,7 @@ def fabricate_merged(project_dir: Path, run_name: str, model_dir: Path) -> None:
         (run.merged / "ftpipe_base_model.json").write_text(json.dumps({"id": None, "revision": None, "path": "models/base"}))
         return StageResult(outputs=[run.merged], summary="fabricated for the serve tests")
 
-    ctx = StageContext.for_run("export-merged", loaded, run)
-    result = execute(ctx, body, sections=("merge",), inputs={}, environment="train")
+    result = record_stage("export-merged", loaded, run, body)
     assert result.manifest["status"] == "completed"
 
 

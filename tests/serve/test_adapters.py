@@ -10,12 +10,15 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
+from stage_record import record_stage
+
 from ftpipe.config import load_config
 from ftpipe.core.errors import InputError
 from ftpipe.core.runs import Project, RunDir, new_run
-from ftpipe.core.stage import StageContext, StageResult, execute
+from ftpipe.core.stage import StageResult
 from ftpipe.serve.serve import vllm_command, vllm_lora_rank
 from ftpipe.serve.served import resolve_artifact
+from ftpipe.stages import producers
 from serve.helpers import free_port, write_project
 
 MERGED_HINT = "(next: ftpipe export-merged --run {run}, then ftpipe serve --run {run} --artifact merged)"
@@ -42,7 +45,7 @@ def _adapter(run: RunDir, stage: str, folder_name: str, status: str = "completed
         return StageResult(outputs=[folder])
 
     try:
-        execute(StageContext.for_run(stage, loaded, run), body, sections=(), inputs={}, environment="train")
+        record_stage(stage, loaded, run, body)
     except Exception:  # noqa: BLE001 - the failed manifest is what the test wants
         assert status == "failed"
 
@@ -57,7 +60,7 @@ def test_sft_and_dpo_side_by_side_each_by_name(project):
     run = _run(root, "r1")
     _adapter(run, "finetune-sft", "adapter", r=16)
     _adapter(run, "finetune-dpo", "dpo_adapter", r=4)
-    served = resolve_artifact(run, "adapters")
+    served = resolve_artifact(run, "adapters", producers=producers())
     assert served.names == ("r1-base", "r1-sft", "r1-dpo")
     assert served.tokenizer_dir == run.adapter and Path(served.model).samefile(root / "models/base")
     argv = vllm_command("python", served, load_config(config, environ={}).config.serve)
@@ -70,11 +73,11 @@ def test_only_completed_adapters_are_served(project):
     root, _ = project
     run = _run(root, "r2")
     _adapter(run, "finetune-sft", "adapter")
-    assert resolve_artifact(run, "adapters").names == ("r2-base", "r2-sft")  # no finetune-dpo
+    assert resolve_artifact(run, "adapters", producers=producers()).names == ("r2-base", "r2-sft")  # no finetune-dpo
     _adapter(run, "finetune-dpo", "dpo_adapter", status="failed")
-    assert resolve_artifact(run, "adapters").names == ("r2-base", "r2-sft")  # failed: not served
+    assert resolve_artifact(run, "adapters", producers=producers()).names == ("r2-base", "r2-sft")  # failed: not served
     # The single-adapter mode keeps its names: the adapter as <run>, the base as <run>-base.
-    single = resolve_artifact(run, "adapter")
+    single = resolve_artifact(run, "adapter", producers=producers())
     assert single.names == ("r2",) and single.loras == (("r2", run.adapter),) and single.baseline == "r2-base"
 
 
@@ -102,13 +105,13 @@ def test_modules_to_save_refused_naming_the_adapter(project):
     run = _run(root, "r4")
     _adapter(run, "finetune-sft", "adapter")
     _adapter(run, "finetune-dpo", "dpo_adapter", modules_to_save=["lm_head", "embed_tokens"])
-    assert resolve_artifact(run, "adapter").names == ("r4",)  # the SFT adapter alone is servable
+    assert resolve_artifact(run, "adapter", producers=producers()).names == ("r4",)  # the SFT adapter alone is servable
     with pytest.raises(InputError) as caught:
-        resolve_artifact(run, "adapters")
+        resolve_artifact(run, "adapters", producers=producers())
     assert caught.value.message == ("serve: outputs/r4/dpo_adapter has modules_to_save (lm_head, embed_tokens), which "
                                     "vLLM cannot serve (vllm-project/vllm#9280): serve the merged model")
     assert caught.value.hint == "ftpipe export-merged --run r4, then ftpipe serve --run r4 --artifact merged"
     # Both problems at once, in one line.
     _adapter(_run(root, "r5"), "finetune-sft", "adapter", use_dora=True, modules_to_save=["lm_head"])
     with pytest.raises(InputError, match=r"DoRA adapter .*; serve: outputs/r5/adapter has modules_to_save \(lm_head\)"):
-        resolve_artifact(RunDir(run.project, "r5"), "adapters")
+        resolve_artifact(RunDir(run.project, "r5"), "adapters", producers=producers())

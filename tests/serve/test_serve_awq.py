@@ -29,10 +29,11 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli
+from stage_record import record_stage
 
 from ftpipe.config import load_config
 from ftpipe.core.runs import Project, new_run
-from ftpipe.core.stage import StageContext, StageResult, execute
+from ftpipe.core.stage import StageResult
 from serve.helpers import ANSWER, REPO, SERVE_PYTHON, fabricate_merged, free_port, require_serve_env, write_project
 
 pytestmark = pytest.mark.slow
@@ -73,7 +74,7 @@ def awq_project(tmp_path_factory, answering_model):
         shutil.copytree(quantized, run.awq)
         return StageResult(outputs=[run.awq])
 
-    execute(StageContext.for_run("convert-awq", loaded, run), body, sections=("awq",), inputs={}, environment="awq")
+    record_stage("convert-awq", loaded, run, body)
     yield root, config
     state = root / "logs/run-awq/serve/server.json"
     if state.exists():  # a failed test left the detached server running

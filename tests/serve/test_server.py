@@ -8,12 +8,15 @@ import socket
 import pytest
 from conftest import run_cli
 
+from stage_record import record_stage
+
 from ftpipe.config import load_config
 from ftpipe.core.errors import InputError
 from ftpipe.core.runs import Project, RunDir
-from ftpipe.core.stage import StageContext, StageResult, execute
+from ftpipe.core.stage import StageResult
 from ftpipe.serve.serve import check_port_free, llama_cpp_command, server_environment, vllm_command
 from ftpipe.serve.served import resolve_artifact
+from ftpipe.stages import producers
 from serve.helpers import fabricate_merged, free_port, write_project
 
 KEY = "sk-unit-93b1c0ffee"
@@ -28,7 +31,7 @@ def _fabricate(project_dir, run_name: str, stage: str, fill) -> RunDir:
     def body(ctx):
         return StageResult(outputs=fill(run))
 
-    execute(StageContext.for_run(stage, loaded, run), body, sections=(), inputs={}, environment="train")
+    record_stage(stage, loaded, run, body)
     return run
 
 
@@ -47,7 +50,7 @@ def test_merged_command_names_the_run_and_keeps_the_key_off_argv(project, tiny_m
     fabricate_merged(root, "r1", tiny_model_dir)
     loaded = _loaded(config, f"serve.api_key={KEY}", "serve.max_num_seqs=8", "serve.extra_args=[--enforce-eager]")
     run = RunDir(Project.from_config(loaded), "r1")
-    served = resolve_artifact(run, "merged")
+    served = resolve_artifact(run, "merged", producers=producers())
     cfg = loaded.config.serve
     argv = vllm_command("python", served, cfg)
     assert argv == [
@@ -72,7 +75,7 @@ def test_adapter_is_served_as_a_lora_on_its_base(project, tiny_model_dir):
         return [run.adapter]
 
     run = _fabricate(root, "r2", "finetune-sft", fill)
-    served = resolve_artifact(run, "adapter")
+    served = resolve_artifact(run, "adapter", producers=producers())
     assert served.model == str(tiny_model_dir) and served.tokenizer_dir == run.adapter
     argv = vllm_command("python", served, _loaded(config).config.serve)
     assert argv[argv.index("--served-model-name") + 1] == "r2-base"
@@ -91,14 +94,14 @@ def test_gguf_is_served_by_llama_cpp_with_the_key_in_its_environment(project):
 
     run = _fabricate(root, "r3", "export-gguf", fill)
     loaded = _loaded(config, f"serve.api_key={KEY}")
-    served = resolve_artifact(run, "gguf", "q8_0")
+    served = resolve_artifact(run, "gguf", "q8_0", producers=producers())
     assert served.kind == "llama.cpp" and served.model == str(run.gguf / "model-q8_0.gguf")
     argv = llama_cpp_command("/venv-gguf/python", served, loaded.config.serve)
     assert argv == ["/venv-gguf/python", "-m", "llama_cpp.server", "--model", served.model, "--model_alias", "r3",
                     "--host", "127.0.0.1", "--port", str(loaded.config.serve.port), "--n_ctx", "256"]
     assert server_environment(served, loaded.config.serve, base={})["API_KEY"] == KEY
     with pytest.raises(InputError, match=r"expected one q4_k_m GGUF among the export-gguf outputs, found: model-f16.gguf, model-q8_0.gguf"):
-        resolve_artifact(run, "gguf", "q4_k_m")
+        resolve_artifact(run, "gguf", "q4_k_m", producers=producers())
 
 
 @pytest.mark.parametrize("run, flags, message", [

@@ -33,7 +33,7 @@ def _serve(ctx: typer.Context, **values: Any) -> None:
         return
     from ftpipe.core.errors import InputError
     from ftpipe.serve.serve import serve
-    from ftpipe.stages import environment_of
+    from ftpipe.stages import environment_of, prepare
 
     flags, options = split_options(STAGE, values)
     loaded = load(values["config"], values["sets"], flags={"runtime.mode": values["runtime"], **flags})
@@ -54,7 +54,8 @@ def _serve(ctx: typer.Context, **values: Any) -> None:
                           f"{state.extra['substitution']}[/yellow]")
         console.print(f"stop it with: ftpipe serve stop --run {state.run}" if detach else "Ctrl-C stops it")
 
-    serve(loaded, values["run"], detach=detach, on_ready=ready, fallback=bool(options["fallback"]))
+    stage_ctx, _ = prepare(STAGE, loaded, values["run"], **options)  # opens the run, runs serve's check
+    serve(stage_ctx, on_ready=ready)
     if not detach:
         console.print("[green]server stopped[/green]")
 

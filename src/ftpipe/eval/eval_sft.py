@@ -14,6 +14,10 @@ its result is merged in. An artifact that is absent, or whose environment is mis
 as skipped with the reason.
 
 Writes outputs/<run>/eval/metrics.json and generations.jsonl. Needs finetune-sft completed.
+`check(ctx)` (`preflight`: every problem at once, from files alone) returns the inputs to compare;
+`plan(ctx)` returns the same survey as an `EvalSftPlan` (each artifact evaluated where, or skipped
+why); `run(ctx, plan)` loads and measures the models. The other artifacts' stages are found through
+`ctx.producers` (outputs/<run>/<artifact>, `ftpipe <stage>`).
 
     ftpipe eval-sft --config debug_config.yaml --run my-run
 """
@@ -26,7 +30,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from ftpipe.core.errors import ConfigError, InputError, StageError
 from ftpipe.core.executor import ENV_MARKER, ENVIRONMENTS, installed, run_tool, venv_python, wait_for_build
@@ -39,17 +43,16 @@ from ftpipe.eval.spec import ArtifactSpec, EvalSpec
 from ftpipe.handoff.base_model import read_base_model
 from ftpipe.handoff.checks import load_checks
 from ftpipe.handoff.pairs import pairs_dir, read_pairs
-from ftpipe.stages import PRODUCED_BY
 
 log = logging.getLogger(__name__)
 
 ARTIFACTS = ("base", "adapter", "dpo_adapter", "merged", "awq")
-EVALUATED_ARTIFACTS = ("dpo_adapter", "merged", "awq")  # made by other stages (the stage table's PRODUCED_BY)
+EVALUATED_ARTIFACTS = ("dpo_adapter", "merged", "awq")  # made by other stages (`ctx.producers`)
 PREFERENCE_ARTIFACTS = ("base", "adapter", "dpo_adapter")  # scored on the held-out preference pairs
 AWQ_ENV_MISSING = "awq environment not installed (bash scripts/bootstrap.sh awq)"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Artifact:
     """One artifact to evaluate, or the reason it is skipped."""
 
@@ -67,36 +70,63 @@ class Artifact:
                             tokenizer=self.tokenizer, adapter=self.adapter, preference=self.preference)
 
 
-def prepare(ctx: StageContext) -> dict[str, Path]:
-    """Check inputs and plan the artifacts (`ctx.options["plan"]`); the inputs to record.
+@dataclass(frozen=True)
+class EvalSftPlan:
+    """What eval-sft measures, checked before any model is loaded."""
+
+    val_file: Path  # prepared/<data.name>/val.jsonl
+    prompts_file: Path | None  # eval.prompts_file
+    checks: tuple[dict[str, Any], ...]  # its checks (`ftpipe.handoff.checks.load_checks`)
+    pairs_file: Path | None  # held-out preference pairs scored, when there are any
+    preference: Mapping[str, Any]  # metrics.json's `preference`: {"val_file", "pairs"} or {"status", "reason"}
+    artifacts: tuple[Artifact, ...]  # every artifact of ARTIFACTS, in that order, evaluated or skipped
+
+
+def check(ctx: StageContext) -> dict[str, Path]:
+    """Check inputs (`preflight`); the inputs to record: finetune-sft's manifest, the val split, the
+    checks and pairs files, the manifests of the other evaluated artifacts' stages, the awq
+    environment's interpreter.
 
     Raises:
-        InputError / ConfigError: finetune-sft not completed, no val split, bad checks file,
-            unresolvable base model, lm-eval tasks without lm-eval (exit 2).
+        InputError / ConfigError: as `preflight` (exit 2).
     """
     run = ctx.run
-    ctx.options["plan"] = plan = preflight(ctx)
-    inputs = {"finetune": run.manifest_path("finetune-sft"), "val": plan["val_file"]}
-    if plan["prompts_file"] is not None:
-        inputs["prompts"] = plan["prompts_file"]
-    if plan["pairs_file"] is not None:
-        inputs["pairs"] = plan["pairs_file"]
+    survey = preflight(ctx)
+    inputs = {"finetune": run.manifest_path("finetune-sft"), "val": survey.val_file}
+    if survey.prompts_file is not None:
+        inputs["prompts"] = survey.prompts_file
+    if survey.pairs_file is not None:
+        inputs["pairs"] = survey.pairs_file
     for name in EVALUATED_ARTIFACTS:
-        upstream = PRODUCED_BY[name].name
+        upstream = ctx.producers[name]
         if run.manifest_path(upstream).exists():
             inputs[name] = run.manifest_path(upstream)
     inputs["awq_environment"] = venv_python(ctx.project.root, ENVIRONMENTS["awq"])
     return inputs
 
 
-def preflight(ctx: StageContext) -> dict[str, Any]:
-    """Everything eval-sft needs, checked before any model is loaded.
-
-    Returns:
-        The plan: val_file, prompts_file, checks, artifacts (list of `Artifact`).
+def plan(ctx: StageContext) -> EvalSftPlan:
+    """The checked plan (`preflight`); each skipped artifact is logged with its reason.
 
     Raises:
-        InputError / ConfigError: listing every problem found at once.
+        InputError / ConfigError: as `preflight` (exit 2).
+    """
+    planned = preflight(ctx)
+    for art in planned.artifacts:
+        if art.skipped:
+            log.warning("eval %s: skipped: %s", art.name, art.skipped)
+    return planned
+
+
+def preflight(ctx: StageContext) -> EvalSftPlan:
+    """Everything eval-sft needs, checked before any model is loaded (pure: reads files only).
+
+    Returns:
+        The plan.
+
+    Raises:
+        InputError / ConfigError: finetune-sft not completed, no val split, bad checks file,
+            unresolvable base model, lm-eval tasks without lm-eval; every problem found at once.
     """
     cfg, run, project = ctx.config.eval, ctx.run, ctx.project
     require_upstream(ctx)
@@ -126,14 +156,14 @@ def preflight(ctx: StageContext) -> dict[str, Any]:
             f"eval.lm_eval_tasks = {cfg.lm_eval_tasks} but lm-evaluation-harness is not installed in this environment",
             hint="`.venv/bin/pip install lm-eval`, or --set eval.lm_eval_tasks=[]",
         )
-    return {
-        "val_file": val_file,
-        "prompts_file": prompts_file,
-        "checks": checks or [],
-        "pairs_file": pairs_file,
-        "preference": pairs_note,
-        "artifacts": plan_artifacts(ctx, base, scored=pairs_file is not None),
-    }
+    return EvalSftPlan(
+        val_file=val_file,
+        prompts_file=prompts_file,
+        checks=tuple(checks or ()),
+        pairs_file=pairs_file,
+        preference=pairs_note,
+        artifacts=plan_artifacts(ctx, base, scored=pairs_file is not None),
+    )
 
 
 def preference_pairs(ctx: StageContext, problems: list[str]) -> tuple[Path | None, dict[str, Any]]:
@@ -161,83 +191,76 @@ def preference_pairs(ctx: StageContext, problems: list[str]) -> tuple[Path | Non
     return val, {"val_file": project.rel(val), "pairs": count}
 
 
-def plan_artifacts(ctx: StageContext, base: ModelRef, scored: bool = False) -> list[Artifact]:
-    """Which artifacts are evaluated, where, and why the others are skipped.
+def plan_artifacts(ctx: StageContext, base: ModelRef, scored: bool = False) -> tuple[Artifact, ...]:
+    """Which artifacts are evaluated, where, and why the others are skipped (ARTIFACTS, in order).
 
     `scored`: held-out preference pairs exist; the PREFERENCE_ARTIFACTS evaluated are scored on them.
     """
-    run, project, wanted = ctx.run, ctx.project, ctx.config.eval.artifacts
+    return tuple(_plan_artifact(ctx, name, base, scored and name in PREFERENCE_ARTIFACTS) for name in ARTIFACTS)
+
+
+def _plan_artifact(ctx: StageContext, name: str, base: ModelRef, preference: bool) -> Artifact:
+    run, project = ctx.run, ctx.project
+    if name not in ctx.config.eval.artifacts:
+        return Artifact(name, preference=preference, skipped="not in eval.artifacts")
     adapter_dir = str(run.adapter)
-    plan = []
-    for name in ARTIFACTS:
-        art = Artifact(name, preference=scored and name in PREFERENCE_ARTIFACTS)
-        plan.append(art)
-        if name not in wanted:
-            art.skipped = "not in eval.artifacts"
-            continue
-        if name in ("base", "adapter", "dpo_adapter"):
-            art.model, art.revision, art.tokenizer = base.load_from, base.revision if not base.path else None, adapter_dir
-            art.adapter = adapter_dir if name == "adapter" else None
-        if name in ("base", "adapter"):
-            continue
-        # dpo_adapter (a LoRA on the same base, like the SFT adapter), merged, awq: another stage's product.
-        folder = run.path / PRODUCED_BY[name].produces
-        upstream, command = PRODUCED_BY[name].name, PRODUCED_BY[name].command
-        manifest = read_manifest(run.manifest_path(upstream))
-        status = manifest.get("status") if manifest else None
-        if name == "dpo_adapter":
-            if not (folder / "adapter_config.json").is_file():
-                art.skipped = f"not produced ({command} --run {run.name})"
-            elif status != "completed":
-                art.skipped = f"{project.rel(folder)} exists but {upstream} is {status or 'missing'} ({command} --run {run.name})"
-            else:
-                art.adapter = str(folder)
-                if (folder / "tokenizer_config.json").is_file():
-                    art.tokenizer = str(folder)
-            continue
-        if not (folder / "config.json").is_file():
-            art.skipped = f"not produced ({command} --run {run.name})"
-        elif status != "completed":
-            art.skipped = f"{project.rel(folder)} exists but {upstream} is {status or 'missing'} ({command} --run {run.name})"
-        else:
-            art.model = art.tokenizer = str(folder)
-            if not (folder / "tokenizer_config.json").is_file():
-                art.tokenizer = str(run.merged if (run.merged / "tokenizer_config.json").is_file() else run.adapter)
-        if name == "awq" and art.skipped is None:
-            art.environment = "awq"
-            if ctx.config.runtime.mode == "compose" or os.environ.get("FTPIPE_SERVICE"):
-                art.skipped = "awq evaluation under --runtime compose is not supported yet (use --runtime local)"
-            elif not installed(project.root, ENVIRONMENTS["awq"]):
-                art.skipped = AWQ_ENV_MISSING
-    for art in plan:
-        if art.skipped:
-            log.warning("eval %s: skipped: %s", art.name, art.skipped)
-    return plan
+    # base, adapter and dpo_adapter load the adapter's base model (a LoRA on it for the adapters).
+    on_base = {"model": base.load_from, "revision": base.revision if not base.path else None, "tokenizer": adapter_dir}
+    if name == "base":
+        return Artifact(name, **on_base, preference=preference)
+    if name == "adapter":
+        return Artifact(name, **on_base, adapter=adapter_dir, preference=preference)
+    # dpo_adapter (a LoRA on the same base, like the SFT adapter), merged, awq: another stage's
+    # product, in outputs/<run>/<artifact>, vouched for by that stage's completed manifest.
+    folder = run.path / name
+    upstream = ctx.producers[name]
+    command = f"ftpipe {upstream}"
+    manifest = read_manifest(run.manifest_path(upstream))
+    status = manifest.get("status") if manifest else None
+    marker = "adapter_config.json" if name == "dpo_adapter" else "config.json"
+    if not (folder / marker).is_file():
+        return Artifact(name, preference=preference, skipped=f"not produced ({command} --run {run.name})")
+    if status != "completed":
+        return Artifact(name, preference=preference, skipped=(
+            f"{project.rel(folder)} exists but {upstream} is {status or 'missing'} ({command} --run {run.name})"))
+    if name == "dpo_adapter":
+        tokenizer = str(folder) if (folder / "tokenizer_config.json").is_file() else adapter_dir
+        return Artifact(name, **{**on_base, "tokenizer": tokenizer}, adapter=str(folder), preference=preference)
+    tokenizer = str(folder) if (folder / "tokenizer_config.json").is_file() else (
+        str(run.merged if (run.merged / "tokenizer_config.json").is_file() else run.adapter))
+    if name != "awq":
+        return Artifact(name, model=str(folder), tokenizer=tokenizer, preference=preference)
+    skipped = None
+    if ctx.config.runtime.mode == "compose" or os.environ.get("FTPIPE_SERVICE"):
+        skipped = "awq evaluation under --runtime compose is not supported yet (use --runtime local)"
+    elif not installed(project.root, ENVIRONMENTS["awq"]):
+        skipped = AWQ_ENV_MISSING
+    return Artifact(name, environment="awq", model=str(folder), tokenizer=tokenizer, skipped=skipped, preference=preference)
 
 
-def run(ctx: StageContext) -> StageResult:
+def run(ctx: StageContext, plan: EvalSftPlan) -> StageResult:
     """Evaluate the planned artifacts, write metrics.json + generations.jsonl, fail on any failure."""
-    cfg, run, project, plan = ctx.config.eval, ctx.run, ctx.project, ctx.options["plan"]
+    cfg, run, project = ctx.config.eval, ctx.run, ctx.project
     out = run.eval
     out.mkdir(parents=True, exist_ok=True)
     artifacts: dict[str, dict[str, Any]] = {}
     generations: list[dict[str, Any]] = []
-    todo = [a for a in plan["artifacts"] if not a.skipped]
+    todo = [a for a in plan.artifacts if not a.skipped]
 
     local = [a for a in todo if a.environment == "train"]
     if local:
         from ftpipe.eval.measure import evaluate_spec
 
-        result = evaluate_spec(eval_spec(ctx, local, "train"))
+        result = evaluate_spec(eval_spec(ctx, plan, local, "train"))
         artifacts.update(result["artifacts"])
         generations.extend(result["generations"])
 
     for art in (a for a in todo if a.environment != "train"):
-        result = _run_worker(ctx, art, eval_spec(ctx, [art], ENVIRONMENTS[art.environment].name))
+        result = _run_worker(ctx, art, eval_spec(ctx, plan, [art], ENVIRONMENTS[art.environment].name))
         artifacts.update(result["artifacts"])
         generations.extend(result["generations"])
 
-    for art in plan["artifacts"]:
+    for art in plan.artifacts:
         if art.skipped:
             artifacts[art.name] = {"status": "skipped", "reason": art.skipped}
         else:
@@ -246,13 +269,13 @@ def run(ctx: StageContext) -> StageResult:
                 artifacts[art.name]["adapter"] = project.rel(Path(art.adapter))
     artifacts = {name: artifacts[name] for name in ARTIFACTS}
 
-    lm_eval_results = _lm_eval(cfg.lm_eval_tasks, plan["artifacts"]) if cfg.lm_eval_tasks else None
+    lm_eval_results = _lm_eval(cfg.lm_eval_tasks, plan.artifacts) if cfg.lm_eval_tasks else None
     metrics_doc = {
         "run": run.name,
-        "val_file": project.rel(plan["val_file"]),
-        "prompts_file": project.rel(plan["prompts_file"]) if plan["prompts_file"] else None,
+        "val_file": project.rel(plan.val_file),
+        "prompts_file": project.rel(plan.prompts_file) if plan.prompts_file else None,
         "max_new_tokens": cfg.max_new_tokens,
-        "preference": plan["preference"],
+        "preference": dict(plan.preference),
         "artifacts": artifacts,
         "lm_eval": lm_eval_results,
     }
@@ -268,19 +291,20 @@ def run(ctx: StageContext) -> StageResult:
         )
     return StageResult(
         outputs=[out / "metrics.json", out / "generations.jsonl"],
-        metrics=summary_metrics(artifacts, plan["preference"]),
+        metrics=summary_metrics(artifacts, dict(plan.preference)),
         summary=_summary(artifacts),
     )
 
 
-def eval_spec(ctx: StageContext, arts: list[Artifact], environment: str) -> EvalSpec:
-    """What `evaluate_spec` measures `arts` with in `environment`: the settings of the `eval` config."""
-    cfg, plan = ctx.config.eval, ctx.options["plan"]
+def eval_spec(ctx: StageContext, plan: EvalSftPlan, arts: list[Artifact], environment: str) -> EvalSpec:
+    """What `evaluate_spec` measures `arts` with in `environment`: the plan's files and checks, the
+    settings of the `eval` config."""
+    cfg = ctx.config.eval
     return EvalSpec(
-        artifacts=[a.spec() for a in arts], environment=environment, val_file=plan["val_file"],
+        artifacts=[a.spec() for a in arts], environment=environment, val_file=plan.val_file,
         max_val_rows=cfg.max_val_rows, max_length=cfg.max_length, batch_tokens=cfg.batch_tokens,
-        checks=plan["checks"], max_new_tokens=cfg.max_new_tokens, samples=cfg.samples,
-        dtype=ctx.config.model.dtype, pairs_file=plan["pairs_file"], max_pairs=cfg.max_pairs,
+        checks=list(plan.checks), max_new_tokens=cfg.max_new_tokens, samples=cfg.samples,
+        dtype=ctx.config.model.dtype, pairs_file=plan.pairs_file, max_pairs=cfg.max_pairs,
     )
 
 
@@ -317,7 +341,7 @@ def _run_worker(ctx: StageContext, art: Artifact, spec: EvalSpec) -> dict[str, A
     return result
 
 
-def _lm_eval(tasks: list[str], plan: list[Artifact]) -> dict[str, Any]:
+def _lm_eval(tasks: list[str], plan: tuple[Artifact, ...]) -> dict[str, Any]:
     """Optional lm-evaluation-harness tasks on the merged model (else base + adapter).
 
     Not exercised by the test suite (lm-eval is not installed here); its import is checked in

@@ -7,7 +7,9 @@ generations.jsonl), SFT vs DPO (preference accuracy on held-out pairs and prompt
 base, SFT adapter and DPO adapter, in-process and served), artifact sizes, stage timings, versions and output hashes from every
 logs/<run>/*/manifest.json and preprocess-sft's logs/_prepared/<dataset>/manifest.json. Plots are inline SVG; the page loads nothing from anywhere. Every
 text is HTML-escaped; configs come from manifests, where secrets are already redacted. Whatever
-is missing is shown as "not available": the report works on a partial run.
+is missing is shown as "not available": the report works on a partial run. `check(ctx)` names every
+file the page shows (the inputs: the report is redone when one changes), `plan(ctx)` resolves them
+with the title (`ReportPlan`), `run(ctx, plan)` reads and renders them.
 
     ftpipe report --config debug_config.yaml --run my-run
 """
@@ -18,6 +20,7 @@ import json
 import logging
 import math
 import os
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from html import escape
 from pathlib import Path
@@ -39,7 +42,24 @@ ARTIFACT_DIRS = ("adapter", "dpo_adapter", "merged", "awq", "gguf")  # folders u
 PREFERENCE_ROWS = (("base", "base", "base"), ("adapter", "SFT (adapter)", "sft"), ("dpo_adapter", "DPO (dpo_adapter)", "dpo"))
 
 
-def prepare(ctx: StageContext) -> dict[str, Path]:
+@dataclass(frozen=True)
+class ReportPlan:
+    """What the page shows and where it goes: the files it reads, all resolved before rendering."""
+
+    title: str  # report.title, else "ftpipe run <run>"
+    page: Path  # outputs/<run>/report.html
+    dataset: str  # data.name
+    # (stage, manifest path): preprocess-sft's of the dataset, then every stage's of the run but ours
+    manifests: tuple[tuple[str, Path], ...]
+    metadata: Path  # prepared/<dataset>/metadata.json
+    eval_metrics: Path  # outputs/<run>/eval/metrics.json
+    generations: Path  # outputs/<run>/eval/generations.jsonl
+    generations_shown: int  # report.generations_shown
+    trainer_state: Path  # TensorBoard event files under it
+    smoke_results: Path  # logs/<run>/smoke-test/results.json
+
+
+def check(ctx: StageContext) -> dict[str, Path]:
     """The report reads whatever the run has; every file it shows is an input (rerun when one changes)."""
     run, project, dataset = ctx.run, ctx.project, ctx.config.data.name
     inputs: dict[str, Path] = {
@@ -54,46 +74,55 @@ def prepare(ctx: StageContext) -> dict[str, Path]:
     return inputs
 
 
-def run(ctx: StageContext) -> StageResult:
+def plan(ctx: StageContext) -> ReportPlan:
+    """The page's title and path, and the files it reads (a missing one shows as "not available")."""
+    run, project, cfg, dataset = ctx.run, ctx.project, ctx.config.report, ctx.config.data.name
+    manifests = (("preprocess-sft", project.prepared_log_dir(dataset) / "manifest.json"),
+                 *((s, run.manifest_path(s)) for s in run.stages() if s != ctx.stage))
+    return ReportPlan(
+        title=cfg.title or f"ftpipe run {run.name}", page=run.report, dataset=dataset, manifests=manifests,
+        metadata=project.prepared_dir(dataset) / "metadata.json", eval_metrics=run.eval / "metrics.json",
+        generations=run.eval / "generations.jsonl", generations_shown=cfg.generations_shown,
+        trainer_state=run.trainer_state, smoke_results=run.log_dir("smoke-test") / SMOKE_RESULTS,
+    )
+
+
+def run(ctx: StageContext, plan: ReportPlan) -> StageResult:
     """Collect everything the page shows, render it, write report.html atomically."""
-    run, cfg = ctx.run, ctx.config.report
-    manifests = _manifests(ctx)
-    metadata = read_json(ctx.project.prepared_dir(ctx.config.data.name) / "metadata.json")
-    scalars = read_scalars(run.trainer_state)
-    eval_doc = read_json(run.eval / "metrics.json")
-    generations = _read_jsonl(run.eval / "generations.jsonl")
-    smoke = read_json(run.log_dir("smoke-test") / SMOKE_RESULTS)
+    manifests = _manifests(plan.manifests)
+    metadata = read_json(plan.metadata)
+    scalars = read_scalars(plan.trainer_state)
+    eval_doc = read_json(plan.eval_metrics)
+    generations = _read_jsonl(plan.generations)
+    smoke = read_json(plan.smoke_results)
     page = render(
-        title=cfg.title or f"ftpipe run {run.name}",
-        run=run,
-        dataset=ctx.config.data.name,
+        title=plan.title,
+        run=ctx.run,
+        dataset=plan.dataset,
         manifests=manifests,
         metadata=metadata if isinstance(metadata, dict) else None,
         scalars=scalars,
         eval_doc=eval_doc if isinstance(eval_doc, dict) else None,
         generations=generations,
-        generations_shown=cfg.generations_shown,
+        generations_shown=plan.generations_shown,
         smoke=smoke if isinstance(smoke, dict) else None,
     )
-    atomic_write_text(run.report, page)
-    os.chmod(run.report, 0o644)  # a page to share: the atomic temp file is created owner-only
-    log.info("report: %s (%d bytes)", ctx.project.rel(run.report), len(page.encode()))
+    atomic_write_text(plan.page, page)
+    os.chmod(plan.page, 0o644)  # a page to share: the atomic temp file is created owner-only
+    log.info("report: %s (%d bytes)", ctx.project.rel(plan.page), len(page.encode()))
     return StageResult(
-        outputs=[run.report],
+        outputs=[plan.page],
         metrics={"stages_shown": len(manifests), "scalar_tags": len(scalars), "bytes": len(page.encode())},
-        summary=f"report: {ctx.project.rel(run.report)}",
+        summary=f"report: {ctx.project.rel(plan.page)}",
     )
 
 
-def _manifests(ctx: StageContext) -> dict[str, dict[str, Any]]:
-    """preprocess-sft's manifest for the dataset, then every stage manifest of the run but ours."""
+def _manifests(paths: tuple[tuple[str, Path], ...]) -> dict[str, dict[str, Any]]:
+    """The manifests that exist of (stage, manifest path), by stage, in run order."""
     found: dict[str, dict[str, Any]] = {}
-    prepared = read_manifest(ctx.project.prepared_log_dir(ctx.config.data.name) / "manifest.json")
-    if prepared:
-        found["preprocess-sft"] = prepared
-    for s in ctx.run.stages():
-        if s != ctx.stage and (m := read_manifest(ctx.run.manifest_path(s))):
-            found[s] = m
+    for stage, path in paths:
+        if manifest := read_manifest(path):
+            found[stage] = manifest
     return dict(sorted(found.items(), key=lambda item: str(item[1].get("started_at") or "")))  # run order
 
 

@@ -3,10 +3,16 @@
 Where it sits: after export-merged (merged), convert-awq (awq), finetune-sft (adapter, served by
 vLLM as a LoRA on its base), finetune-sft + finetune-dpo (adapters: the base with the SFT and DPO
 LoRA adapters side by side, as <run>-base, <run>-sft and <run>-dpo) or export-gguf (gguf, served by
-llama.cpp). It writes no artifact and
-no manifest; its logs go to logs/<run>/serve/ (run.log: ftpipe, server.log: the server's own
-output), and while a server runs, logs/<run>/serve/server.json records its pid, port and model
-(the pid file `ftpipe serve stop` reads). The served model name is the run name.
+llama.cpp). It writes no artifact and no manifest; its logs go to logs/<run>/serve/ (run.log:
+ftpipe, server.log: the server's own output), and while a server runs, logs/<run>/serve/server.json
+records its pid, port and model (the pid file `ftpipe serve stop` reads). The served model name is
+the run name.
+
+The stage contract without the manifest lifecycle: `check(ctx)` (files alone: a key off loopback,
+the artifact's completed stage), `plan(ctx)` (`ServePlan`: everything refused before launching,
+and the command line), `run(ctx, plan)` (launch, wait for health, detach or stay). The command
+(ftpipe/cli/serve.py) runs `check` through the stage table, then `serve(ctx, on_ready)`: `plan` and
+`run`'s work, with a call once the server is healthy.
 
     ftpipe serve --config debug_config.yaml --artifact merged --detach
     ftpipe smoke-test --config debug_config.yaml
@@ -28,7 +34,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -37,6 +43,7 @@ from ftpipe.core.fsutil import atomic_write_json, read_json
 from ftpipe.core.logs import stage_logging
 from ftpipe.core.manifest import now
 from ftpipe.core.runs import Project, RunDir, open_run
+from ftpipe.core.stage import StageContext, StageResult
 from ftpipe.serve.served import Served, base_url, is_loopback, resolve_artifact
 from ftpipe.serve.server_record import STAGE, ServerState, alive, read_state, server_log_path, state_path
 
@@ -329,95 +336,152 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def serve(loaded, run_name: str | None, detach: bool, on_ready: Callable[[ServerState], None] | None = None,
-          fallback: bool = False) -> ServerState:
-    """Start the server for `serve.artifact` of a run, wait for /health, then detach or stay.
+@dataclass(frozen=True)
+class ServePlan:
+    """What `run` starts: worked out (and refused) before a process is launched."""
 
-    In the foreground, SIGINT/SIGTERM (and the death of ftpipe's parent) stop the server cleanly;
-    this returns once it has stopped. With `detach` it returns as soon as the server is healthy.
-    With `fallback` (what `ftpipe run` passes) an artifact this machine cannot run (see
-    `servable_here`) is replaced by the run's merged model, and server.json records why.
+    served: Served  # what is served (the run's merged model when --fallback replaced serve.artifact)
+    requested_artifact: str  # serve.artifact
+    substitution: str | None  # why another artifact than serve.artifact is served (--fallback), else None
+    argv: tuple[str, ...]  # the server's command line (the API key is never on it)
+    health_url: str  # polled until it answers 200
+    detach: bool  # return once healthy (--detach) instead of staying in the foreground
+
+
+def check(ctx: StageContext) -> dict[str, Path]:
+    """Pre-flight from files alone: a key off loopback, the artifact's completed upstream stage.
+
+    Returns:
+        The inputs: the manifest of the stage that produced the artifact.
 
     Raises:
         ConfigError: non-loopback host without serve.api_key.
-        InputError: artifact missing, not servable on this machine, port busy, a server already
-            running for the run.
+        InputError: the artifact's stage has not completed or its output is incomplete.
+    """
+    cfg = ctx.config.serve
+    _require_key(cfg)
+    served = resolve_artifact(ctx.run, cfg.artifact, cfg.gguf_type, producers=ctx.producers)
+    return {"artifact": served.upstream_manifest}
+
+
+def plan(ctx: StageContext) -> ServePlan:
+    """Everything refused before launching: the artifact (or, with --fallback, its replacement when
+    this machine cannot run it, see `servable_here`), a server already running for the run, an
+    architecture vLLM lacks, a busy port; then the server's command line.
+
+    Raises:
+        ConfigError / InputError: as `check`; not servable here (without --fallback), a server
+            already running for the run, an unsupported architecture, the port busy.
+    """
+    cfg, run, project = ctx.config.serve, ctx.run, ctx.project
+    _require_key(cfg)
+    served = resolve_artifact(run, cfg.artifact, cfg.gguf_type, producers=ctx.producers)
+    substitution = servable_here(served, run)
+    if substitution is not None and not ctx.options.get("fallback"):
+        raise substitution
+    if substitution is not None:
+        log.warning("%s; serving the merged model instead (--fallback)", substitution.message)
+        served = resolve_artifact(run, "merged", producers=ctx.producers)
+    running = read_state(run)
+    if running is not None:
+        raise InputError(
+            f"run {run.name} already has a server: pid {running.pid} at {running.url}",
+            hint=f"ftpipe serve stop --run {run.name}",
+        )
+    content_format = None
+    if served.kind == "vllm":
+        check_vllm_architecture(served, project)
+        content_format = chat_content_format(served)
+    check_port_free(cfg.host, cfg.port)
+    python = sys.executable
+    argv = (vllm_command(python, served, cfg, content_format) if served.kind == "vllm"
+            else llama_cpp_command(python, served, cfg))
+    return ServePlan(served=served, requested_artifact=cfg.artifact,
+                     substitution=substitution.message if substitution is not None else None,
+                     argv=tuple(argv), health_url=health_url(served, cfg), detach=bool(ctx.options.get("detach")))
+
+
+def run(ctx: StageContext, plan: ServePlan) -> StageResult:
+    """Start the server, wait for its health endpoint, then return (--detach) or stay until stopped."""
+    state = _serve(ctx, plan)
+    return StageResult(metrics={"pid": state.pid, "startup_seconds": state.extra.get("startup_seconds")},
+                       summary=f"serve: {state.model_name!r} ({state.artifact}, {state.kind}) at {state.url}")
+
+
+def serve(ctx: StageContext, on_ready: Callable[[ServerState], None] | None = None) -> ServerState:
+    """What `ftpipe serve` does once its `check` passed: `plan`, then `run`'s work, logging to
+    logs/<run>/serve/run.log, with `on_ready` called once the server is healthy (before the
+    foreground wait).
+
+    In the foreground, SIGINT/SIGTERM (and the death of ftpipe's parent) stop the server cleanly;
+    this returns once it has stopped. With --detach it returns as soon as the server is healthy.
+    With --fallback (what `ftpipe run` passes) an artifact this machine cannot run is replaced by
+    the run's merged model, and server.json records why.
+
+    Raises:
+        ConfigError / InputError: as `plan`.
         StageError: the server died or did not become healthy within serve.startup_timeout.
     """
-    cfg = loaded.config.serve
-    project = Project.from_config(loaded)
-    run = open_run(project, run_name)
+    with stage_logging(ctx.log_dir):
+        return _serve(ctx, plan(ctx), on_ready)
+
+
+def _require_key(cfg) -> None:
     if not is_loopback(cfg.host) and cfg.api_key is None:
         raise ConfigError(
             f"serve.host {cfg.host} is not a loopback address: set serve.api_key so strangers cannot use the server",
             hint="--api-key KEY (or FTPIPE_API_KEY / FTPIPE__SERVE__API_KEY in the environment)",
         )
-    log_dir = run.log_dir(STAGE)
-    with stage_logging(log_dir):
-        served = resolve_artifact(run, cfg.artifact, cfg.gguf_type)
-        substitution = servable_here(served, run)
-        if substitution is not None and not fallback:
-            raise substitution
-        if substitution is not None:
-            log.warning("%s; serving the merged model instead (--fallback)", substitution.message)
-            served = resolve_artifact(run, "merged")
-        running = read_state(run)
-        if running is not None:
-            raise InputError(
-                f"run {run.name} already has a server: pid {running.pid} at {running.url}",
-                hint=f"ftpipe serve stop --run {run.name}",
-            )
-        content_format = None
-        if served.kind == "vllm":
-            check_vllm_architecture(served, project)
-            content_format = chat_content_format(served)
-        check_port_free(cfg.host, cfg.port)
-        python = sys.executable
-        argv = (vllm_command(python, served, cfg, content_format) if served.kind == "vllm"
-                else llama_cpp_command(python, served, cfg))
-        env = server_environment(served, cfg)
-        server_log = server_log_path(run)
-        log.info("serving %s (%s) as %s with %s", project.rel(Path(served.model)) if Path(served.model).exists() else served.model,
-                 served.artifact, ", ".join(repr(n) for n in ([served.baseline, *(n for n, _ in served.loras)] if served.loras else [served.name])),
-                 served.kind)
-        log.info("$ %s  (output: %s)", " ".join(argv), project.rel(server_log))
-        with open(server_log, "ab") as out:
-            proc = subprocess.Popen(
-                argv, cwd=project.root, env=env, stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,  # own group: signal the whole tree
-                preexec_fn=None if detach else _die_with_parent,
-            )
-        key = cfg.api_key.get_secret_value() if cfg.api_key is not None else None
-        state = ServerState(
-            pid=proc.pid, run=run.name, artifact=served.artifact, kind=served.kind, model_name=served.name,
-            host=cfg.host, port=cfg.port, url=base_url(cfg.host, cfg.port) + "/v1", started_at=now(),
-            detached=detach, log=project.rel(server_log),
+
+
+def _serve(ctx: StageContext, plan: ServePlan, on_ready: Callable[[ServerState], None] | None = None) -> ServerState:
+    """Launch `plan.argv`, wait until healthy, record server.json; stay in the foreground unless detached."""
+    cfg, run, project, served = ctx.config.serve, ctx.run, ctx.project, plan.served
+    detach = plan.detach
+    env = server_environment(served, cfg)
+    server_log = server_log_path(run)
+    server_log.parent.mkdir(parents=True, exist_ok=True)
+    log.info("serving %s (%s) as %s with %s", project.rel(Path(served.model)) if Path(served.model).exists() else served.model,
+             served.artifact, ", ".join(repr(n) for n in ([served.baseline, *(n for n, _ in served.loras)] if served.loras else [served.name])),
+             served.kind)
+    log.info("$ %s  (output: %s)", " ".join(plan.argv), project.rel(server_log))
+    with open(server_log, "ab") as out:
+        proc = subprocess.Popen(
+            list(plan.argv), cwd=project.root, env=env, stdout=out, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,  # own group: signal the whole tree
+            preexec_fn=None if detach else _die_with_parent,
         )
-        if substitution is not None:
-            state.extra.update(requested_artifact=cfg.artifact, substitution=substitution.message)
-        record = state_path(run)
-        # SIGTERM during startup stops the half-started server too (like Ctrl-C).
-        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-        try:
-            seconds = wait_healthy(proc, health_url(served, cfg), key, cfg.startup_timeout, server_log, project)
-        except BaseException:
-            log.info("stopping the server that did not start")
-            stop_process_group(proc.pid, cfg.stop_timeout)
-            raise
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-        state.extra["startup_seconds"] = round(seconds, 1)
-        atomic_write_json(record, asdict(state))
-        log.info("server healthy after %.0fs: %s (model %r, pid %d)", seconds, state.url, served.name, proc.pid)
-        if on_ready is not None:
-            on_ready(state)
-        if detach:
-            return state
-        try:
-            _foreground(proc, cfg.stop_timeout)
-        finally:
-            record.unlink(missing_ok=True)
+    key = cfg.api_key.get_secret_value() if cfg.api_key is not None else None
+    state = ServerState(
+        pid=proc.pid, run=run.name, artifact=served.artifact, kind=served.kind, model_name=served.name,
+        host=cfg.host, port=cfg.port, url=base_url(cfg.host, cfg.port) + "/v1", started_at=now(),
+        detached=detach, log=project.rel(server_log),
+    )
+    if plan.substitution is not None:
+        state.extra.update(requested_artifact=plan.requested_artifact, substitution=plan.substitution)
+    record = state_path(run)
+    # SIGTERM during startup stops the half-started server too (like Ctrl-C).
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        seconds = wait_healthy(proc, plan.health_url, key, cfg.startup_timeout, server_log, project)
+    except BaseException:
+        log.info("stopping the server that did not start")
+        stop_process_group(proc.pid, cfg.stop_timeout)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    state.extra["startup_seconds"] = round(seconds, 1)
+    atomic_write_json(record, asdict(state))
+    log.info("server healthy after %.0fs: %s (model %r, pid %d)", seconds, state.url, served.name, proc.pid)
+    if on_ready is not None:
+        on_ready(state)
+    if detach:
         return state
+    try:
+        _foreground(proc, cfg.stop_timeout)
+    finally:
+        record.unlink(missing_ok=True)
+    return state
 
 
 def _foreground(proc: subprocess.Popen, stop_timeout: float) -> None:

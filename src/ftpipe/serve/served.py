@@ -2,9 +2,11 @@
 
 Shared by the two stages of the serve package (ftpipe/serve/serve.py, ftpipe/serve/smoke_test.py):
 which folder or GGUF file an artifact is (found through the manifest of the stage that produced
-it, per the stage table), the names clients use (the run name; with `adapters`, <run>-base,
-<run>-sft and <run>-dpo), and the URL a local client uses. LoRA adapters vLLM cannot load (DoRA,
-vllm-project/vllm#10849; `modules_to_save`, #9280) are refused here, before a server starts.
+it: the `producers` mapping the caller hands in, `StageContext.producers` for smoke-test, the
+stage table's `producers()` from the serve command; this package never imports the table), the
+names clients use (the run name; with `adapters`, <run>-base, <run>-sft and <run>-dpo), and the
+URL a local client uses. LoRA adapters vLLM cannot load (DoRA, vllm-project/vllm#10849;
+`modules_to_save`, #9280) are refused here, before a server starts.
 
     ftpipe serve --config debug_config.yaml --artifact merged --detach
 """
@@ -14,19 +16,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 from ftpipe.core.errors import InputError
 from ftpipe.core.fsutil import read_json
 from ftpipe.core.runs import RunDir
 from ftpipe.core.stage import require_completed, upstream_state
 from ftpipe.handoff.base_model import read_base_model
-from ftpipe.stages import PRODUCED_BY
 
 log = logging.getLogger(__name__)
 
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
-# serve --artifact adapters: each LoRA adapter of a run (the artifact named in the stage table's
-# `produces`) and the suffix of its served name, <run>-<suffix>. The base answers as <run>-base.
+# serve --artifact adapters: each LoRA adapter of a run (an artifact of `producers`) and the suffix
+# of its served name, <run>-<suffix>. The base answers as <run>-base.
 ADAPTERS = (("adapter", "sft"), ("dpo_adapter", "dpo"))
 
 
@@ -70,16 +72,23 @@ def base_url(host: str, port: int) -> str:
     return f"http://[{h}]:{port}" if ":" in h else f"http://{h}:{port}"
 
 
-def resolve_artifact(run: RunDir, artifact: str, gguf_type: str = "q8_0") -> Served:
+def resolve_artifact(run: RunDir, artifact: str, gguf_type: str = "q8_0", *, producers: Mapping[str, str]) -> Served:
     """Find the artifact to serve through its upstream manifest.
+
+    Args:
+        run: the run whose artifact is served.
+        artifact: merged, awq, adapter, adapters or gguf (serve.artifact).
+        gguf_type: which of export-gguf's files (serve.gguf_type).
+        producers: artifact name -> the stage that produces it (`StageContext.producers`); the
+            artifact's folder is outputs/<run>/<artifact>.
 
     Raises:
         InputError: the upstream stage has not completed, or its output is missing/incomplete,
             naming the command that produces it.
     """
     # `adapters` needs the SFT adapter; the DPO adapter joins it when finetune-dpo completed.
-    producer = PRODUCED_BY["adapter" if artifact == "adapters" else artifact]
-    stage, command = producer.name, producer.command
+    stage = producers["adapter" if artifact == "adapters" else artifact]
+    command = f"ftpipe {stage}"
     manifest = require_completed(run, stage, command)
     project = run.project
     upstream = run.manifest_path(stage)
@@ -95,15 +104,15 @@ def resolve_artifact(run: RunDir, artifact: str, gguf_type: str = "q8_0") -> Ser
         # adapter: the SFT adapter as <run>; adapters: every adapter whose stage completed, <run>-<suffix>.
         wanted = [("adapter", run.name)] if artifact == "adapter" else [
             (produced, f"{run.name}-{suffix}") for produced, suffix in ADAPTERS
-            if produced in PRODUCED_BY and (produced == "adapter" or _completed(run, produced))]
+            if produced in producers and (produced == "adapter" or _completed(run, produced, producers))]
         loras, ranks, problems = [], [], []
         for produced, served_name in wanted:
-            folder = run.path / PRODUCED_BY[produced].produces
+            folder = run.path / produced
             cfg = read_json(folder / "adapter_config.json")
             if not isinstance(cfg, dict):
                 raise InputError(
                     f"run {run.name}: {project.rel(folder)}/ lacks adapter_config.json",
-                    hint=f"{PRODUCED_BY[produced].command} --run {run.name} --force",
+                    hint=f"ftpipe {producers[produced]} --run {run.name} --force",
                 )
             problems += unservable_lora(cfg, project.rel(folder))
             loras.append((served_name, folder))
@@ -149,9 +158,9 @@ def unservable_lora(adapter_config: dict, where: str) -> list[str]:
     return problems
 
 
-def _completed(run: RunDir, produced: str) -> bool:
+def _completed(run: RunDir, produced: str, producers: Mapping[str, str]) -> bool:
     """Whether the stage that produces `produced` completed in this run (absent or failed: not served)."""
-    state = upstream_state(run, PRODUCED_BY[produced].name)
+    state = upstream_state(run, producers[produced])
     if state is not None:
-        log.info("serve: %s not served: %s is %s", produced, PRODUCED_BY[produced].name, state)
+        log.info("serve: %s not served: %s is %s", produced, producers[produced], state)
     return state is None

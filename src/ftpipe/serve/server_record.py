@@ -84,8 +84,13 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def read_state(run: RunDir) -> ServerState | None:
-    """The recorded server of a run, if its pid still runs that server (stale files are removed)."""
+def read_state(run: RunDir, remove_stale: bool = True) -> ServerState | None:
+    """The recorded server of a run, if its pid still runs that server.
+
+    Args:
+        remove_stale: remove an unreadable or stale server.json (False: only read, for a stage's
+            pure `check`).
+    """
     path = state_path(run)
     data = read_json(path)
     if not isinstance(data, dict):
@@ -93,13 +98,15 @@ def read_state(run: RunDir) -> ServerState | None:
     try:
         state = ServerState(**data)
     except TypeError:
-        log.info("removing unreadable %s", run.project.rel(path))
-        path.unlink(missing_ok=True)
+        if remove_stale:
+            log.info("removing unreadable %s", run.project.rel(path))
+            path.unlink(missing_ok=True)
         return None
     cmd = _cmdline(state.pid)
     if not alive(state.pid) or ("vllm" not in cmd and "llama_cpp" not in cmd):
-        log.info("removing stale %s (pid %d is not running a server)", run.project.rel(path), state.pid)
-        path.unlink(missing_ok=True)
+        if remove_stale:
+            log.info("removing stale %s (pid %d is not running a server)", run.project.rel(path), state.pid)
+            path.unlink(missing_ok=True)
         return None
     return state
 

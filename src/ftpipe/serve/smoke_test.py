@@ -18,6 +18,10 @@ API's JSON) fails the stage in one line that quotes the cause from the server's 
 (`ftpipe.serve.server_record.root_cause`). Results go to logs/<run>/smoke-test/results.json, the
 manifest beside it.
 
+`check(ctx)` works out from files alone (server.json, the last results.json, the upstream manifests,
+the val split) which artifact is served and returns the inputs to compare; `plan(ctx)` adds the
+prompt checks (`SmokeTestPlan`); `run(ctx, plan)` asks the server.
+
     ftpipe smoke-test --config debug_config.yaml
 """
 
@@ -25,21 +29,34 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from ftpipe.core.errors import InputError, StageError
 from ftpipe.core.fsutil import atomic_write_json, read_json
 from ftpipe.core.stage import StageContext, StageResult
 from ftpipe.handoff.checks import judge, load_checks
-from ftpipe.handoff.prepared import split_prompts
+from ftpipe.handoff.prepared import Messages, split_prompts
 from ftpipe.serve.served import Served, base_url, resolve_artifact
 from ftpipe.serve.server_record import ServerState, alive, log_size, read_state, root_cause, server_log_path
-from ftpipe.stages import PRODUCED_BY
 
 log = logging.getLogger(__name__)
 
 RESULTS = "results.json"
+
+
+@dataclass(frozen=True)
+class SmokeTestPlan:
+    """What the smoke test checks, worked out from files before the first request."""
+
+    served: Served  # what the server at the smoke test's address serves
+    server: ServerState | None  # server.json's record of that server (None: no ftpipe server of this run there)
+    served_why: Mapping[str, str]  # {"artifact_reason"}, plus "requested_artifact" when it is not serve.artifact
+    val_file: Path  # prepared/<data.name>/val.jsonl
+    prompts: tuple[Messages, ...]  # the prompts of its first smoke_test.prompts conversations
+    checks_file: Path | None  # eval.prompts_file when it exists and smoke_test.prompt_checks is on
+    checks: tuple[dict[str, Any], ...] = ()  # its checks (`ftpipe.handoff.checks.load_checks`)
 
 
 def endpoint(cfg) -> str:
@@ -162,19 +179,19 @@ def template_matches(url: str, api_key: str | None, model: str, tokenizer_dir: P
     return out
 
 
-def run(ctx: StageContext) -> StageResult:
+def run(ctx: StageContext, plan: SmokeTestPlan) -> StageResult:
     """Send the requests, check them, write results.json; raise listing every failed check."""
     import httpx
     import openai
 
     cfg = ctx.config
     st = cfg.smoke_test
-    served: Served = ctx.options["served"]
+    served = plan.served
     url = endpoint(cfg)
     key = cfg.serve.api_key.get_secret_value() if cfg.serve.api_key is not None else None
     client = openai.OpenAI(base_url=url, api_key=key or "EMPTY", timeout=st.timeout, max_retries=0)
     hint = f"ftpipe serve --run {ctx.run.name} --artifact {served.artifact} --detach"
-    server: ServerState | None = ctx.options["server"]
+    server = plan.server
     # The log of the server at this address: server.json's; without one, the run's serve log unless
     # smoke_test.base_url points elsewhere (another server's log would quote another failure).
     server_log = ctx.project.resolve(server.log) if server is not None else (
@@ -198,14 +215,13 @@ def run(ctx: StageContext) -> StageResult:
                          hint=hint)
     log.info("smoke-test: %s serves %s", url, ", ".join(models))
 
-    checks = load_checks(ctx.options["checks_file"], ctx.project.rel(ctx.options["checks_file"])) \
-        if ctx.options.get("checks_file") is not None else []
+    checks = list(plan.checks)
     per_model: dict[str, dict[str, Any]] = {}
     problems: list[str] = []
     for name in served.names:
         judged = name != served.baseline  # the base next to adapters: recorded as the baseline
         try:
-            result = _check_model(ctx, client, url, key, served, name, checks)
+            result = _check_model(ctx, plan, client, url, key, name, checks)
         except (openai.APIError, httpx.HTTPError, MalformedAnswer) as exc:
             raise server_failure(exc, url, server_log, since, ctx.project, server.pid if server else None) from None
         result["judged"] = judged
@@ -219,7 +235,7 @@ def run(ctx: StageContext) -> StageResult:
     main = per_model[served.name]
     results_path = ctx.log_dir / RESULTS
     atomic_write_json(results_path, {
-        "url": url, "model": served.name, "artifact": served.artifact, **ctx.options["served_why"], "answers": main["answers"],
+        "url": url, "model": served.name, "artifact": served.artifact, **plan.served_why, "answers": main["answers"],
         "chat_template": main["chat_template"], "prompt_checks": main["prompt_checks"], "problems": problems,
         "models": per_model,
     })
@@ -245,17 +261,17 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult(outputs=[results_path], metrics=metrics, summary=summary)
 
 
-def _check_model(ctx: StageContext, client, url: str, key: str | None, served: Served, name: str,
+def _check_model(ctx: StageContext, plan: SmokeTestPlan, client, url: str, key: str | None, name: str,
                  checks: list[dict[str, Any]]) -> dict[str, Any]:
     """Val answers, the chat template and the prompt checks of one served model name.
 
     Returns:
         {"answers", "chat_template", "prompt_checks", "problems"} (problems: what failed, unprefixed).
     """
-    st = ctx.config.smoke_test
+    st, served = ctx.config.smoke_test, plan.served
     problems: list[str] = []
     answers = []
-    for i, messages in enumerate(ctx.options["prompts"]):
+    for i, messages in enumerate(plan.prompts):
         text, finish = _chat(client, name, messages, st.max_tokens)
         ok = bool(text.strip()) and finish == "stop"
         if not text.strip():
@@ -267,7 +283,7 @@ def _check_model(ctx: StageContext, client, url: str, key: str | None, served: S
 
     template: dict[str, Any] = {"checked": False}
     if st.check_template and served.kind == "vllm" and served.tokenizer_dir is not None:
-        template = {"checked": True, **template_matches(url, key, name, served.tokenizer_dir, ctx.options["prompts"][0], st.timeout)}
+        template = {"checked": True, **template_matches(url, key, name, served.tokenizer_dir, plan.prompts[0], st.timeout)}
         if not template["equal"]:
             problems.append(f"chat template: the server's prompt tokens ({template['server_tokens']}) differ from HF "
                             f"apply_chat_template ({template['hf_tokens']}) for {ctx.project.rel(served.tokenizer_dir)} "
@@ -310,19 +326,58 @@ def _model_metrics(result: dict[str, Any]) -> dict[str, Any]:
     return metrics
 
 
-def prepare(ctx: StageContext) -> dict[str, Path]:
-    """The served artifact, the val prompts and the checks file (in `ctx.options`); the inputs.
+def check(ctx: StageContext) -> dict[str, Path]:
+    """The inputs to compare: the served artifact's manifest (and the DPO adapter's, when served),
+    the val split and the prompt-checks file.
 
-    The smoke test always runs when called on its own (a server that was up yesterday proves
-    nothing today: its row in the stage table says so); `ftpipe run` asks whether it is up to date
-    first and does not even start a server when the same artifact, prompts and config passed.
+    Pure and cheap: it reads server.json (a stale one is left for `plan` to remove), the last
+    results.json and the upstream manifests, and asks no server anything. The smoke test always
+    runs when called on its own (a server that was up yesterday proves nothing today: its row in
+    the stage table says so); `ftpipe run` asks this first and does not even start a server when
+    the same artifact, prompts and config passed.
+
+    Raises:
+        InputError: the artifact's stage has not completed, or no val split.
+    """
+    survey = _survey(ctx, remove_stale=False)
+    inputs = {"artifact": survey.served.upstream_manifest, "val": survey.val_file}
+    if any(folder == ctx.run.path / "dpo_adapter" for _, folder in survey.served.loras):
+        inputs["dpo_artifact"] = ctx.run.manifest_path(ctx.producers["dpo_adapter"])
+    if survey.checks_file is not None:
+        inputs["prompts_file"] = survey.checks_file
+    return inputs
+
+
+def plan(ctx: StageContext) -> SmokeTestPlan:
+    """What to check: the artifact the server at this address really serves, the val prompts, the
+    prompt checks (read and validated here).
+
+    Raises:
+        InputError: as `check`; a prompt-checks file that is not valid (naming the file).
+    """
+    cfg, project = ctx.config, ctx.project
+    survey = _survey(ctx, remove_stale=True)
+    server, why = survey.server, survey.served_why
+    if server is not None and "requested_artifact" in why:
+        log.warning("smoke-test: the server at %s serves %s, not serve.artifact %s (%s): checking %s",
+                    server.url, server.artifact, cfg.serve.artifact, why["artifact_reason"], server.artifact)
+    if cfg.smoke_test.prompt_checks and cfg.eval.prompts_file and survey.checks_file is None:
+        log.warning("eval.prompts_file %s does not exist: prompt checks skipped", cfg.eval.prompts_file)
+    if survey.checks_file is None:
+        return survey
+    return replace(survey, checks=tuple(load_checks(survey.checks_file, project.rel(survey.checks_file))))
+
+
+def _survey(ctx: StageContext, remove_stale: bool) -> SmokeTestPlan:
+    """The plan but its checks (not read yet): the served artifact (through `ctx.producers`), the
+    val prompts and the checks file, from files alone.
 
     Raises:
         InputError: the artifact's stage has not completed, or no val split.
     """
     cfg, project = ctx.config, ctx.project
-    server, artifact, why = served_here(ctx)
-    served = resolve_artifact(ctx.run, artifact, cfg.serve.gguf_type)
+    server, artifact, why = served_here(ctx, remove_stale)
+    served = resolve_artifact(ctx.run, artifact, cfg.serve.gguf_type, producers=ctx.producers)
     val_file = project.prepared_dir(cfg.data.name) / "val.jsonl"
     if not val_file.is_file():
         raise InputError(f"no val split for dataset {cfg.data.name} ({project.rel(val_file)} missing)",
@@ -332,27 +387,22 @@ def prepare(ctx: StageContext) -> dict[str, Path]:
         candidate = project.resolve(cfg.eval.prompts_file)
         if candidate.is_file():
             checks_file = candidate
-        else:
-            log.warning("eval.prompts_file %s does not exist: prompt checks skipped", cfg.eval.prompts_file)
-    ctx.options.update(served=served, server=server, served_why=why,
-                       prompts=split_prompts(val_file, cfg.smoke_test.prompts), checks_file=checks_file)
-    inputs = {"artifact": served.upstream_manifest, "val": val_file}
-    if any(folder == ctx.run.path / PRODUCED_BY["dpo_adapter"].produces for _, folder in served.loras):
-        inputs["dpo_artifact"] = ctx.run.manifest_path(PRODUCED_BY["dpo_adapter"].name)
-    if checks_file is not None:
-        inputs["prompts_file"] = checks_file
-    return inputs
+    prompts = tuple(split_prompts(val_file, cfg.smoke_test.prompts))
+    return SmokeTestPlan(served, server, why, val_file, prompts, checks_file)
 
 
-def served_here(ctx: StageContext) -> tuple[ServerState | None, str, dict[str, str]]:
+def served_here(ctx: StageContext, remove_stale: bool = True) -> tuple[ServerState | None, str, dict[str, str]]:
     """The run's server at the smoke test's address, the artifact it serves and why that one.
+
+    Args:
+        remove_stale: remove a stale server.json (False in `check`, which writes nothing).
 
     Returns:
         (server.json's record or None, artifact, {"artifact_reason": ...} plus "requested_artifact"
         when the server serves another artifact than serve.artifact).
     """
     cfg = ctx.config
-    server = read_state(ctx.run)
+    server = read_state(ctx.run, remove_stale)
     if server is not None and server.url.rstrip("/") != endpoint(cfg):
         server = None  # a server of this run, but not the one at smoke_test's address
     if server is None:
@@ -368,6 +418,4 @@ def served_here(ctx: StageContext) -> tuple[ServerState | None, str, dict[str, s
     if server.artifact == cfg.serve.artifact:
         return server, cfg.serve.artifact, {"artifact_reason": "serve.artifact"}
     why = server.extra.get("substitution") or f"the server at {server.url} was started with --artifact {server.artifact}"
-    log.warning("smoke-test: the server at %s serves %s, not serve.artifact %s (%s): checking %s",
-                server.url, server.artifact, cfg.serve.artifact, why, server.artifact)
     return server, server.artifact, {"requested_artifact": cfg.serve.artifact, "artifact_reason": why}
