@@ -35,15 +35,83 @@ class CliResult:
         return self.stdout + self.stderr
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 900) -> CliResult:
-    """Run `python -m ftpipe ARGS` in a subprocess (real exit codes, real error handler)."""
-    full_env = {k: v for k, v in os.environ.items() if k != "FTPIPE_DEBUG"}
-    full_env.update({"COLUMNS": "200", "NO_COLOR": "1", **(env or {})})
-    proc = subprocess.run(
-        [sys.executable, "-m", "ftpipe", *args],
-        cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
-    )
-    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+# Commands whose work happens in other processes that inherit the real stdout/stderr (another stage
+# environment, a pipeline of stage processes, a server): run_cli starts these in a subprocess, so
+# their whole output is captured. The rest run in this process (no interpreter start, no second
+# import of torch), through the same entry point and error handler as the console script.
+SUBPROCESS_COMMANDS = frozenset({"run", "demo", "serve", "smoke-test", "convert-awq", "export-gguf"})
+IN_PROCESS = os.environ.get("FTPIPE_TEST_CLI", "subprocess") == "in-process"
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 900,
+            process: bool | None = None) -> CliResult:
+    """Run `ftpipe ARGS` (exit code, stdout, stderr) through `ftpipe.cli.main:main`.
+
+    In this process unless `process=True`, the command is one of SUBPROCESS_COMMANDS, or the
+    suite runs with FTPIPE_TEST_CLI=subprocess; then as `python -m ftpipe ARGS` in a subprocess
+    (a test of the process boundary itself: exit codes seen by a shell, signals, a killed process).
+    """
+    if process is None:
+        process = not IN_PROCESS or (bool(args) and args[0] in SUBPROCESS_COMMANDS)
+    full_env = {"COLUMNS": "200", "NO_COLOR": "1", **(env or {})}
+    if process:
+        proc = subprocess.run(
+            [sys.executable, "-m", "ftpipe", *args], cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout,
+            env={**{k: v for k, v in os.environ.items() if k != "FTPIPE_DEBUG"}, **full_env},
+        )
+        return CliResult(proc.returncode, proc.stdout, proc.stderr)
+    return _run_in_process(list(args), cwd or REPO, full_env)
+
+
+def _run_in_process(args: list[str], cwd: Path, env: dict[str, str]) -> CliResult:
+    """`ftpipe ARGS` in this process: the console script's `main()` with sys.argv, the working
+    directory and the environment set as a shell would, stdout and stderr captured; the process
+    state a command may change (environment, working directory, logging, signal handlers, torch
+    threads) is put back afterwards."""
+    import logging
+    import signal
+    import traceback
+
+    from click.testing import CliRunner
+
+    from ftpipe.cli.main import main
+
+    saved_environ, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    saved_signals = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    code = 0
+    with CliRunner().isolation(env={"FTPIPE_DEBUG": None, **env}) as (out, err, _):
+        sys.argv = ["ftpipe", *args]
+        os.chdir(cwd)
+        try:
+            main()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            if exc.code is not None and not isinstance(exc.code, int):
+                sys.stderr.write(f"{exc.code}\n")
+        except BaseException:  # noqa: BLE001 - what the console script would die of: exit 1, traceback on stderr
+            code = 1
+            traceback.print_exc(file=sys.stderr)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            sys.argv = saved_argv
+            os.chdir(saved_cwd)
+            for handler in [h for h in root.handlers if h not in saved_handlers]:
+                root.removeHandler(handler)
+            root.setLevel(saved_level)
+            for sig, handler in saved_signals.items():
+                signal.signal(sig, handler)
+            if threads is not None:
+                torch.set_num_threads(threads)
+        stdout = out.getvalue().decode("utf-8", "replace")
+        stderr = err.getvalue().decode("utf-8", "replace")
+    os.environ.clear()
+    os.environ.update(saved_environ)
+    return CliResult(code, stdout, stderr)
 
 
 @pytest.fixture(scope="session")
