@@ -56,7 +56,7 @@ def fabricate_finetune(root: Path, run_name: str = "r1", seed: int = 0) -> None:
     run = new_run(project, run_name)
     model_path = Path(loaded.config.model.path)
 
-    def body(ctx):
+    def body(ctx, plan):
         torch.manual_seed(seed)
         base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
@@ -73,7 +73,7 @@ def fabricate_finetune(root: Path, run_name: str = "r1", seed: int = 0) -> None:
         return StageResult(outputs=[run.adapter], summary="fabricated adapter")
 
     ctx = StageContext.for_run("finetune-sft", loaded, run)
-    execute(ctx, body, sections=("finetune",), inputs={}, environment="train")
+    execute(ctx, lambda c: None, body, sections=("finetune",), inputs={}, environment="train")
 
 
 @pytest.fixture(scope="module")

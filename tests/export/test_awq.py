@@ -58,7 +58,7 @@ def make_project(root: Path, model_dir: Path, *, merged: bool = True) -> Path:
     if merged:
         shutil.copytree(model_dir, run.merged)
         ctx = StageContext.for_run("export-merged", loaded, run)
-        execute(ctx, lambda c: StageResult(outputs=[run.merged]), sections=("merge",), inputs={})
+        execute(ctx, lambda c: None, lambda c, p: StageResult(outputs=[run.merged]), sections=("merge",), inputs={})
     return config
 
 

@@ -83,7 +83,8 @@ def test_full_model_as_adapter_is_refused(tmp_path, tiny_model_dir):
     loaded = load_config(root / "config.yaml")
     run = new_run(Project.from_config(loaded), "r1")
     execute(StageContext.for_run("finetune-sft", loaded, run),
-            lambda ctx: (shutil.copytree(tiny_model_dir, run.adapter), StageResult(outputs=[run.adapter]))[1],
+            lambda ctx: None,
+            lambda ctx, plan: (shutil.copytree(tiny_model_dir, run.adapter), StageResult(outputs=[run.adapter]))[1],
             sections=("finetune",), inputs={})
     result = run_cli("export-merged", "--config", str(root / "config.yaml"), "--run", "r1", cwd=root)
     assert result.code == 2

@@ -26,13 +26,13 @@ def gguf_run(tmp_path_factory, tiny_model_dir):
     loaded = load_config(root / "config.yaml")
     run = new_run(Project.from_config(loaded), "r1")
 
-    def body(ctx):
+    def body(ctx, plan):
         shutil.copytree(tiny_model_dir, run.merged)
         run.gguf.mkdir(parents=True)
         (run.gguf / "model-q8_0.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 64)
         return StageResult(outputs=[run.gguf])
 
-    execute(StageContext.for_run("export-gguf", loaded, run), body, sections=("gguf",), inputs={})
+    execute(StageContext.for_run("export-gguf", loaded, run), lambda c: None, body, sections=("gguf",), inputs={})
     return root
 
 
@@ -162,13 +162,13 @@ def test_dry_run_per_family(family_model, tmp_path, name):
     loaded = load_config(root / "config.yaml")
     run = new_run(Project.from_config(loaded), "r1")
 
-    def body(ctx):
+    def body(ctx, plan):
         shutil.copytree(model, run.merged)
         run.gguf.mkdir(parents=True)
         (run.gguf / "model-q8_0.gguf").write_bytes(b"GGUF")
         return StageResult(outputs=[run.gguf])
 
-    execute(StageContext.for_run("export-gguf", loaded, run), body, sections=("gguf",), inputs={})
+    execute(StageContext.for_run("export-gguf", loaded, run), lambda c: None, body, sections=("gguf",), inputs={})
     result = run_cli("ollama-load", "--config", str(root / "config.yaml"), "--run", "r1", "--dry-run", cwd=root)
     assert result.code == 0, result.output
     metrics = json.loads((root / "logs/r1/ollama-load/manifest.json").read_text())["metrics"]

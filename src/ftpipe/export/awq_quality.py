@@ -72,11 +72,11 @@ def fp16_bytes(folder: Path) -> int:
 
 
 # Architectures with their own AWQ smoothing mappings in llm-compressor (AWQ_MAPPING_REGISTRY of
-# llmcompressor.modifiers.transform.awq.mappings, llm-compressor 0.14; tests/export/
+# llmcompressor.modifiers.transform.awq.mappings, in the version the awq lock pins; tests/export/
 # test_families_export.py checks this list against the installed library). For any other
 # architecture llm-compressor silently falls back to Llama's mappings, which smooth the wrong norms
 # where a layer is built differently: Gemma 4's post_attention_layernorm normalises the attention
-# output, not the MLP input. Used where llm-compressor is not importable (the host pre-flight).
+# output, not the MLP input. Checked by convert-awq's `check` (which imports no llm-compressor).
 AWQ_ARCHITECTURES = frozenset({
     "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
     "Gemma2ForCausalLM", "Gemma3ForCausalLM", "GraniteForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
@@ -85,7 +85,7 @@ AWQ_ARCHITECTURES = frozenset({
 
 def awq_architectures() -> frozenset[str]:
     """Architectures llm-compressor has AWQ mappings for: its registries when importable, else the
-    list above."""
+    list above. Imports llm-compressor: not for a stage's `check`."""
     import importlib.util
 
     if importlib.util.find_spec("llmcompressor") is None:
@@ -96,10 +96,10 @@ def awq_architectures() -> frozenset[str]:
     return frozenset(AWQ_MAPPING_REGISTRY) | frozenset(AWQ_DYNAMIC_MAPPING_REGISTRY)
 
 
-def unmapped_architectures(config_path: Path) -> list[str]:
-    """The architectures of a model config.json that llm-compressor has no AWQ mapping for."""
+def unmapped_architectures(config_path: Path, known: frozenset[str] = AWQ_ARCHITECTURES) -> list[str]:
+    """The architectures of a model config.json that are not in `known` (default: the list above;
+    `awq_architectures()` asks llm-compressor)."""
     data = json.loads(config_path.read_text(encoding="utf-8"))
-    known = awq_architectures()
     return [a for a in data.get("architectures") or ["(none in config.json)"] if a not in known]
 
 

@@ -6,16 +6,23 @@ Runs in the gguf environment (.venv-gguf: llama-cpp-python + transformers + the 
 
     ftpipe export-gguf --config debug_config.yaml --run my-run
 
-Steps: refuse anything but a complete merged model (an adapter alone "converts" into a model that
-lacks the base weights); run `convert_hf_to_gguf.py` through `ftpipe.export.gguf_convert` (which
-maps plain byte-level BPE tokenizers to the "gpt-2" pre-tokenizer) for f16 / q8_0; make q4_k_m
-with llama-quantize (or the same quantizer through llama-cpp-python's binding); then load every
-GGUF with llama-cpp-python and check: tokenization equals HF's on the prompts and on fixed probe
-texts (non-ASCII, whitespace, every special token inside text), greedy tokens equal the HF merged
-model's, `tokenizer.chat_template` and the EOS id are in the metadata, every end-of-turn id of
-generation_config is an end-of-generation token in llama.cpp, and the embedded
-template renders the same token ids as HF's `apply_chat_template`. Files are written to a temp
-folder and renamed to `gguf/` only when all checks pass.
+The stage contract (`ftpipe/core/stage.py`):
+
+- `check(ctx)`: the HF folder to convert (--from, else the run's completed merged model) must be a
+  complete model, not an adapter alone (which "converts" into a model that lacks the base
+  weights), with a tokenizer llama.cpp reads as HF does. Also the host pre-flight before
+  delegating: it imports no llama_cpp.
+- `plan(ctx) -> ExportGgufPlan`: that folder, the llama.cpp converter tree of this environment and
+  the GGUF types to write.
+- `run(ctx, plan)`: run `convert_hf_to_gguf.py` through `ftpipe.export.gguf_convert` (which maps
+  plain byte-level BPE tokenizers to the "gpt-2" pre-tokenizer) for f16 / q8_0; make q4_k_m with
+  llama-quantize (or the same quantizer through llama-cpp-python's binding); then load every GGUF
+  with llama-cpp-python and check: tokenization equals HF's on the prompts and on fixed probe
+  texts (non-ASCII, whitespace, every special token inside text), greedy tokens equal the HF
+  merged model's, `tokenizer.chat_template` and the EOS id are in the metadata, every end-of-turn
+  id of generation_config is an end-of-generation token in llama.cpp, and the embedded template
+  renders the same token ids as HF's `apply_chat_template`. Files are written to a temp folder and
+  renamed to `gguf/` only when all checks pass.
 """
 
 from __future__ import annotations
@@ -24,11 +31,12 @@ import logging
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from ftpipe.core.errors import InputError, StageError
 from ftpipe.core.executor import run_tool
-from ftpipe.core.runs import Project, RunDir
+from ftpipe.core.runs import Project
 from ftpipe.core.stage import StageContext, StageResult, require_upstream, upstream_state
 from ftpipe.export.artifacts import (
     fresh_tmp_dir,
@@ -59,12 +67,35 @@ TOKENIZER_PROBES = (
 )
 
 
-def prepare(ctx: StageContext) -> dict[str, Path]:
-    """The HF folder to convert (`ctx.options["source"]`, from --from, else the run's merged model),
-    checked before any heavy work; runs on the host before delegating too.
+@dataclass(frozen=True)
+class ExportGgufPlan:
+    """What export-gguf converts, with which converter, into which files."""
+
+    source: Path  # the HF model folder converted: --from, else outputs/<run>/merged
+    output: Path  # outputs/<run>/gguf
+    converter: Path  # the llama.cpp tree holding convert_hf_to_gguf.py and gguf-py
+    outtypes: tuple[str, ...]  # gguf.outtypes without repeats, in order
+    convert_log: Path  # the converter's and quantizer's output
+
+
+def check(ctx: StageContext) -> dict[str, Path]:
+    """The HF folder to convert, checked before any heavy work; runs on the host before delegating too.
+
+    Returns:
+        The inputs: the --from folder, else export-merged's manifest.
 
     Raises:
         InputError: adapter-only input, incomplete folder, or no merged model in the run.
+    """
+    return _source(ctx)[1]
+
+
+def _source(ctx: StageContext) -> tuple[Path, dict[str, Path]]:
+    """(the folder to convert, the inputs to hash): `ctx.options["source"]` (--from), else the run's
+    merged model.
+
+    Raises:
+        InputError: as `check`.
     """
     run, project = ctx.run, ctx.project
     hint = f"ftpipe export-merged --run {run.name}"
@@ -73,15 +104,32 @@ def prepare(ctx: StageContext) -> dict[str, Path]:
         folder = project.resolve(source)
         require_full_model(folder, project, hint=hint)
         require_convertible_tokenizer(folder, project)
-        ctx.options["source"] = folder
-        return {"model": folder}
+        return folder, {"model": folder}
     if upstream_state(run, "export-merged") == "missing" and is_adapter_only(run.adapter):
         require_full_model(run.adapter, project, hint=hint)  # raises the adapter-only message
     require_upstream(ctx)
     require_full_model(run.merged, project, hint=f"{hint} --force")
     require_convertible_tokenizer(run.merged, project)
-    ctx.options["source"] = run.merged
-    return {"export-merged": run.manifest_path("export-merged")}
+    return run.merged, {"export-merged": run.manifest_path("export-merged")}
+
+
+def plan(ctx: StageContext) -> ExportGgufPlan:
+    """The folder to convert (checked again), the converter of this environment, the GGUF types.
+
+    Raises:
+        InputError: as `check`; the llama.cpp converter is not installed.
+    """
+    cfg = ctx.config.gguf
+    source, _ = _source(ctx)
+    converter = converter_dir(cfg.converter_dir, ctx.project)
+    log.info("converter: %s", converter / "convert_hf_to_gguf.py")
+    return ExportGgufPlan(
+        source=source,
+        output=ctx.run.gguf,
+        converter=converter,
+        outtypes=tuple(dict.fromkeys(cfg.outtypes)),
+        convert_log=ctx.log_dir / "convert.log",
+    )
 
 
 def require_convertible_tokenizer(folder: Path, project: Project) -> None:
@@ -154,27 +202,25 @@ def converter_dir(cfg_dir: str | None, project: Project) -> Path:
     )
 
 
-def run(ctx: StageContext) -> StageResult:
-    """Convert, quantize, verify, move into place."""
-    run: RunDir = ctx.run
-    project, cfg = ctx.project, ctx.config.gguf
-    source: Path = ctx.options["source"]
-    llama_cpp = converter_dir(cfg.converter_dir, project)
-    log.info("converter: %s", llama_cpp / "convert_hf_to_gguf.py")
+def run(ctx: StageContext, plan: ExportGgufPlan) -> StageResult:
+    """Convert, quantize, verify, move into place.
 
-    tmp = fresh_tmp_dir(run.gguf)
+    Raises:
+        StageError: the converter or quantizer failed, or a GGUF does not match the HF model.
+    """
+    project = ctx.project
+    tmp = fresh_tmp_dir(plan.output)
     try:
-        files = _convert_all(source, tmp, llama_cpp, cfg.outtypes, ctx.log_dir / "convert.log")
-        metrics = verify(source, files, project, ctx.config.data.name, cfg)
-        replace_dir(tmp, run.gguf)
+        files = _convert_all(plan.source, tmp, plan.converter, list(plan.outtypes), plan.convert_log)
+        metrics = verify(plan.source, files, project, ctx.config.data.name, ctx.config.gguf)
+        replace_dir(tmp, plan.output)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    metrics["converter"] = "llama.cpp convert_hf_to_gguf.py from " + _converter_origin(llama_cpp)
-    outtypes = list(dict.fromkeys(cfg.outtypes))
-    outputs = [run.gguf / gguf_name(t) for t in outtypes]
-    sizes = ", ".join(f"{t} {p.stat().st_size / 1e6:.1f} MB" for t, p in zip(outtypes, outputs))
-    return StageResult(outputs=outputs, metrics=metrics, summary=f"GGUF -> {project.rel(run.gguf)} ({sizes})")
+    metrics["converter"] = "llama.cpp convert_hf_to_gguf.py from " + _converter_origin(plan.converter)
+    outputs = [plan.output / gguf_name(t) for t in plan.outtypes]
+    sizes = ", ".join(f"{t} {p.stat().st_size / 1e6:.1f} MB" for t, p in zip(plan.outtypes, outputs))
+    return StageResult(outputs=outputs, metrics=metrics, summary=f"GGUF -> {project.rel(plan.output)} ({sizes})")
 
 
 def _converter_origin(llama_cpp: Path) -> str:
@@ -310,11 +356,11 @@ def _hf_greedy(model, ids: list[int], n: int) -> list[tuple[int, object]]:
 
 
 def _check_gguf(path, texts, text_ids, reference, tokenizer, conversation, hf_chat_ids, end_of_turn, cfg) -> dict:
-    """`texts` = the sample prompts (first len(reference)) then the tokenizer probes."""
-    import llama_cpp
-    import numpy as np
+    """One GGUF loaded in llama.cpp against the HF model: its metrics, and its problems under "problems".
+
+    `texts` = the sample prompts (first len(reference)) then the tokenizer probes.
+    """
     from llama_cpp import Llama
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     prompt_ids = text_ids[: len(reference)]
     longest = max(len(ids) for ids in prompt_ids) + cfg.verify_new_tokens + 8
@@ -322,17 +368,33 @@ def _check_gguf(path, texts, text_ids, reference, tokenizer, conversation, hf_ch
                 logits_all=True, verbose=False, seed=0)
     problems: list[str] = []
     out: dict = {}
+    out.update(_check_tokenization(llm, texts, text_ids, problems))
+    out.update(_check_greedy(llm, path, prompt_ids, reference, cfg, problems))
+    template = llm.metadata.get("tokenizer.chat_template")
+    out.update(_check_metadata(llm, template, tokenizer, problems))
+    out.update(_check_end_of_turn(llm, tokenizer, end_of_turn, problems))
+    if template:
+        out.update(_check_template_roundtrip(llm, template, tokenizer, conversation, hf_chat_ids, problems))
+    llm.close()
+    out["problems"] = problems
+    return out
 
-    # Tokenization: the same text gives the same ids (wrong pre-tokenizer shows up here).
+
+def _check_tokenization(llm, texts, text_ids, problems: list[str]) -> dict:
+    """The same text gives the same ids (a wrong pre-tokenizer shows up here)."""
     differ = [text for text, ids in zip(texts, text_ids)
               if llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) != ids]
-    out["tokenization_equal"] = not differ
-    out["tokenization_texts"] = len(texts)
     if differ:
         problems.append(f"llama.cpp tokenizes {len(differ)} of {len(texts)} texts differently from HF "
                         f"(first: {differ[0][:60]!r})")
+    return {"tokenization_equal": not differ, "tokenization_texts": len(texts)}
 
-    # Greedy tokens from the same prompt ids.
+
+def _check_greedy(llm, path: Path, prompt_ids, reference, cfg, problems: list[str]) -> dict:
+    """Greedy tokens from the same prompt ids as HF's; a differing token within
+    gguf.greedy_tie_tolerance of HF's choice is a near-tie, not a problem."""
+    import numpy as np
+
     equal = ties = 0
     max_diff = 0.0
     for ids, ref in zip(prompt_ids, reference):
@@ -358,45 +420,47 @@ def _check_gguf(path, texts, text_ids, reference, tokenizer, conversation, hf_ch
                 break  # the contexts differ from here on
             llm.eval([token])
         equal += got == [t for t, _ in ref]
-    out["greedy_equal"] = f"{equal}/{len(prompt_ids)}"
-    out["greedy_near_ties"] = ties
-    out["max_abs_logit_diff_first_step"] = round(max_diff, 6)
+    return {"greedy_equal": f"{equal}/{len(prompt_ids)}", "greedy_near_ties": ties,
+            "max_abs_logit_diff_first_step": round(max_diff, 6)}
 
-    # Metadata: chat template and EOS.
-    template = llm.metadata.get("tokenizer.chat_template")
-    out["chat_template_present"] = bool(template)
+
+def _check_metadata(llm, template: str | None, tokenizer, problems: list[str]) -> dict:
+    """The chat template and HF's EOS id are in the GGUF metadata."""
     if not template:
         problems.append("tokenizer.chat_template missing from the GGUF metadata")
-    eos_ok = llm.token_eos() == tokenizer.eos_token_id
-    out["eos_token_id"] = llm.token_eos()
-    if not eos_ok:
+    if llm.token_eos() != tokenizer.eos_token_id:
         problems.append(f"EOS id {llm.token_eos()} in the GGUF, HF tokenizer has {tokenizer.eos_token_id}")
+    return {"chat_template_present": bool(template), "eos_token_id": llm.token_eos()}
 
-    # End of turn: llama.cpp stops generating at its end-of-generation (EOG) tokens; every id
-    # generation_config stops at must be one, or a GGUF runtime talks past the end of its turn.
+
+def _check_end_of_turn(llm, tokenizer, end_of_turn: list[int], problems: list[str]) -> dict:
+    """llama.cpp stops generating at its end-of-generation (EOG) tokens; every id generation_config
+    stops at must be one, or a GGUF runtime talks past the end of its turn."""
+    import llama_cpp
+
     vocab = llm._model.vocab
     not_eog = [i for i in end_of_turn if not llama_cpp.llama_vocab_is_eog(vocab, i)]
-    out["eot_token_id"] = llm._model.token_eot()
-    out["end_of_turn_ids"] = end_of_turn
     if not_eog:
         problems.append(f"end-of-turn ids {not_eog} ({', '.join(tokenizer.convert_ids_to_tokens(not_eog))}) "
                         "are not end-of-generation tokens in the GGUF")
+    return {"eot_token_id": llm._model.token_eot(), "end_of_turn_ids": end_of_turn}
 
-    # Chat-template round trip: the embedded template, rendered as llama-cpp-python renders it.
-    if template:
-        rendered = Jinja2ChatFormatter(
-            template=template, eos_token=tokenizer.eos_token or "", bos_token=tokenizer.bos_token or ""
-        )(messages=prompt(conversation)).prompt
-        # Tokenized as llama.cpp's runtime does: its own BOS rule unless the text already starts
-        # with BOS (so a template that relies on a BOS the GGUF will not add shows up here).
-        bos_text = tokenizer.bos_token or ""
-        runtime_bos = not (bos_text and rendered.startswith(bos_text))
-        gguf_ids = llm.tokenize(rendered.encode("utf-8"), add_bos=runtime_bos, special=True)
-        out["chat_template_roundtrip_equal"] = gguf_ids == hf_chat_ids
-        if gguf_ids != hf_chat_ids:
-            first = next((i for i, (a, b) in enumerate(zip(gguf_ids, hf_chat_ids)) if a != b), min(len(gguf_ids), len(hf_chat_ids)))
-            out["chat_template_roundtrip_first_diff"] = first
-            problems.append(f"the embedded chat template renders different token ids from HF (first difference at {first})")
-    llm.close()
-    out["problems"] = problems
+
+def _check_template_roundtrip(llm, template: str, tokenizer, conversation, hf_chat_ids, problems: list[str]) -> dict:
+    """The embedded template, rendered as llama-cpp-python renders it, gives HF's token ids."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    rendered = Jinja2ChatFormatter(
+        template=template, eos_token=tokenizer.eos_token or "", bos_token=tokenizer.bos_token or ""
+    )(messages=prompt(conversation)).prompt
+    # Tokenized as llama.cpp's runtime does: its own BOS rule unless the text already starts
+    # with BOS (so a template that relies on a BOS the GGUF will not add shows up here).
+    bos_text = tokenizer.bos_token or ""
+    runtime_bos = not (bos_text and rendered.startswith(bos_text))
+    gguf_ids = llm.tokenize(rendered.encode("utf-8"), add_bos=runtime_bos, special=True)
+    out: dict = {"chat_template_roundtrip_equal": gguf_ids == hf_chat_ids}
+    if gguf_ids != hf_chat_ids:
+        first = next((i for i, (a, b) in enumerate(zip(gguf_ids, hf_chat_ids)) if a != b), min(len(gguf_ids), len(hf_chat_ids)))
+        out["chat_template_roundtrip_first_diff"] = first
+        problems.append(f"the embedded chat template renders different token ids from HF (first difference at {first})")
     return out

@@ -5,23 +5,33 @@ Runs in the train environment (.venv).
 
     ftpipe export-merged --config debug_config.yaml --run my-run
 
-Steps: load the base (named by the adapter's `ftpipe_base_model.json`) in its own dtype, apply
-the adapter, record reference logits on sample conversations (the run's val split when present),
-`merge_and_unload`, save safetensors + tokenizer (plus the base's tokenizer files the save does
-not write again, e.g. SentencePiece's tokenizer.model) + chat template + generation_config (EOS =
-the chat template's end-of-turn token and every end-of-turn id of the base) into a temp folder next to `merged/`, reload it from disk and
-compare logits (max abs diff -> manifest; above `merge.max_abs_logit_diff` -> StageError), check
-the file set, then rename the folder into place. A crash never leaves a `merged/` that looks
-complete; a second run with the same inputs is skipped.
+The stage contract (`ftpipe/core/stage.py`):
+
+- `check(ctx)`: a completed finetune-sft whose `adapter/` is an adapter (not a full model);
+  returns the finetune-sft manifest and the adapter as the inputs.
+- `plan(ctx) -> ExportMergedPlan`: the base model named by the adapter's `ftpipe_base_model.json`
+  (resolved once: a local folder or the hub id), the load settings and the sample conversations
+  of the logit check (the run's val split when present).
+- `run(ctx, plan)`: load the base in its own dtype and apply the adapter -> record reference
+  logits -> `merge_and_unload` -> save safetensors + tokenizer (plus the base's tokenizer files the
+  save does not write again, e.g. SentencePiece's tokenizer.model) + chat template +
+  generation_config (EOS = the chat template's end-of-turn token and every end-of-turn id of the
+  base) into a temp folder next to `merged/` -> reload it from disk and compare logits (max abs
+  diff -> manifest; above `merge.max_abs_logit_diff` -> StageError) -> check the file set -> rename
+  the folder into place. A crash never leaves a `merged/` that looks complete; a second run with
+  the same inputs is skipped.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ftpipe.core.errors import InputError, StageError
+from ftpipe.core.model_ref import ModelRef
 from ftpipe.core.runs import Project
 from ftpipe.core.stage import StageContext, StageResult, require_upstream
 from ftpipe.export.artifacts import (
@@ -32,7 +42,7 @@ from ftpipe.export.artifacts import (
     weight_files,
 )
 from ftpipe.handoff.base_model import BASE_MODEL_FILE, read_base_model
-from ftpipe.handoff.prepared import sample_conversations
+from ftpipe.handoff.prepared import Messages, sample_conversations
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +54,24 @@ REQUIRED_FILES = ("config.json", "generation_config.json", "tokenizer_config.jso
 BASE_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "special_tokens_map.json", "added_tokens.json")
 
 
-def prepare(ctx: StageContext) -> dict[str, Path]:
+@dataclass(frozen=True)
+class ExportMergedPlan:
+    """What export-merged merges, resolved before any model is loaded."""
+
+    adapter: Path  # outputs/<run>/adapter
+    output: Path  # outputs/<run>/merged
+    base: ModelRef  # the base the adapter was trained on (its ftpipe_base_model.json)
+    dtype: str  # model.dtype: "auto" (the checkpoint's own) or a torch dtype name
+    trust_remote_code: bool
+    conversations: tuple[Messages, ...]  # the sample conversations of the logit check
+    conversations_source: str  # the prepared split they come from, or "built-in"
+
+
+def check(ctx: StageContext) -> dict[str, Path]:
     """A completed finetune-sft with an adapter (not a full model) to merge.
+
+    Returns:
+        The inputs: finetune-sft's manifest and the adapter folder.
 
     Raises:
         InputError: no completed finetune-sft, adapter missing or already a full model.
@@ -75,97 +101,164 @@ def _check_adapter(adapter: Path, project: Project, run_name: str) -> None:
         )
 
 
-def run(ctx: StageContext) -> StageResult:
+def plan(ctx: StageContext) -> ExportMergedPlan:
+    """The base model (from the adapter's record) and the conversations of the logit check.
+
+    Raises:
+        InputError: the base-model record is missing or names a model that cannot be found; a
+            prepared split holds a bad line.
+    """
+    run, cfg = ctx.run, ctx.config
+    conversations, source = sample_conversations(ctx.project, cfg.data.name, cfg.merge.verify_prompts)
+    return ExportMergedPlan(
+        adapter=run.adapter,
+        output=run.merged,
+        base=read_base_model(run),
+        dtype=cfg.model.dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+        conversations=tuple(conversations),
+        conversations_source=source,
+    )
+
+
+def run(ctx: StageContext, plan: ExportMergedPlan) -> StageResult:
     """Merge, save to a temp folder, verify, move into place.
 
     Raises:
+        InputError: neither the adapter's tokenizer nor the base has a chat template.
         StageError: the merged model's logits drift above the threshold, or files are missing.
     """
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    project = ctx.project
+    tokenizer = _load_tokenizer(plan, project, ctx.run.name)
+    model, dtype, tied = _load_base_with_adapter(plan)
 
-    run, project, cfg = ctx.run, ctx.project, ctx.config
-    base_ref = read_base_model(run)
-    load_kwargs = {
-        "dtype": "auto" if cfg.model.dtype == "auto" else getattr(torch, cfg.model.dtype),
-        "trust_remote_code": cfg.model.trust_remote_code,
-        **base_ref.pretrained_kwargs(),
-    }
-    log.info("base model: %s", base_ref.load_from)
-    tokenizer = AutoTokenizer.from_pretrained(run.adapter)
-    if not tokenizer.chat_template:
-        base_tok = AutoTokenizer.from_pretrained(base_ref.load_from, **base_ref.pretrained_kwargs())
-        tokenizer.chat_template = base_tok.chat_template
-    if not tokenizer.chat_template:
-        raise InputError(
-            f"{project.rel(run.adapter)}: no chat template in the adapter's tokenizer nor in the base model",
-            hint=f"ftpipe finetune-sft --run {run.name} --force",
-        )
-
-    base = AutoModelForCausalLM.from_pretrained(base_ref.load_from, **load_kwargs)
-    dtype = base.dtype
-    tied = bool(getattr(base.config, "tie_word_embeddings", False))
-    model = PeftModel.from_pretrained(base, run.adapter)
-    model.eval()
-
-    conversations, source = sample_conversations(project, cfg.data.name, cfg.merge.verify_prompts)
-    batches = [_encode(tokenizer, conv) for conv in conversations]
+    batches = [_encode(tokenizer, conv) for conv in plan.conversations]
     reference = _logits(model, batches)
-    log.info("reference logits: %d sample conversations from %s (dtype %s)", len(batches), source, dtype)
+    log.info("reference logits: %d sample conversations from %s (dtype %s)",
+             len(batches), plan.conversations_source, dtype)
 
-    merged = model.merge_and_unload()
-    _keep_ties_consistent(merged, tied)
-    merged.generation_config = _generation_config(base_ref.load_from, merged, tokenizer, base_ref.pretrained_kwargs())
-
-    tmp = fresh_tmp_dir(run.merged)
+    merged = _merge(model, tied, tokenizer, plan.base)
+    tmp = fresh_tmp_dir(plan.output)
     try:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if not (tmp / CHAT_TEMPLATE_FILE).is_file():  # older tokenizers embed it in tokenizer_config.json
-            (tmp / CHAT_TEMPLATE_FILE).write_text(tokenizer.chat_template, encoding="utf-8")
-        shutil.copy2(run.adapter / BASE_MODEL_FILE, tmp / BASE_MODEL_FILE)
-        _carry_base_tokenizer_files(base_ref, tmp)
-        del merged, model, base
-
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
-        reloaded.eval()
-        diff = max(
-            float((ref - new).abs().max()) for ref, new in zip(reference, _logits(reloaded, batches))
-        )
-        threshold = cfg.merge.max_abs_logit_diff if dtype == torch.float32 else cfg.merge.max_abs_logit_diff_16bit
-        log.info("merged vs base+adapter: max abs logit diff %.3g (threshold %.3g, %s)", diff, threshold, dtype)
-        if diff > threshold:
-            raise StageError(
-                f"merged model logits differ from base+adapter by {diff:.3g} > merge.max_abs_logit_diff "
-                f"{threshold:.3g} ({dtype}); the merge is not faithful",
-                hint="check the adapter and base revision; raise the threshold only for low-precision bases",
-            )
-        reload_tok = AutoTokenizer.from_pretrained(tmp)
-        eos_ids = _as_list(reloaded.generation_config.eos_token_id)
-        _check_file_set(tmp, project, reload_tok, eos_ids, _as_list(_base_generation_eos(base_ref)))
-        replace_dir(tmp, run.merged)
+        _save(merged, tokenizer, plan, tmp)
+        del merged, model  # the reload below needs the memory
+        verified = _verify(tmp, project, plan, batches, reference, dtype, ctx.config.merge)
+        replace_dir(tmp, plan.output)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
 
     metrics = {
-        "max_abs_logit_diff": diff,
-        "threshold": threshold,
+        "max_abs_logit_diff": verified["max_abs_logit_diff"],
+        "threshold": verified["threshold"],
         "verify_conversations": len(batches),
         "verify_tokens": sum(int(b.shape[1]) for b in batches),
-        "verify_source": source,
+        "verify_source": plan.conversations_source,
         "dtype": str(dtype).removeprefix("torch."),
-        "tied_embeddings": bool(getattr(reloaded.config, "tie_word_embeddings", False)),
-        "eos_token_ids": eos_ids,
-        "tokenizer_files": sorted(p.name for p in run.merged.iterdir() if p.name.startswith(("tokenizer", "special_tokens", "added_tokens"))),
-        "weight_files": len(weight_files(run.merged)),
+        "tied_embeddings": verified["tied_embeddings"],
+        "eos_token_ids": verified["eos_token_ids"],
+        "tokenizer_files": sorted(p.name for p in plan.output.iterdir()
+                                  if p.name.startswith(("tokenizer", "special_tokens", "added_tokens"))),
+        "weight_files": len(weight_files(plan.output)),
     }
     return StageResult(
-        outputs=[run.merged],
+        outputs=[plan.output],
         metrics=metrics,
-        summary=f"merged model -> {project.rel(run.merged)} (max abs logit diff {diff:.2g})",
+        summary=f"merged model -> {project.rel(plan.output)} (max abs logit diff {verified['max_abs_logit_diff']:.2g})",
     )
+
+
+def _load_tokenizer(plan: ExportMergedPlan, project: Project, run_name: str):
+    """The adapter's tokenizer, with the base's chat template when the adapter has none.
+
+    Raises:
+        InputError: neither has a chat template.
+    """
+    from transformers import AutoTokenizer
+
+    log.info("base model: %s", plan.base.load_from)
+    tokenizer = AutoTokenizer.from_pretrained(plan.adapter)
+    if not tokenizer.chat_template:
+        base_tok = AutoTokenizer.from_pretrained(plan.base.load_from, **plan.base.pretrained_kwargs())
+        tokenizer.chat_template = base_tok.chat_template
+    if not tokenizer.chat_template:
+        raise InputError(
+            f"{project.rel(plan.adapter)}: no chat template in the adapter's tokenizer nor in the base model",
+            hint=f"ftpipe finetune-sft --run {run_name} --force",
+        )
+    return tokenizer
+
+
+def _load_base_with_adapter(plan: ExportMergedPlan):
+    """(base + adapter as a peft model in eval mode, the base's dtype, whether its embeddings are tied)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    load_kwargs = {
+        "dtype": "auto" if plan.dtype == "auto" else getattr(torch, plan.dtype),
+        "trust_remote_code": plan.trust_remote_code,
+        **plan.base.pretrained_kwargs(),
+    }
+    base = AutoModelForCausalLM.from_pretrained(plan.base.load_from, **load_kwargs)
+    dtype = base.dtype
+    tied = bool(getattr(base.config, "tie_word_embeddings", False))
+    model = PeftModel.from_pretrained(base, plan.adapter)
+    model.eval()
+    return model, dtype, tied
+
+
+def _merge(model, tied: bool, tokenizer, base: ModelRef):
+    """`merge_and_unload`, ties kept consistent, the generation config with every end-of-turn id."""
+    merged = model.merge_and_unload()
+    _keep_ties_consistent(merged, tied)
+    merged.generation_config = _generation_config(base.load_from, merged, tokenizer, base.pretrained_kwargs())
+    return merged
+
+
+def _save(merged, tokenizer, plan: ExportMergedPlan, folder: Path) -> None:
+    """Weights (safetensors), tokenizer, chat template, base-model record and the base's tokenizer
+    files the save does not write again, into `folder`."""
+    merged.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    if not (folder / CHAT_TEMPLATE_FILE).is_file():  # older tokenizers embed it in tokenizer_config.json
+        (folder / CHAT_TEMPLATE_FILE).write_text(tokenizer.chat_template, encoding="utf-8")
+    shutil.copy2(plan.adapter / BASE_MODEL_FILE, folder / BASE_MODEL_FILE)
+    _carry_base_tokenizer_files(plan.base, folder)
+
+
+def _verify(folder: Path, project: Project, plan: ExportMergedPlan, batches, reference, dtype, cfg) -> dict[str, Any]:
+    """Reload `folder` from disk, compare its logits with the reference and check its file set.
+
+    Returns:
+        max_abs_logit_diff, threshold, tied_embeddings and eos_token_ids of the reloaded model.
+
+    Raises:
+        StageError: the logits differ above the threshold, or the folder is incomplete.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=plan.trust_remote_code)
+    reloaded.eval()
+    diff = max(float((ref - new).abs().max()) for ref, new in zip(reference, _logits(reloaded, batches)))
+    threshold = cfg.max_abs_logit_diff if dtype == torch.float32 else cfg.max_abs_logit_diff_16bit
+    log.info("merged vs base+adapter: max abs logit diff %.3g (threshold %.3g, %s)", diff, threshold, dtype)
+    if diff > threshold:
+        raise StageError(
+            f"merged model logits differ from base+adapter by {diff:.3g} > merge.max_abs_logit_diff "
+            f"{threshold:.3g} ({dtype}); the merge is not faithful",
+            hint="check the adapter and base revision; raise the threshold only for low-precision bases",
+        )
+    reload_tok = AutoTokenizer.from_pretrained(folder)
+    eos_ids = _as_list(reloaded.generation_config.eos_token_id)
+    _check_file_set(folder, project, reload_tok, eos_ids, _as_list(_base_generation_eos(plan.base)))
+    return {
+        "max_abs_logit_diff": diff,
+        "threshold": threshold,
+        "tied_embeddings": bool(getattr(reloaded.config, "tie_word_embeddings", False)),
+        "eos_token_ids": eos_ids,
+    }
 
 
 def _encode(tokenizer, conversation):
@@ -237,9 +330,9 @@ def _carry_base_tokenizer_files(base_ref, folder: Path) -> list[str]:
 def _carry_bos_eos_flags(base_ref, folder: Path) -> list[str]:
     """Keep the base's `add_bos_token` / `add_eos_token` in tokenizer_config.json.
 
-    transformers 5 does not write them back when it saves a tokenizer, and llama.cpp's converter
-    reads them there: without them a SentencePiece GGUF falls back to adding BOS, which a
-    template like Phi-3.5's (no BOS) never had in training.
+    transformers' tokenizer save does not write them back (docs/export-merged.md names the
+    versions), and llama.cpp's converter reads them there: without them a SentencePiece GGUF falls
+    back to adding BOS, which a template like Phi-3.5's (no BOS) never had in training.
     """
     import json
 

@@ -5,7 +5,7 @@ and refuses any hash it does not know ("BPE pre-tokenizer was not recognized"). 
 trained locally with `tokenizers` (ByteLevel pre-tokenizer with the GPT-2 regex, no normalizer)
 has a new hash but *is* the GPT-2 pre-tokenizer, so this wrapper answers "gpt-2" for exactly that
 case (and "qwen2" / "llama-bpe" for a Split + ByteLevel pipeline with exactly those families'
-regexes, which transformers 5 writes for qwen2 / llama-3 tokenizers) and re-raises otherwise.
+regexes, which transformers writes for qwen2 / llama-3 tokenizers) and re-raises otherwise.
 It also types the added tokens tokenizer.json marks special as control tokens where gguf's
 LlamaHfVocab would not (`added_special_tokens`), and fills in the full-attention head size of a Gemma 4 config that transformers saved without
 one (`fill_gemma4_full_head_dim`).
@@ -32,8 +32,8 @@ from pathlib import Path
 log = logging.getLogger("ftpipe.gguf_convert")
 
 
-# Split regexes of byte-level BPE pipelines -> llama.cpp pre-tokenizer names. transformers 5
-# re-creates a model family's own pipeline on load (a qwen2 model's tokenizer is saved as
+# Split regexes of byte-level BPE pipelines -> llama.cpp pre-tokenizer names. transformers
+# (the versions: docs/gguf-ollama.md) re-creates a model family's own pipeline on load (a qwen2 model's tokenizer is saved as
 # Split(Qwen2 regex) + ByteLevel(use_regex=False) + NFC, whatever tokenizer.json said before).
 KNOWN_SPLIT_REGEXES = {
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
@@ -71,7 +71,7 @@ def byte_level_pre(model_dir: Path) -> str | None:
 def fill_gemma4_full_head_dim(hparams: dict) -> bool:
     """Give a Gemma 4 config the full-attention head size in the key the converter reads.
 
-    transformers 5 saves a Gemma 4 config as `per_layer_config` holding only the overrides of the
+    transformers (docs/gguf-ollama.md) saves a Gemma 4 config as `per_layer_config` holding only the overrides of the
     full-attention layers; when their head size equals `head_dim` there is no override, so the
     saved config has neither `global_head_dim` nor a per-layer `head_dim` (transformers reads that
     as "full-attention layers use head_dim"). llama.cpp's converter then asserts. This sets

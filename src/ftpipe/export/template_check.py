@@ -8,7 +8,7 @@ A fixed set of conversations (no system message, a system message, several turns
 the HF template has a tool format) is rendered the way each consumer renders it:
 
 - training: HF `apply_chat_template` text, ids with `add_special_tokens=False` (ftpipe's SFT);
-- vLLM: the same Jinja template; vLLM 0.32 tokenizes chat prompts with `add_special_tokens=False`
+- vLLM: the same Jinja template; vLLM tokenizes chat prompts with `add_special_tokens=False`
   (`ChatCompletionRequest.add_special_tokens` defaults to False, `default_chat_tok_params`), so the
   rule is reproduced with the HF tokenizer, without importing vllm;
 - GGUF/llama.cpp (llama-server, `llama-cli -cnv`): the same text; when the tokenizer adds BOS
