@@ -105,3 +105,34 @@ def test_unreachable_server(proj, monkeypatch):
     with pytest.raises(InputError) as info:
         proj.stage()
     assert info.value.message.startswith("Label Studio at http://127.0.0.1:9: cannot connect (ConnectError: ")
+
+
+def test_project_is_a_remote_input_exported_by_the_plan(proj, monkeypatch):
+    """check opens no connection and writes nothing (the project is a `Remote` input, its URL); the
+    export happens when the stage runs, and every run exports again (a remote input is never up to date)."""
+    from ftpipe.config import load_config
+    from ftpipe.core.manifest import Remote
+    from ftpipe.stages import get, prepare
+
+    task = {"id": 1, "data": {"prompt": "Say hi"}, "annotations": [
+        {"id": 1, "result": [{"type": "textarea", "value": {"text": ["hi"]}}]}]}
+    routes = {("GET", "/api/projects/7/"): (200, {"id": 7, "title": "greetings"}),
+              ("GET", "/api/projects/7/export"): (200, [task])}
+    with Proxy(routes) as server:
+        api_config(proj, server.url)
+        monkeypatch.setenv("LABEL_STUDIO_API_KEY", LEGACY)
+        _, inputs = prepare(get("preprocess-sft"), load_config(proj.root / "config.yaml", [], environ={}))
+        assert inputs["source"] == Remote(f"{server.url}/projects/7")
+        assert server.requests == [] and not (proj.root / "logs").exists()
+        first = proj.stage(force=False)
+        again = proj.stage(force=False)
+        exports = [r for r in server.requests if r[1] == "/api/projects/7/export"]
+    assert not first.skipped and not again.skipped and len(exports) == 2
+    assert again.manifest["inputs"]["source"] == {"remote": f"{server.url}/projects/7"}
+    assert (proj.root / "logs/_prepared/ds/label_studio_project_7.json").is_file()
+    meta = proj.metadata()
+    assert meta["source"]["path"] == "logs/_prepared/ds/label_studio_project_7.json"
+    assert meta["source"]["label_studio"] == {"url": server.url, "project_id": 7, "title": "greetings",
+                                              "sha256": meta["source"]["sha256"]}
+    assert proj.out("train") == [{"messages": [{"role": "user", "content": "Say hi"},
+                                               {"role": "assistant", "content": "hi"}]}]

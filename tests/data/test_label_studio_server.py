@@ -19,6 +19,7 @@ default), so the project holds more annotated tasks than one page and the test c
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -214,7 +215,8 @@ def test_personal_access_token_refresh_then_export(proj, label_studio) -> None:
     secret_free(proj, server.pat)
 
 
-def test_legacy_token_then_up_to_date(proj, label_studio) -> None:
+def test_legacy_token_then_exported_again(proj, label_studio) -> None:
+    """A project on a server is a remote input: a second run exports it again (never 'up to date')."""
     server = label_studio
     api_config(proj, server)
     offset = len(server.log_text())
@@ -222,8 +224,12 @@ def test_legacy_token_then_up_to_date(proj, label_studio) -> None:
     assert result.code == 0, result.output
     assert len(proj.out("train")) == len(server.expected)
     assert not [r for r in requests_since(server, offset) if "/api/token/" in r]
+    offset = len(server.log_text())
     again = proj.cli(env={"LABEL_STUDIO_API_KEY": LEGACY})
-    assert again.code == 0 and "up to date, skipped" in again.output, again.output
+    assert again.code == 0 and "up to date, skipped" not in again.output, again.output
+    assert f"GET /api/projects/{server.project_id}/export?export_type=JSON HTTP/1.1 200" in requests_since(server, offset)
+    manifest = json.loads((proj.root / "logs/_prepared/ds/manifest.json").read_text(encoding="utf-8"))
+    assert manifest["inputs"]["source"] == {"remote": f"{server.url}/projects/{server.project_id}"}
     assert LEGACY not in result.output + again.output
     secret_free(proj, LEGACY)
 

@@ -9,7 +9,9 @@ template stores the prompt in `data.prompt` and the answer in a `textarea` resul
 A project is exported with the official `label-studio-sdk` (`GET /api/projects/<id>/export`).
 A legacy token is sent as `Token <key>`; a personal access token (a JWT refresh token) is first
 exchanged at `/api/token/refresh/` for a short-lived access token by the SDK. The token is never
-logged: it is registered with ftpipe's redaction (`ftpipe.core.secrets`).
+logged: it is registered with ftpipe's redaction (`ftpipe.core.secrets`). preprocess-sft's `check`
+validates the settings with `api_token` (no connection: the project is a remote input, `project_url`);
+its `plan` downloads the export with `export_project`.
 
     ftpipe preprocess-sft --config config.yaml --format label_studio_api
 """
@@ -129,6 +131,37 @@ def _rejected(where: str, status: int, detail: str | None, token: str, source: s
                       hint=f"create a new access token in Label Studio (Account & Settings) and set {source}")
 
 
+def api_token(cfg) -> tuple[str, str]:
+    """The token to send and where it was set, once url and project_id are checked: everything about a
+    project export that can be checked without a connection (preprocess-sft's `check`).
+
+    Args:
+        cfg: `data.label_studio` (url, project_id, token).
+
+    Returns:
+        (token, its source: LABEL_STUDIO_API_KEY or data.label_studio.token).
+
+    Raises:
+        ConfigError: url, project_id or token missing.
+    """
+    if not cfg.url:
+        raise ConfigError("data.label_studio.url: required for format label_studio_api", hint="--set data.label_studio.url=http://HOST:8080")
+    if cfg.project_id is None:
+        raise ConfigError("data.label_studio.project_id: required for format label_studio_api", hint="--set data.label_studio.project_id=ID")
+    # Environment beats YAML (the config order); the environment is the recommended place.
+    token, source = os.environ.get(TOKEN_ENV), TOKEN_ENV
+    if not token and cfg.token is not None:
+        token, source = cfg.token.get_secret_value(), "data.label_studio.token"
+    if not token:
+        raise ConfigError(f"data.label_studio.token: not set (and no {TOKEN_ENV} in the environment)", hint=f"export {TOKEN_ENV}=<your token>")
+    return token, source
+
+
+def project_url(cfg) -> str:
+    """The project's address in Label Studio (what a manifest records as the remote input)."""
+    return f"{cfg.url.rstrip('/')}/projects/{cfg.project_id}"
+
+
 def export_project(cfg, dest: Path) -> dict:
     """Download a project's JSON export to `dest` with label-studio-sdk.
 
@@ -146,16 +179,7 @@ def export_project(cfg, dest: Path) -> dict:
         ConfigError: url, project_id or token missing.
         InputError: server unreachable or not Label Studio, token rejected, project not found.
     """
-    if not cfg.url:
-        raise ConfigError("data.label_studio.url: required for format label_studio_api", hint="--set data.label_studio.url=http://HOST:8080")
-    if cfg.project_id is None:
-        raise ConfigError("data.label_studio.project_id: required for format label_studio_api", hint="--set data.label_studio.project_id=ID")
-    # Environment beats YAML (the config order); the environment is the recommended place.
-    token, source = os.environ.get(TOKEN_ENV), TOKEN_ENV
-    if not token and cfg.token is not None:
-        token, source = cfg.token.get_secret_value(), "data.label_studio.token"
-    if not token:
-        raise ConfigError(f"data.label_studio.token: not set (and no {TOKEN_ENV} in the environment)", hint=f"export {TOKEN_ENV}=<your token>")
+    token, source = api_token(cfg)
     register_secret(token)
 
     import httpx

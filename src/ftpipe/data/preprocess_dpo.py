@@ -15,6 +15,11 @@ chat template and count tokens (in batches) -> drop pairs over `preference.max_l
 file; the kept pairs are then split by seed into train and val. A bad row is one line
 `file:line: field: what`, the first `preference.errors_shown` printed, all counted in metadata.json.
 
+The stage contract (ftpipe/core/stage.py): `check` validates the settings and that the input files
+exist and returns them; `plan` names the input files; `run` reads the sources -> splits and writes ->
+writes metadata.json. The dedupe filter, the row counters, the hashing writer and the token summary
+are shared with preprocess-sft through ftpipe/data/prepared_io.py.
+
     ftpipe preprocess-dpo --config config.yaml --source data/prefs.jsonl
 """
 
@@ -25,16 +30,26 @@ import logging
 import re
 import time
 from array import array
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 from ftpipe.core.errors import ConfigError, InputError
 from ftpipe.core.fsutil import atomic_write_json, sha256_file
+from ftpipe.core.manifest import Remote
 from ftpipe.core.stage import StageContext, StageResult
 from ftpipe.data import preference_formats, readers
 from ftpipe.data.formats import RowError, describe_keys, detect_row_format
-# The dedupe filter, the hashed output writer and the token summary are preprocess-sft's own.
-from ftpipe.data.preprocess_sft import RowStats, RowWriter, Seen, existing_file, token_stats
+from ftpipe.data.prepared_io import (
+    KeptRows,
+    RowStats,
+    RowWriter,
+    Seen,
+    discard,
+    existing_file,
+    token_stats,
+    val_flags,
+)
 from ftpipe.data.readers import Source, train_val_sources
 from ftpipe.data.rowwork import LazyRenderer, batches, encode_row
 from ftpipe.handoff.pairs import pairs_dir
@@ -42,17 +57,24 @@ from ftpipe.handoff.pairs import pairs_dir
 log = logging.getLogger(__name__)
 
 BATCH = 256  # pairs rendered and counted together
-ERRORS_KEPT = 100  # bad-row messages kept in metadata.json (all are counted)
 DETECT_PEEK = 100  # records looked at to find the first valid one
-NOT_ERRORS = ("no_annotation",)  # dropped, but not a malformed row: not shown, not --strict
 COMMAND = "ftpipe preprocess-dpo"
 _SURROGATE = re.compile("[\ud800-\udfff]")
 SHAPES = ("prompt+chosen+rejected (trl), chosen+rejected (trl, implicit prompt), conversations+chosen+rejected "
           "(sharegpt), instruction+chosen+rejected (alpaca), or a Label Studio export")
 
 
-def prepare(ctx: StageContext) -> dict[str, Path]:
-    """Check the settings and that the input files exist; prepared/<preference.name>/ is project-wide.
+@dataclass(frozen=True)
+class PreprocessDpoPlan:
+    """What preprocess-dpo reads, resolved before the work."""
+
+    source: Source  # preference.source
+    val_source: Source | None  # preference.val_source (None: val is split off the source)
+
+
+def check(ctx: StageContext) -> dict[str, Path | Remote]:
+    """Check the settings and that the input files exist; the inputs to hash (the files, the model
+    folder). prepared/<preference.name>/ is project-wide.
 
     Raises:
         ConfigError / InputError: bad config or a missing file (exit 2).
@@ -67,7 +89,8 @@ def prepare(ctx: StageContext) -> dict[str, Path]:
                           f"data in prepared/{pref.name}/", hint=f"--set preference.name={pref.name}-pairs")
     if not pref.source:
         raise ConfigError("preference.source: not set", hint=f"{COMMAND} --source PATH (or set preference.source)")
-    inputs = {"source": existing_file(project, pref.source, "preference.source", "preference")}
+    inputs: dict[str, Path | Remote] = {
+        "source": existing_file(project, pref.source, "preference.source", "preference")}
     if pref.val_source:
         inputs["val_source"] = existing_file(project, pref.val_source, "preference.val_source", "preference")
     ref = resolve_model(cfg.model, project.root)
@@ -76,80 +99,45 @@ def prepare(ctx: StageContext) -> dict[str, Path]:
     return inputs
 
 
-def run(ctx: StageContext) -> StageResult:
-    """Read, validate, normalise, dedupe, measure, split and write `prepared/<preference.name>/`."""
-    import numpy as np
+def plan(ctx: StageContext) -> PreprocessDpoPlan:
+    """The input files, named as the project shows them."""
+    project = ctx.project
+    pref = ctx.config.preference
+    sources = dict(train_val_sources(project, Source.configured(project, pref.source), pref.val_source))
+    return PreprocessDpoPlan(source=sources["train"], val_source=sources.get("val"))
 
-    cfg = ctx.config
-    pref = cfg.preference
+
+def run(ctx: StageContext, plan: PreprocessDpoPlan) -> StageResult:
+    """Read, validate, normalise, dedupe, measure, split and write `prepared/<preference.name>/`.
+
+    read the sources -> split and write -> metadata.json.
+    """
+    pref = ctx.config.preference
     project = ctx.project
     start = time.monotonic()
-    renderer = LazyRenderer(cfg.model, project.root, fast=True)
+    renderer = LazyRenderer(ctx.config.model, project.root, fast=True)
     out_dir = pairs_dir(project, pref.name)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    main = Source.configured(project, pref.source)
-    sources = train_val_sources(project, main, pref.val_source)
-
     stats = _Stats(pref.strict, pref.errors_shown)
-    seen = Seen()
-    kept: dict[str, tuple[Path, array]] = {}
-    formats: dict[str, str] = {}
-    try:
-        for role, source in sources:
-            fmt, container, records = open_pairs(source, pref.format, ctx.options.get("progress") if role == "train"
-                                                 else None, pref.max_row_bytes)
-            formats[role] = fmt
-            tmp = out_dir / f".{role}.kept.tmp"
-            kept[role] = (tmp, array("I"))
-            with open(tmp, "w", encoding="utf-8") as sink:
-                _process(source, fmt, container, records, pref, renderer, stats, seen, sink, kept[role][1])
-            log.info("%s: %s format, %d rows read so far, %d pairs kept", source.name, fmt, stats.read,
-                     len(kept[role][1]))
-    except BaseException:
-        _cleanup(kept)
-        raise
-
-    n_main = len(kept["train"][1])
-    if n_main == 0:
-        _cleanup(kept)
-        raise InputError(f"{main.name}: {stats.empty_reason()}", hint=stats.empty_hint(main.name))
+    kept, formats = _read_sources(ctx, plan, renderer, stats, out_dir)
+    if not kept["train"].lengths:
+        discard(kept)
+        raise InputError(f"{plan.source.name}: {stats.empty_reason()}", hint=stats.empty_hint(plan.source.name))
     if stats.errors:
         log.warning("%d bad rows dropped (first %d shown above; all counted in metadata.json)",
                     stats.errors, min(stats.errors, pref.errors_shown))
-
-    train_out, val_out = out_dir / "train.jsonl", out_dir / "val.jsonl"
-    writers = {"train": RowWriter(train_out), "val": RowWriter(val_out)}
-    lengths = array("I")
-    train_tmp, train_lengths = kept["train"]
-    if pref.val_source:
-        with open(train_tmp, encoding="utf-8") as fh:
-            for line in fh:
-                writers["train"].write(line)
-        val_tmp, val_lengths = kept["val"]
-        with open(val_tmp, encoding="utf-8") as fh:
-            for line in fh:
-                writers["val"].write(line)
-        lengths.extend(train_lengths)
-        lengths.extend(val_lengths)
-    else:
-        n_val = min(max(1, round(n_main * pref.val_fraction)), n_main - 1) if pref.val_fraction > 0 else 0
-        is_val = np.zeros(n_main, dtype=bool)
-        is_val[np.random.default_rng(pref.seed).choice(n_main, n_val, replace=False)] = True
-        with open(train_tmp, encoding="utf-8") as fh:
-            for i, line in enumerate(fh):
-                writers["val" if is_val[i] else "train"].write(line)
-        lengths.extend(train_lengths)
-    outputs = {role: writer.close() for role, writer in writers.items()}
+    outputs, lengths = _split_and_write(kept, pref, out_dir)
     tokenizer = renderer.record()
-    _cleanup(kept)
+    discard(kept)
 
     seconds = time.monotonic() - start
-    val_source = sources[1][1] if pref.val_source else None
+    val_source = plan.val_source
     metadata = {
         "dataset": pref.name,
         "kind": "preference",
-        "source": {"path": main.name, "sha256": sha256_file(main.path), "bytes": main.path.stat().st_size},
+        "source": {"path": plan.source.name, "sha256": sha256_file(plan.source.path),
+                   "bytes": plan.source.path.stat().st_size},
         "format": formats["train"],
         "val_source": {"path": val_source.name, "format": formats["val"], "sha256": sha256_file(val_source.path)}
         if val_source else None,
@@ -183,7 +171,65 @@ def run(ctx: StageContext) -> StageResult:
     }
     summary = (f"{project.rel(out_dir)}/: {outputs['train']['rows']} train + {outputs['val']['rows']} val pairs "
                f"({dropped} dropped)")
-    return StageResult(outputs=[train_out, val_out, meta_path], metrics=metrics, summary=summary)
+    return StageResult(outputs=[out_dir / "train.jsonl", out_dir / "val.jsonl", meta_path], metrics=metrics,
+                       summary=summary)
+
+
+def _read_sources(ctx: StageContext, plan: PreprocessDpoPlan, renderer: LazyRenderer, stats: _Stats,
+                  out_dir: Path) -> tuple[dict[str, KeptRows], dict[str, str]]:
+    """Stream each source through `_process` into a temporary file of kept pairs in `out_dir`.
+
+    Returns:
+        (the kept pairs of each role, train and val; the format of each role). On any error the
+        temporary files are deleted.
+    """
+    pref = ctx.config.preference
+    seen = Seen()
+    kept: dict[str, KeptRows] = {}
+    formats: dict[str, str] = {}
+    sources = [("train", plan.source)] + ([("val", plan.val_source)] if plan.val_source else [])
+    try:
+        for role, source in sources:
+            fmt, container, records = open_pairs(source, pref.format, ctx.progress if role == "train" else None,
+                                                 pref.max_row_bytes)
+            formats[role] = fmt
+            kept[role] = KeptRows(out_dir / f".{role}.kept.tmp", array("I"))
+            with open(kept[role].path, "w", encoding="utf-8") as sink:
+                _process(source, fmt, container, records, pref, renderer, stats, seen, sink, kept[role].lengths)
+            log.info("%s: %s format, %d rows read so far, %d pairs kept", source.name, fmt, stats.read,
+                     len(kept[role].lengths))
+    except BaseException:
+        discard(kept)
+        raise
+    return kept, formats
+
+
+def _split_and_write(kept: dict[str, KeptRows], pref, out_dir: Path) -> tuple[dict[str, dict], array]:
+    """Split the kept pairs by seed into train and val (or take the val source's as val) and write
+    train.jsonl and val.jsonl.
+
+    Returns:
+        ({"train" / "val": {rows, sha256}}, the token lengths of the pairs written, train then val).
+    """
+    writers = {"train": RowWriter(out_dir / "train.jsonl"), "val": RowWriter(out_dir / "val.jsonl")}
+    lengths = array("I")
+    train = kept["train"]
+    if "val" in kept:  # a separate validation file
+        with open(train.path, encoding="utf-8") as fh:
+            for line in fh:
+                writers["train"].write(line)
+        with open(kept["val"].path, encoding="utf-8") as fh:
+            for line in fh:
+                writers["val"].write(line)
+        lengths.extend(train.lengths)
+        lengths.extend(kept["val"].lengths)
+    else:
+        is_val = val_flags(len(train.lengths), pref.val_fraction, pref.seed)
+        with open(train.path, encoding="utf-8") as fh:
+            for i, line in enumerate(fh):
+                writers["val" if is_val[i] else "train"].write(line)
+        lengths.extend(train.lengths)
+    return {role: writer.close() for role, writer in writers.items()}, lengths
 
 
 def open_pairs(source: Source, fmt: str, progress: Callable | None,
@@ -233,6 +279,7 @@ class _Stats(RowStats):
     """preprocess-dpo's counters (RowStats), with its own drop reasons, key names and hints."""
 
     UNIT = "preference pairs"
+    logger = log  # bad rows are logged as this stage's
 
     def __init__(self, strict: bool, shown: int) -> None:
         super().__init__(strict, shown, ("invalid", "identical", "duplicate", "too_long"))
@@ -252,13 +299,21 @@ class _Stats(RowStats):
         return f"check preference.source, then: {COMMAND} --source PATH"
 
 
+class _Pending(NamedTuple):
+    """A valid, new pair of a batch, waiting for its token counts."""
+
+    line: int
+    pair: dict
+    encoded: str  # its JSON line (the dedupe key, and what is written)
+
+
 def _process(source: Source, fmt: str, container: str, records, pref, renderer: LazyRenderer, stats: _Stats,
              seen: Seen, sink, lengths: array) -> None:
     """Normalise, dedupe, count tokens and filter one source; kept pairs go to `sink` as JSON lines."""
     normalise = preference_formats.normaliser(fmt, pref.label_studio)
     cells = container in ("csv", "parquet")
     for batch in batches(records, BATCH):
-        pending: list[tuple[int, dict, str]] = []  # (line, pair, JSON line)
+        pending: list[_Pending] = []
         for line, record, _ in batch:
             stats.read += 1
             if isinstance(record, RowError):
@@ -277,33 +332,29 @@ def _process(source: Source, fmt: str, container: str, records, pref, renderer: 
             if pref.dedupe and not seen.add(hash(encoded)):
                 stats.drop("duplicate", f"{source.name}:{line}")
                 continue
-            pending.append((line, pair, encoded))
+            pending.append(_Pending(line, pair, encoded))
         if not pending:
             continue
         r = renderer.get()
         before = dict(r.stats)
-        counts = r.measure([{"messages": pair["prompt"] + pair[key]}
-                            for _, pair, _ in pending for key in ("chosen", "rejected")])
+        counts = r.measure([{"messages": p.pair["prompt"] + p.pair[key]}
+                            for p in pending for key in ("chosen", "rejected")])
         stats.render.update({k: v - before.get(k, 0) for k, v in r.stats.items()})
         out = []
-        for i, (line, _, encoded) in enumerate(pending):
+        for i, p in enumerate(pending):
             chosen, rejected = counts[2 * i], counts[2 * i + 1]
-            failed = next(((key, n) for key, n in (("chosen", chosen), ("rejected", rejected))
-                           if isinstance(n, Exception)), None)
+            failed = next((key for key, n in (("chosen", chosen), ("rejected", rejected)) if isinstance(n, Exception)),
+                          None)
             if failed is not None:
-                reason = " ".join(str(failed[1]).split())[:200] or type(failed[1]).__name__
-                stats.bad(source, line, RowError(failed[0], f"the chat template rejects prompt + {failed[0]}: {reason}"))
+                error = chosen if failed == "chosen" else rejected
+                reason = " ".join(str(error).split())[:200] or type(error).__name__
+                stats.bad(source, p.line, RowError(failed, f"the chat template rejects prompt + {failed}: {reason}"))
                 continue
             n = max(chosen, rejected)
             if n > pref.max_length:
-                stats.drop("too_long", f"{source.name}:{line}, {n} tokens > preference.max_length={pref.max_length}")
+                stats.drop("too_long", f"{source.name}:{p.line}, {n} tokens > preference.max_length={pref.max_length}")
                 continue
-            out.append(encoded)
+            out.append(p.encoded)
             lengths.append(n)
         if out:
             sink.write("\n".join(out) + "\n")
-
-
-def _cleanup(kept: dict) -> None:
-    for tmp, _ in kept.values():
-        tmp.unlink(missing_ok=True)

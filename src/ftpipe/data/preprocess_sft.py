@@ -13,62 +13,93 @@ Rows are streamed: read -> normalise -> dedupe -> render with the chat template 
 are sampled/limited and split by seed into train and val in a second pass. Memory holds one batch,
 an 8-byte digest per row (dedupe), a 4-byte token length and a 1-byte split flag per kept row.
 
+The stage contract (ftpipe/core/stage.py): `check` validates the config and returns the inputs to
+hash, without a connection or a write (a Label Studio project is a `Remote` input, its URL, so the
+stage runs every time); `plan` resolves the dataset_info entry and exports the Label Studio project
+into logs/_prepared/<data.name>/; `run` reads the sources -> checks what was kept -> selects, splits
+and writes -> writes metadata.json. What preprocess-dpo shares with it is in ftpipe/data/prepared_io.py.
+
     ftpipe preprocess-sft --config debug_config.yaml
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
-import os
 import time
 from array import array
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ftpipe.core.errors import ConfigError, InputError
 from ftpipe.core.fsutil import atomic_write_json, sha256_file
+from ftpipe.core.manifest import Remote
 from ftpipe.core.runs import Project
 from ftpipe.core.stage import StageContext, StageResult
 from ftpipe.data import flat_exports, label_studio, readers
+from ftpipe.data.config import DataConfig
 from ftpipe.data.formats import REQUIRED_KEYS, RowError, describe_keys, detect_row_format
 from ftpipe.data.mapping import remap, resolve_dataset_info
+from ftpipe.data.prepared_io import (
+    KeptRows,
+    RowStats,
+    RowWriter,
+    Seen,
+    discard,
+    existing_file,
+    token_stats,
+    val_flags,
+)
 from ftpipe.data.readers import Source, Unparsed, parse_jsonl_line, train_val_sources
-from ftpipe.data.rowwork import LazyRenderer, Workers, batches, few_collections, prepare_batch, worker_count
+from ftpipe.data.rowwork import (
+    LazyRenderer,
+    RowOutcome,
+    Workers,
+    batches,
+    few_collections,
+    prepare_batch,
+    worker_count,
+)
 
 log = logging.getLogger(__name__)
 
 BATCH = 512  # rows per batch in-process
 WORKER_BATCH = 2048  # rows per batch sent to a worker process
-ERRORS_KEPT = 100  # bad-row messages kept in metadata.json (all are counted)
 DETECT_PEEK = 100  # records looked at to detect the format
-HIST_BINS = 20
-NOT_ERRORS = ("no_annotation",)  # dropped, but not a malformed row: not shown, not --strict
 PLACEHOLDER_LINES = 20  # row numbers kept per unfilled placeholder name
 
 
-def prepare(ctx: StageContext) -> dict[str, Path]:
-    """Resolve the inputs (exporting a Label Studio project first); prepared/<data.name>/ is project-wide.
+@dataclass(frozen=True)
+class PreprocessSftPlan:
+    """What preprocess-sft reads, resolved before the work."""
 
-    `ctx.options`: `progress=callable(done, total)` for a progress bar.
+    data: DataConfig  # the data section, with the settings of its dataset_info entry filled in
+    dataset_info: Path | None  # the LLaMA-Factory dataset_info.json read (None: not used)
+    source: Source  # the main input: data.source, or the Label Studio project's export in the log folder
+    label_studio: dict[str, Any] | None = None  # the export's record (url, project_id, title, sha256)
+
+
+def check(ctx: StageContext) -> dict[str, Path | Remote]:
+    """The inputs to hash: the source file(s), the dataset_info.json, the model folder; a Label Studio
+    project is `Remote` (its URL: not fetched here, so the stage runs every time). No connection, no
+    writes; prepared/<data.name>/ is project-wide.
 
     Raises:
-        ConfigError / InputError: bad config or input (exit 2).
+        ConfigError / InputError: bad config, a missing file, Label Studio settings missing (exit 2).
     """
     from ftpipe.core.model_ref import resolve_model
 
     cfg = ctx.config
     project = ctx.project
-    inputs: dict[str, Path] = {}
+    inputs: dict[str, Path | Remote] = {}
     data, info = resolve_dataset_info(cfg.data, project.root)
     if info is not None:
         inputs["dataset_info"] = info
     if cfg.data.format == "label_studio_api":
-        dest = ctx.log_dir / f"label_studio_project_{cfg.data.label_studio.project_id}.json"
-        ctx.options["label_studio"] = label_studio.export_project(cfg.data.label_studio, dest)
-        inputs["source"] = dest
+        label_studio.api_token(cfg.data.label_studio)  # url, project_id and a token are set
+        inputs["source"] = Remote(label_studio.project_url(cfg.data.label_studio))
     else:
         if not data.source:
             raise ConfigError("data.source: not set", hint="ftpipe preprocess-sft --source PATH (or set data.source, "
@@ -82,54 +113,84 @@ def prepare(ctx: StageContext) -> dict[str, Path]:
     return inputs
 
 
-def existing_file(project: Project, path: str, key: str, what: str = "dataset") -> Path:
-    """`path` (config key `key`) resolved against the project root.
+def plan(ctx: StageContext) -> PreprocessSftPlan:
+    """Resolve the dataset_info entry and the main input; export a Label Studio project (the
+    `label_studio_api` format) to logs/_prepared/<data.name>/label_studio_project_<id>.json.
 
     Raises:
-        InputError: no such file, naming the key.
+        ConfigError / InputError: bad dataset_info entry; Label Studio unreachable, token rejected,
+            project not found (exit 2).
     """
-    resolved = project.resolve(path)
-    if not resolved.is_file():
-        raise InputError(f"{key} {path}: {what} file not found", hint=f"check {key} (relative to {project.root})")
-    return resolved
-
-
-def run(ctx: StageContext) -> StageResult:
-    """Read, validate, normalise, dedupe, measure, split and write `prepared/<name>/`."""
-    import numpy as np
-
-    cfg = ctx.config
-    pre = cfg.preprocess
     project = ctx.project
-    data, info = resolve_dataset_info(cfg.data, project.root)
-    if info is not None:
-        log.info("%s: entry %r: %s, %s format%s", project.rel(info), data.dataset_info.entry, project.rel(project.resolve(data.source)),
-                 data.format, f", columns {data.columns}" if data.columns else "")
-    start = time.monotonic()
+    data, info = resolve_dataset_info(ctx.config.data, project.root)
+    record = None
+    if data.format == "label_studio_api":
+        path = ctx.log_dir / f"label_studio_project_{data.label_studio.project_id}.json"
+        record = label_studio.export_project(data.label_studio, path)
+        source = Source(path, project.rel(path))
+    else:
+        source = Source.configured(project, data.source)
+    return PreprocessSftPlan(data=data, dataset_info=info, source=source, label_studio=record)
 
-    renderer = LazyRenderer(cfg.model, project.root, pre.fast_render)
+
+def run(ctx: StageContext, plan: PreprocessSftPlan) -> StageResult:
+    """Read, validate, normalise, dedupe, measure, split and write `prepared/<name>/`.
+
+    read the sources -> check what was kept -> select, split and write -> metadata.json.
+    """
+    pre = ctx.config.preprocess
+    project = ctx.project
+    data = plan.data
+    if plan.dataset_info is not None:
+        log.info("%s: entry %r: %s, %s format%s", project.rel(plan.dataset_info), data.dataset_info.entry,
+                 project.rel(project.resolve(data.source)), data.format,
+                 f", columns {data.columns}" if data.columns else "")
+    start = time.monotonic()
     out_dir = project.prepared_dir(data.name)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    if data.format == "label_studio_api":
-        main = Source(ctx.log_dir / f"label_studio_project_{data.label_studio.project_id}.json", "")
-        main.name = project.rel(main.path)
-    else:
-        main = Source.configured(project, data.source)
-    sources = train_val_sources(project, main, data.val_source)
+    read = _read_sources(ctx, plan, out_dir)
+    _check_kept(read, plan.source, pre)
+    outputs, lengths = _split_and_write(read, pre, out_dir)
+    metadata = _metadata(plan, pre, read, outputs, lengths, time.monotonic() - start)
+    meta_path = out_dir / "metadata.json"
+    atomic_write_json(meta_path, metadata)
+    return _result(project, out_dir, metadata, read.stats, [out_dir / "train.jsonl", out_dir / "val.jsonl", meta_path])
 
+
+@dataclass
+class _Read:
+    """What reading the sources gave: the kept rows and format of each role (train, val), the
+    counters, the tokenizer's record, the worker processes used."""
+
+    kept: dict[str, KeptRows]
+    formats: dict[str, str]
+    stats: _Stats
+    tokenizer: dict[str, Any] | None
+    workers: int
+    val_source: Source | None
+
+
+def _read_sources(ctx: StageContext, plan: PreprocessSftPlan, out_dir: Path) -> _Read:
+    """Stream each source through `_process` (in-process or in worker processes) into a temporary
+    file of kept rows in `out_dir`."""
+    cfg = ctx.config
+    pre = cfg.preprocess
+    project = ctx.project
+    data = plan.data
+    renderer = LazyRenderer(cfg.model, project.root, pre.fast_render)
+    sources = train_val_sources(project, plan.source, data.val_source)
     stats = _Stats(strict=pre.strict, shown=pre.errors_shown)
     seen = Seen()
-    kept: dict[str, tuple[Path, array]] = {}
-    formats = {}
-    n_workers = worker_count(pre.workers, main.path)
+    kept: dict[str, KeptRows] = {}
+    formats: dict[str, str] = {}
+    n_workers = worker_count(pre.workers, plan.source.path)
     workers = Workers(n_workers, cfg.model, project.root, pre.fast_render, data, pre) if n_workers else None
     if workers:
         log.info("parsing and token counting in %d worker processes", n_workers)
     try:
         for role, source in sources:
-            fmt, records, data = open_input(source, data, ctx.options.get("progress") if role == "train" else None,
-                                            pre.max_row_bytes)
+            fmt, records, data = open_input(source, data, ctx.progress if role == "train" else None, pre.max_row_bytes)
             if workers and data is not workers.data:
                 workers.close()  # the settings the format needs (the answer field of a flat export) changed
                 workers = Workers(n_workers, cfg.model, project.root, pre.fast_render, data, pre)
@@ -138,16 +199,25 @@ def run(ctx: StageContext) -> StageResult:
             lengths = array("I")
             with open(tmp, "w", encoding="utf-8") as sink, few_collections():
                 _process(source, fmt, records, data, pre, renderer, stats, seen, sink, lengths, workers)
-            kept[role] = (tmp, lengths)
+            kept[role] = KeptRows(tmp, lengths)
             log.info("%s: %s format, %d rows read so far, %d kept", source.name, fmt, stats.read, len(lengths))
-        tokenizer = (workers.record() if workers else renderer.record()) if len(kept["train"][1]) else None
+        tokenizer = (workers.record() if workers else renderer.record()) if len(kept["train"].lengths) else None
     finally:
         if workers:
             workers.close()
+    val_source = sources[1][1] if len(sources) > 1 else None
+    return _Read(kept, formats, stats, tokenizer, n_workers, val_source)
 
-    n_main = len(kept["train"][1])
-    if n_main == 0:
-        _cleanup(kept)
+
+def _check_kept(read: _Read, main: Source, pre) -> None:
+    """Refuse a source with no usable row; warn about bad rows, unfilled placeholders, tools as text.
+
+    Raises:
+        InputError: no row kept, with the counts per drop reason and a hint.
+    """
+    stats = read.stats
+    if not read.kept["train"].lengths:
+        discard(read.kept)
         raise InputError(f"{main.name}: {stats.empty_reason()}", hint=stats.empty_hint())
     if stats.errors:
         log.warning(
@@ -159,41 +229,53 @@ def run(ctx: StageContext) -> StageResult:
         log.warning("%d rows with tools or tool calls written as text: the chat template does not render them "
                     "(preprocess.tools_fallback=text)", stats.render["tools_as_text"])
 
-    train_out, val_out = out_dir / "train.jsonl", out_dir / "val.jsonl"
+
+def _split_and_write(read: _Read, pre, out_dir: Path) -> tuple[dict[str, dict], array]:
+    """Select the kept rows (`preprocess.limit` / `sample`), split them by seed into train and val (or
+    take the val source's as val), write train.jsonl and val.jsonl, delete the temporary files.
+
+    Returns:
+        ({"train" / "val": {rows, sha256}}, the token lengths of the rows written, train then val).
+    """
+    kept = read.kept
+    train = kept["train"]
+    n_main = len(train.lengths)
     selected = _select(n_main, pre)
-    stats.dropped["over_limit"] += n_main - len(selected)
-    writers = {"train": RowWriter(train_out), "val": RowWriter(val_out)}
-    final_lengths = array("I")
-    if data.val_source:
-        for i, line in _pick(kept["train"][0], selected):
+    read.stats.dropped["over_limit"] += n_main - len(selected)
+    writers = {"train": RowWriter(out_dir / "train.jsonl"), "val": RowWriter(out_dir / "val.jsonl")}
+    lengths = array("I")
+    if "val" in kept:  # a separate validation file
+        for i, line in _pick(train.path, selected):
             writers["train"].write(line)
-            final_lengths.append(kept["train"][1][i])
-        val_tmp, val_lengths = kept["val"]
-        with open(val_tmp, encoding="utf-8") as fh:
+            lengths.append(train.lengths[i])
+        with open(kept["val"].path, encoding="utf-8") as fh:
             for line in fh:
                 writers["val"].write(line)
-        final_lengths.extend(val_lengths)
+        lengths.extend(kept["val"].lengths)
     else:
-        n_sel = len(selected)
-        n_val = min(max(1, round(n_sel * pre.val_fraction)), n_sel - 1) if pre.val_fraction > 0 else 0
-        is_val = np.zeros(n_sel, dtype=bool)  # one byte per row, not a set of indices
-        is_val[np.random.default_rng(pre.seed).choice(n_sel, n_val, replace=False)] = True
-        for j, (i, line) in enumerate(_pick(kept["train"][0], selected)):
+        is_val = val_flags(len(selected), pre.val_fraction, pre.seed)
+        for j, (i, line) in enumerate(_pick(train.path, selected)):
             writers["val" if is_val[j] else "train"].write(line)
-            final_lengths.append(kept["train"][1][i])
-    outputs = {}
-    for role, writer in writers.items():
-        outputs[role] = writer.close()
-    _cleanup(kept)
+            lengths.append(train.lengths[i])
+    outputs = {role: writer.close() for role, writer in writers.items()}
+    discard(kept)
+    return outputs, lengths
 
-    seconds = time.monotonic() - start
-    metadata = {
+
+def _metadata(plan: PreprocessSftPlan, pre, read: _Read, outputs: dict[str, dict], lengths: array,
+              seconds: float) -> dict[str, Any]:
+    """What metadata.json says: source, format, counts, drops, errors, tokens, tokenizer, settings."""
+    data, main, stats = plan.data, plan.source, read.stats
+    source: dict[str, Any] = {"path": main.name, "sha256": sha256_file(main.path), "bytes": main.path.stat().st_size}
+    if data.format == "label_studio_api":
+        source["label_studio"] = plan.label_studio
+    val = read.val_source
+    return {
         "dataset": data.name,
-        "source": _source_record(ctx, main, data),
+        "source": source,
         "dataset_info": {"file": data.dataset_info.file, "entry": data.dataset_info.entry} if data.dataset_info.entry else None,
-        "format": formats["train"],
-        "val_source": {"path": sources[1][1].name, "format": formats["val"], "sha256": sha256_file(sources[1][1].path)}
-        if data.val_source else None,
+        "format": read.formats["train"],
+        "val_source": {"path": val.name, "format": read.formats["val"], "sha256": sha256_file(val.path)} if val else None,
         "counts": {
             "read": stats.read,
             "kept": outputs["train"]["rows"] + outputs["val"]["rows"],
@@ -207,23 +289,25 @@ def run(ctx: StageContext) -> StageResult:
         "placeholders": {name: {"rows": n, "first_lines": stats.placeholder_lines[name]}
                          for name, n in sorted(stats.placeholders.items())},
         "errors": {"count": stats.errors, "first": stats.messages},
-        "tokens": token_stats(final_lengths, pre.max_length),
-        "tokenizer": tokenizer,
+        "tokens": token_stats(lengths, pre.max_length),
+        "tokenizer": read.tokenizer,
         "render": {key: stats.render.get(key, 0) for key in ("fast", "jinja", "mismatches", "segmented", "tools_as_text")},
-        "workers": n_workers,
+        "workers": read.workers,
         "settings": pre.model_dump(mode="json"),
         "outputs": {f"{role}.jsonl": rec for role, rec in outputs.items()},
         "rows_per_second": round(stats.read / seconds, 1) if seconds > 0 else None,
     }
-    meta_path = out_dir / "metadata.json"
-    atomic_write_json(meta_path, metadata)
-    tokens = metadata["tokens"]
+
+
+def _result(project: Project, out_dir: Path, metadata: dict[str, Any], stats: _Stats, outputs: list[Path]) -> StageResult:
+    """The manifest's metrics and the one-line summary."""
+    counts, tokens = metadata["counts"], metadata["tokens"]
     dropped = sum(stats.dropped.values())
     metrics = {
         "rows_read": stats.read,
-        "rows_kept": metadata["counts"]["kept"],
-        "rows_train": outputs["train"]["rows"],
-        "rows_val": outputs["val"]["rows"],
+        "rows_kept": counts["kept"],
+        "rows_train": counts["train"],
+        "rows_val": counts["val"],
         **{f"dropped_{k}": v for k, v in sorted(stats.dropped.items())},
         "truncated": stats.truncated,
         **({"chunked": stats.chunked, "chunks": stats.chunks} if stats.chunked else {}),
@@ -233,95 +317,17 @@ def run(ctx: StageContext) -> StageResult:
         "rows_per_second": metadata["rows_per_second"],
     }
     summary = (
-        f"{project.rel(out_dir)}/: {outputs['train']['rows']} train + {outputs['val']['rows']} val rows"
+        f"{project.rel(out_dir)}/: {counts['train']} train + {counts['val']} val rows"
         f" ({dropped} dropped, {stats.truncated} truncated"
         + (f", {stats.chunked} chunked into {stats.chunks}" if stats.chunked else "") + ")"
     )
-    return StageResult(outputs=[train_out, val_out, meta_path], metrics=metrics, summary=summary)
-
-
-class Seen:
-    """Exact-duplicate filter holding 8 bytes per row: a sorted int64 array plus a small set of
-    recent digests merged into it every `MERGE` rows (a Python set would take ~70 bytes a row)."""
-
-    MERGE = 1 << 16
-
-    def __init__(self) -> None:
-        import numpy as np
-
-        self.np = np
-        self.sorted = np.empty(0, dtype=np.int64)
-        self.recent: set[int] = set()
-
-    def add(self, key: int) -> bool:
-        """Record `key`; False when it was seen before."""
-        if key in self.recent:
-            return False
-        if self.sorted.size:
-            i = int(self.sorted.searchsorted(key))
-            if i < self.sorted.size and self.sorted[i] == key:
-                return False
-        self.recent.add(key)
-        if len(self.recent) >= self.MERGE:
-            merged = self.np.concatenate([self.sorted, self.np.fromiter(self.recent, self.np.int64, len(self.recent))])
-            merged.sort()
-            self.sorted, self.recent = merged, set()
-        return True
-
-
-class RowStats:
-    """Counts per drop reason and the bad-row messages (first few logged, first 100 kept): what a
-    preprocess stage reports about the rows it could not use (preprocess-sft, preprocess-dpo)."""
-
-    UNIT = "rows"  # what a usable row is called in the "no usable ..." line
-
-    def __init__(self, strict: bool, shown: int, reasons: tuple[str, ...]) -> None:
-        self.strict, self.shown = strict, shown
-        self.read = 0
-        self.errors = 0
-        self.dropped: Counter = Counter(dict.fromkeys(reasons, 0))
-        self.render: Counter = Counter()  # the renderer's counters, summed over batches (and workers)
-        self.messages: list[str] = []
-        self.first: dict[str, str] = {}  # drop reason -> where its first row is (file:line field)
-
-    def drop(self, reason: str, where: str) -> None:
-        self.dropped[reason] += 1
-        self.first.setdefault(reason, where)
-
-    def bad(self, source: Source, line: int, err: RowError) -> None:
-        """Count a bad row; log its line (the first `shown`), or raise it with --strict."""
-        self.drop(err.reason, f"{source.name}:{line} {err.field}")
-        if err.reason in NOT_ERRORS:
-            return
-        message = f"{source.name}:{line}: {err.field}: {self.wording(err.what)}"
-        if self.strict:
-            raise InputError(message, hint="fix the row, or run without --strict to drop bad rows")
-        self.errors += 1
-        if self.errors <= self.shown:
-            log.warning("%s", message)
-        if len(self.messages) < ERRORS_KEPT:
-            self.messages.append(message)
-
-    def wording(self, what: str) -> str:
-        """A row error's text as this stage says it (the readers name preprocess-sft's keys)."""
-        return what
-
-    def empty_reason(self) -> str:
-        """Why no row was usable: the counts per reason, each with where its first row is."""
-        if self.read == 0:
-            return "no rows in the file"
-        parts = [f"{n} {reason.replace('_', ' ')}" + (f" (first: {self.first[reason]})" if reason in self.first else "")
-                 for reason, n in self.dropped.items() if n]
-        return f"no usable {self.UNIT} ({self.read} read; dropped: {', '.join(parts)})"
-
-    def only(self, reason: str) -> bool:
-        """Whether every dropped row was dropped for `reason`."""
-        total = sum(self.dropped.values())
-        return bool(total) and self.dropped.get(reason, 0) == total
+    return StageResult(outputs=outputs, metrics=metrics, summary=summary)
 
 
 class _Stats(RowStats):
     """preprocess-sft's counters: the common ones, truncated / chunked rows and unfilled placeholders."""
+
+    logger = log  # bad rows are logged as this stage's
 
     def __init__(self, strict: bool, shown: int) -> None:
         super().__init__(strict, shown, ("invalid", "duplicate", "too_long", "over_limit"))
@@ -332,7 +338,7 @@ class _Stats(RowStats):
         self.placeholder_lines: dict[str, list[int]] = {}
         self.placeholder_source = ""
 
-    def placeholder(self, source: Source, line: int, names: list[str]) -> None:
+    def placeholder(self, source: Source, line: int, names: tuple[str, ...]) -> None:
         self.placeholder_source = self.placeholder_source or source.name
         for name in names:
             self.placeholders[name] += 1
@@ -455,38 +461,43 @@ def _process(source, fmt, records, data, pre, renderer, stats: _Stats, seen: See
         _commit(source, outcomes, pre, stats, seen, sink, lengths)
 
 
-def _commit(source, outcomes, pre, stats: _Stats, seen: Seen, sink, lengths: array) -> None:
+def _commit(source, outcomes: list[RowOutcome], pre, stats: _Stats, seen: Seen, sink, lengths: array) -> None:
+    """Count, dedupe and keep the outcomes of one batch, in input order; kept rows go to `sink`.
+
+    Raises:
+        InputError: a `fatal` outcome (the file or the tokenizer cannot be used); a bad row with --strict.
+    """
     out = []
     for outcome in outcomes:
-        if outcome[0] == "fatal":
-            raise InputError(outcome[1], hint=outcome[2])
-        if outcome[0] == "placeholders":
-            stats.placeholder(source, outcome[1], outcome[2])
+        kind, line = outcome.kind, outcome.line
+        if kind == "fatal":
+            raise InputError(outcome.message, hint=outcome.hint)
+        if kind == "placeholders":
+            stats.placeholder(source, line, outcome.names)
             continue
         stats.read += 1
-        if outcome[0] == "bad":
-            stats.bad(source, outcome[1], outcome[2])
+        if kind == "bad":
+            stats.bad(source, line, outcome.error)
             continue
-        _, line, encoded, n, kind, extra = outcome
-        if pre.dedupe and not seen.add(hash(encoded)):
+        if pre.dedupe and not seen.add(hash(outcome.encoded)):
             stats.drop("duplicate", f"{source.name}:{line}")
         elif kind == "ok":
-            out.append(encoded)
-            lengths.append(n)
+            out.append(outcome.encoded)
+            lengths.append(outcome.tokens)
         elif kind == "truncated":
             stats.truncated += 1
-            out.append(extra)
-            lengths.append(n)
-        elif kind == "chunked" and extra:
+            out.append(outcome.shortened)
+            lengths.append(outcome.tokens)
+        elif kind == "chunked" and outcome.chunks:
             stats.chunked += 1
-            stats.chunks += len(extra)
-            for chunk_line, chunk_n in extra:
+            stats.chunks += len(outcome.chunks)
+            for chunk_line, chunk_n in outcome.chunks:
                 out.append(chunk_line)
                 lengths.append(chunk_n)
         elif kind in ("too_long", "chunked"):
-            stats.drop("too_long", f"{source.name}:{line}, {n} tokens > preprocess.max_length={pre.max_length}")
-        else:
-            stats.bad(source, line, RowError("messages", f"the chat template rejects this conversation: {extra}"))
+            stats.drop("too_long", f"{source.name}:{line}, {outcome.tokens} tokens > preprocess.max_length={pre.max_length}")
+        else:  # rejected
+            stats.bad(source, line, RowError("messages", f"the chat template rejects this conversation: {outcome.message}"))
     if out:
         sink.write("\n".join(out) + "\n")
 
@@ -513,60 +524,3 @@ def _pick(path: Path, selected) -> Iterator[tuple[int, str]]:
             if i == target:
                 yield i, line
                 target = next(wanted, None)
-
-
-class RowWriter:
-    """Writes a JSONL output through a temp file, hashing as it goes; `close` renames it in place."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.tmp = path.with_name(f".{path.name}.tmp")
-        self.fh = open(self.tmp, "w", encoding="utf-8")
-        self.sha = hashlib.sha256()
-        self.rows = 0
-
-    def write(self, line: str) -> None:
-        self.fh.write(line)
-        self.sha.update(line.encode("utf-8"))
-        self.rows += 1
-
-    def close(self) -> dict:
-        self.fh.flush()
-        os.fsync(self.fh.fileno())
-        self.fh.close()
-        os.replace(self.tmp, self.path)
-        return {"rows": self.rows, "sha256": self.sha.hexdigest()}
-
-
-def _cleanup(kept: dict) -> None:
-    for tmp, _ in kept.values():
-        tmp.unlink(missing_ok=True)
-
-
-def _source_record(ctx: StageContext, main: Source, data) -> dict:
-    record: dict[str, Any] = {"path": main.name, "sha256": sha256_file(main.path), "bytes": main.path.stat().st_size}
-    if data.format == "label_studio_api":
-        record["label_studio"] = ctx.options.get("label_studio")
-    return record
-
-
-def token_stats(lengths: array, max_length: int) -> dict[str, Any]:
-    """Token-length summary: count, total, min/mean/max, percentiles and a histogram over [0, max_length]."""
-    import numpy as np
-
-    values = np.frombuffer(lengths, dtype=np.uint32) if len(lengths) else np.zeros(0, dtype=np.uint32)
-    if values.size == 0:
-        return {"rows": 0, "total": 0, "min": 0, "mean": 0.0, "max": 0, "p50": 0, "p90": 0, "p95": 0, "p99": 0,
-                "histogram": {"edges": [], "counts": []}}
-    edges = np.linspace(0, max_length, HIST_BINS + 1).round().astype(int)
-    counts, _ = np.histogram(values, bins=edges)
-    pct = {f"p{p}": int(np.percentile(values, p, method="nearest")) for p in (50, 90, 95, 99)}
-    return {
-        "rows": int(values.size),
-        "total": int(values.sum(dtype=np.uint64)),
-        "min": int(values.min()),
-        "mean": round(float(values.mean()), 2),
-        "max": int(values.max()),
-        **pct,
-        "histogram": {"edges": edges.tolist(), "counts": counts.tolist()},
-    }

@@ -36,7 +36,7 @@ COMPRESSION = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".zstd": "zstd"}
 NO_LIMIT = sys.maxsize
 
 
-@dataclass
+@dataclass(frozen=True)
 class Source:
     """One input file as the user named it (for messages) and its absolute path."""
 

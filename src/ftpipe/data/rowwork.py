@@ -2,8 +2,8 @@
 
 `prepare_batch` depends on nothing but its batch and the settings (no dedupe, no output, no counters), so
 it runs either in-process or in worker processes (`Workers`); the main process then commits the
-outcomes in input order (ftpipe/data/preprocess_sft.py: dedupe, drop/keep, write). The output is
-therefore the same, byte for byte, whatever the number of workers.
+outcomes (one `RowOutcome` per record) in input order (ftpipe/data/preprocess_sft.py: dedupe,
+drop/keep, write). The output is therefore the same, byte for byte, whatever the number of workers.
 
 Workers are forked from a `forkserver` (never from the main process, which may hold threads and
 locks) that imported transformers once; they ignore Ctrl-C (the main process stops them), and each
@@ -22,7 +22,7 @@ import re
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from orjson import loads as _orjson_loads
 
@@ -51,15 +51,39 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 encode_row = json.JSONEncoder(ensure_ascii=False).encode  # one encoder: json.dumps(..., ensure_ascii=False) builds one per call
 
-# Outcomes of one record, in input order:
-#   ("bad", line, RowError)                  a malformed row
-#   ("fatal", message, hint)                 the file or the tokenizer cannot be used: stop here
-#   ("placeholders", line, names)           the next row holds {{name}} placeholders left unfilled
-#   ("row", line, encoded, n, kind, extra)   a valid row, `encoded` its JSON line (the dedupe key),
-#       n its token count; kind "ok", "truncated" (extra: the shortened JSON line), "chunked"
-#       (extra: [(JSON line, tokens)] of its max_length windows), "too_long", or "rejected"
-#       (extra: why the chat template refused it)
-Outcome = tuple
+
+
+class RowOutcome(NamedTuple):
+    """What `prepare_batch` made of one record; preprocess-sft commits them in input order.
+
+    A NamedTuple (not a dataclass): millions are made and pickled back from the worker processes.
+    `kind` says which fields are set:
+
+        bad           a malformed row: `error`
+        fatal         the file or the tokenizer cannot be used, stop here: `message`, `hint`
+        placeholders  the next row holds {{name}} placeholders left unfilled: `names`
+        ok            a valid row: `encoded` (its JSON line, the dedupe key), `tokens`
+        truncated     a valid row cut to whole turns that fit: `encoded`, `tokens` (of the cut row),
+                      `shortened` (the cut row's JSON line)
+        chunked       a text row over the budget: `encoded`, `tokens`, `chunks` ([(JSON line, tokens)]
+                      of its max_length windows; empty when none fits)
+        too_long      a valid row over the budget: `encoded`, `tokens`
+        rejected      the chat template refused the row: `encoded`, `message` (why)
+    """
+
+    kind: str
+    line: int = 0
+    encoded: str = ""
+    tokens: int = 0
+    error: RowError | None = None
+    names: tuple[str, ...] = ()
+    shortened: str = ""
+    chunks: tuple[tuple[str, int], ...] = ()
+    message: str = ""
+    hint: str | None = None
+
+
+_PENDING = RowOutcome("pending")  # a row's place in the batch while it waits for its token count
 
 
 class LazyRenderer:
@@ -152,12 +176,12 @@ def quick_plain(text: str) -> dict | None:
     return record if is_plain_messages(record) else None
 
 
-def prepare_batch(source_name: str, items: list[tuple[int, Any, str | None]], fmt: str, data, pre, lazy) -> tuple[list[Outcome], dict[str, int]]:
+def prepare_batch(source_name: str, items: list[tuple[int, Any, str | None]], fmt: str, data, pre, lazy) -> tuple[list[RowOutcome], dict[str, int]]:
     """Outcomes of a batch of `(line, record, text)` items, and the renderer's counters for it."""
     normalise = normaliser(fmt, data)
     columns = data.columns
     fast_ok = fmt == "messages" and not columns
-    outcomes: list[Outcome] = []
+    outcomes: list[RowOutcome] = []
     rows: list[tuple[int, int, dict, str]] = []  # (index in outcomes, line, row, encoded)
     for line, record, text in items:
         plain = False
@@ -170,10 +194,10 @@ def prepare_batch(source_name: str, items: list[tuple[int, Any, str | None]], fm
                 try:
                     record = parse_jsonl_line(source_name, line, text, record.last)
                 except FtpipeError as err:  # a truncated file: nothing follows
-                    outcomes.append(("fatal", err.message, err.hint))
+                    outcomes.append(RowOutcome("fatal", message=err.message, hint=err.hint))
                     break
         if isinstance(record, RowError):
-            outcomes.append(("bad", line, record))
+            outcomes.append(RowOutcome("bad", line, error=record))
             continue
         if fast_ok and text is not None and "{{" not in text and not _ESCAPED_SURROGATE.search(text) and (plain or is_plain_messages(record)):
             # Already a plain {"messages": [{role, content}...]} line: keep its JSON text as is.
@@ -184,29 +208,30 @@ def prepare_batch(source_name: str, items: list[tuple[int, Any, str | None]], fm
             except RowError as err:
                 if columns:
                     err = RowError(field_in_file(err.field, columns), err.what, err.reason)
-                outcomes.append(("bad", line, err))
+                outcomes.append(RowOutcome("bad", line, error=err))
                 continue
             left = fill_placeholders(row, data.placeholders)
             if left:
-                outcomes.append(("placeholders", line, sorted(left)))
+                outcomes.append(RowOutcome("placeholders", line, names=tuple(sorted(left))))
             try:
                 encoded = encode_row(row)
             except RecursionError:  # e.g. tool definitions nested ~1000 deep
-                outcomes.append(("bad", line, RowError("<row>", "nested too deeply")))
+                outcomes.append(RowOutcome("bad", line, error=RowError("<row>", "nested too deeply")))
                 continue
             bad = _SURROGATE.search(encoded)
             if bad:
-                outcomes.append(("bad", line, RowError("<row>", f"not valid Unicode: a lone surrogate \\u{ord(bad.group()):04x}")))
+                why = f"not valid Unicode: a lone surrogate \\u{ord(bad.group()):04x}"
+                outcomes.append(RowOutcome("bad", line, error=RowError("<row>", why)))
                 continue
         rows.append((len(outcomes), line, row, encoded))
-        outcomes.append(())
+        outcomes.append(_PENDING)
     if not rows:
         return outcomes, {}
     try:
         renderer = lazy.get()
     except FtpipeError as err:  # the tokenizer cannot load: reported at the first valid row
         first = rows[0][0]
-        return [*outcomes[:first], ("fatal", err.message, err.hint)], {}
+        return [*outcomes[:first], RowOutcome("fatal", message=err.message, hint=err.hint)], {}
     before = dict(renderer.stats)
     if pre.tools_fallback == "text":
         for j, (index, line, row, encoded) in enumerate(rows):
@@ -218,18 +243,18 @@ def prepare_batch(source_name: str, items: list[tuple[int, Any, str | None]], fm
     for (index, line, row, encoded), n in zip(rows, counts):
         if isinstance(n, Exception):
             reason = " ".join(str(n).split())[:200] or type(n).__name__
-            outcomes[index] = ("row", line, encoded, 0, "rejected", reason)
+            outcomes[index] = RowOutcome("rejected", line, encoded, 0, message=reason)
         elif n > pre.max_length:
             if pre.overlength == "chunk" and fmt == "text" and len(row["messages"]) == 1:
-                outcomes[index] = ("row", line, encoded, n, "chunked", chunk(row, renderer, pre.max_length))
+                outcomes[index] = RowOutcome("chunked", line, encoded, n, chunks=tuple(chunk(row, renderer, pre.max_length)))
                 continue
             fitted = truncate(row, renderer, pre.max_length) if pre.overlength in ("truncate", "chunk") else None
             if fitted is None:
-                outcomes[index] = ("row", line, encoded, n, "too_long", None)
+                outcomes[index] = RowOutcome("too_long", line, encoded, n)
             else:
-                outcomes[index] = ("row", line, encoded, fitted[1], "truncated", encode_row(fitted[0]))
+                outcomes[index] = RowOutcome("truncated", line, encoded, fitted[1], shortened=encode_row(fitted[0]))
         else:
-            outcomes[index] = ("row", line, encoded, n, "ok", None)
+            outcomes[index] = RowOutcome("ok", line, encoded, n)
     return outcomes, {k: v - before.get(k, 0) for k, v in renderer.stats.items()}
 
 
@@ -333,7 +358,7 @@ def _init(model_cfg, root: Path, fast: bool, data, pre) -> None:
     _STATE.update(lazy=LazyRenderer(model_cfg, root, fast), data=data, pre=pre)
 
 
-def _work(source_name: str, items: list, fmt: str) -> tuple[list[Outcome], dict[str, int]]:
+def _work(source_name: str, items: list, fmt: str) -> tuple[list[RowOutcome], dict[str, int]]:
     return prepare_batch(source_name, items, fmt, _STATE["data"], _STATE["pre"], _STATE["lazy"])
 
 
@@ -357,7 +382,7 @@ class Workers:
         context.set_forkserver_preload(list(PRELOAD_CACHED if _cached(model_cfg, root) else PRELOAD))
         self.pool = ProcessPoolExecutor(n, mp_context=context, initializer=_init, initargs=(model_cfg, root, fast, data, pre))
 
-    def map(self, source_name: str, batches: Iterable[list], fmt: str) -> Iterator[tuple[list[Outcome], dict[str, int]]]:
+    def map(self, source_name: str, batches: Iterable[list], fmt: str) -> Iterator[tuple[list[RowOutcome], dict[str, int]]]:
         pending: deque = deque()
         for batch in batches:
             pending.append(self.pool.submit(_work, source_name, batch, fmt))
