@@ -1,13 +1,11 @@
-"""CPU-only speed/memory measures for the training process of `finetune-sft`.
+"""CPU-only speed/memory measures for the training processes of `finetune-sft` and `finetune-dpo`.
 
-- `return_freed_memory_to_os`: glibc serves allocations of >= 4 MiB with mmap, so big buffers
-  (logits, a big batch's activations) freed after each backward go back to the OS at once. By
-  default glibc raises that threshold as big blocks are freed, and the heap then fragments:
-  measured on the 135M Llama shape (fp32, 4 x 256 tokens), peak RSS 4.0 GB and growing from step
-  to step, against 3.2 GB flat with a fixed threshold. 4 MiB rather than 1 MiB: the activations of
-  a 256-token pass (~1.5 MB each) then come from the heap instead of fresh, page-faulting mmaps
-  (an elementwise op on one: 0.17 against 0.5-0.6 ms): +5% tokens/s at the same peak RSS (12
-  steps, bench shape: 174.7 vs 165.8 tokens/s, 1664 vs 1659 MB).
+- `return_freed_memory_to_os`: glibc serves allocations of >= `MMAP_THRESHOLD_BYTES` with mmap, so
+  big buffers (logits, a big batch's activations) freed after each backward go back to the OS at
+  once. By default glibc raises that threshold as big blocks are freed, and the heap then
+  fragments: peak memory grows from step to step. 4 MiB rather than 1 MiB: the activations of a
+  short-sequence pass then come from the heap instead of fresh, page-faulting mmaps, which is
+  faster at the same peak.
 - `fuse_lora_linear`: peft's LoRA `Linear.forward` computes `base(x) + B(A(dropout(x))) * scaling` as
   four passes over the output; when base, LoRA weights and input share one dtype (fp32 training on
   the CPU) the same value is `base(x).addmm_(A(dropout(x)), B^T, alpha=scaling)`: one fused pass
@@ -19,8 +17,10 @@
 - `use_document_attention`: with packing, one causal SDPA call per packed document instead of one
   masked call over the whole row.
 
-All are applied by `ftpipe.training.sft.train` when the plan's device is the CPU, in the training
-process only (exports and evaluation use peft and transformers unchanged).
+The training harness (`ftpipe.training.harness`) sets the memory threshold and, for LoRA, the
+fused forward in every CPU training process (SFT and DPO); `ftpipe.training.sft` adds the labelled
+head and document attention to SFT. Training processes only: exports and evaluation use peft and
+transformers unchanged. What each one measured: docs/finetune.md ("CPU fast path: measurements").
 
     ftpipe finetune-sft --config debug_config.yaml
 """
@@ -86,12 +86,11 @@ def fuse_lora_linear() -> bool:
 
 
 # fp32 logits of one chunk of labelled positions at most this big (two such buffers are alive while a
-# chunk is scored). Measured, head and loss alone, 512 positions x hidden 576, one thread: with a
-# 151,936 vocabulary 16 / 64 / 256 MiB chunks took 4.0 / 2.9 / 2.6 s with every position labelled
-# and 0.38 / 0.30 / 0.32 s with a tenth of them; the full-logits loss 3.4 and 2.2 s.
+# chunk is scored). Smaller chunks cost speed when most positions are labelled, bigger ones memory
+# for little gain (docs/finetune.md).
 LABELLED_HEAD_CHUNK_BYTES = 64 * 2**20
 # Families whose causal-LM forward is `lm_head(last_hidden_state)`, then at most
-# `final_logit_softcapping` (Gemma 2/3/4), checked against transformers 5's modeling files (the
+# `final_logit_softcapping` (Gemma 2/3/4), checked against transformers' modeling files (the
 # model's own config: a multimodal wrapper's text config does not count); any other family keeps
 # TRL's own loss. Every family of `make-tiny-model --family` is here (llama, qwen2, qwen3, phi3,
 # mistral, gemma4_text).
@@ -248,12 +247,12 @@ def _labelled_output():
 def labelled_loss_trainer(base_cls):
     """`base_cls` (TRL's SFTTrainer) with the loss from the LM head at the labelled positions only.
 
-    TRL 1.16 computes the loss through its fused, chunked LM head, which never builds the
+    TRL computes the loss through its fused, chunked LM head, which never builds the
     (tokens x vocab) logits; on a device without Triton it scores every position, labelled or not,
-    and recomputes each tile's logits in backward: 37% of a training step on the 135M Llama shape
-    (3.1 of 8.4 s per 1 x 256-token pass, torch profiler), more with bigger vocabularies. With
-    assistant-only loss only a fraction of the positions are labelled (a tenth in the demo data):
-    `add_labelled_head` scores those only, in chunks of `LABELLED_HEAD_CHUNK_BYTES` of logits, with
+    and recomputes each tile's logits in backward: a large share of a small model's training step,
+    growing with the vocabulary (docs/finetune.md). With assistant-only loss only a fraction of
+    the positions are labelled: `add_labelled_head` scores those only, in chunks of
+    `LABELLED_HEAD_CHUNK_BYTES` of logits, with
     two matmuls per chunk. The loss is TRL's: the negative log-likelihood summed over labelled next
     tokens, divided by `num_items_in_batch` (or the labelled tokens of this pass); the metrics are
     TRL's (entropy, mean token accuracy, tokens). Anything else (aux losses, label smoothing, a
@@ -317,7 +316,7 @@ def document_attention(module, query, key, value, attention_mask, dropout=0.0, s
     transformers built for this row is exactly that (checked once per forward against the
     documents read from `position_ids`), each document gets its own causal SDPA call instead: the
     same result (tests/training/test_cpu_fastpath.py), a fraction of the work for short documents
-    (measured per layer on 5 documents of ~48 tokens: 1.9 ms against 5.2 ms, forward and backward).
+    (docs/finetune.md).
     Every other case (no mask, padding, a KV cache, several rows, dropout, a sliding window, more
     than `MAX_DOCUMENTS` documents) is transformers' SDPA with its mask, unchanged.
     """

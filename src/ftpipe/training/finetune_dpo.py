@@ -4,6 +4,12 @@ After `finetune-sft` (and `preprocess-dpo`, which writes the pairs), before eval
 prepared pairs through `ftpipe.handoff.pairs`, trains a LoRA adapter with DPO in this process and
 writes outputs/<run>/dpo_adapter/ (checkpoints and TensorBoard events in outputs/<run>/dpo_trainer_state/).
 
+- `check(ctx)`: the SFT adapter (init=sft), the pairs, one process only;
+- `plan(ctx)`: base model, device and precision, the chat template, the checkpoint to resume
+  from (`FinetuneDpoPlan`);
+- `run(ctx, plan)`: trains through the shared harness (`harness.py`: threads, seed, callbacks,
+  interruption, the atomic publish), with `dpo_recipe` for what is DPO's own.
+
 The reference model is never a second copy of the model in memory:
 - `dpo.init: sft` (default): the run's SFT adapter is loaded as the trainable adapter "default";
   TRL adds a frozen copy named "ref" and computes the reference log-probs through it. The result
@@ -16,18 +22,20 @@ The reference model is never a second copy of the model in memory:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-import shutil
-import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from ftpipe.core.errors import ConfigError, InputError, StageError
 from ftpipe.core.model_ref import resolve_model
 from ftpipe.core.runs import RunDir
 from ftpipe.core.stage import StageContext, StageResult, require_upstream
 from ftpipe.handoff.pairs import read_pairs
+from ftpipe.training import harness
+from ftpipe.training.harness import TENSORBOARD_DIR, Trainee, TrainerRecipe
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +49,24 @@ REFERENCE = {
 }
 
 
+@dataclass(frozen=True)
+class FinetuneDpoPlan:
+    """What finetune-dpo resolved before training."""
+
+    load_from: str  # base model folder or hub id
+    model_kwargs: Mapping[str, Any]  # revision / trust_remote_code for from_pretrained
+    base_model_record: Mapping[str, Any]  # {"id", "revision", "path"} -> ftpipe_base_model.json
+    device: str  # cpu | cuda
+    precision: str  # bf16 | fp32
+    dtype: str  # the base weights' torch dtype
+    sft_adapter: Path | None  # init=sft: the run's SFT adapter, trained on as "default"
+    train_file: Path
+    val_file: Path | None  # held-out pairs, scored once after training
+    state_dir: Path  # outputs/<run>/dpo_trainer_state
+    adapter_dir: Path  # outputs/<run>/dpo_adapter
+    resume: Path | None  # a complete checkpoint, or None to start over
+
+
 def state_dir(run: RunDir) -> Path:
     """outputs/<run>/dpo_trainer_state/ (apart from SFT's trainer_state/, whose curves the report reads)."""
     return run.path / STATE_DIR
@@ -51,10 +77,12 @@ def adapter_dir(run: RunDir) -> Path:
     return run.path / ADAPTER_DIR
 
 
-def prepare(ctx: StageContext) -> dict[str, Path]:
+def check(ctx: StageContext) -> dict[str, Path]:
     """Every check before the model is loaded; the inputs to record.
 
-    `ctx.options`: `resume_from` (None | "latest" | "auto" | checkpoint path), `progress`.
+    Returns:
+        The inputs: the finetune-sft manifest and SFT adapter (init=sft), the pairs, the prepared
+        set's manifest, the base model folder.
 
     Raises:
         InputError: no completed finetune-sft (dpo.init=sft), SFT adapter not a LoRA adapter,
@@ -97,36 +125,72 @@ def prepare(ctx: StageContext) -> dict[str, Path]:
     return inputs
 
 
-def run(ctx: StageContext) -> StageResult:
-    """Load base (+ SFT adapter), train with DPOTrainer, publish outputs/<run>/dpo_adapter atomically."""
-    from ftpipe.training.checkpoints import BatchShape, check_resume_batch, clear_for_fresh_start, resolve_resume
-    from ftpipe.training.sft import TENSORBOARD_DIR
+def plan(ctx: StageContext) -> FinetuneDpoPlan:
+    """Base model, device, precision, the chat template and the checkpoint to resume from.
+
+    Raises:
+        InputError: the tokenizer has no chat template; an unusable `--resume-from`
+            (`ctx.options["resume_from"]`: None | "latest" | "auto" | checkpoint path).
+    """
+    from transformers import AutoTokenizer
+
+    from ftpipe.training.checkpoints import BatchShape, check_resume_batch, resolve_resume
 
     cfg, project, run_dir = ctx.config, ctx.project, ctx.run
     dpo = cfg.dpo
+    model_ref = resolve_model(cfg.model, project.root)
+    model_kwargs: dict[str, Any] = {**model_ref.pretrained_kwargs(), "trust_remote_code": cfg.model.trust_remote_code}
+    tokenizer = AutoTokenizer.from_pretrained(model_ref.load_from, **model_kwargs)
+    if not tokenizer.chat_template:
+        raise InputError(f"base model {model_ref.id or cfg.model.path}: its tokenizer has no chat template, needed "
+                         "to render the conversational pairs", hint="use an instruct/chat model")
+    device, precision = _precision()
+    dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if precision == "bf16" else "float32")
+
     state = state_dir(run_dir)
     resume = resolve_resume(ctx.options.get("resume_from"), state, project.rel, command=COMMAND)
-    if resume is None:
-        clear_for_fresh_start(ctx, state, state / TENSORBOARD_DIR, COMMAND, what="DPO checkpoints")
-    else:
+    if resume is not None:
         log.info("resuming from %s", project.rel(resume))
         check_resume_batch(resume, BatchShape(1, dpo.batch_size, dpo.gradient_accumulation_steps),
                            dpo.gradient_accumulation_steps, project.rel)
+    prepared = project.prepared_dir(cfg.preference.name)
+    val_file = prepared / "val.jsonl"
+    return FinetuneDpoPlan(
+        load_from=model_ref.load_from, model_kwargs=model_kwargs, base_model_record=model_ref.record(project.root),
+        device=device, precision=precision, dtype=dtype,
+        sft_adapter=run_dir.adapter if dpo.init == "sft" else None,
+        train_file=prepared / "train.jsonl", val_file=val_file if val_file.is_file() else None,
+        state_dir=state, adapter_dir=adapter_dir(run_dir), resume=resume,
+    )
+
+
+def run(ctx: StageContext, plan: FinetuneDpoPlan) -> StageResult:
+    """Train with DPOTrainer through the harness; it publishes outputs/<run>/dpo_adapter atomically.
+
+    Raises:
+        InputError: DPO checkpoints of an unfinished training, neither resumed nor `--force`d.
+        Interrupted: Ctrl-C / SIGTERM stopped training after a checkpoint was saved (exit 130).
+        ConfigError: TRL rejected a setting.
+        StageError: TRL did not set up the reference this stage promises.
+    """
+    from ftpipe.training.checkpoints import clear_for_fresh_start
+
+    project, dpo = ctx.project, ctx.config.dpo
+    state = plan.state_dir
+    if plan.resume is None:
+        clear_for_fresh_start(ctx, state, state / TENSORBOARD_DIR, COMMAND, what="DPO checkpoints")
     state.mkdir(parents=True, exist_ok=True)
     (state / RESULTS_FILE).unlink(missing_ok=True)
 
-    prepared = project.prepared_dir(cfg.preference.name)
-    val_file = prepared / "val.jsonl"
-    metrics = train(ctx, prepared / "train.jsonl", val_file if val_file.is_file() else None, state, resume)
+    metrics = harness.run_training(dpo_recipe(ctx, plan), ctx.progress)
 
-    final = adapter_dir(run_dir)
     acc, margin = metrics.get("final_reward_accuracy"), metrics.get("final_reward_margin")
     rewards = (f"reward accuracy {acc:.2f}, margin {margin:.3f}" if acc is not None and margin is not None
                else "no rewards logged")
-    summary = (f"finetune-dpo: run {run_dir.name}: {metrics['global_step']} steps on {metrics['train_pairs']} pairs, "
+    summary = (f"finetune-dpo: run {ctx.run.name}: {metrics['global_step']} steps on {metrics['train_pairs']} pairs, "
                f"loss {metrics['final_loss']}, {rewards} (init {dpo.init}, reference: {metrics['reference']}) "
-               f"-> {project.rel(final)}/")
-    return StageResult(outputs=[final, state / RESULTS_FILE], metrics=metrics, summary=summary)
+               f"-> {project.rel(plan.adapter_dir)}/")
+    return StageResult(outputs=[plan.adapter_dir, state / RESULTS_FILE], metrics=metrics, summary=summary)
 
 
 def _precision() -> tuple[str, str]:
@@ -154,7 +218,7 @@ def dpo_args(dpo, output_dir: Path, device: str, precision: str, has_eval: bool)
         label_smoothing=dpo.label_smoothing,
         learning_rate=dpo.learning_rate,
         lr_scheduler_type=dpo.lr_scheduler,
-        warmup_steps=dpo.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
+        warmup_steps=dpo.warmup_ratio,  # a float < 1 is read as a ratio of the total steps
         num_train_epochs=dpo.epochs,
         max_steps=dpo.max_steps,
         per_device_train_batch_size=dpo.batch_size,
@@ -173,7 +237,7 @@ def dpo_args(dpo, output_dir: Path, device: str, precision: str, has_eval: bool)
         use_cpu=device == "cpu",
         gradient_checkpointing=False,  # LoRA on one device: memory is not the limit, speed is
         include_num_input_tokens_seen="non_padding",  # the tokens/s of run.log and the progress bar
-        report_to="none",  # the TensorBoard callback is added with a fixed folder
+        report_to="none",  # the harness adds the TensorBoard callback with a fixed folder
         disable_tqdm=True,
         dataloader_num_workers=0,
         save_only_model=False,
@@ -181,131 +245,91 @@ def dpo_args(dpo, output_dir: Path, device: str, precision: str, has_eval: bool)
     )
 
 
-def train(ctx: StageContext, train_file: Path, val_file: Path | None, state: Path,
-          resume: Path | None) -> dict[str, Any]:
-    """Train in this process and publish the adapter; returns the manifest metrics.
+def dpo_recipe(ctx: StageContext, plan: FinetuneDpoPlan) -> TrainerRecipe:
+    """What DPO brings to the harness: base (+ SFT adapter) and pairs, the "default" adapter to
+    publish, the reference check and the reward metrics."""
+    dpo = ctx.config.dpo
+    return TrainerRecipe(
+        command=COMMAND, run_name=ctx.run.name, section="dpo",
+        settings_hint="check dpo.loss_type / max_length / label_smoothing",
+        device=plan.device, seed=dpo.seed, fuse_lora=True, output_dir=plan.state_dir, final_dir=plan.adapter_dir,
+        artifact="DPO adapter", results_file=RESULTS_FILE, resume_from=str(plan.resume) if plan.resume else None,
+        base_model_record=plan.base_model_record,
+        build=functools.partial(_build, ctx, plan), save=_save, ready=functools.partial(_ready, ctx),
+        finish=functools.partial(_finish, ctx, plan),
+    )
 
-    Raises:
-        Interrupted: Ctrl-C / SIGTERM stopped training after a checkpoint was saved.
-        ConfigError: TRL rejected a setting.
-        StageError: TRL did not set up the reference this stage promises.
-    """
+
+def _build(ctx: StageContext, plan: FinetuneDpoPlan) -> Trainee:
+    """Tokenizer, base model (+ the SFT adapter as trainable "default"), the pairs and the DPOConfig."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig, PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
-    from transformers.integrations import TensorBoardCallback
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOTrainer
 
-    from ftpipe.training.sft import TENSORBOARD_DIR, StopFlag, AlreadyTrained, finished_checkpoint, make_callback
-
-    cfg, project, run_dir = ctx.config, ctx.project, ctx.run
-    dpo = cfg.dpo
-    model_ref = resolve_model(cfg.model, project.root)
-    model_kwargs: dict[str, Any] = {**model_ref.pretrained_kwargs(), "trust_remote_code": cfg.model.trust_remote_code}
-    device, precision = _precision()
-    if device == "cpu":
-        from ftpipe.training.cpu_fastpath import fuse_lora_linear
-        from ftpipe.training.plan import thread_count
-
-        torch.set_num_threads(thread_count())
-        fuse_lora_linear()  # uses the active adapter: "ref" for TRL's reference pass; disabled adapters: plain path
-    set_seed(dpo.seed)
-    tokenizer = AutoTokenizer.from_pretrained(model_ref.load_from, **model_kwargs)
-    if not tokenizer.chat_template:
-        raise InputError(f"base model {model_ref.id or cfg.model.path}: its tokenizer has no chat template, needed "
-                         "to render the conversational pairs", hint="use an instruct/chat model")
-    dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if precision == "bf16" else "float32")
-    model = AutoModelForCausalLM.from_pretrained(model_ref.load_from, dtype=getattr(torch, dtype), **model_kwargs)
+    dpo = ctx.config.dpo
+    tokenizer = AutoTokenizer.from_pretrained(plan.load_from, **plan.model_kwargs)
+    model = AutoModelForCausalLM.from_pretrained(plan.load_from, dtype=getattr(torch, plan.dtype), **plan.model_kwargs)
     peft_config = None
-    if dpo.init == "sft":
+    if plan.sft_adapter is not None:
         # The SFT adapter becomes the trainable "default"; DPOTrainer adds a frozen copy "ref".
-        model = PeftModel.from_pretrained(model, str(run_dir.adapter), is_trainable=True)
+        model = PeftModel.from_pretrained(model, str(plan.sft_adapter), is_trainable=True)
     else:
         peft_config = LoraConfig(r=dpo.lora_r, lora_alpha=dpo.lora_alpha, lora_dropout=dpo.lora_dropout,
                                  target_modules=dpo.target_modules, task_type="CAUSAL_LM")
-    reference = REFERENCE[dpo.init]
-    log.info("init: %s; reference: %s", "the SFT adapter " + project.rel(run_dir.adapter) if dpo.init == "sft"
-             else "a new LoRA on the base model", reference)
+    log.info("init: %s; reference: %s", "the SFT adapter " + ctx.project.rel(plan.sft_adapter) if plan.sft_adapter
+             else "a new LoRA on the base model", REFERENCE[dpo.init])
+    train_ds = Dataset.from_list(load_pairs(plan.train_file))
+    eval_ds = Dataset.from_list(load_pairs(plan.val_file)) if plan.val_file is not None else None
+    counts = {"train_pairs": len(train_ds), **({"val_pairs": len(eval_ds)} if eval_ds is not None else {})}
+    log.info("%d training pairs%s; %s, %s", len(train_ds), f", {len(eval_ds)} held-out" if eval_ds is not None else "",
+             plan.device, plan.precision)
+    return Trainee(trainer_cls=DPOTrainer, model=model, tokenizer=tokenizer,
+                   args=dpo_args(dpo, plan.state_dir, plan.device, plan.precision, eval_ds is not None),
+                   train_dataset=train_ds, eval_dataset=eval_ds, peft_config=peft_config,
+                   callbacks=(_rewards_logger(),), metrics=counts)
 
-    train_pairs = load_pairs(train_file)
-    train_ds = Dataset.from_list(train_pairs)
-    eval_ds = Dataset.from_list(load_pairs(val_file)) if val_file is not None else None
-    stop = StopFlag()
-    callback = make_callback(stop, ctx.options.get("progress"))
-    tensorboard = TensorBoardCallback()
-    tensorboard.logging_dir = str(state / TENSORBOARD_DIR)
-    args = dpo_args(dpo, state, device, precision, eval_ds is not None)
-    try:
-        trainer = DPOTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                             processing_class=tokenizer, peft_config=peft_config,
-                             callbacks=[callback, tensorboard, _rewards_logger()])
-    except ValueError as exc:
-        raise ConfigError(f"dpo: TRL rejected the settings: {exc}".splitlines()[0],
-                          hint="check dpo.loss_type / max_length / label_smoothing") from None
-    for noisy in (PrinterCallback, ProgressCallback):
-        trainer.remove_callback(noisy)
+
+def _ready(ctx: StageContext, trainer) -> None:
+    """The reference this stage promises is there (TRL's frozen "ref" next to "default" for init=sft)."""
     adapters = sorted(trainer.model.peft_config)
-    if dpo.init == "sft" and adapters != ["default", "ref"]:
+    if ctx.config.dpo.init == "sft" and adapters != ["default", "ref"]:
         raise StageError(f"DPOTrainer did not add the frozen reference adapter (adapters: {adapters})",
                          hint="check the peft version (>= 0.20) or use --set dpo.init=base")
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    log.info("adapters: %s; trainable parameters: %d; %d training pairs%s; %s, %s", ", ".join(adapters), trainable,
-             len(train_ds), f", {len(eval_ds)} held-out" if eval_ds is not None else "", device, precision)
+    log.info("adapters: %s; trained: default", ", ".join(adapters))
 
-    started = time.monotonic()
-    with stop:
-        try:
-            train_loss = float(trainer.train(resume_from_checkpoint=str(resume) if resume else None).training_loss)
-        except AlreadyTrained:
-            train_loss = finished_checkpoint(trainer.state, callback, resume.name)
-    tstate = trainer.state
-    if callback.interrupted_at is not None:
-        from ftpipe.training.sft import Interrupted
 
-        raise Interrupted(
-            f"{stop.signal_name or 'stop signal'}: training stopped at step {tstate.global_step}/{tstate.max_steps}; "
-            f"checkpoint saved in checkpoint-{tstate.global_step}/",
-            hint=f"{COMMAND} --run {run_dir.name} --resume-from latest",
-        )
-    seconds = time.monotonic() - started
-    last = next((h for h in reversed(tstate.log_history) if "rewards/accuracies" in h), {})
-    metrics: dict[str, Any] = {
+def _save(trainer, folder: Path) -> None:
+    """The trained adapter only ("default"), not TRL's frozen "ref" copy."""
+    trainer.model.save_pretrained(str(folder), selected_adapters=["default"], safe_serialization=True)
+
+
+def _finish(ctx: StageContext, plan: FinetuneDpoPlan, trainer, metrics: dict[str, Any],
+            held_out: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The rewards of the last logged step and of the held-out pairs, and how DPO was set up."""
+    dpo = ctx.config.dpo
+    last = next((h for h in reversed(trainer.state.log_history) if "rewards/accuracies" in h), {})
+    final_loss = metrics["last_logged_loss"] if metrics["last_logged_loss"] is not None else metrics["train_loss"]
+    metrics.update({
         "init": dpo.init,
-        "reference": reference,
-        "global_step": tstate.global_step,
-        "max_steps": tstate.max_steps,
-        "epochs": round(float(tstate.epoch or 0.0), 4),
-        "train_pairs": len(train_ds),
-        "train_loss": round(train_loss, 6),
-        "first_logged_loss": callback.first_loss,
-        "final_loss": callback.last_loss if callback.last_loss is not None else round(train_loss, 6),
+        "reference": REFERENCE[dpo.init],
+        "final_loss": final_loss,
         "final_reward_accuracy": last.get("rewards/accuracies"),
         "final_reward_margin": last.get("rewards/margins"),
         "final_rewards_chosen": last.get("rewards/chosen"),
         "final_rewards_rejected": last.get("rewards/rejected"),
-        "trainable_parameters": trainable,
-        "train_seconds": round(seconds, 2),
-        "device": device,
-        "precision": precision,
+        "device": plan.device,
+        "precision": plan.precision,
         "beta": dpo.beta,
         "loss_type": dpo.loss_type,
-        "resumed_from": resume.name if resume else None,
-        "tensorboard_dir": project.rel(state / TENSORBOARD_DIR),
-    }
-    if eval_ds is not None:
-        held_out = trainer.evaluate()
-        metrics["val_pairs"] = len(eval_ds)
-        metrics["eval_loss"] = round(float(held_out["eval_loss"]), 6)
+        "tensorboard_dir": ctx.project.rel(plan.state_dir / TENSORBOARD_DIR),
+    })
+    if held_out is not None:
         metrics["eval_reward_accuracy"] = held_out.get("eval_rewards/accuracies")
         metrics["eval_reward_margin"] = held_out.get("eval_rewards/margins")
         log.info("held-out pairs: loss %.4f, reward accuracy %.3f, margin %.3f", metrics["eval_loss"],
                  metrics["eval_reward_accuracy"], metrics["eval_reward_margin"])
-    _publish(trainer, tokenizer, adapter_dir(run_dir), model_ref.record(project.root))
-    from ftpipe.core.fsutil import atomic_write_json
-
-    atomic_write_json(state / RESULTS_FILE, metrics)
     return metrics
 
 
@@ -313,7 +337,7 @@ def _rewards_logger():
     from transformers import TrainerCallback
 
     class RewardsLog(TrainerCallback):
-        """The DPO rewards next to sft.py's loss line in run.log."""
+        """The DPO rewards next to the harness's loss line in run.log."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "rewards/accuracies" in logs:
@@ -322,33 +346,3 @@ def _rewards_logger():
                          logs["rewards/chosen"], logs["rewards/rejected"])
 
     return RewardsLog()
-
-
-def _publish(trainer, tokenizer, final: Path, base_model_record: dict[str, Any]) -> None:
-    """Write the trained adapter ("default" only, not TRL's "ref" copy) to a temp folder, then rename it.
-
-    A crash leaves the previous adapter (or none) and a `.dpo_adapter.tmp` folder, never a half-written
-    outputs/<run>/dpo_adapter.
-    """
-    from ftpipe.handoff.base_model import write_base_model
-
-    tmp = final.with_name(f".{final.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    trainer.model.save_pretrained(str(tmp), selected_adapters=["default"], safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    template = tmp / "chat_template.jinja"
-    if not template.exists() and isinstance(tokenizer.chat_template, str):
-        template.write_text(tokenizer.chat_template, encoding="utf-8")
-    write_base_model(tmp, base_model_record)
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-    log.info("saved the DPO adapter to %s", final)

@@ -1,12 +1,18 @@
 """Stage `finetune-sft`: LoRA / DoRA / QLoRA / full SFT of the base model on prepared/<data.name>/.
 
 Second stage of the pipeline (after `preprocess-sft`, before `export-merged`). Reads
-prepared/<data.name>/train.jsonl and val.jsonl, picks device / precision / checkpointing /
-packing for this machine (`plan.py`), trains with TRL's SFTTrainer (`sft.py`) in this process or,
-with `finetune.num_processes > 1`, `finetune.accelerate_config` or `finetune.nnodes > 1`, in workers
-started by torchrun (CPU: gloo; several nodes: c10d rendezvous) or `accelerate launch` (GPUs), and
-writes outputs/<run>/adapter/ and outputs/<run>/trainer_state/ (checkpoints, tensorboard/).
-On several nodes, node 0's command is the stage; the others `join` its training (docs/scaling.md).
+prepared/<data.name>/train.jsonl and val.jsonl and writes outputs/<run>/adapter/ and
+outputs/<run>/trainer_state/ (checkpoints, tensorboard/). On several nodes, node 0's command is
+the stage; the others `join` its training (docs/scaling.md).
+
+- `check(ctx)`: the prepared dataset, the base model folder, settings this machine cannot run;
+- `plan(ctx)`: device / precision / checkpointing / packing for this machine (`plan.py`), the
+  checkpoint to resume from, all in a `TrainJob` (`FinetuneSftPlan`);
+- `run(ctx, plan)`: trains with TRL's SFTTrainer through the shared harness (`sft.py`,
+  `harness.py`) in this process or, with `finetune.num_processes > 1`, `finetune.accelerate_config`
+  or `finetune.nnodes > 1`, in workers started by torchrun (CPU: gloo; several nodes: c10d
+  rendezvous) or `accelerate launch` (GPUs);
+- `join(ctx)`: a node with `finetune.node_rank > 0` takes part in node 0's training.
 
     ftpipe finetune-sft --config debug_config.yaml --run demo
     ftpipe finetune-sft --run big --nnodes 2 --node-rank 0 --rdzv-endpoint node0:29500   # and --node-rank 1
@@ -18,16 +24,18 @@ import logging
 import os
 import subprocess
 import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from ftpipe.core.errors import ConfigError, InputError, StageError
 from ftpipe.core.logs import WORKER_LOG_ENV
 from ftpipe.core.model_ref import resolve_model
-from ftpipe.core.runs import Project, RunDir
+from ftpipe.core.runs import Project
 from ftpipe.core.stage import StageContext, StageResult
 from ftpipe.training.checkpoints import BatchShape, check_resume_batch, clear_for_fresh_start, resolve_resume
-from ftpipe.training.sft import RESULTS_FILE, TENSORBOARD_DIR, TrainJob
+from ftpipe.training.harness import TENSORBOARD_DIR
+from ftpipe.training.sft import COMMAND, RESULTS_FILE, TrainJob
 
 JOB_FILE = "train_job.json"
 
@@ -36,18 +44,27 @@ log = logging.getLogger(__name__)
 SAMPLE_ROWS = 200  # conversations tokenized to decide on packing
 
 
-def prepare(ctx: StageContext) -> dict[str, Path]:
+@dataclass(frozen=True)
+class FinetuneSftPlan:
+    """What finetune-sft resolved before training: the job every training process runs, and the launch."""
+
+    job: TrainJob  # config, device / precision plan, paths, the checkpoint to resume from
+    accelerate: tuple[Path, dict[str, Any]] | None  # finetune.accelerate_config: its file and settings
+
+
+def check(ctx: StageContext) -> dict[str, Path]:
     """Everything training needs, checked before the run folder is created (`new-run` scope).
 
-    `ctx.options`: `resume_from` (None | "latest" | "auto" | checkpoint path), `progress`
-    (callable receiving progress events, used by the CLI's progress bar).
+    Returns:
+        The inputs to record: train (and val) rows, the prepared set's manifest, the base model folder.
 
     Raises:
-        InputError: prepared dataset missing (names `ftpipe preprocess-sft`), bad run name.
-        ConfigError: settings this machine cannot run (QLoRA without CUDA...).
+        InputError: prepared dataset missing (names `ftpipe preprocess-sft`).
+        ConfigError: several nodes without one run name, settings this machine cannot run (QLoRA
+            without CUDA, a GPU accelerate config without a GPU...).
     """
     ft = ctx.config.finetune
-    if ft.nnodes > 1 and ctx.run_name is None:
+    if ft.nnodes > 1 and ctx.run_name is None and ctx.run is None:
         raise ConfigError(f"finetune.nnodes={ft.nnodes}: every node must name the same run",
                           hint="add --run NAME, the same on every node")
     inputs = _inputs(ctx.project, ctx.config)
@@ -118,25 +135,26 @@ def _inputs(project: Project, cfg) -> dict[str, Path]:
     return inputs
 
 
-def run(ctx: StageContext) -> StageResult:
-    """The stage body: plan, prepare the trainer_state folder, train (here or in workers), report."""
+def plan(ctx: StageContext) -> FinetuneSftPlan:
+    """Device, precision, base dtype, checkpointing, packing (each with its reason) and the resume point.
+
+    Raises:
+        InputError: the tokenizer has no chat template, no training rows, an unusable `--resume-from`
+            (`ctx.options["resume_from"]`: None | "latest" | "auto" | checkpoint path).
+        ConfigError: settings this machine cannot run.
+    """
     from transformers import AutoConfig, AutoTokenizer
 
     from ftpipe.handoff.prepared import read_chat_rows
     from ftpipe.training.plan import make_plan
-    from ftpipe.training.sft import train
 
-    cfg = ctx.config
+    cfg, project = ctx.config, ctx.project
     ft = cfg.finetune
-    run_dir: RunDir = ctx.run
-    project = ctx.project
     model_ref = resolve_model(cfg.model, project.root)
     prepared = project.prepared_dir(cfg.data.name)
-    train_file = prepared / "train.jsonl"
-    val_file = prepared / "val.jsonl"
+    train_file, val_file = prepared / "train.jsonl", prepared / "val.jsonl"
     model_kwargs: dict[str, Any] = {**model_ref.pretrained_kwargs(), "trust_remote_code": cfg.model.trust_remote_code}
 
-    # 1. Plan: device, precision, base dtype, checkpointing, packing (each with its reason).
     model_config = AutoConfig.from_pretrained(model_ref.load_from, **model_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(model_ref.load_from, **model_kwargs)
     if not tokenizer.chat_template:
@@ -148,66 +166,84 @@ def run(ctx: StageContext) -> StageResult:
     rows = read_chat_rows(train_file)
     if not rows:
         raise InputError(f"{project.rel(train_file)}: no rows", hint="ftpipe preprocess-sft --force")
-    plan = make_plan(ft, model_config, ft.method, _sample_lengths(tokenizer, rows[:SAMPLE_ROWS]))
+    train_plan = make_plan(ft, model_config, ft.method, _sample_lengths(tokenizer, rows[:SAMPLE_ROWS]))
     if cfg.model.dtype != "auto" and ft.method != "qlora":
-        plan.base_dtype = cfg.model.dtype
-        plan.reasons["base_dtype"] = "model.dtype"
-    for key, why in plan.reasons.items():
-        log.info("plan: %s = %s (%s)", key, getattr(plan, key), why)
+        train_plan = replace(train_plan, base_dtype=cfg.model.dtype,
+                             reasons={**train_plan.reasons, "base_dtype": "model.dtype"})
+    for key, why in train_plan.reasons.items():
+        log.info("plan: %s = %s (%s)", key, getattr(train_plan, key), why)
 
-    # 2. Resume or start over: never silently drop the checkpoints of an interrupted run.
-    output_dir = run_dir.trainer_state
+    # Resume from a complete checkpoint whose batch this launch continues (or start over in run()).
+    accelerate = _accelerate_config(project, ft) if ft.accelerate_config else None
+    output_dir = ctx.run.trainer_state
     resume = resolve_resume(ctx.options.get("resume_from"), output_dir, project.rel)
-    if resume is None:
-        clear_for_fresh_start(ctx, output_dir, output_dir / TENSORBOARD_DIR, "ftpipe finetune-sft")
-    else:
+    if resume is not None:
         log.info("resuming from %s", project.rel(resume))
-        world = world_size(ft, _accelerate_config(project, ft)[1] if ft.accelerate_config else None)
-        check_resume_batch(resume, BatchShape(world, plan.micro_batch_size or ft.batch_size, plan.grad_accum),
-                           ft.grad_accum, project.rel)
-    output_dir.mkdir(parents=True, exist_ok=True)
+        world = world_size(ft, accelerate[1] if accelerate else None)
+        check_resume_batch(resume, BatchShape(world, train_plan.micro_batch_size or ft.batch_size,
+                                              train_plan.grad_accum), ft.grad_accum, project.rel)
 
-    # method=full writes the whole model here too (config.json, no adapter_config.json):
+    # method=full writes the whole model to adapter/ too (config.json, no adapter_config.json):
     # export-merged recognises it and says there is nothing to merge.
-    final_dir = run_dir.adapter
     job = TrainJob(
         finetune=ft,
-        plan=plan,
+        plan=train_plan,
         load_from=model_ref.load_from,
         model_kwargs=model_kwargs,
         base_model_record=model_ref.record(project.root),
         train_file=str(train_file),
         val_file=str(val_file) if val_file.is_file() else None,
         output_dir=str(output_dir),
-        final_dir=str(final_dir),
+        final_dir=str(ctx.run.adapter),
         resume_from=str(resume) if resume else None,
-        run_name=run_dir.name,
+        run_name=ctx.run.name,
     )
+    return FinetuneSftPlan(job=job, accelerate=accelerate)
 
-    # 3. Train: in this process, or in N workers running the same `train(job)`.
+
+def run(ctx: StageContext, plan: FinetuneSftPlan) -> StageResult:
+    """Prepare the trainer_state folder, train (here or in workers), report.
+
+    Raises:
+        InputError: checkpoints of an unfinished training, neither resumed nor `--force`d.
+        Interrupted: Ctrl-C / SIGTERM stopped training after a checkpoint was saved (exit 130).
+        StageError: a training worker failed.
+    """
+    from ftpipe.training.sft import train
+
+    job, project, run_dir = plan.job, ctx.project, ctx.run
+    ft, train_plan = job.finetune, job.plan
+    output_dir, final_dir = Path(job.output_dir), Path(job.final_dir)
+    # Never silently drop the checkpoints of an interrupted run.
+    if job.resume_from is None:
+        clear_for_fresh_start(ctx, output_dir, output_dir / TENSORBOARD_DIR, COMMAND)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    # Train: in this process, or in N workers running the same `train(job)`.
     results_file = output_dir / RESULTS_FILE
     results_file.unlink(missing_ok=True)
     if multi_process(ft):
         job.write(ctx.log_dir / JOB_FILE)  # before the launch: joining nodes' workers read it after the rendezvous
-        launcher = _launch_workers(ctx, plan.device)
+        launcher = _launch_workers(ctx, train_plan.device, plan.accelerate)
         metrics = _read_results(results_file)
     else:
         launcher = "in-process"
-        metrics = train(job, progress=ctx.options.get("progress"))
+        metrics = train(job, progress=ctx.progress)
 
     metrics.update(
         launcher=launcher, nodes=ft.nnodes,
-        device=plan.device, precision=plan.precision, base_dtype=plan.base_dtype,
-        gradient_checkpointing=plan.gradient_checkpointing, packing=plan.packing,
-        micro_batch_size=plan.micro_batch_size, grad_accum=plan.grad_accum, plan_reasons=plan.reasons,
-        method=ft.method, tensorboard_dir=project.rel(output_dir / TENSORBOARD_DIR),
+        device=train_plan.device, precision=train_plan.precision, base_dtype=train_plan.base_dtype,
+        gradient_checkpointing=train_plan.gradient_checkpointing, packing=train_plan.packing,
+        micro_batch_size=train_plan.micro_batch_size, grad_accum=train_plan.grad_accum,
+        plan_reasons=train_plan.reasons, method=ft.method, tensorboard_dir=project.rel(output_dir / TENSORBOARD_DIR),
     )
     first, last = metrics.get("first_logged_loss"), metrics.get("last_logged_loss")
     losses = f"loss {first:.4f} -> {last:.4f}" if first is not None and last is not None else "no loss logged"
     unlocated = metrics.get("assistant_turns_unlocated", 0) + metrics.get("val_assistant_turns_unlocated", 0)
     summary = (
         f"finetune-sft: run {run_dir.name}: {metrics['global_step']} steps, {losses}, "
-        f"{metrics['tokens_per_s']:.0f} tokens/s ({plan.device}, {plan.precision}) -> {project.rel(final_dir)}/"
+        f"{metrics['tokens_per_s']:.0f} tokens/s ({train_plan.device}, {train_plan.precision}) -> "
+        f"{project.rel(final_dir)}/"
         + (f" ({unlocated} assistant turns not located, not trained: see run.log)" if unlocated else "")
     )
     return StageResult(outputs=[final_dir, results_file], metrics=metrics, summary=summary)
@@ -267,16 +303,14 @@ def launch_command(ft, device: str, job_file: Path, run_name: str, accelerate: t
     return [*argv, *worker], f"accelerate launch --multi_gpu ({ft.num_processes})"
 
 
-def _launch_workers(ctx: StageContext, device: str) -> str:
+def _launch_workers(ctx: StageContext, device: str, accelerate: tuple[Path, dict[str, Any]] | None) -> str:
     """Run `python -m ftpipe.training.worker JOB` under this node's launcher; returns the launcher's name.
 
     Raises:
-        ConfigError: accelerate config file missing.
         Interrupted: Ctrl-C / SIGTERM stopped the workers after they saved a checkpoint.
         StageError: a worker failed (which rank, why, and the resume command).
     """
     ft = ctx.config.finetune
-    accelerate = _accelerate_config(ctx.project, ft) if ft.accelerate_config else None
     argv, launcher = launch_command(ft, device, ctx.log_dir / JOB_FILE, ctx.run.name, accelerate)
     env = {**os.environ, WORKER_LOG_ENV: str(ctx.log_dir / "run.log")}  # global rank 0 appends to run.log
     if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -301,15 +335,15 @@ def _launch_workers(ctx: StageContext, device: str) -> str:
         run_name, state = ctx.run.name, ctx.run.trainer_state
         # torchrun reports a worker's 130 as its own failure: recognise the Ctrl-C message instead.
         if code == 130 or "training stopped at step" in text:
-            from ftpipe.training.sft import Interrupted
+            from ftpipe.training.harness import Interrupted
 
             raise Interrupted(f"training interrupted; checkpoint saved under {ctx.project.rel(state)}/",
-                              hint=f"ftpipe finetune-sft --run {run_name} --resume-from latest")
+                              hint=f"{COMMAND} --run {run_name} --resume-from latest")
         from ftpipe.training.checkpoints import latest_complete_checkpoint
 
         resumable = latest_complete_checkpoint(state, ctx.project.rel) if ctx.run.trainer_state.is_dir() else None
-        then = (f"then ftpipe finetune-sft --run {run_name} --resume-from auto (continues from {resumable.name})"
-                if resumable else f"then ftpipe finetune-sft --run {run_name} --force")
+        then = (f"then {COMMAND} --run {run_name} --resume-from auto (continues from {resumable.name})"
+                if resumable else f"then {COMMAND} --run {run_name} --force")
         raise StageError(f"training workers failed (exit {code}): {worker_failure(text)}",
                          hint=f"see {ctx.project.rel(workers_log)}; {then}")
     return launcher
@@ -343,14 +377,18 @@ def join(ctx: StageContext) -> StageResult:
     project folder at the same path on every node), so both train the same job. Node 0 writes the
     adapter and the one manifest; this node writes only its launcher output (workers-node<R>.log).
 
+    It needs no plan of its own: the job (plan and all) is node 0's.
+
     Raises:
+        ConfigError: accelerate config file missing.
         StageError / Interrupted: as `_launch_workers`.
     """
     ft = ctx.config.finetune
+    accelerate = _accelerate_config(ctx.project, ft) if ft.accelerate_config else None
     ctx.log_dir.mkdir(parents=True, exist_ok=True)
     log.info("node %d of %d: joining run %s at %s", ft.node_rank, ft.nnodes, ctx.run.name, ft.rdzv_endpoint)
     device = "cuda" if _cuda() else "cpu"
-    launcher = _launch_workers(ctx, device)
+    launcher = _launch_workers(ctx, device, accelerate)
     metrics: dict[str, Any] = {"node_rank": ft.node_rank, "nodes": ft.nnodes, "launcher": launcher}
     results = ctx.run.trainer_state / RESULTS_FILE
     if results.is_file():

@@ -1,17 +1,14 @@
 """Pick device, precision, base-weight dtype, gradient checkpointing and packing for finetune-sft.
 
-Choices are made once, before training, from the hardware and the model shape, and recorded in
-the manifest metrics with the reason for each. What was measured (docs/finetune.md,
-bench/train_throughput.py):
+Choices are made once, before training (the stage's `plan`), from the hardware and the model
+shape, and recorded in the manifest metrics with the reason for each. Why (the measurements are in
+docs/finetune.md and bench/train_throughput.py):
 
-- on an AVX-512 Xeon *without* avx512_bf16 (this project's CI machine) oneDNN emulates bf16:
-  ~6 GFLOP/s per thread vs ~28 for fp32, and the tiny model trains at 1229 tokens/s with bf16
-  autocast vs 3335 in fp32 -> bf16 on the CPU needs the avx512_bf16 / amx_bf16 flag;
-- on an AMD EPYC *with* avx512_bf16 (ENVIRONMENT.md) a plain bf16-autocast loop on the 135M
-  Llama shape did 178 tokens/s vs 103 in fp32 -> bf16 pays off there. Whether it does for a given
-  shape is measured at plan time with one training-shaped matmul (`bf16_matmul_speedup`);
-  below hidden 512 (`BF16_CPU_MIN_HIDDEN`) the casts are assumed to dominate (not measured on a
-  native-bf16 CPU);
+- a CPU without the avx512_bf16 / amx_bf16 flag emulates bf16 (oneDNN), several times slower
+  than fp32 -> bf16 on the CPU needs one of those flags;
+- with native bf16, bf16 autocast can pay off; whether it does for a given shape is measured at
+  plan time with one training-shaped matmul (`bf16_matmul_speedup`); below hidden 512
+  (`BF16_CPU_MIN_HIDDEN`) the casts are assumed to dominate (not measured on a native-bf16 CPU);
 - with bf16, the frozen base is loaded in bf16 (no per-matmul casts, half the memory); adapters
   stay fp32.
 
@@ -33,11 +30,8 @@ BF16_MIN_SPEEDUP = 1.3  # bf16 autocast also pays casts and fp32 elementwise ops
 ACTIVATION_MEMORY_FRACTION = 0.5  # checkpointing turns on when activations would exceed this share
 # On the CPU, a batch whose activations are big trains faster and lighter in micro-batches (same rows
 # per optimizer step): passes of >= 256 token rows still run their matmuls near the machine's peak,
-# and smaller activations stay in cache and out of memory. Measured, fp32, one thread, the 135M Llama
-# shape (activations estimated at ~400 MB per 256 tokens), batch 4 x 256, with the CPU fast path
-# (ftpipe/training/cpu_fastpath.py): passes of 1 x 256 tokens 178.6 tokens/s and 1.65 GB peak RSS,
-# 2 x 256 189.1 and 2.22 GB, the whole batch 188.9 and 2.99 GB; the demo's tiny model (~150 MB for
-# 8 x 256) is faster in one pass (422 vs 293 tokens/s): per-pass overhead dominates there.
+# and smaller activations stay in cache and out of memory. A model with small activations is faster
+# in one pass: per-pass overhead dominates there (measurements: docs/finetune.md).
 CPU_MICRO_BATCH_MIN_TOKENS = 256
 CPU_MICRO_BATCH_MAX_ACTIVATIONS = 1 << 30
 
@@ -64,8 +58,8 @@ def cpu_supports_bf16() -> bool:
     """True when the CPU has native bf16 dot products (AVX512-BF16 or AMX-BF16).
 
     oneDNN also "supports" bf16 on plain AVX-512 by emulation, which is several times slower than
-    fp32 (measured on an AVX-512 Xeon without avx512_bf16: 6 vs 28 GFLOP/s per thread), so the
-    CPU flags are what counts, not `torch.ops.mkldnn._is_mkldnn_bf16_supported()`.
+    fp32 (docs/finetune.md), so the CPU flags are what counts, not
+    `torch.ops.mkldnn._is_mkldnn_bf16_supported()`.
     """
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ftpipe.core.errors import InputError, StageError
 from ftpipe.core.runs import Project, open_run
-from ftpipe.training.sft import TENSORBOARD_DIR
+from ftpipe.training.harness import TENSORBOARD_DIR
 
 log = logging.getLogger(__name__)
 

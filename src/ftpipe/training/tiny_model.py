@@ -168,7 +168,7 @@ def _build_family(out: Path, cfg: TinyModelConfig, root: Path | None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    # As the released tokenizer_config.json says (transformers 5 does not write them; llama.cpp's
+    # As the released tokenizer_config.json says (transformers does not write them; llama.cpp's
     # converter reads them there).
     config_file = out / "tokenizer_config.json"
     settings = json.loads(config_file.read_text(encoding="utf-8"))
