@@ -40,7 +40,7 @@ class CliResult:
 # their whole output is captured. The rest run in this process (no interpreter start, no second
 # import of torch), through the same entry point and error handler as the console script.
 SUBPROCESS_COMMANDS = frozenset({"run", "demo", "serve", "smoke-test", "convert-awq", "export-gguf"})
-IN_PROCESS = os.environ.get("FTPIPE_TEST_CLI", "subprocess") == "in-process"
+IN_PROCESS = os.environ.get("FTPIPE_TEST_CLI", "in-process") == "in-process"
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 900,
