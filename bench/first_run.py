@@ -16,7 +16,8 @@ its time since the start. Then the phases:
 
 Standard library only: runs with the system Python before any environment exists. Wall-clock
 figures from a shared 2-core machine are noisy; run it on an otherwise idle machine.
-Targets (issue 18): report within 600 s, first training step within 180 s, second run within 10 s.
+Targets: report (with the export-gguf stage) within 300 s (issue 28; 600 s before), first training step
+within 180 s, second run within 10 s.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TARGETS = {"report": 600.0, "first_step": 180.0, "second_run": 10.0}
+TARGETS = {"report": 300.0, "first_step": 180.0, "second_run": 10.0}
 
 
 def run_streaming(argv: list[str], cwd: Path, env: dict[str, str], t0: float) -> tuple[int, list[tuple[float, str]]]:
