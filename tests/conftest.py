@@ -171,19 +171,13 @@ def session_stamp() -> str:
 
 @pytest.fixture
 def project(tmp_path, tiny_model_dir) -> Path:
-    """A project folder: config.yaml pointing at the tiny model and a copy of the demo data."""
-    import shutil
+    """A project folder: config.yaml pointing at the tiny model and a copy of the demo data (not prepared)."""
+    from tests.project_factory import make_project
 
-    (tmp_path / "data").mkdir()
-    shutil.copy(REPO / "data/demo/sentiment.jsonl", tmp_path / "data/sentiment.jsonl")
-    (tmp_path / "config.yaml").write_text(
-        f"model:\n  path: {tiny_model_dir}\n"
-        "data:\n  name: sentiment\n  source: data/sentiment.jsonl\n"
-        "preprocess:\n  max_length: 256\n"
-        "finetune:\n  max_steps: 20\n  batch_size: 4\n  max_length: 256\n  logging_steps: 5\n  save_steps: 10\n",
-        encoding="utf-8",
-    )
-    return tmp_path
+    return make_project(tmp_path, tiny_model_dir, {
+        "preprocess": {"max_length": 256},
+        "finetune": {"max_steps": 20, "batch_size": 4, "max_length": 256, "logging_steps": 5, "save_steps": 10},
+    })
 
 
 # Time per tier (the first folder under tests/, fast and slow apart), printed at the end of every run

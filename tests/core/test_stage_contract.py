@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
-import shutil
 import socket
 import sys
 import typing
@@ -22,7 +21,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
 from tests.dpo_fixture import copy_project
 
 from ftpipe import stages
@@ -128,12 +126,9 @@ def test_every_stage_has_check_plan_and_run(row: stages.Stage) -> None:
 
 @pytest.fixture(scope="module")
 def checked_project(sft_dpo_project, tmp_path_factory) -> Path:
-    """A copy of the SFT -> DPO project with the raw files its config names (so the data checks pass)."""
-    root = copy_project(sft_dpo_project, tmp_path_factory.mktemp("contract") / "proj")
-    (root / "data").mkdir(exist_ok=True)
-    shutil.copy(REPO / "data/demo/sentiment.jsonl", root / "data/sentiment.jsonl")
-    shutil.copy(REPO / "data/demo/preference.jsonl", root / "data/sentiment-pref.jsonl")
-    return root
+    """A copy of the SFT -> DPO project; it holds the raw files its config names (tests/project_factory.py),
+    so the data checks pass."""
+    return copy_project(sft_dpo_project, tmp_path_factory.mktemp("contract") / "proj")
 
 
 def _check(row: stages.Stage, root: Path):

@@ -13,13 +13,13 @@ tests/dpo_fixture.py: tests/serve uses them too.
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+import tests.project_factory as factory
+
 RUN = "r1"
 SYSTEM = "Label the sentiment of the review as positive or negative."
 
@@ -47,36 +47,19 @@ checks:
 """
 
 
-def make_project(root: Path, model_dir: Path) -> Path:
-    """config.yaml, the tiny model copied in (so the adapter's base path is project-relative),
-    the demo data split 90/10 into prepared/sentiment/, a metadata.json, and the checks file."""
-    root.mkdir(parents=True, exist_ok=True)
+def make_project(root: Path, model_dir: Path, *, prepared: bool = True) -> Path:
+    """The tiny model copied in (so the adapter's base path is project-relative), the demo data
+    prepared by preprocess-sft unless `prepared` is false (720 train, 80 val rows: the checks'
+    reviews are in neither), the eval settings and the checks file."""
     # Stage venvs are looked up in the project root first (then the ftpipe checkout): the train
     # venv is linked here, .venv-awq is not (the awq test points FTPIPE_VENV_ROOT here to hide it).
-    (root / ".venv").symlink_to(REPO / ".venv", target_is_directory=True)
-    shutil.copytree(model_dir, root / "models" / "tiny")
-    (root / "config.yaml").write_text(
-        "model:\n  path: models/tiny\n"
-        "data:\n  name: sentiment\n  source: data/sentiment.jsonl\n"
-        "eval:\n  prompts_file: eval_checks.yaml\n  max_new_tokens: 8\n  samples: 2\n"
-        "report:\n  title: Eval test report <sentiment & co>\n",
-        encoding="utf-8",
+    return factory.make_project(
+        root, model_dir, {
+            "eval": {"prompts_file": "eval_checks.yaml", "max_new_tokens": 8, "samples": 2},
+            "report": {"title": "Eval test report <sentiment & co>"},
+        },
+        model_in="models/tiny", prepared=prepared, venvs=[".venv"], files={"eval_checks.yaml": CHECKS_YAML},
     )
-    (root / "eval_checks.yaml").write_text(CHECKS_YAML, encoding="utf-8")
-    rows = (REPO / "data/demo/sentiment.jsonl").read_text(encoding="utf-8").splitlines()
-    random.Random(0).shuffle(rows)
-    val, train = rows[:80], rows[80:]
-    prepared = root / "prepared" / "sentiment"
-    prepared.mkdir(parents=True)
-    (prepared / "train.jsonl").write_text("\n".join(train) + "\n", encoding="utf-8")
-    (prepared / "val.jsonl").write_text("\n".join(val) + "\n", encoding="utf-8")
-    (prepared / "metadata.json").write_text(json.dumps({  # the shape preprocess-sft writes
-        "dataset": "sentiment", "source": {"path": "data/sentiment.jsonl"}, "format": "messages",
-        "counts": {"read": 800, "kept": 800, "train": len(train), "val": len(val), "truncated": 0, "dropped": {}},
-        "tokens": {"rows": 800, "min": 22, "mean": 31.5, "max": 41, "p50": 31, "p90": 36, "p95": 38, "p99": 40,
-                   "histogram": {"edges": [20, 25, 30, 35, 40, 45], "counts": [40, 300, 380, 70, 10]}},
-    }), encoding="utf-8")
-    return root
 
 
 def fine_tune(root: Path, max_steps: int = 200, lr: float = 1e-3, scheduler: str = "cosine") -> None:
@@ -188,21 +171,21 @@ OPPOSITE = {"positive": "negative", "negative": "positive"}
 
 
 def write_pairs(root: Path) -> None:
-    """prepared/sentiment-pref/ in the shape preprocess-dpo writes (`ftpipe.handoff.pairs`), made from
-    the prepared sentiment split: prompt = system + review, chosen = the right label, rejected = the
-    other one; and the `preference` section in config.yaml that names it."""
-    out = root / "prepared" / PREF
-    out.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "val"):
+    """prepared/sentiment-pref/ by preprocess-dpo from pairs made of the prepared sentiment split
+    (prompt = system + review, chosen = the right label, rejected = the other one), its train and
+    val pairs from the split's train and val rows (data/sentiment-pref.jsonl, sentiment-pref_val.jsonl),
+    so the held-out pairs are held out from the SFT run too; and the `preference` section naming them."""
+    for split, source in (("train", f"data/{PREF}.jsonl"), ("val", f"data/{PREF}_val.jsonl")):
         lines = []
         for line in (root / "prepared" / "sentiment" / f"{split}.jsonl").read_text(encoding="utf-8").splitlines():
             messages = json.loads(line)["messages"]
             label = messages[-1]["content"]
             lines.append(json.dumps({"prompt": messages[:-1], "chosen": [{"role": "assistant", "content": label}],
                                      "rejected": [{"role": "assistant", "content": OPPOSITE[label]}]}))
-        (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    with open(root / "config.yaml", "a", encoding="utf-8") as fh:
-        fh.write(f"preference:\n  name: {PREF}\n  source: data/sentiment-pref.jsonl\n")
+        (root / source).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    factory.update_config(root, {"preference": {"name": PREF, "source": f"data/{PREF}.jsonl",
+                                                "val_source": f"data/{PREF}_val.jsonl"}})
+    factory.prepare(root, "preprocess-dpo")
 
 
 def dpo_tune(root: Path, max_steps: int = 20, pairs: int = 80) -> None:

@@ -114,8 +114,10 @@ def test_report_renders_in_chromium(evaluated, tmp_path):
 
 
 def test_report_of_a_partial_run(tmp_path, tiny_model_dir):
-    """Nothing but a run folder: every section says "not available", the stage still completes."""
-    root = make_project(tmp_path / "proj", tiny_model_dir)
+    """Nothing but a run folder (and a metadata.json of another shape, no preprocess-sft manifest):
+    every section says "not available", the stage still completes."""
+    root = make_project(tmp_path / "proj", tiny_model_dir, prepared=False)
+    (root / "prepared" / "sentiment").mkdir(parents=True)
     (root / "prepared" / "sentiment" / "metadata.json").write_text('{"rows": 3, "weird": {"histogram": "n/a"}}')
     (root / "outputs" / "r0").mkdir(parents=True)
     result = cli("report", root, "--run", "r0")

@@ -1,8 +1,8 @@
 """convert-awq: pre-flight errors (fast) and a real AWQ run on the CPU in the awq environment (slow).
 
 The run fixture is a project folder with a tiny merged model (a tiny model copied to
-outputs/<run>/merged, its export-merged manifest fabricated through `ftpipe.core.stage.execute`)
-and the demo data prepared as messages rows. The CLI runs in the train venv and delegates to the
+outputs/<run>/merged under an export-merged manifest written by `record_stage`) and the demo data
+prepared by preprocess-sft. The CLI runs in the train venv and delegates to the
 checkout's `.venv-awq` (the executor's fallback for a project folder without its own venvs).
 """
 
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import tests.project_factory as factory
 from tests.conftest import REPO, run_cli
 
 AWQ_VENV = REPO / ".venv-awq"
@@ -35,30 +36,24 @@ AWQ_SETTINGS = (
 
 
 def make_project(root: Path, model_dir: Path, *, merged: bool = True) -> Path:
-    """A project with prepared demo data, run r1 and (optionally) a completed export-merged."""
+    """A project with the demo data prepared by preprocess-sft, run r1 and (optionally) a completed
+    export-merged (the model copied in under `record_stage`); returns its config.yaml."""
+    from stage_record import record_stage
+
     from ftpipe.config import load_config
     from ftpipe.core.runs import Project, new_run
-    from ftpipe.core.stage import StageContext, StageResult, execute
+    from ftpipe.core.stage import StageResult
 
-    root.mkdir(parents=True, exist_ok=True)
+    factory.make_project(root, model_dir, AWQ_SETTINGS, prepared=True)
     config = root / "config.yaml"
-    config.write_text(
-        f"model:\n  path: {model_dir}\ndata:\n  name: sentiment\n  source: data/sentiment.jsonl\n"
-        + AWQ_SETTINGS,
-        encoding="utf-8",
-    )
-    rows = (REPO / "data/demo/sentiment.jsonl").read_text(encoding="utf-8").splitlines()
-    assert all("messages" in json.loads(r) for r in rows)  # already in messages form
-    prepared = root / "prepared/sentiment"
-    prepared.mkdir(parents=True, exist_ok=True)
-    (prepared / "train.jsonl").write_text("\n".join(rows[:720]) + "\n", encoding="utf-8")
-    (prepared / "val.jsonl").write_text("\n".join(rows[720:]) + "\n", encoding="utf-8")
     loaded = load_config(config)
     run = new_run(Project.from_config(loaded), RUN)
     if merged:
-        shutil.copytree(model_dir, run.merged)
-        ctx = StageContext.for_run("export-merged", loaded, run)
-        execute(ctx, lambda c: None, lambda c, p: StageResult(outputs=[run.merged]), sections=("merge",), inputs={})
+        def body(ctx):
+            shutil.copytree(model_dir, run.merged)
+            return StageResult(outputs=[run.merged])
+
+        record_stage("export-merged", loaded, run, body)
     return config
 
 

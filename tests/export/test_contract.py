@@ -58,16 +58,21 @@ print(json.dumps({"inputs": sorted(inputs), "loaded": sorted(m for m in ("llmcom
 def test_check_imports_nothing_of_the_stage_environment(tmp_path, tiny_model_dir, stage, env, inputs):
     """`check` inside the awq / gguf venv (where it runs again after the host pre-flight) passes on a
     completed export-merged without importing llm-compressor or llama_cpp."""
+    from stage_record import record_stage
+
     from ftpipe.config import load_config
     from ftpipe.core.runs import Project, new_run
-    from ftpipe.core.stage import StageContext, StageResult, execute
+    from ftpipe.core.stage import StageResult
 
     root = make_project(tmp_path / "p", tiny_model_dir)
     loaded = load_config(root / "config.yaml")
     run = new_run(Project.from_config(loaded), "r1")
-    execute(StageContext.for_run("export-merged", loaded, run), lambda c: None,
-            lambda c, p: (shutil.copytree(tiny_model_dir, run.merged), StageResult(outputs=[run.merged]))[1],
-            sections=("merge",), inputs={})
+
+    def merged(ctx):
+        shutil.copytree(tiny_model_dir, run.merged)
+        return StageResult(outputs=[run.merged])
+
+    record_stage("export-merged", loaded, run, merged)
     python = REPO / f".venv-{env}/bin/python"
     proc = subprocess.run(
         [str(python), "-c", CHECK_IN_ENV, str(root / "config.yaml"), stage], cwd=root, capture_output=True,

@@ -74,18 +74,22 @@ def test_full_model_as_adapter_is_refused(tmp_path, tiny_model_dir):
     """A merged/full model where the adapter should be: nothing to merge, one clear line, exit 2."""
     import shutil
 
+    from stage_record import record_stage
+
     from ftpipe.config import load_config
     from ftpipe.core.runs import Project, new_run
-    from ftpipe.core.stage import StageContext, StageResult, execute
+    from ftpipe.core.stage import StageResult
     from tests.export.conftest import make_project
 
     root = make_project(tmp_path / "p", tiny_model_dir)
     loaded = load_config(root / "config.yaml")
     run = new_run(Project.from_config(loaded), "r1")
-    execute(StageContext.for_run("finetune-sft", loaded, run),
-            lambda ctx: None,
-            lambda ctx, plan: (shutil.copytree(tiny_model_dir, run.adapter), StageResult(outputs=[run.adapter]))[1],
-            sections=("finetune",), inputs={})
+
+    def full_model_as_adapter(ctx):
+        shutil.copytree(tiny_model_dir, run.adapter)
+        return StageResult(outputs=[run.adapter])
+
+    record_stage("finetune-sft", loaded, run, full_model_as_adapter)
     result = run_cli("export-merged", "--config", str(root / "config.yaml"), "--run", "r1", cwd=root)
     assert result.code == 2
     assert ("error: outputs/r1/adapter is a full model (config.json, no adapter_config.json): there is "

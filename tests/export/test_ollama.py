@@ -18,21 +18,23 @@ from tests.export.fake_ollama import FakeOllama
 @pytest.fixture(scope="module")
 def gguf_run(tmp_path_factory, tiny_model_dir):
     """A run whose export-gguf is completed: merged/ = the tiny model, gguf/model-q8_0.gguf = bytes."""
+    from stage_record import record_stage
+
     from ftpipe.config import load_config
     from ftpipe.core.runs import Project, new_run
-    from ftpipe.core.stage import StageContext, StageResult, execute
+    from ftpipe.core.stage import StageResult
 
     root = make_project(tmp_path_factory.mktemp("proj-ollama"), tiny_model_dir)
     loaded = load_config(root / "config.yaml")
     run = new_run(Project.from_config(loaded), "r1")
 
-    def body(ctx, plan):
+    def body(ctx):
         shutil.copytree(tiny_model_dir, run.merged)
         run.gguf.mkdir(parents=True)
         (run.gguf / "model-q8_0.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 64)
         return StageResult(outputs=[run.gguf])
 
-    execute(StageContext.for_run("export-gguf", loaded, run), lambda c: None, body, sections=("gguf",), inputs={})
+    record_stage("export-gguf", loaded, run, body)
     return root
 
 
@@ -59,10 +61,14 @@ def test_rest_call_sequence_template_and_stops(gguf_run):
         assert created["parameters"] == {"stop": ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]}
         assert created["template"].startswith("{{- range .Messages }}<|im_start|>")
         assert created["stream"] is False
-        # The prompt the server built is the tiny model's ChatML for the val conversation.
+        # The prompt the server built is the tiny model's ChatML for the first val conversation
+        # (system and user turn; the answer left off).
+        system, user, answer = json.loads(
+            (gguf_run / "prepared/sentiment/val.jsonl").read_text(encoding="utf-8").splitlines()[0])["messages"]
+        assert (system["role"], user["role"], answer["role"]) == ("system", "user", "assistant")
         assert fake.prompts == [
-            "<|im_start|>system\nYou label reviews.<|im_end|>\n"
-            "<|im_start|>user\nLabel the review: the film was wonderful.<|im_end|>\n<|im_start|>assistant\n"
+            f"<|im_start|>system\n{system['content']}<|im_end|>\n"
+            f"<|im_start|>user\n{user['content']}<|im_end|>\n<|im_start|>assistant\n"
         ]
         # Second time: the server has the blob, so no upload.
         again = _load(gguf_run, fake.url)
@@ -152,23 +158,25 @@ def test_template_that_renders_differently_exits_2(gguf_run, tmp_path):
                                   pytest.param("gemma", marks=pytest.mark.slow)])
 def test_dry_run_per_family(family_model, tmp_path, name):
     """Each family's merged folder: the Modelfile carries its Go template and every end-of-turn token."""
+    from stage_record import record_stage
+
     from ftpipe.config import load_config
     from ftpipe.core.runs import Project, new_run
-    from ftpipe.core.stage import StageContext, StageResult, execute
+    from ftpipe.core.stage import StageResult
     from ftpipe.export.chat_families import FAMILIES
 
     model = family_model(name)
-    root = make_project(tmp_path / "p", model)
+    root = make_project(tmp_path / "p", model, prepared=False)  # a dry run chats with nobody: no val split needed
     loaded = load_config(root / "config.yaml")
     run = new_run(Project.from_config(loaded), "r1")
 
-    def body(ctx, plan):
+    def body(ctx):
         shutil.copytree(model, run.merged)
         run.gguf.mkdir(parents=True)
         (run.gguf / "model-q8_0.gguf").write_bytes(b"GGUF")
         return StageResult(outputs=[run.gguf])
 
-    execute(StageContext.for_run("export-gguf", loaded, run), lambda c: None, body, sections=("gguf",), inputs={})
+    record_stage("export-gguf", loaded, run, body)
     result = run_cli("ollama-load", "--config", str(root / "config.yaml"), "--run", "r1", "--dry-run", cwd=root)
     assert result.code == 0, result.output
     metrics = json.loads((root / "logs/r1/ollama-load/manifest.json").read_text())["metrics"]

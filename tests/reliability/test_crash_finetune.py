@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from ftpipe.training.checkpoints import checkpoint_problems, checkpoint_step, latest_complete_checkpoint
-from tests.conftest import REPO, run_cli
+from tests.conftest import run_cli
 from tests.training.conftest import ENV, log_history, write_project
 
 MAX_STEPS = 10
@@ -60,11 +60,10 @@ def _wait(predicate, proc: subprocess.Popen, what: str) -> None:
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_each_time(tmp_path, tiny_model_dir):
-    root = write_project(tmp_path / "proj", tiny_model_dir)
-    # A larger validation set: the final evaluation, between the last checkpoint and the
-    # published adapter, then lasts long enough (about a second) to be killed in.
-    rows = (REPO / "data/demo/sentiment.jsonl").read_text(encoding="utf-8").splitlines()
-    (root / "prepared/sentiment/val.jsonl").write_text("\n".join(rows[176:]) + "\n", encoding="utf-8")
+    # A larger validation set (all 800 demo rows prepared, 624 of them val): the final evaluation,
+    # between the last checkpoint and the published adapter, then lasts long enough (about a
+    # second) to be killed in.
+    root = write_project(tmp_path / "proj", tiny_model_dir, {"preprocess": {"limit": None, "val_fraction": 0.78}})
     config = str(root / "config.yaml")
     straight = run_cli("finetune-sft", "--config", config, "--run", "straight", *STEPS, cwd=root, env=ENV)
     assert straight.code == 0, straight.output

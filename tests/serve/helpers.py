@@ -1,5 +1,6 @@
 """Helpers for the serve tests: a tiny model that answers a fixed word and then stops at EOS, a
-project whose run holds it as a completed `export-merged` output, and a free loopback port.
+project (tests/project_factory.py) whose run holds it as a completed `export-merged` output, and a
+free loopback port.
 
 A random-init tiny model never emits EOS, so a smoke test of "answers stop at EOS" would always
 fail on it. `make_answering_model` turns the tiny untied Qwen2 into a deterministic bigram model:
@@ -85,34 +86,26 @@ def fabricate_merged(project_dir: Path, run_name: str, model_dir: Path) -> None:
     assert result.manifest["status"] == "completed"
 
 
-def write_project(root: Path, base_model: Path, port: int, checks: list[dict] | None = None) -> Path:
-    """config.yaml + prepared/sentiment/val.jsonl (+ a prompt-checks file); returns the config path."""
-    (root / "prepared/sentiment").mkdir(parents=True, exist_ok=True)
-    rows = [
-        {"messages": [
-            {"role": "system", "content": "Label the sentiment of the review as positive or negative."},
-            {"role": "user", "content": f"Review {i}: a lovely, sturdy scarf."},
-            {"role": "assistant", "content": "positive"},
-        ]}
-        for i in range(6)
-    ]
-    (root / "prepared/sentiment/val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+def write_project(root: Path, base_model: Path, port: int, checks: list[dict] | None = None,
+                  config: str | dict | None = None) -> Path:
+    """A project on `base_model` serving on `port`: the demo data prepared by preprocess-sft (the
+    smoke test's prompts are its val split), a prompt-checks file, serve and smoke-test settings
+    (`config` over them); returns the config path."""
+    from tests.project_factory import make_project, merge
+
     checks = checks if checks is not None else [
         {"name": "exact", "system": "Label it.", "prompt": "A lovely scarf.", "expect": {"exact": ANSWER}},
         {"name": "contains", "prompt": "Anything at all?", "expect": {"contains": "posit"}},
         {"name": "regex", "prompt": "Say something.", "expect": {"regex": "^pos.*ve$"}},
     ]
-    (root / "checks.json").write_text(json.dumps({"checks": checks}))
-    config = root / "config.yaml"
-    config.write_text(
-        f"model:\n  path: {base_model}\n"
-        "data:\n  name: sentiment\n  source: data/sentiment.jsonl\n"
-        "eval:\n  prompts_file: checks.json\n"
-        f"serve:\n  port: {port}\n  startup_timeout: 900\n  max_model_len: 256\n"
-        "smoke_test:\n  prompts: 3\n  max_tokens: 16\n  timeout: 120\n",
-        encoding="utf-8",
-    )
-    return config
+    settings = {
+        "eval": {"prompts_file": "checks.json"},
+        "serve": {"port": port, "startup_timeout": 900, "max_model_len": 256},
+        "smoke_test": {"prompts": 3, "max_tokens": 16, "timeout": 120},
+    }
+    root = make_project(root, base_model, merge(settings, config or {}), prepared=True,
+                        files={"checks.json": json.dumps({"checks": checks})})
+    return root / "config.yaml"
 
 
 def require_serve_env() -> None:

@@ -80,8 +80,7 @@ def stub_project(tmp_path_factory, answering_model):
     log = root / "logs/run-s/serve/server.log"
     log.parent.mkdir(parents=True)
     stub = Stub(log)
-    config = write_project(root, answering_model, stub.port)
-    config.write_text(config.read_text().replace("  timeout: 120\n", "  timeout: 2\n"), encoding="utf-8")
+    config = write_project(root, answering_model, stub.port, config={"smoke_test": {"timeout": 2}})
     fabricate_merged(root, "run-s", answering_model)
     yield root, config, stub
     stub.server.shutdown()

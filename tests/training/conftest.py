@@ -1,47 +1,34 @@
-"""Fixtures for finetune-sft tests: a project with a prepared dataset (written here, not by preprocess-sft)."""
+"""Fixtures for finetune-sft tests: a project with the demo data prepared by preprocess-sft."""
 
 from __future__ import annotations
 
 import json
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.conftest import REPO
+import tests.project_factory as factory
 
-# Small and fast on a shared 2-core CPU: 8 steps of 2 x 128 packed tokens.
-FINETUNE_YAML = """\
-finetune:
-  max_steps: 8
-  batch_size: 2
-  max_length: 128
-  learning_rate: 2.0e-3
-  warmup_ratio: 0.0
-  lora_r: 16
-  lora_alpha: 32
-  lora_dropout: 0.0
-  logging_steps: 2
-  save_steps: 4
-  seed: 7
-"""
+# Small and fast on a shared 2-core CPU: 8 steps of 2 x 128 packed tokens, on the first 176 demo
+# rows (160 train, 16 val: a val set that evaluates in a blink).
+SETTINGS = {
+    "preprocess": {"limit": 176, "val_fraction": 0.091},
+    "finetune": {
+        "max_steps": 8, "batch_size": 2, "max_length": 128, "learning_rate": 2.0e-3, "warmup_ratio": 0.0,
+        "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "logging_steps": 2, "save_steps": 4, "seed": 7,
+    },
+}
 
 ENV = {"FTPIPE_ENV": "train"}  # the test interpreter is the train venv: run stages in-process
 
 
-def write_project(root: Path, model_dir: Path, extra_yaml: str = "") -> Path:
-    """config.yaml + prepared/sentiment/{train,val}.jsonl (messages rows) under `root`."""
-    rows = (REPO / "data/demo/sentiment.jsonl").read_text(encoding="utf-8").splitlines()
-    prepared = root / "prepared" / "sentiment"
-    prepared.mkdir(parents=True, exist_ok=True)
-    for row in rows[:40]:
-        assert json.loads(row)["messages"]
-    (prepared / "train.jsonl").write_text("\n".join(rows[:160]) + "\n", encoding="utf-8")
-    (prepared / "val.jsonl").write_text("\n".join(rows[160:176]) + "\n", encoding="utf-8")
-    (root / "config.yaml").write_text(
-        f"model:\n  path: {model_dir}\ndata:\n  name: sentiment\n" + FINETUNE_YAML + extra_yaml, encoding="utf-8"
-    )
-    return root
+def write_project(root: Path, model_dir: Path, config: str | dict[str, Any] = "", *, preference: bool = False) -> Path:
+    """A project under `root` on `model_dir` with SETTINGS and `config` over them (YAML text or a
+    dict, merged key by key), prepared by preprocess-sft (and preprocess-dpo: the demo pairs, with
+    `preference`)."""
+    return factory.make_project(root, model_dir, factory.merge(SETTINGS, config), preference=preference, prepared=True)
 
 
 @pytest.fixture(scope="module")

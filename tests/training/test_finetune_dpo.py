@@ -17,6 +17,7 @@ import pytest
 
 from ftpipe.training.checkpoints import checkpoint_problems
 from tests.conftest import REPO, run_cli
+from tests.project_factory import make_project
 from tests.training.conftest import ENV
 
 # The demo's recommended `dpo:` settings (docs/dpo.md), on the demo preference set
@@ -30,14 +31,6 @@ def _read(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def write_pairs(root: Path, name: str = "preference") -> None:
-    """prepared/<name>/{train,val}.jsonl in the hand-off format (what preprocess-dpo writes)."""
-    prepared = root / "prepared" / name
-    prepared.mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO / "data/demo/preference.jsonl", prepared / "train.jsonl")
-    shutil.copy(REPO / "data/demo/preference_val.jsonl", prepared / "val.jsonl")
-
-
 def _load(root: Path, *overrides: str):
     from ftpipe.config import load_config
 
@@ -47,7 +40,8 @@ def _load(root: Path, *overrides: str):
 @pytest.fixture(scope="module")
 def dpo_project(tmp_path_factory) -> Path:
     """The demo's SFT model: debug_config.yaml's tiny model, preprocess-sft and finetune-sft settings
-    (run `demo`), plus the demo preference pairs prepared and the recommended `dpo:` settings."""
+    (run `demo`), plus the demo preference pairs prepared by preprocess-dpo (400 train, 60 val) and
+    the recommended `dpo:` settings."""
     import yaml
 
     from ftpipe.core.config import TinyModelConfig
@@ -56,15 +50,9 @@ def dpo_project(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("dpoproj")
     demo = yaml.safe_load((REPO / "debug_config.yaml").read_text(encoding="utf-8"))
-    (root / "data").mkdir()
-    shutil.copy(REPO / "data/demo/sentiment.jsonl", root / "data/sentiment.jsonl")
-    build(root / "models/tiny", TinyModelConfig(**demo["model"]["tiny"]), [root / "data/sentiment.jsonl"])
-    config = {"model": {"path": "models/tiny"}, "data": {"name": "sentiment", "source": "data/sentiment.jsonl"},
-              "preprocess": demo["preprocess"], "finetune": demo["finetune"], "preference": {"name": "preference"},
-              "dpo": DEMO_DPO}
-    (root / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    write_pairs(root)
-    run_stage("preprocess-sft", _load(root))
+    build(root / "models/tiny", TinyModelConfig(**demo["model"]["tiny"]), [REPO / "data/demo/sentiment.jsonl"])
+    make_project(root, root / "models/tiny", {"preprocess": demo["preprocess"], "finetune": demo["finetune"],
+                                              "dpo": DEMO_DPO}, preference=True, prepared=True)
     run_stage("finetune-sft", _load(root), "demo")
     return root
 

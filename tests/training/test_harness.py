@@ -8,7 +8,6 @@ loop) would not be recorded, and DPO, which used to skip the memory setting, now
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -42,11 +41,8 @@ def test_sft_and_dpo_train_through_the_harness(tmp_path: Path, tiny_model_dir: P
     from ftpipe.config import load_config
     from ftpipe.stages import run_stage
 
-    project = write_project(tmp_path, tiny_model_dir, "preference:\n  name: preference\n"
-                            "dpo:\n  max_steps: 2\n  batch_size: 2\n  max_length: 128\n  save_steps: 100\n")
-    prepared = project / "prepared/preference"
-    prepared.mkdir(parents=True)
-    shutil.copy(REPO / "data/demo/preference.jsonl", prepared / "train.jsonl")
+    project = write_project(tmp_path, tiny_model_dir, {"dpo": {"max_steps": 2, "batch_size": 2, "max_length": 128,
+                                                               "save_steps": 100}}, preference=True)
     loaded = load_config(project / "config.yaml", ["finetune.max_steps=2", "finetune.save_steps=100"])
 
     sft = run_stage("finetune-sft", loaded, "h")

@@ -41,11 +41,8 @@ CLI_ENV = {**os.environ, **ENV, "COLUMNS": "200", "NO_COLOR": "1"}
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_model_dir) -> Path:
-    extra = "  precision: fp32\n  lr_scheduler: constant\n"
-    root = write_project(tmp_path_factory.mktemp("scale"), tiny_model_dir, extra)
-    text = (root / "config.yaml").read_text().replace("max_steps: 8", f"max_steps: {STEPS}")
-    (root / "config.yaml").write_text(text)
-    return root
+    return write_project(tmp_path_factory.mktemp("scale"), tiny_model_dir,
+                         {"finetune": {"precision": "fp32", "lr_scheduler": "constant", "max_steps": STEPS}})
 
 
 def finetune(project: Path, run: str, *args: str):
