@@ -121,7 +121,10 @@ def test_every_stage_has_check_plan_and_run(row: stages.Stage) -> None:
     plan_type = typing.get_type_hints(module.plan)["return"]
     assert dataclasses.is_dataclass(plan_type) and plan_type.__dataclass_params__.frozen, plan_type
     assert plan_type.__name__ == "".join(w.capitalize() for w in row.name.split("-")) + "Plan"
+    assert plan_type.__module__ == row.module  # the stage's own plan, not a shared catch-all
+    assert [f.name for f in dataclasses.fields(plan_type)] == list(typing.get_type_hints(plan_type))  # typed fields
     assert typing.get_type_hints(module.run)["plan"] is plan_type
+    assert set(typing.get_type_hints(module.check)) == {"ctx", "return"}
 
 
 @pytest.fixture(scope="module")

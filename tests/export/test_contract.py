@@ -1,43 +1,19 @@
-"""The export stages follow the stage contract (ftpipe/core/stage.py): check(ctx), plan(ctx) -> a frozen
-<Stage>Plan, run(ctx, plan); and the checks that run on the host before delegating (convert-awq,
-export-gguf) import nothing of the environment they delegate to, even when run inside it.
+"""The export stages' checks that run on the host before delegating (convert-awq, export-gguf) import
+nothing of the environment they delegate to, even when run inside it. (The contract's shape, for
+every stage: tests/core/test_stage_contract.py.)
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m pytest tests/export/test_contract.py
 """
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import json
 import shutil
 import subprocess
-import typing
 
 import pytest
 
 from tests.export.conftest import REPO, make_project
-
-STAGES = {
-    "ftpipe.export.export_merged": "ExportMergedPlan",
-    "ftpipe.export.convert_awq": "ConvertAwqPlan",
-    "ftpipe.export.export_gguf": "ExportGgufPlan",
-    "ftpipe.export.ollama_load": "OllamaLoadPlan",
-}
-
-
-@pytest.mark.parametrize("name, plan_name", STAGES.items())
-def test_check_plan_run(name, plan_name):
-    module = importlib.import_module(name)
-    assert not hasattr(module, "prepare")
-    plan_type = typing.get_type_hints(module.plan)["return"]
-    assert plan_type.__name__ == plan_name and plan_type.__module__ == name
-    assert dataclasses.is_dataclass(plan_type) and plan_type.__dataclass_params__.frozen
-    hints = typing.get_type_hints(plan_type)
-    assert [f.name for f in dataclasses.fields(plan_type)] == list(hints)
-    assert typing.get_type_hints(module.run)["plan"] is plan_type
-    assert set(typing.get_type_hints(module.check)) == {"ctx", "return"}
-
 
 CHECK_IN_ENV = r"""
 import json, sys
