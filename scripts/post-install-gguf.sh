@@ -17,16 +17,30 @@ if [ -f "$dest/FTPIPE_ORIGIN" ] && [ "$(cat "$dest/FTPIPE_ORIGIN")" = "$origin" 
 else
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT
-  echo "post-install-gguf: fetching the llama-cpp-python $version sdist for convert_hf_to_gguf.py"
-  "$venv/bin/pip" download -q --no-deps --no-binary :all: "llama-cpp-python==$version" -d "$work" 2>&1 | grep -v '^WARNING: Location' || true
-  tar -xzf "$work"/llama_cpp_python-"$version".tar.gz -C "$work" \
-    "llama_cpp_python-$version/vendor/llama.cpp/convert_hf_to_gguf.py" \
-    "llama_cpp_python-$version/vendor/llama.cpp/conversion" \
-    "llama_cpp_python-$version/vendor/llama.cpp/gguf-py" \
-    "llama_cpp_python-$version/vendor/llama.cpp/LICENSE"
+  parts=(convert_hf_to_gguf.py conversion gguf-py LICENSE)
+  mkdir -p "$work/llama.cpp"
+  # uv has just compiled llama-cpp-python from this very sdist and keeps it unpacked in its cache
+  # (checked against the index's hash when it was downloaded): copying from there saves a second
+  # 77 MB download and pip's build of the sdist's metadata (about 30 s of a first run; docs/setup.md).
+  cached=""
+  if [ -x .uv/bin/uv ]; then
+    for candidate in "$(.uv/bin/uv cache dir 2>/dev/null)"/sdists-v*/pypi/llama-cpp-python/"$version"/*/src/vendor/llama.cpp; do
+      if [ -f "$candidate/convert_hf_to_gguf.py" ] && [ -d "$candidate/conversion" ] && [ -d "$candidate/gguf-py" ]; then cached=$candidate; break; fi
+    done
+  fi
+  if [ -n "$cached" ]; then
+    echo "post-install-gguf: convert_hf_to_gguf.py from the llama-cpp-python $version sdist in uv's cache"
+    for part in "${parts[@]}"; do cp -R "$cached/$part" "$work/llama.cpp/"; done
+  else
+    echo "post-install-gguf: fetching the llama-cpp-python $version sdist for convert_hf_to_gguf.py"
+    "$venv/bin/pip" download -q --no-deps --no-binary :all: "llama-cpp-python==$version" -d "$work" 2>&1 | grep -v '^WARNING: Location' || true
+    tar -xzf "$work"/llama_cpp_python-"$version".tar.gz -C "$work" "${parts[@]/#/llama_cpp_python-$version/vendor/llama.cpp/}"
+    rm -rf "$work/llama.cpp"
+    mv "$work/llama_cpp_python-$version/vendor/llama.cpp" "$work/llama.cpp"
+  fi
   rm -rf "$dest"
   mkdir -p "$(dirname "$dest")"
-  mv "$work/llama_cpp_python-$version/vendor/llama.cpp" "$dest"
+  mv "$work/llama.cpp" "$dest"
   echo "$origin" > "$dest/FTPIPE_ORIGIN"
   echo "post-install-gguf: converter -> $dest"
 fi
