@@ -21,3 +21,16 @@ if(CMAKE_SYSTEM_PROCESSOR MATCHES "^(x86_64|AMD64|amd64)$")
     set(${_ftpipe_feature} OFF CACHE BOOL "ftpipe: x86-64 AVX2 baseline" FORCE)
   endforeach()
 endif()
+
+# llama.cpp's own library `llama` (model loader, vocabulary, grammar, sampler, KV cache and the graph
+# builders of ~150 architectures) at -O1: it is about three quarters of the compile's CPU time and
+# none of the arithmetic, which is ggml's (its CPU kernels keep -O3). Measured on 2 cores: 182 CPU
+# seconds as -O3, 136 with `llama` at -O1 (docs/setup.md). Deferred to the end of llama.cpp's
+# top-level CMakeLists.txt, where the target exists; a compile option comes after the build type's
+# -O3 on the command line, so it wins.
+function(_ftpipe_llama_at_o1)
+  if(TARGET llama AND NOT MSVC)
+    target_compile_options(llama PRIVATE -O1)
+  endif()
+endfunction()
+cmake_language(DEFER CALL _ftpipe_llama_at_o1)
