@@ -25,8 +25,8 @@ from ftpipe.handoff.base_model import built_from
 
 log = logging.getLogger(__name__)
 
-# Pipeline order: the stage table's order. A server step (`serve`) means: start it detached, run
-# the stage that checks it (`smoke-test`), stop it.
+# Pipeline order: the stage table's order (but see pipeline_order). A server step (`serve`) means:
+# start it detached, run the stage that checks it (`smoke-test`), stop it.
 ORDER = table.PIPELINE
 
 
@@ -40,16 +40,31 @@ class StageOutcome:
     manifests: list[str] = field(default_factory=list)
 
 
-def select_stages(stages: list[str], start: str | None, stop: str | None) -> list[str]:
-    """The configured stages in pipeline order, cut to [start, stop].
+def pipeline_order(serve_artifact: str) -> list[str]:
+    """The order `ftpipe run` takes: the table's, except that the server step goes before export-gguf
+    when it serves another artifact than the GGUF.
+
+    Nothing in that step waits for the GGUF, whose environment (llama.cpp, compiled on first use) is
+    the last one a first run gets, so serving and checking the merged model overlaps that build
+    instead of waiting behind it (docs/setup.md: the first run).
+    """
+    if serve_artifact == "gguf" or "serve" not in ORDER or "export-gguf" not in ORDER:
+        return list(ORDER)
+    order = [name for name in ORDER if name != "serve"]
+    order.insert(order.index("export-gguf"), "serve")
+    return order
+
+
+def select_stages(stages: list[str], start: str | None, stop: str | None, order: list[str] = ORDER) -> list[str]:
+    """The configured stages in pipeline `order`, cut to [start, stop].
 
     Raises:
         ConfigError: unknown stage names, or --from/--to not among the stages.
     """
-    unknown = [s for s in stages if s not in ORDER]
+    unknown = [s for s in stages if s not in order]
     if unknown:
-        raise ConfigError(f"run.stages: unknown stage(s) {', '.join(unknown)}; known: {', '.join(ORDER)}")
-    chosen = [s for s in ORDER if s in stages]
+        raise ConfigError(f"run.stages: unknown stage(s) {', '.join(unknown)}; known: {', '.join(order)}")
+    chosen = [s for s in order if s in stages]
     for flag, name in (("--from", start), ("--to", stop)):
         if name is not None and name not in chosen:
             raise ConfigError(f"{flag} {name}: not one of the run's stages ({', '.join(chosen)})")
@@ -65,7 +80,7 @@ def open_pipeline_run(loaded, run_name: str | None, start: str | None, stop: str
         ConfigError: bad stage names; InputError: --runtime compose without its stack file or a Docker engine.
     """
     cfg = loaded.config
-    stages = select_stages(cfg.run.stages, start, stop)
+    stages = select_stages(cfg.run.stages, start, stop, pipeline_order(cfg.serve.artifact))
     project = Project.from_config(loaded)
     if cfg.runtime.mode == "compose":  # refuse before a run folder and latest.txt are written
         from ftpipe.core.executor import require_compose

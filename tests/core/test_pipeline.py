@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ftpipe.core.errors import ConfigError
-from ftpipe.pipeline import ORDER, select_stages
+from ftpipe.pipeline import ORDER, pipeline_order, select_stages
 
 
 def test_order_and_slicing() -> None:
@@ -14,6 +14,19 @@ def test_order_and_slicing() -> None:
     assert select_stages(configured, "finetune-sft", None) == ["finetune-sft", "export-merged", "report"]
     assert select_stages(configured, None, "export-merged") == ["preprocess-sft", "finetune-sft", "export-merged"]
     assert select_stages(ORDER, "serve", "serve") == ["serve"]
+
+
+def test_the_server_step_does_not_wait_for_the_gguf_it_does_not_serve() -> None:
+    """Serving merged (the demo), awq or adapters needs nothing from export-gguf, whose environment is the
+    last a first run builds: that step goes before it. Serving the GGUF keeps the table's order."""
+    assert pipeline_order("gguf") == ORDER
+    for artifact in ("merged", "awq", "adapter", "adapters"):
+        order = pipeline_order(artifact)
+        assert sorted(order) == sorted(ORDER)
+        assert order.index("serve") == order.index("export-gguf") - 1 == ORDER.index("export-gguf")
+        assert order[-1] == "report"
+    chosen = select_stages(["eval-sft", "export-gguf", "serve", "report"], "serve", None, pipeline_order("merged"))
+    assert chosen == ["serve", "export-gguf", "report"]
 
 
 def test_bad_stage_names() -> None:
