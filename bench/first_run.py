@@ -97,7 +97,7 @@ def first_training_step(clone: Path, t0: float) -> tuple[float, str] | None:
     best = None
     for log in clone.glob("logs/**/run.log"):
         for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
-            m = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO ftpipe\.training\.sft: (step \d+/\d+ loss .*)", line)
+            m = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO ftpipe\.training\.[a-z_]+: (step \d+/\d+ loss .*)", line)
             if m:
                 when = dt.datetime.strptime(m[1], "%Y-%m-%d %H:%M:%S,%f").timestamp() - t0
                 if best is None or when < best[0]:
