@@ -87,12 +87,24 @@ class Remote:
     url: str
 
 
-def input_record(project: Project, path: Path | Remote) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Pinned:
+    """An input named by an address whose content cannot change (a registry package at an exact
+    version: the index refuses a second upload of a file name). Unlike `Remote`, it is compared
+    by that address, so a stage with one is up to date when the address is the same; the plan
+    fetches it (and records the bytes' hash it got)."""
+
+    address: str
+
+
+def input_record(project: Project, path: Path | Remote | Pinned) -> dict[str, Any]:
     """Describe one input: a file by sha256; a folder by a digest of its files' names and sizes
     (weights are not re-hashed at every start); a stage output by its manifest's digest; a
-    `Remote` input by its address."""
+    `Remote` input by its address; a `Pinned` one by its address too (compared)."""
     if isinstance(path, Remote):
         return {"remote": path.url}
+    if isinstance(path, Pinned):
+        return {"pinned": path.address}
     path = Path(path)
     if path.name == "manifest.json":
         manifest = read_json(path) or {}

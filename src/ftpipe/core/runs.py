@@ -1,6 +1,7 @@
 """The one owner of paths: project folders, run folders and the `latest.txt` pointers.
 
     prepared/<dataset>/                 preprocess-sft
+    models/<model>/                     import-gguf (logs/_models/<model>/)
     outputs/<run>/adapter/ trainer_state/ merged/ awq/ gguf/ eval/ report.html
     logs/<run>/<stage>/run.log, console.log, manifest.json
     logs/latest.txt, outputs/latest.txt
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _SLUG = re.compile(r"[^a-z0-9]+")
 PREPARED_LOGS = "_prepared"  # logs/_prepared/<dataset>/: cannot clash with a run (names start alnum)
+MODEL_LOGS = "_models"  # logs/_models/<model>/: the manifest of the stage that wrote models/<model>/
+MODELS = "models"  # models/<model>/: model folders a stage writes into the project (import-gguf)
 
 
 def validate_name(name: str, what: str = "run name") -> str:
@@ -91,6 +94,14 @@ class Project:
     def prepared_log_dir(self, dataset: str) -> Path:
         """logs/_prepared/<dataset>/: logs and manifest of preprocess-sft for that dataset."""
         return self.logs / PREPARED_LOGS / validate_name(dataset, "dataset name")
+
+    def model_dir(self, name: str) -> Path:
+        """models/<name>/ (name validated): a model folder written into the project (import-gguf)."""
+        return self.root / MODELS / validate_name(name, "model name")
+
+    def model_log_dir(self, name: str) -> Path:
+        """logs/_models/<name>/: logs and manifest of the stage that wrote models/<name>/."""
+        return self.logs / MODEL_LOGS / validate_name(name, "model name")
 
     def latest_run_name(self) -> str | None:
         """The run named in outputs/latest.txt, if any."""
