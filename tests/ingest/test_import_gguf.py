@@ -68,6 +68,7 @@ def test_import_writes_a_verified_model_folder(imported) -> None:
     assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "chat_template.jinja"} <= set(files)
     assert leftovers(project, "smollm2") == ["smollm2"]
+    assert folder.stat().st_mode & 0o055 == (project / "models").stat().st_mode & 0o055  # not mkdtemp's 0700
     record = manifest(project)
     metrics = record["metrics"]
     assert record["status"] == "completed" and record["inputs"] == {"package": {"pinned": f"pypi:{PACKAGE}"}}

@@ -230,6 +230,9 @@ def run(ctx: StageContext, plan: ImportGgufPlan) -> StageResult:
         log.info("removing %s (left by an interrupted import)", ctx.project.rel(stale))
         shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{plan.name}.importing-", dir=plan.output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would follow the folder into models/
     try:
         started = time.monotonic()
         written = write_folder(plan, staging)
