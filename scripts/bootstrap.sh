@@ -111,10 +111,13 @@ for env in "$@"; do
     settings+=(--config-settings-package "${value//@REPO@/$PWD}")
   done < <(sed -n 's/^# config-settings: //p' "$lock")
   if [ ${#settings[@]} -gt 0 ]; then echo "bootstrap: compiling sdists with ${settings[*]//$PWD/@REPO@}"; fi
-  # --compile-bytecode: as pip does; without .pyc files (or with PYTHONDONTWRITEBYTECODE set) every
-  # start of a stage would compile its imports again (vLLM, llm-compressor: 10+ s each).
-  "$UV" pip install -q --compile-bytecode --python "$dir/bin/python" "${UV_ARGS[@]}" "${settings[@]}" -r "$lock"
+  "$UV" pip install -q --python "$dir/bin/python" "${UV_ARGS[@]}" "${settings[@]}" -r "$lock"
   "$UV" pip install -q --python "$dir/bin/python" "${UV_ARGS[@]}" --no-deps -e .
+  # .pyc files, as pip and `uv pip install --compile-bytecode` make them: without them (or with
+  # PYTHONDONTWRITEBYTECODE set) every start of a stage would compile its imports again (vLLM,
+  # llm-compressor: 10+ s each). Those of sources the finished environments share (torch,
+  # transformers, ...: the same files, linked from uv's cache) are linked from them, not compiled again.
+  "$dir/bin/python" scripts/share_bytecode.py "$dir" $(for other in $(ls requirements/*.lock | xargs -n1 basename | sed 's/\.lock$//'); do venv_dir "$other"; done)
   if [ -f "scripts/post-install-$env.sh" ]; then bash "scripts/post-install-$env.sh" "$dir"; fi
   "$dir/bin/python" -c "import ftpipe" # fail here, not in the middle of a test run
   lock_hash "$env" > "$dir/.ftpipe-lock"

@@ -8,6 +8,7 @@ before the suite starts). Here the background orchestration runs for real agains
 from __future__ import annotations
 
 import hashlib
+import os
 import importlib.util
 import re
 import shutil
@@ -69,7 +70,7 @@ def fake_checkout(tmp_path: Path) -> Path:
     root = tmp_path / "checkout"
     (root / "scripts").mkdir(parents=True)
     (root / "requirements").mkdir()
-    for name in ("bootstrap.sh", "pip_config_to_uv.py"):
+    for name in ("bootstrap.sh", "pip_config_to_uv.py", "share_bytecode.py"):
         shutil.copy(REPO / "scripts" / name, root / "scripts" / name)
     (root / "requirements/fake.lock").write_text("# no packages\n")
     version = re.search(r"^UV_VERSION=(\S+)$", (REPO / "scripts/bootstrap.sh").read_text(), re.M).group(1)
@@ -125,3 +126,40 @@ def test_a_foreground_bootstrap_waits_for_a_background_build(tmp_path: Path) -> 
     assert out.stdout == (f"bootstrap: .venv-fake is being built by pid {pid} (logs/bootstrap/fake.log); waiting for it\n"
                           "bootstrap: .venv-fake up to date\n")
     assert "built in" in (root / "logs/bootstrap/fake.log").read_text()
+
+
+def test_bytecode_is_linked_from_finished_environments_and_compiled_for_the_rest(tmp_path: Path) -> None:
+    """scripts/share_bytecode.py: a source that is the same file (uv links one inode into every venv)
+    gets the finished donor's .pyc by hard link; a different source, or one only an unfinished venv
+    has, is compiled; the interpreter accepts both (no recompile: the .pyc files stay as written)."""
+    import sysconfig
+
+    rel = Path(sysconfig.get_paths()["purelib"]).relative_to(sys.prefix)
+    venvs = {name: tmp_path / name for name in ("donor", "unfinished", "new")}
+    for venv in venvs.values():
+        (venv / rel / "pkg").mkdir(parents=True)
+    shared = venvs["donor"] / rel / "pkg/shared.py"
+    shared.write_text("VALUE = 'shared'\n")
+    os.link(shared, venvs["new"] / rel / "pkg/shared.py")
+    os.link(shared, venvs["unfinished"] / rel / "pkg/shared.py")
+    (venvs["donor"] / rel / "pkg/own.py").write_text("VALUE = 'donor'\n")
+    (venvs["new"] / rel / "pkg/own.py").write_text("VALUE = 'new'\n")
+    for name in ("unfinished", "donor"):  # the unfinished one's .pyc is as valid, but its build may still be under way
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(venvs[name] / rel)], check=True)
+    (venvs["donor"] / ".ftpipe-lock").write_text("x\n")
+    script = REPO / "scripts/share_bytecode.py"
+    out = subprocess.run([sys.executable, str(script), str(venvs["new"]), str(venvs["unfinished"]), str(venvs["donor"])],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "bytecode: 1 of 2 .pyc files linked from donor, the rest compiled\n"
+    pyc = {name: Path(importlib.util.cache_from_source(str(venvs[name] / rel / "pkg" / f"{mod}.py")))
+           for name, mod in (("donor", "shared"), ("new", "shared"))}
+    assert os.path.samefile(pyc["donor"], pyc["new"])
+    own = Path(importlib.util.cache_from_source(str(venvs["new"] / rel / "pkg/own.py")))
+    assert own.is_file() and not os.path.samefile(own, importlib.util.cache_from_source(str(venvs["donor"] / rel / "pkg/own.py")))
+    before = {p: p.stat().st_mtime_ns for p in (pyc["new"], own)}
+    loaded = subprocess.run([sys.executable, "-c", "import pkg.shared, pkg.own; print(pkg.shared.VALUE, pkg.own.VALUE, pkg.shared.__file__)"],
+                            env={"PYTHONPATH": str(venvs["new"] / rel), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60)
+    assert loaded.stdout.split()[:2] == ["shared", "new"], loaded.stderr
+    assert loaded.stdout.split()[2] == str(venvs["new"] / rel / "pkg/shared.py")  # the code names its own path
+    assert {p: p.stat().st_mtime_ns for p in (pyc["new"], own)} == before
