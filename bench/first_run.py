@@ -2,6 +2,7 @@
 
     python3 bench/first_run.py                 # clone this checkout's HEAD into a temp folder, run it twice
     python3 bench/first_run.py --keep /tmp/fr  # keep the clone and its caches there
+    python3 bench/first_run.py --commit REV    # another commit (a baseline: alternate the two)
 
 Clones the committed HEAD (`git clone --no-hardlinks`), points every cache the run uses at new empty
 folders (uv, pip, Hugging Face, XDG, torch), runs `bash scripts/demo.sh` and prints each line with
@@ -109,13 +110,15 @@ def first_training_step(clone: Path, t0: float) -> tuple[float, str] | None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep", type=Path, help="make the clone and caches here and keep them (must not exist)")
+    parser.add_argument("--commit", default="HEAD", help="the commit to run (default HEAD): a baseline to alternate with")
     args = parser.parse_args()
     base = args.keep or Path(tempfile.mkdtemp(prefix="ftpipe-first-run-"))
     base.mkdir(parents=True, exist_ok=args.keep is None)
     clone, caches = base / "ftpipe", base / "caches"
     try:
-        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", args.commit], capture_output=True, text=True, check=True).stdout.strip()
         subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(REPO), str(clone)], check=True)
+        subprocess.run(["git", "-C", str(clone), "checkout", "-q", head], check=True)
         env = clean_env(caches)
         print(f"first run of {head} in a fresh clone, empty caches, {os.cpu_count()} CPUs", flush=True)
         t0 = time.time()
