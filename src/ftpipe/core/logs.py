@@ -98,6 +98,25 @@ def stage_logging(log_dir: Path, level: int = logging.INFO) -> Iterator[Path]:
         handler.close()
 
 
+def worker_start(argv: list[str] | None, module: str, doc: str, written_by: str, result: str, prefix: str):
+    """The start of a spec-in, result-out worker a stage runs in another environment
+    (`python -m MODULE --spec SPEC --out RESULT`): its arguments parsed, its logging set up
+    (`worker_logging`, into the run.log the stage names in `WORKER_LOG_ENV`).
+
+    Returns:
+        The parsed arguments: `.spec` and `.out` (Paths).
+    """
+    import argparse
+    import os
+
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.splitlines()[0])
+    parser.add_argument("--spec", required=True, type=Path, help=f"spec JSON written by {written_by}")
+    parser.add_argument("--out", required=True, type=Path, help=f"where to write the {result}")
+    args = parser.parse_args(argv)
+    worker_logging(os.environ.get(WORKER_LOG_ENV), prefix=prefix)
+    return args
+
+
 def worker_logging(log_file: Path | str | None, prefix: str = "", level: int = logging.INFO) -> None:
     """Logging of a worker process: the one set-up of every `python -m ftpipe...` entry point a stage starts.
 

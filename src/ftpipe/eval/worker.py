@@ -15,22 +15,15 @@ line on a bad spec.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 import sys
-from pathlib import Path
 
 from ftpipe.core.errors import FtpipeError
-from ftpipe.core.logs import WORKER_LOG_ENV, worker_logging
+from ftpipe.core.logs import worker_start
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ftpipe.eval.worker", description=__doc__.splitlines()[0])
-    parser.add_argument("--spec", required=True, type=Path, help="spec JSON written by eval-sft")
-    parser.add_argument("--out", required=True, type=Path, help="where to write the result JSON")
-    args = parser.parse_args(argv)
-    worker_logging(os.environ.get(WORKER_LOG_ENV), prefix="[eval worker] ")
+    args = worker_start(argv, "ftpipe.eval.worker", __doc__, "eval-sft", "result JSON", "[eval worker] ")
     from ftpipe.core.fsutil import atomic_write_json
     from ftpipe.eval.spec import EvalSpec
 

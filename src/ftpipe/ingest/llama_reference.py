@@ -14,9 +14,7 @@ unreadable GGUF.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,7 +24,7 @@ from pydantic import Field
 
 from ftpipe.core.configbase import HandOffFile
 from ftpipe.core.errors import FtpipeError, InputError
-from ftpipe.core.logs import WORKER_LOG_ENV, worker_logging
+from ftpipe.core.logs import worker_start
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +73,7 @@ def reference(spec: ReferenceSpec) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ftpipe.ingest.llama_reference", description=__doc__.splitlines()[0])
-    parser.add_argument("--spec", required=True, type=Path, help="spec JSON written by import-gguf")
-    parser.add_argument("--out", required=True, type=Path, help="where to write the .npz result")
-    args = parser.parse_args(argv)
-    worker_logging(os.environ.get(WORKER_LOG_ENV), prefix="[llama.cpp reference] ")
+    args = worker_start(argv, "ftpipe.ingest.llama_reference", __doc__, "import-gguf", ".npz result", "[llama.cpp reference] ")
     try:
         arrays = reference(ReferenceSpec.read(args.spec))
     except FtpipeError as exc:
