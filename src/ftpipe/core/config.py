@@ -67,6 +67,13 @@ class ModelConfig(Section):
         None,
         description="Build a tiny local model at `path` (no download) when it does not exist yet.",
     )
+    chat_template: str | None = Field(
+        None,
+        description="The chat template to train and serve with, instead of the model's own (needed for a base "
+        "model without one): a family (chatml; llama3, qwen2.5, qwen3, phi3.5, mistral, gemma from llama.cpp's "
+        "templates) or a .jinja file relative to the project. The adapter and merged model carry it.",
+        json_schema_extra={"in_hash": "when set"},
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":
@@ -127,11 +134,14 @@ class LoadedConfig:
 
 def _hashed(section) -> dict[str, Any]:
     """A section's values, without the fields marked `in_hash: False` (they cannot change the output,
-    e.g. a worker count), so changing them does not rerun the stage."""
+    e.g. a worker count), so changing them does not rerun the stage, and without the fields marked
+    `in_hash: "when set"` while they are None (a key added later leaves the hashes of configs that do
+    not use it, and so their completed stages, as they were)."""
     data = section.model_dump(mode="json")
     for name, field in type(section).model_fields.items():
         extra = field.json_schema_extra
-        if isinstance(extra, dict) and extra.get("in_hash") is False:
+        if isinstance(extra, dict) and (extra.get("in_hash") is False
+                                        or (extra.get("in_hash") == "when set" and data.get(name) is None)):
             data.pop(name, None)
     return data
 

@@ -9,6 +9,7 @@ share goes through one module here per thing:
 - `measure`: the assistant mask, perplexity over its tokens and greedy decoding (finetune-sft,
   convert-awq, eval-sft);
 - `chat_template`: what a chat template / tokenizer supports (tools, BOS, end-of-turn ids).
+- `chosen_template`: `model.chat_template`, the template that replaces the model's own (a base model's).
 
 Nothing heavy is imported at module level.
 
