@@ -52,6 +52,7 @@ from ftpipe.data.prepared_io import (
 )
 from ftpipe.data.readers import Source, train_val_sources
 from ftpipe.data.rowwork import LazyRenderer, batches, encode_row
+from ftpipe.handoff import chosen_template
 from ftpipe.handoff.pairs import pairs_dir
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ def check(ctx: StageContext) -> dict[str, Path | Remote]:
     ref = resolve_model(cfg.model, project.root)
     if ref.path:
         inputs["model"] = Path(ref.path)
+    inputs.update(chosen_template.require(cfg.model, project.root, ref.path, COMMAND))
     return inputs
 
 

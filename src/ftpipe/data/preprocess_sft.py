@@ -62,6 +62,7 @@ from ftpipe.data.rowwork import (
     prepare_batch,
     worker_count,
 )
+from ftpipe.handoff import chosen_template
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ def check(ctx: StageContext) -> dict[str, Path | Remote]:
     ref = resolve_model(cfg.model, project.root)
     if ref.path:
         inputs["model"] = Path(ref.path)
+    inputs.update(chosen_template.require(cfg.model, project.root, ref.path, "ftpipe preprocess-sft"))
     return inputs
 
 
@@ -315,6 +317,8 @@ def _result(project: Project, out_dir: Path, metadata: dict[str, Any], stats: _S
         "tokens_p95": tokens["p95"],
         "tokens_max": tokens["max"],
         "rows_per_second": metadata["rows_per_second"],
+        **({"chat_template": metadata["tokenizer"]["chat_template"]}
+           if (metadata.get("tokenizer") or {}).get("chat_template") else {}),
     }
     summary = (
         f"{project.rel(out_dir)}/: {counts['train']} train + {counts['val']} val rows"

@@ -35,6 +35,7 @@ import re
 from typing import Any
 
 from ftpipe.core.errors import InputError
+from ftpipe.handoff import chosen_template
 from ftpipe.handoff.chat_template import tool_support
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,9 @@ def load_tokenizer(model_cfg, root):
     which then fills the cache.
 
     Raises:
-        InputError: the model cannot be resolved, the tokenizer cannot load, or it has no chat template.
+        InputError: the model cannot be resolved, the tokenizer cannot load, or it has no chat template
+            and `model.chat_template` is not set.
+        ConfigError: a `model.chat_template` that cannot be used.
     """
     from ftpipe.core.model_ref import resolve_model
     from ftpipe.data import tokenizer_cache
@@ -77,24 +80,26 @@ def load_tokenizer(model_cfg, root):
                 f"model {ref.load_from}: cannot load its tokenizer ({type(exc).__name__}: {str(exc).splitlines()[0]})",
                 hint="check model.path / model.id",
             ) from None
-    if not getattr(tokenizer, "chat_template", None):
-        raise InputError(
-            f"model {ref.load_from}: the tokenizer has no chat template, so conversations cannot be rendered",
-            hint="use an instruct/chat model, or add chat_template.jinja to the model folder",
-        )
     if cache and cached is None:
-        tokenizer_cache.save(cache, tokenizer)
+        tokenizer_cache.save(cache, tokenizer)  # the folder's own tokenizer, before model.chat_template
+    chosen = chosen_template.resolve(model_cfg, root)
+    chosen_template.apply(tokenizer, chosen)
+    if not getattr(tokenizer, "chat_template", None):
+        raise chosen_template.no_template(model_cfg.path or ref.load_from, "ftpipe preprocess-sft")
     return tokenizer, ref
 
 
-def tokenizer_record(tokenizer, ref, root) -> dict[str, Any]:
-    """What metadata.json says about the tokenizer."""
+def tokenizer_record(tokenizer, ref, root, model_cfg=None) -> dict[str, Any]:
+    """What metadata.json says about the tokenizer (and, given the `model` section, which chat template:
+    `model.chat_template` or the model's own)."""
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else str(tokenizer.chat_template)
     return {
         "model": ref.record(root),
         "class": getattr(tokenizer, "class_name", type(tokenizer).__name__),
         "vocab_size": len(tokenizer),
         "chat_template_sha256": hashlib.sha256(template.encode("utf-8")).hexdigest(),
+        **({"chat_template": chosen_template.record(tokenizer, chosen_template.resolve(model_cfg, root))}
+           if model_cfg is not None else {}),
     }
 
 

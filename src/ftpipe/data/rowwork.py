@@ -106,7 +106,7 @@ class LazyRenderer:
 
     def record(self) -> dict[str, Any]:
         """What metadata.json says about the tokenizer."""
-        return tokenizer_record(self.get().tokenizer, self.ref, self.root)
+        return tokenizer_record(self.get().tokenizer, self.ref, self.root, self.model_cfg)
 
 
 @contextmanager

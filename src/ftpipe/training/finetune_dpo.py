@@ -33,6 +33,7 @@ from ftpipe.core.errors import ConfigError, InputError, StageError
 from ftpipe.core.model_ref import resolve_model
 from ftpipe.core.runs import RunDir
 from ftpipe.core.stage import StageContext, StageResult, require_upstream
+from ftpipe.handoff import chosen_template
 from ftpipe.handoff.pairs import read_pairs
 from ftpipe.training import harness
 from ftpipe.training.harness import TENSORBOARD_DIR, Trainee, TrainerRecipe
@@ -65,6 +66,7 @@ class FinetuneDpoPlan:
     state_dir: Path  # outputs/<run>/dpo_trainer_state
     adapter_dir: Path  # outputs/<run>/dpo_adapter
     resume: Path | None  # a complete checkpoint, or None to start over
+    chat_template: str | None = None  # model.chat_template's text, replacing the base tokenizer's
 
 
 def state_dir(run: RunDir) -> Path:
@@ -141,9 +143,10 @@ def plan(ctx: StageContext) -> FinetuneDpoPlan:
     model_ref = resolve_model(cfg.model, project.root)
     model_kwargs: dict[str, Any] = {**model_ref.pretrained_kwargs(), "trust_remote_code": cfg.model.trust_remote_code}
     tokenizer = AutoTokenizer.from_pretrained(model_ref.load_from, **model_kwargs)
+    chosen = chosen_template.resolve(cfg.model, project.root)
+    chosen_template.apply(tokenizer, chosen)
     if not tokenizer.chat_template:
-        raise InputError(f"base model {model_ref.id or cfg.model.path}: its tokenizer has no chat template, needed "
-                         "to render the conversational pairs", hint="use an instruct/chat model")
+        raise chosen_template.no_template(cfg.model.path or model_ref.load_from, "ftpipe finetune-dpo")
     device, precision = _precision()
     dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if precision == "bf16" else "float32")
 
@@ -161,6 +164,7 @@ def plan(ctx: StageContext) -> FinetuneDpoPlan:
         sft_adapter=run_dir.adapter if dpo.init == "sft" else None,
         train_file=prepared / "train.jsonl", val_file=val_file if val_file.is_file() else None,
         state_dir=state, adapter_dir=adapter_dir(run_dir), resume=resume,
+        chat_template=chosen.text if chosen is not None else None,
     )
 
 
@@ -270,6 +274,8 @@ def _build(ctx: StageContext, plan: FinetuneDpoPlan) -> Trainee:
 
     dpo = ctx.config.dpo
     tokenizer = AutoTokenizer.from_pretrained(plan.load_from, **plan.model_kwargs)
+    if plan.chat_template is not None:
+        tokenizer.chat_template = plan.chat_template  # model.chat_template (checked in plan)
     model = AutoModelForCausalLM.from_pretrained(plan.load_from, dtype=getattr(torch, plan.dtype), **plan.model_kwargs)
     peft_config = None
     if plan.sft_adapter is not None:

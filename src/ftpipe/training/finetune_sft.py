@@ -33,6 +33,7 @@ from ftpipe.core.logs import WORKER_LOG_ENV
 from ftpipe.core.model_ref import resolve_model
 from ftpipe.core.runs import Project
 from ftpipe.core.stage import StageContext, StageResult
+from ftpipe.handoff import chosen_template
 from ftpipe.training.checkpoints import BatchShape, check_resume_batch, clear_for_fresh_start, resolve_resume
 from ftpipe.training.harness import TENSORBOARD_DIR
 from ftpipe.training.sft import COMMAND, RESULTS_FILE, TrainJob
@@ -132,6 +133,7 @@ def _inputs(project: Project, cfg) -> dict[str, Path]:
     model_ref = resolve_model(cfg.model, project.root)
     if model_ref.path:
         inputs["base_model"] = Path(model_ref.path)
+    inputs.update(chosen_template.require(cfg.model, project.root, model_ref.path, "ftpipe finetune-sft"))
     return inputs
 
 
@@ -139,9 +141,10 @@ def plan(ctx: StageContext) -> FinetuneSftPlan:
     """Device, precision, base dtype, checkpointing, packing (each with its reason) and the resume point.
 
     Raises:
-        InputError: the tokenizer has no chat template, no training rows, an unusable `--resume-from`
-            (`ctx.options["resume_from"]`: None | "latest" | "auto" | checkpoint path).
-        ConfigError: settings this machine cannot run.
+        InputError: the tokenizer has no chat template and `model.chat_template` is not set, no training
+            rows, an unusable `--resume-from` (`ctx.options["resume_from"]`: None | "latest" | "auto" |
+            checkpoint path).
+        ConfigError: settings this machine cannot run; a `model.chat_template` that cannot be used.
     """
     from transformers import AutoConfig, AutoTokenizer
 
@@ -157,12 +160,10 @@ def plan(ctx: StageContext) -> FinetuneSftPlan:
 
     model_config = AutoConfig.from_pretrained(model_ref.load_from, **model_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(model_ref.load_from, **model_kwargs)
+    chosen = chosen_template.resolve(cfg.model, project.root)
+    chosen_template.apply(tokenizer, chosen)  # the adapter saves it with the tokenizer
     if not tokenizer.chat_template:
-        raise InputError(
-            f"base model {model_ref.id or cfg.model.path}: its tokenizer has no chat template, needed to render "
-            "the messages rows",
-            hint="use an instruct/chat model, or add chat_template.jinja to the model folder",
-        )
+        raise chosen_template.no_template(cfg.model.path or model_ref.load_from, "ftpipe finetune-sft")
     rows = read_chat_rows(train_file)
     if not rows:
         raise InputError(f"{project.rel(train_file)}: no rows", hint="ftpipe preprocess-sft --force")
@@ -197,6 +198,8 @@ def plan(ctx: StageContext) -> FinetuneSftPlan:
         final_dir=str(ctx.run.adapter),
         resume_from=str(resume) if resume else None,
         run_name=ctx.run.name,
+        chat_template=chosen.text if chosen is not None else None,
+        chat_template_record=chosen_template.record(tokenizer, chosen),
     )
     return FinetuneSftPlan(job=job, accelerate=accelerate)
 
@@ -236,6 +239,7 @@ def run(ctx: StageContext, plan: FinetuneSftPlan) -> StageResult:
         gradient_checkpointing=train_plan.gradient_checkpointing, packing=train_plan.packing,
         micro_batch_size=train_plan.micro_batch_size, grad_accum=train_plan.grad_accum,
         plan_reasons=train_plan.reasons, method=ft.method, tensorboard_dir=project.rel(output_dir / TENSORBOARD_DIR),
+        chat_template=job.chat_template_record,
     )
     first, last = metrics.get("first_logged_loss"), metrics.get("last_logged_loss")
     losses = f"loss {first:.4f} -> {last:.4f}" if first is not None and last is not None else "no loss logged"

@@ -56,6 +56,8 @@ class TrainJob(HandOffFile):
     final_dir: str  # outputs/<run>/adapter (the full model for method=full)
     resume_from: str | None
     run_name: str
+    chat_template: str | None = None  # model.chat_template's text, replacing the base's (saved with the adapter)
+    chat_template_record: dict[str, str] | None = None  # which template (value or the model's own) and its sha256
 
 
 def _peft_config(ft: FinetuneConfig):
@@ -218,6 +220,8 @@ def _build(job: TrainJob) -> Trainee:
 
     ft, plan = job.finetune, job.plan
     tokenizer = AutoTokenizer.from_pretrained(job.load_from, **job.model_kwargs)
+    if job.chat_template is not None:
+        tokenizer.chat_template = job.chat_template  # model.chat_template (checked in the stage's plan)
     model = load_model(job)
     end_ids = end_of_turn_ids(tokenizer, getattr(model, "generation_config", None))
     train_rows, mask_counts = tokenize_rows(tokenizer, read_chat_rows(Path(job.train_file)), end_ids,
