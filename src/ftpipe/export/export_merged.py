@@ -302,6 +302,13 @@ def _generation_config(base_path: str, model, tokenizer, kwargs: dict):
     eos = _as_list(gen.eos_token_id) or _as_list(model.config.eos_token_id)
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
         eos = [tokenizer.eos_token_id, *eos]
+    # A base model trained with model.chat_template (ChatML on a model whose EOS is <|endoftext|>)
+    # ends its turns with the template's token: generation must stop there too.
+    from ftpipe.handoff.measure import template_end_of_turn
+
+    turn_end = template_end_of_turn(tokenizer)
+    if turn_end is not None and turn_end not in eos:
+        eos = [*eos, turn_end]
     gen.eos_token_id = eos[0] if len(eos) == 1 else eos
     if gen.pad_token_id is None and tokenizer.pad_token_id is not None:
         gen.pad_token_id = tokenizer.pad_token_id

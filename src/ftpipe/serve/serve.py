@@ -73,6 +73,11 @@ def vllm_command(python: str, served: Served, cfg, content_format: str | None = 
         ]
         if served.base_revision:
             argv += ["--revision", served.base_revision]
+        # vLLM renders every name with the base's template; the adapter carries the one it was trained
+        # with (model.chat_template, or the base's own when the base has one: then the same text).
+        template = served.tokenizer_dir / "chat_template.jinja" if served.tokenizer_dir else None
+        if template is not None and template.is_file():
+            argv += ["--chat-template", str(template)]
     else:
         argv += ["--served-model-name", served.name]
     if cfg.max_num_seqs:
