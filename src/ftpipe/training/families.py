@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftpipe.core.errors import InputError, StageError
+from ftpipe.handoff import spm
 
 log = logging.getLogger(__name__)
 
@@ -224,14 +225,9 @@ def _convert(fam: Family, models: Path, max_length: int):
     size = len(data["model"]["vocab"])
     data["added_tokens"] = [t for t in data.get("added_tokens", []) if t["id"] < size]
     _rename(data, fam)
-    pre = data.get("pre_tokenizer") or {}
-    if pre.get("type") == "Metaspace" and pre.get("prepend_scheme") == "first":
-        # The Llama 2 / Mistral v0.1 tokenizer.json as released: "▁" prepended to every piece of
-        # text between special tokens (as SentencePiece and llama.cpp do), not only to the first.
-        data["normalizer"] = {"type": "Sequence", "normalizers": [
-            {"type": "Prepend", "prepend": "\u2581"},
-            {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
-        data["pre_tokenizer"] = None
+    # The Llama 2 / Mistral v0.1 tokenizer.json as released: "▁" prepended to every piece of text
+    # between special tokens (as SentencePiece and llama.cpp do), not only to the first.
+    spm.prepend_per_segment(data)
     tok = Tokenizer.from_str(json.dumps(data))
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=fam.bos, eos_token=fam.eos, pad_token=fam.pad,
@@ -282,42 +278,13 @@ def _unk(data: dict) -> str | None:
 
 def write_sentencepiece_model(fam: Family, root: Path, out: Path) -> bool:
     """Write `tokenizer.model` for a SentencePiece vocabulary (the file the family ships and
-    llama.cpp's Phi-3 converter requires), built from the vocab GGUF's pieces, scores and types.
+    llama.cpp's Phi-3 converter requires), built from the vocab GGUF's pieces, scores and types
+    (ftpipe/handoff/spm.py, shared with import-gguf).
 
     Returns:
         False for a BPE (byte-level) vocabulary: there is no such file to write.
     """
-    from gguf import GGUFReader
-    from transformers.utils import sentencepiece_model_pb2_new as pb
-
-    reader = GGUFReader(str(material_dir(root) / f"ggml-vocab-{fam.vocab}.gguf"))
-    if reader.fields["tokenizer.ggml.model"].contents() != "llama":
-        return False
-    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
-    scores = reader.fields["tokenizer.ggml.scores"].contents()
-    types = reader.fields["tokenizer.ggml.token_type"].contents()
-    model = pb.ModelProto()
-    model.trainer_spec.model_type = pb.TrainerSpec.BPE
-    model.trainer_spec.vocab_size = len(tokens)
-    model.trainer_spec.byte_fallback = True
-    model.trainer_spec.unk_id, model.trainer_spec.bos_id, model.trainer_spec.eos_id = 0, 1, 2
-    model.trainer_spec.pad_id = -1
-    model.normalizer_spec.name = "identity"
-    model.normalizer_spec.add_dummy_prefix = True
-    model.normalizer_spec.remove_extra_whitespaces = False
-    model.normalizer_spec.escape_whitespaces = True
-    # The SentencePiece model is the base vocabulary: <unk> <s> </s>, the byte pieces and the
-    # ordinary pieces up to the first added token (Phi-3's <|endoftext|> at 32000 onward live in
-    # tokenizer.json / tokenizer_config.json, as in the released files). Types in SentencePiece's
-    # numbering (1 normal, 2 unknown, 3 control, 6 byte); exactly one unknown piece.
-    base = next((i for i in range(3, len(tokens)) if int(types[i]) not in (1, 6)), len(tokens))
-    for i, (piece, score) in enumerate(zip(tokens[:base], scores[:base])):
-        entry = model.pieces.add()
-        kind = 2 if i == 0 else 3 if i < 3 else 6 if int(types[i]) == 6 else 1
-        entry.piece, entry.score, entry.type = piece, float(score), kind
-    model.trainer_spec.vocab_size = base
-    (Path(out) / "tokenizer.model").write_bytes(model.SerializeToString())
-    return True
+    return spm.write_sentencepiece_model(material_dir(root) / f"ggml-vocab-{fam.vocab}.gguf", out)
 
 
 def model_config(fam: Family, tokenizer, sizes: dict):
