@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import runpy
 import sys
 from pathlib import Path
@@ -100,10 +101,39 @@ def added_special_tokens(model_dir: Path) -> dict[str, int]:
     return {t["content"]: int(t["id"]) for t in data.get("added_tokens") or [] if t.get("special")}
 
 
+# llama.cpp (llama-vocab.cpp) strips the whitespace after the special tokens of a vocabulary whose
+# general.name contains "phi-3" or "phi3" (lower-cased), all but these: Phi-3's released tokenizer.json
+# marks exactly those added tokens rstrip. Nothing else in a GGUF carries that setting.
+PHI3_NAME = re.compile(r"phi-?3", re.IGNORECASE)
+PHI3_NOT_STRIPPED = ("<unk>", "<s>", "<|endoftext|>")
+
+
+def name_for_llama_cpp(name: str | None, model_dir: Path) -> str | None:
+    """A general.name under which llama.cpp strips whitespace after special tokens exactly where
+    tokenizer.json does; None when `name` already agrees.
+
+    The converter names a GGUF after the folder when nothing else names it, so `export-gguf --from
+    models/phi3` wrote "Phi3", and llama.cpp then read "<|user|>\nHi" as "<|user|>Hi" while the model
+    was trained on the newline. Such a name loses the trigger ("phi3" -> "phi 3") when no special
+    token of tokenizer.json is rstrip; a tokenizer that does strip (Phi-3's released one) is left to
+    the converter's name, and export-gguf's tokenization check says whether llama.cpp agrees.
+    """
+    if not name or not PHI3_NAME.search(name):
+        return None
+    try:
+        data = json.loads((Path(model_dir) / "tokenizer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    strips = any(t.get("rstrip") for t in data.get("added_tokens") or []
+                 if t.get("special") and t.get("content") not in PHI3_NOT_STRIPPED)
+    return None if strips else PHI3_NAME.sub(lambda m: m.group(0)[:3] + " 3", name)
+
+
 def main(argv: list[str]) -> None:
     llama_cpp_dir, model_dir = Path(argv[0]), Path(argv[1])
     sys.path.insert(0, str(llama_cpp_dir / "gguf-py"))  # the converter must use its own gguf-py
     sys.path.insert(0, str(llama_cpp_dir))
+    import gguf
     from conversion.base import TextModel
 
     original = TextModel.get_vocab_base_pre
@@ -120,13 +150,23 @@ def main(argv: list[str]) -> None:
 
     TextModel.get_vocab_base_pre = get_vocab_base_pre
 
+    original_set_meta = gguf.Metadata.set_gguf_meta_model
+
+    def set_gguf_meta_model(self, gguf_writer) -> None:
+        renamed = name_for_llama_cpp(self.name, model_dir)
+        if renamed is not None:
+            log.warning("general.name %r would make llama.cpp strip the whitespace after special tokens, which "
+                        "tokenizer.json keeps: named %r", self.name, renamed)
+            self.name = renamed
+        original_set_meta(self, gguf_writer)
+
+    gguf.Metadata.set_gguf_meta_model = set_gguf_meta_model
+
     # gguf's LlamaHfVocab (Gemma 4, and Llama-style models without tokenizer.model) types a token
     # CONTROL only when transformers lists it in all_special_ids (the *named* special tokens): a
     # chat token such as Gemma 4's <|turn>, special in tokenizer.json but unnamed, became a NORMAL
     # token, which llama.cpp then spells out as text ("<", "|", "turn", ">") when a prompt holds
     # it. The tokens tokenizer.json marks special are added to its special set.
-    import gguf
-
     original_vocab_init = gguf.LlamaHfVocab.__init__
 
     def vocab_init(self, base_path: Path, *args, **kwargs) -> None:

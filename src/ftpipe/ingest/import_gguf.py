@@ -56,6 +56,9 @@ DTYPE_REASON = {
     "float16": "half the size; one more rounding of the dequantized weights (fp16 range)",
 }
 GGUF_ENV = ENVIRONMENTS["gguf"]
+# Byte-level pre-tokenizers llama.cpp adds BOS for when the file does not say (llama-vocab.cpp).
+LLAMA_CPP_BOS_PRE = frozenset({"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0",
+                               "lfm2", "jina-v5-nano", "tekken", "chameleon"})
 # Probe texts: tokenization must equal llama.cpp's on each, and top-1 is compared at each position.
 # Non-ASCII (byte-level merges / byte fallback), code, numbers and whitespace runs; the tokenizer's
 # special tokens are probed inside text (`_probe_texts`), and short chats rendered with the model's
@@ -296,8 +299,15 @@ def write_folder(plan: ImportGgufPlan, folder: Path) -> dict:
         generation.pad_token_id = tokenizer.pad_token_id
     if plan.dtype != "float32":
         model = model.to(getattr(torch, plan.dtype))
+    adds = llama_cpp_adds(header)
+    if adds is not None:  # BOS / EOS added where llama.cpp adds them to text (Llama 3: <|begin_of_text|>)
+        tokenizer.add_bos_token, tokenizer.add_eos_token = adds
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    if adds is not None:  # transformers does not write them; llama.cpp's converter reads them there
+        _update_json(folder / "tokenizer_config.json", add_bos_token=adds[0], add_eos_token=adds[1])
+    beyond = trim_to_file_vocabulary(folder, header.array_lengths.get("tokenizer.ggml.tokens"))
+    sentencepiece = sentencepiece_form(plan.gguf, header, folder)
     weights = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
     if not weights or any(not w.endswith(".safetensors") for w in weights):
         raise StageError(f"import-gguf: expected safetensors weights only, transformers wrote {weights}")
@@ -305,10 +315,103 @@ def write_folder(plan: ImportGgufPlan, folder: Path) -> dict:
              end_of_turn)
     return {
         "model_class": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
-        "vocab_size": len(tokenizer), "tied_embeddings": bool(getattr(model.config, "tie_word_embeddings", False)),
+        "vocab_size": len(tokenizer) - len(beyond), "tied_embeddings": bool(getattr(model.config, "tie_word_embeddings", False)),
         "chat_template": bool(tokenizer.chat_template), "end_of_turn_ids": end_of_turn,
+        "sentencepiece_model": sentencepiece,
         "end_of_turn_tokens": tokenizer.convert_ids_to_tokens(end_of_turn),
     }
+
+
+def _update_json(path: Path, **values) -> None:
+    import json
+
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data.update(values)
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def trim_to_file_vocabulary(folder: Path, size: int | None) -> list[str]:
+    """Drop the added tokens transformers' GGUF reader puts past the file's vocabulary.
+
+    Its byte-level tokenizer appends `<|endoftext|>` when the vocabulary has none (Llama 3: at 128256,
+    one past the embedding matrix); llama.cpp's converter then refuses the folder (a token id outside
+    vocab_size) and the model could never produce that id. The vocabulary is the file's, nothing more.
+
+    Returns:
+        The contents of the tokens dropped (none for most files).
+    """
+    import json
+
+    if not size:
+        return []
+    tokenizer_json = folder / "tokenizer.json"
+    data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    beyond = [t["content"] for t in data.get("added_tokens") or [] if t["id"] >= size]
+    if not beyond:
+        return []
+    log.info("dropping added tokens past the GGUF's %d-token vocabulary: %s", size, beyond)
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < size]
+    tokenizer_json.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    config_file = folder / "tokenizer_config.json"
+    settings = json.loads(config_file.read_text(encoding="utf-8"))
+    settings["added_tokens_decoder"] = {k: v for k, v in (settings.get("added_tokens_decoder") or {}).items()
+                                        if int(k) < size}
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        if settings.get(key) in beyond:
+            settings[key] = None
+    extra = settings.get("extra_special_tokens")
+    if isinstance(extra, list):
+        settings["extra_special_tokens"] = [t for t in extra if t not in beyond]
+    config_file.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return beyond
+
+
+def sentencepiece_form(gguf: Path, header: GgufHeader, folder: Path) -> bool:
+    """A SentencePiece vocabulary in the form llama.cpp's converter reads (export-gguf): tokenizer.model
+    from the GGUF's pieces, scores and types, and a tokenizer.json that puts "▁" before every piece of
+    text between special tokens, as llama.cpp does when it reads the source GGUF (ftpipe/handoff/spm.py).
+
+    transformers' GGUF reader writes neither: no tokenizer.model (Phi-3's converter requires one), and
+    for a Llama 2 / Mistral vocabulary a Metaspace pre-tokenizer that prepends "▁" to the first piece
+    only. tokenizer_config.json names the plain tokenizers backend, so transformers loads tokenizer.json
+    as written instead of re-creating the Llama pipeline.
+
+    Returns:
+        Whether tokenizer.model was written (False for a byte-level BPE vocabulary: nothing changed).
+    """
+    import json
+
+    from ftpipe.handoff import spm
+
+    if not spm.write_sentencepiece_model(gguf, folder):
+        return False
+    tokenizer_json = folder / "tokenizer.json"
+    data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    if spm.prepend_per_segment(data):
+        log.info("SentencePiece vocabulary: Metaspace prepend_scheme 'first' -> Prepend('▁') normalizer "
+                 "(a '▁' before the text after each special token, as llama.cpp reads %s)", gguf.name)
+        tokenizer_json.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    config_file = folder / "tokenizer_config.json"
+    settings = json.loads(config_file.read_text(encoding="utf-8"))
+    settings["tokenizer_class"] = "TokenizersBackend"
+    config_file.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return True
+
+
+def llama_cpp_adds(header: GgufHeader) -> tuple[bool, bool] | None:
+    """(BOS, EOS): whether llama.cpp adds them when it tokenizes text with this GGUF's vocabulary
+    (llama-vocab.cpp: the file's tokenizer.ggml.add_bos_token / add_eos_token, else its default for the
+    vocabulary type and pre-tokenizer). None for Gemma 4, where transformers deliberately adds no BOS
+    (the template writes it) while llama.cpp forces one: left as transformers reads it."""
+    meta = header.metadata
+    model, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre")
+    if model == "gemma4":
+        return None
+    bos = model in ("llama", "bert") or (model == "gpt2" and pre in LLAMA_CPP_BOS_PRE)
+    eos = model == "t5"
+    bos = meta.get("tokenizer.ggml.add_bos_token", bos)
+    eos = meta.get("tokenizer.ggml.add_eos_token", eos)
+    return bool(bos), bool(eos)
 
 
 def end_of_turn_ids(tokenizer, header: GgufHeader) -> list[int]:
