@@ -207,3 +207,17 @@ def test_tensorboard_all_runs_and_errors(trained, tmp_path):
     result = run_cli("tensorboard", "--config", str(project_dir / "config.yaml"), "--run", "base", "--all",
                      cwd=project_dir, env=ENV)
     assert result.code == 2 and "error: --run and --all exclude each other" in result.stderr
+
+
+def test_no_held_out_rows_trains_without_evaluation(tmp_path, tiny_model_dir):
+    """preprocess.val_fraction 0 writes an empty val.jsonl: finetune-sft trains without evaluation and
+    says so (TRL took the empty eval set and stopped with a bare StopIteration, exit 1)."""
+    project = write_project(tmp_path, tiny_model_dir, {"preprocess": {"val_fraction": 0.0}})
+    assert (project / "prepared/sentiment/val.jsonl").read_text(encoding="utf-8") == ""
+    result = run_cli("finetune-sft", "--config", str(project / "config.yaml"), "--run", "r",
+                     "--set", "finetune.max_steps=2", cwd=project, env=ENV)
+    assert result.code == 0, result.output[-3000:]
+    assert "val.jsonl holds no rows: training without evaluation" in result.output
+    manifest = json.loads((project / "logs/r/finetune-sft/manifest.json").read_text(encoding="utf-8"))
+    assert manifest["status"] == "completed" and manifest["metrics"]["global_step"] == 2
+    assert "eval_loss" not in manifest["metrics"]

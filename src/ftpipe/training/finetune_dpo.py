@@ -287,7 +287,8 @@ def _build(ctx: StageContext, plan: FinetuneDpoPlan) -> Trainee:
     log.info("init: %s; reference: %s", "the SFT adapter " + ctx.project.rel(plan.sft_adapter) if plan.sft_adapter
              else "a new LoRA on the base model", REFERENCE[dpo.init])
     train_ds = Dataset.from_list(load_pairs(plan.train_file))
-    eval_ds = Dataset.from_list(load_pairs(plan.val_file)) if plan.val_file is not None else None
+    val_pairs = load_pairs(plan.val_file) if plan.val_file is not None else []
+    eval_ds = Dataset.from_list(val_pairs) if val_pairs else None  # none held out (val_fraction 0): no evaluation
     counts = {"train_pairs": len(train_ds), **({"val_pairs": len(eval_ds)} if eval_ds is not None else {})}
     log.info("%d training pairs%s; %s, %s", len(train_ds), f", {len(eval_ds)} held-out" if eval_ds is not None else "",
              plan.device, plan.precision)

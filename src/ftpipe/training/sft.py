@@ -231,7 +231,10 @@ def _build(job: TrainJob) -> Trainee:
     if job.val_file:
         val_rows, val_counts = tokenize_rows(tokenizer, read_chat_rows(Path(job.val_file)), end_ids,
                                              ft.assistant_only_loss, "val")
-        eval_ds = Dataset.from_list(val_rows)
+        if val_rows:
+            eval_ds = Dataset.from_list(val_rows)
+        else:  # preprocess.val_fraction 0 (TRL cannot take an empty eval set: StopIteration)
+            log.info("%s holds no rows: training without evaluation", Path(job.val_file).name)
         mask_counts.update({f"val_{k}": v for k, v in val_counts.items()})
     trainer_cls = SFTTrainer
     if plan.device == "cpu":
