@@ -10,6 +10,8 @@ share goes through one module here per thing:
   convert-awq, eval-sft);
 - `chat_template`: what a chat template / tokenizer supports (tools, BOS, end-of-turn ids).
 - `chosen_template`: `model.chat_template`, the template that replaces the model's own (a base model's).
+- `spm`: a GGUF's SentencePiece vocabulary as tokenizer.model, and its '▁' per text segment
+  (make-tiny-model's families, import-gguf).
 
 Nothing heavy is imported at module level.
 

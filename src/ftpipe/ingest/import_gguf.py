@@ -17,8 +17,9 @@ The stage contract (`ftpipe/core/stage.py`):
   version, ingest/packages.py) and its one .gguf extracted; the header checked again.
 - `run(ctx, plan)`: transformers dequantizes the GGUF (`from_pretrained(dir, gguf_file=...)`) and
   rebuilds its tokenizer; the folder gets safetensors weights in import_gguf.dtype, config,
-  tokenizer, the GGUF's chat template and a generation_config whose eos_token_id lists every
-  end-of-turn id. It is written in a temporary sibling folder, reloaded from there with plain
+  tokenizer (in the form llama.cpp's converter reads, so export-gguf takes the model back to GGUF:
+  tokenizer.model for a SentencePiece vocabulary, BOS where llama.cpp adds it), the GGUF's chat
+  template and a generation_config whose eos_token_id lists every end-of-turn id. It is written in a temporary sibling folder, reloaded from there with plain
   transformers and compared with llama.cpp running the source GGUF (ingest/llama_reference.py, in
   the gguf environment): the probe texts must tokenize identically, and next-token top-1 must agree
   on at least import_gguf.min_top1_agreement of their positions (mean KL divergence reported).
