@@ -82,10 +82,7 @@ def load_tokenizer(model_cfg, root):
             ) from None
     if cache and cached is None:
         tokenizer_cache.save(cache, tokenizer)  # the folder's own tokenizer, before model.chat_template
-    chosen = chosen_template.resolve(model_cfg, root)
-    chosen_template.apply(tokenizer, chosen)
-    if not getattr(tokenizer, "chat_template", None):
-        raise chosen_template.no_template(model_cfg.path or ref.load_from, "ftpipe preprocess-sft")
+    chosen_template.use(tokenizer, model_cfg, root, model_cfg.path or ref.load_from, "ftpipe preprocess-sft")
     return tokenizer, ref
 
 

@@ -182,6 +182,25 @@ def apply(tokenizer, chosen: ChosenTemplate | None) -> None:
     log.info("chat template: %s=%s (sha256 %s) instead of the model's own", KEY, chosen.value, chosen.sha256[:12])
 
 
+def use(tokenizer, model_cfg, root: Path, where: str, command: str) -> ChosenTemplate | None:
+    """The one way a stage gives its tokenizer the template it renders with: `model.chat_template`
+    (resolved and `apply`-checked) over the model's own; refused when neither exists.
+
+    Returns:
+        The chosen template, or None when the model's own is used.
+
+    Raises:
+        ConfigError: a bad `model.chat_template`.
+        InputError: no key and a tokenizer without a chat template (`no_template`, naming `where`
+            and `command`).
+    """
+    chosen = resolve(model_cfg, root)
+    apply(tokenizer, chosen)
+    if not getattr(tokenizer, "chat_template", None):
+        raise no_template(where, command)
+    return chosen
+
+
 def record(tokenizer, chosen: ChosenTemplate | None) -> dict[str, str]:
     """What a manifest says about the template used: the key's value, or the model's own, with its sha256."""
     if chosen is not None:

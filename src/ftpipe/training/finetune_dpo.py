@@ -143,10 +143,8 @@ def plan(ctx: StageContext) -> FinetuneDpoPlan:
     model_ref = resolve_model(cfg.model, project.root)
     model_kwargs: dict[str, Any] = {**model_ref.pretrained_kwargs(), "trust_remote_code": cfg.model.trust_remote_code}
     tokenizer = AutoTokenizer.from_pretrained(model_ref.load_from, **model_kwargs)
-    chosen = chosen_template.resolve(cfg.model, project.root)
-    chosen_template.apply(tokenizer, chosen)
-    if not tokenizer.chat_template:
-        raise chosen_template.no_template(cfg.model.path or model_ref.load_from, "ftpipe finetune-dpo")
+    chosen = chosen_template.use(tokenizer, cfg.model, project.root, cfg.model.path or model_ref.load_from,
+                                 "ftpipe finetune-dpo")
     device, precision = _precision()
     dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if precision == "bf16" else "float32")
 

@@ -160,10 +160,9 @@ def plan(ctx: StageContext) -> FinetuneSftPlan:
 
     model_config = AutoConfig.from_pretrained(model_ref.load_from, **model_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(model_ref.load_from, **model_kwargs)
-    chosen = chosen_template.resolve(cfg.model, project.root)
-    chosen_template.apply(tokenizer, chosen)  # the adapter saves it with the tokenizer
-    if not tokenizer.chat_template:
-        raise chosen_template.no_template(cfg.model.path or model_ref.load_from, "ftpipe finetune-sft")
+    # the adapter saves it with the tokenizer
+    chosen = chosen_template.use(tokenizer, cfg.model, project.root, cfg.model.path or model_ref.load_from,
+                                 "ftpipe finetune-sft")
     rows = read_chat_rows(train_file)
     if not rows:
         raise InputError(f"{project.rel(train_file)}: no rows", hint="ftpipe preprocess-sft --force")
