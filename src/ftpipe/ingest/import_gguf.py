@@ -323,12 +323,21 @@ def write_folder(plan: ImportGgufPlan, folder: Path) -> dict:
     }
 
 
-def _update_json(path: Path, **values) -> None:
+def _load_json(path: Path):
     import json
 
-    data = json.loads(path.read_text(encoding="utf-8"))
-    data.update(values)
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _dump_json(path: Path, data) -> None:
+    """Rewrite one of the staged folder's tokenizer files (as transformers writes them)."""
+    import json
+
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _update_json(path: Path, **values) -> None:
+    _dump_json(path, {**_load_json(path), **values})
 
 
 def trim_to_file_vocabulary(folder: Path, size: int | None) -> list[str]:
@@ -341,20 +350,18 @@ def trim_to_file_vocabulary(folder: Path, size: int | None) -> list[str]:
     Returns:
         The contents of the tokens dropped (none for most files).
     """
-    import json
-
     if not size:
         return []
     tokenizer_json = folder / "tokenizer.json"
-    data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    data = _load_json(tokenizer_json)
     beyond = [t["content"] for t in data.get("added_tokens") or [] if t["id"] >= size]
     if not beyond:
         return []
     log.info("dropping added tokens past the GGUF's %d-token vocabulary: %s", size, beyond)
     data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < size]
-    tokenizer_json.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    _dump_json(tokenizer_json, data)
     config_file = folder / "tokenizer_config.json"
-    settings = json.loads(config_file.read_text(encoding="utf-8"))
+    settings = _load_json(config_file)
     settings["added_tokens_decoder"] = {k: v for k, v in (settings.get("added_tokens_decoder") or {}).items()
                                         if int(k) < size}
     for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
@@ -363,7 +370,7 @@ def trim_to_file_vocabulary(folder: Path, size: int | None) -> list[str]:
     extra = settings.get("extra_special_tokens")
     if isinstance(extra, list):
         settings["extra_special_tokens"] = [t for t in extra if t not in beyond]
-    config_file.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    _dump_json(config_file, settings)
     return beyond
 
 
@@ -380,22 +387,17 @@ def sentencepiece_form(gguf: Path, header: GgufHeader, folder: Path) -> bool:
     Returns:
         Whether tokenizer.model was written (False for a byte-level BPE vocabulary: nothing changed).
     """
-    import json
-
     from ftpipe.handoff import spm
 
     if not spm.write_sentencepiece_model(gguf, folder):
         return False
     tokenizer_json = folder / "tokenizer.json"
-    data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    data = _load_json(tokenizer_json)
     if spm.prepend_per_segment(data):
         log.info("SentencePiece vocabulary: Metaspace prepend_scheme 'first' -> Prepend('▁') normalizer "
                  "(a '▁' before the text after each special token, as llama.cpp reads %s)", gguf.name)
-        tokenizer_json.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    config_file = folder / "tokenizer_config.json"
-    settings = json.loads(config_file.read_text(encoding="utf-8"))
-    settings["tokenizer_class"] = "TokenizersBackend"
-    config_file.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        _dump_json(tokenizer_json, data)
+    _update_json(folder / "tokenizer_config.json", tokenizer_class="TokenizersBackend")
     return True
 
 
