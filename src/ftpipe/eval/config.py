@@ -22,6 +22,13 @@ class EvalConfig(Section):
         description="YAML or JSON file of prompt checks (name, system, prompt, expect: exact / "
         "contains / regex / max_length / must_stop); relative to the project root. None: no checks.",
     )
+    general_file: str | None = Field(
+        None,
+        description="General-ability checks: a checks file in the format of eval.prompts_file, with "
+        "questions unrelated to the task; relative to the project root. Every artifact gets "
+        "general_passed / general_total, every artifact but base general_kept (the share of the checks "
+        "the base passed that it passes too). None: no general checks.",
+    )
     max_val_rows: int | None = Field(None, gt=0, description="Limit val rows for perplexity.")
     max_length: int = Field(2048, gt=1, description="Truncate val conversations to this many tokens.")
     batch_tokens: int = Field(

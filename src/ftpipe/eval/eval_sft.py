@@ -4,7 +4,9 @@ For each artifact of the run that exists (base = the adapter's base model from
 `ftpipe_base_model.json`; adapter = base + the run's LoRA adapter; dpo_adapter = base + finetune-dpo's
 LoRA adapter, when that stage completed; merged = outputs/<run>/merged; awq = outputs/<run>/awq), it
 measures perplexity on the val split over assistant tokens, runs the prompt checks of
-`eval.prompts_file` and greedy sample generations (`ftpipe.eval.measure`). When the config has a
+`eval.prompts_file`, the general-ability checks of `eval.general_file` (each artifact but base also
+gets `general_kept`: the share of the checks the base passed that it still passes) and greedy sample
+generations (`ftpipe.eval.measure`). When the config has a
 preference set (`preference.source`) whose held-out pairs exist (prepared/<preference.name>/val.jsonl,
 written by preprocess-dpo), base, adapter and dpo_adapter also get a preference accuracy: the share
 of pairs whose chosen answer has the higher summed log-prob, and the mean margin; without pairs
@@ -77,6 +79,8 @@ class EvalSftPlan:
     val_file: Path  # prepared/<data.name>/val.jsonl
     prompts_file: Path | None  # eval.prompts_file
     checks: tuple[dict[str, Any], ...]  # its checks (`ftpipe.handoff.checks.load_checks`)
+    general_file: Path | None  # eval.general_file
+    general: tuple[dict[str, Any], ...]  # its general-ability checks (same format)
     pairs_file: Path | None  # held-out preference pairs scored, when there are any
     preference: Mapping[str, Any]  # metrics.json's `preference`: {"val_file", "pairs"} or {"status", "reason"}
     artifacts: tuple[Artifact, ...]  # every artifact of ARTIFACTS, in that order, evaluated or skipped
@@ -95,6 +99,8 @@ def check(ctx: StageContext) -> dict[str, Path]:
     inputs = {"finetune": run.manifest_path("finetune-sft"), "val": survey.val_file}
     if survey.prompts_file is not None:
         inputs["prompts"] = survey.prompts_file
+    if survey.general_file is not None:
+        inputs["general"] = survey.general_file
     if survey.pairs_file is not None:
         inputs["pairs"] = survey.pairs_file
     for name in EVALUATED_ARTIFACTS:
@@ -148,6 +154,13 @@ def preflight(ctx: StageContext) -> EvalSftPlan:
             checks = load_checks(prompts_file, cfg.prompts_file)
         except InputError as exc:
             problems.append(exc.message)
+    general_file = general = None
+    if cfg.general_file:
+        general_file = project.resolve(cfg.general_file)
+        try:
+            general = load_checks(general_file, cfg.general_file, key="eval.general_file")
+        except InputError as exc:
+            problems.append(exc.message)
     pairs_file, pairs_note = preference_pairs(ctx, problems)
     if problems:
         raise InputError("; ".join(problems), hint=f"ftpipe preprocess-sft, then ftpipe eval-sft --run {run.name}")
@@ -160,6 +173,8 @@ def preflight(ctx: StageContext) -> EvalSftPlan:
         val_file=val_file,
         prompts_file=prompts_file,
         checks=tuple(checks or ()),
+        general_file=general_file,
+        general=tuple(general or ()),
         pairs_file=pairs_file,
         preference=pairs_note,
         artifacts=plan_artifacts(ctx, base, scored=pairs_file is not None),
@@ -268,12 +283,14 @@ def run(ctx: StageContext, plan: EvalSftPlan) -> StageResult:
             if art.adapter:
                 artifacts[art.name]["adapter"] = project.rel(Path(art.adapter))
     artifacts = {name: artifacts[name] for name in ARTIFACTS}
+    add_general_kept(artifacts)
 
     lm_eval_results = _lm_eval(cfg.lm_eval_tasks, plan.artifacts) if cfg.lm_eval_tasks else None
     metrics_doc = {
         "run": run.name,
         "val_file": project.rel(plan.val_file),
         "prompts_file": project.rel(plan.prompts_file) if plan.prompts_file else None,
+        "general_file": project.rel(plan.general_file) if plan.general_file else None,
         "max_new_tokens": cfg.max_new_tokens,
         "preference": dict(plan.preference),
         "artifacts": artifacts,
@@ -303,7 +320,7 @@ def eval_spec(ctx: StageContext, plan: EvalSftPlan, arts: list[Artifact], enviro
     return EvalSpec(
         artifacts=[a.spec() for a in arts], environment=environment, val_file=plan.val_file,
         max_val_rows=cfg.max_val_rows, max_length=cfg.max_length, batch_tokens=cfg.batch_tokens,
-        checks=list(plan.checks), max_new_tokens=cfg.max_new_tokens, samples=cfg.samples,
+        checks=list(plan.checks), general=list(plan.general), max_new_tokens=cfg.max_new_tokens, samples=cfg.samples,
         dtype=ctx.config.model.dtype, pairs_file=plan.pairs_file, max_pairs=cfg.max_pairs,
     )
 
@@ -360,6 +377,20 @@ def _lm_eval(tasks: list[str], plan: tuple[Artifact, ...]) -> dict[str, Any]:
     return {"model_args": model_args, "results": json.loads(json.dumps(out.get("results", {}), default=str))}
 
 
+def add_general_kept(artifacts: dict[str, dict[str, Any]]) -> None:
+    """Set `general_kept` on every evaluated artifact but base that has general checks: the share of
+    the general checks the base passed that this artifact passes too (None when the base was not
+    evaluated, has no general results, or passed none of them: nothing to keep)."""
+    base = artifacts.get("base") or {}
+    kept_by_base = {c["name"] for c in base.get("general") or () if c.get("passed")} \
+        if base.get("status") == "ok" else set()
+    for name, a in artifacts.items():
+        if name == "base" or a.get("status") != "ok" or "general" not in a:
+            continue
+        passed = {c["name"] for c in a["general"] if c.get("passed")}
+        a["general_kept"] = len(kept_by_base & passed) / len(kept_by_base) if kept_by_base else None
+
+
 def summary_metrics(artifacts: dict[str, dict[str, Any]], preference: dict[str, Any] | None = None) -> dict[str, Any]:
     """Manifest metrics: a compact per-artifact comparison plus the tuned model's perplexity.
 
@@ -368,7 +399,7 @@ def summary_metrics(artifacts: dict[str, dict[str, Any]], preference: dict[str, 
     compact = {}
     for name, a in artifacts.items():
         keys = ("status", "reason", "error", "perplexity", "assistant_tokens", "checks_passed", "checks_total",
-                "preference_accuracy", "preference_margin", "preference_pairs", "seconds", "environment")
+                "general_passed", "general_total", "general_kept", "preference_accuracy", "preference_margin", "preference_pairs", "seconds", "environment")
         compact[name] = {k: a[k] for k in keys if k in a}
     metrics: dict[str, Any] = {"artifacts": compact, "preference": preference or {}}
     for name, a in artifacts.items():

@@ -5,7 +5,8 @@ loads each artifact with transformers (and peft for an adapter), then measures:
 
 - perplexity on the val split over assistant tokens only (`ftpipe.handoff.measure.perplexity`,
   the same function convert-awq compares the merged and AWQ models with);
-- the prompt checks (greedy decoding, `eval.max_new_tokens`), judged by `ftpipe.handoff.checks`;
+- the prompt checks (greedy decoding, `eval.max_new_tokens`), judged by `ftpipe.handoff.checks`,
+  and the general-ability checks of `eval.general_file` the same way;
 - greedy sample generations of the val rows' prompts (`ftpipe.handoff.prepared.prompt`), next to
   their reference answers;
 - for the artifacts marked `preference` (base, adapter, dpo_adapter) when the spec names held-out
@@ -101,18 +102,8 @@ def _load(art: ArtifactSpec, dtype: str, previous: tuple[str, Any] | None):
 
 def _measure(model, tokenizer, rows, spec: EvalSpec, name, generations) -> dict[str, Any]:
     ppl = perplexity(model, tokenizer, rows, spec.max_length, spec.batch_tokens)
-    checks = []
-    for check in spec.checks:
-        messages = ([{"role": "system", "content": check.system}] if check.system else [])
-        messages.append({"role": "user", "content": check.prompt})
-        output, stopped, n_tokens = generate(model, tokenizer, messages, spec.max_new_tokens)
-        failures = judge(output, stopped, check.expect)
-        checks.append({"name": check.name, "passed": not failures, "failures": failures})
-        generations.append({
-            "artifact": name, "kind": "check", "name": check.name, "prompt": check.prompt,
-            "output": output, "stopped": stopped, "new_tokens": n_tokens, "passed": not failures,
-            "failures": failures,
-        })
+    checks = _checks(model, tokenizer, spec.checks, spec.max_new_tokens, name, "check", generations)
+    general = _checks(model, tokenizer, spec.general, spec.max_new_tokens, name, "general", generations)
     for i, messages in enumerate(rows[: spec.samples]):
         answer = reference(messages)
         if answer is None:
@@ -126,7 +117,7 @@ def _measure(model, tokenizer, rows, spec: EvalSpec, name, generations) -> dict[
         })
     passed = sum(c["passed"] for c in checks)
     log.info("eval %s: perplexity %s, checks %d/%d", name, ppl["perplexity"], passed, len(checks))
-    return {
+    result = {
         "status": "ok",
         **ppl,
         "checks_passed": passed,
@@ -134,6 +125,33 @@ def _measure(model, tokenizer, rows, spec: EvalSpec, name, generations) -> dict[
         "checks": checks,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
+    if general:
+        result.update(general_result(general))
+        log.info("eval %s: general checks %d/%d", name, result["general_passed"], result["general_total"])
+    return result
+
+
+def general_result(general: list[dict[str, Any]]) -> dict[str, Any]:
+    """An artifact's general-ability entries of metrics.json from its judged general checks."""
+    return {"general_passed": sum(c["passed"] for c in general), "general_total": len(general), "general": general}
+
+
+def _checks(model, tokenizer, checks, max_new_tokens: int, name: str, kind: str, generations) -> list[dict[str, Any]]:
+    """Answer and judge `checks` greedily; each answer is also a generations row of `kind` ("check" for
+    eval.prompts_file, "general" for eval.general_file)."""
+    judged = []
+    for check in checks:
+        messages = ([{"role": "system", "content": check.system}] if check.system else [])
+        messages.append({"role": "user", "content": check.prompt})
+        output, stopped, n_tokens = generate(model, tokenizer, messages, max_new_tokens)
+        failures = judge(output, stopped, check.expect)
+        judged.append({"name": check.name, "passed": not failures, "failures": failures})
+        generations.append({
+            "artifact": name, "kind": kind, "name": check.name, "prompt": check.prompt,
+            "output": output, "stopped": stopped, "new_tokens": n_tokens, "passed": not failures,
+            "failures": failures,
+        })
+    return judged
 
 
 def _preference(model, tokenizer, pairs, spec: EvalSpec, name: str) -> dict[str, Any]:

@@ -404,45 +404,27 @@ def _section_eval(doc: dict[str, Any] | None, generations: list[dict[str, Any]],
         status = a.get("status", "?")
         cls = {"ok": "ok", "failed": "fail"}.get(status, "skip")
         checks = f"{a['checks_passed']}/{a['checks_total']}" if a.get("checks_total") else "-"
+        general = f"{a['general_passed']}/{a['general_total']}" if a.get("general_total") else "-"
+        kept = a.get("general_kept")
         rows.append([
             _e(name), f'<span class="{cls}">{_e(status)}</span>',
             f'<td class="num">{_num(a.get("perplexity"))}</td>', f'<td class="num">{_num(a.get("assistant_tokens"))}</td>',
-            f'<td class="num">{_e(checks)}</td>', f'<td class="num">{_num(a.get("seconds"))}</td>',
+            f'<td class="num">{_e(checks)}</td>', f'<td class="num">{_e(general)}</td>',
+            f'<td class="num">{_e(f"{kept:.0%}") if _is_num(kept) else "-"}</td>',
+            f'<td class="num">{_num(a.get("seconds"))}</td>',
             _e(a.get("environment") or "-"), _e(a.get("reason") or a.get("error") or ""),
         ])
     body = _table(
-        ["artifact", "status", "perplexity (val, assistant tokens)", "tokens", "checks passed", "seconds", "environment", "note"],
+        ["artifact", "status", "perplexity (val, assistant tokens)", "tokens", "checks passed", "general checks passed",
+         "general kept (of base's passes)", "seconds", "environment", "note"],
         rows, "comparison",
     )
     body = body.replace("<table", '<table id="comparison"', 1)
     ppl = [(n, a["perplexity"]) for n, a in artifacts.items() if isinstance(a, dict) and _is_num(a.get("perplexity"))]
     if ppl:
         body += f'<div class="charts">{bar_chart(ppl, "perplexity by artifact (lower is better)", "perplexity", 480, 240)}</div>'
-    # Check-by-artifact matrix.
-    names = [n for n, a in artifacts.items() if isinstance(a, dict) and a.get("checks")]
-    if names:
-        check_names: list[str] = []
-        result: dict[tuple[str, str], dict[str, Any]] = {}
-        for n in names:
-            for c in artifacts[n]["checks"]:
-                if c.get("name") not in check_names:
-                    check_names.append(c.get("name"))
-                result[(c.get("name"), n)] = c
-        outputs = {(g.get("name"), g.get("artifact")): g.get("output", "") for g in generations if g.get("kind") == "check"}
-        rows = []
-        for cn in check_names:
-            row = [_e(cn)]
-            for n in names:
-                c = result.get((cn, n))
-                if c is None:
-                    row.append("-")
-                    continue
-                mark = '<span class="ok">pass</span>' if c.get("passed") else '<span class="fail">fail</span>'
-                out = outputs.get((cn, n))
-                row.append(mark + (f' <code>{_e(out[:80])}</code>' if out is not None else "")
-                           + ("".join(f"<br><small>{_e(f)}</small>" for f in c.get("failures") or [])))
-            rows.append(row)
-        body += "<h3>Prompt checks</h3>" + _table(["check", *names], rows)
+    body += _check_matrix(artifacts, generations, "checks", "check", "Prompt checks")
+    body += _check_matrix(artifacts, generations, "general", "general", "General-ability checks (eval.general_file)")
     samples = [g for g in generations if g.get("kind") == "sample"]
     if samples:
         per: dict[str, int] = {}
@@ -458,6 +440,36 @@ def _section_eval(doc: dict[str, Any] | None, generations: list[dict[str, Any]],
     if doc.get("lm_eval"):
         body += "<h3>lm-evaluation-harness</h3><pre class=\"mono\">" + _e(json.dumps(doc["lm_eval"], indent=1)[:20000]) + "</pre>"
     return head + body
+
+
+def _check_matrix(artifacts: dict[str, Any], generations: list[dict[str, Any]], key: str, kind: str, title: str) -> str:
+    """Check x artifact: pass/fail, the output and the failures, for the checks under `key` of each
+    artifact (`checks` or `general`) and their generations rows of `kind`."""
+    names = [n for n, a in artifacts.items() if isinstance(a, dict) and a.get(key)]
+    if not names:
+        return ""
+    check_names: list[str] = []
+    result: dict[tuple[str, str], dict[str, Any]] = {}
+    for n in names:
+        for c in artifacts[n][key]:
+            if c.get("name") not in check_names:
+                check_names.append(c.get("name"))
+            result[(c.get("name"), n)] = c
+    outputs = {(g.get("name"), g.get("artifact")): g.get("output", "") for g in generations if g.get("kind") == kind}
+    rows = []
+    for cn in check_names:
+        row = [_e(cn)]
+        for n in names:
+            c = result.get((cn, n))
+            if c is None:
+                row.append("-")
+                continue
+            mark = '<span class="ok">pass</span>' if c.get("passed") else '<span class="fail">fail</span>'
+            out = outputs.get((cn, n))
+            row.append(mark + (f' <code>{_e(out[:80])}</code>' if out is not None else "")
+                       + ("".join(f"<br><small>{_e(f)}</small>" for f in c.get("failures") or [])))
+        rows.append(row)
+    return f"<h3>{_e(title)}</h3>" + _table(["check", *names], rows)
 
 
 def _section_served(smoke: dict[str, Any] | None, eval_doc: dict[str, Any] | None) -> str:

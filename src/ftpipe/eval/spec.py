@@ -56,6 +56,7 @@ class EvalSpec(HandOffFile):
     max_length: int = Field(gt=1, description="eval.max_length.")
     batch_tokens: int = Field(gt=0, description="eval.batch_tokens.")
     checks: list[PromptCheck] = Field(description="The checks of eval.prompts_file (may be empty).")
+    general: list[PromptCheck] = Field(default_factory=list, description="The checks of eval.general_file (may be empty).")
     max_new_tokens: int = Field(gt=0, description="eval.max_new_tokens.")
     samples: int = Field(ge=0, description="eval.samples.")
     dtype: str = Field(description="model.dtype: `auto` or a torch dtype name.")

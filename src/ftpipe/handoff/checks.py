@@ -26,12 +26,14 @@ from typing import Any
 EXPECT_KEYS = ("exact", "contains", "regex", "max_length", "must_stop")
 
 
-def load_checks(path: Path, shown: str | None = None) -> list[dict[str, Any]]:
+def load_checks(path: Path, shown: str | None = None, key: str = "eval.prompts_file") -> list[dict[str, Any]]:
     """Read and validate a checks file; every problem is reported at once.
 
     Args:
         path: the YAML (.yaml/.yml) or JSON file.
         shown: how to name the file in messages (default: `path`).
+        key: the config key that names the file, in messages (eval-sft's `eval.general_file` is a
+            checks file too).
 
     Returns:
         The checks as plain dicts: name, system (or None), prompt, expect.
@@ -42,13 +44,13 @@ def load_checks(path: Path, shown: str | None = None) -> list[dict[str, Any]]:
     from ftpipe.core.errors import InputError
 
     shown = shown or str(path)
-    hint = "fix the file, or set eval.prompts_file (docs/eval-report.md shows the format)"
+    hint = f"fix the file, or set {key} (docs/eval-report.md shows the format)"
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise InputError(f"eval.prompts_file {shown}: file not found", hint=hint) from None
+        raise InputError(f"{key} {shown}: file not found", hint=hint) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"eval.prompts_file {shown}: cannot read ({type(exc).__name__})", hint=hint) from None
+        raise InputError(f"{key} {shown}: cannot read ({type(exc).__name__})", hint=hint) from None
     data = _parse(text, Path(path).suffix.lower(), shown, hint)
     if isinstance(data, dict):
         data = data.get("checks")
