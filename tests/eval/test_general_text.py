@@ -35,6 +35,16 @@ checks:
     expect: {must_stop: true}
 """
 
+# Held-out plain text, three documents (blank-line separated), none of it in the sentiment data.
+HELDOUT_TXT = """\
+The river rose slowly through the night, and by morning the low fields were under water.
+
+Farmers moved their animals to the hills.
+  Some of them stayed there for a week.
+   \t
+Once the water went down, the soil was darker and richer than before.
+"""
+
 
 def _metrics(root: Path) -> dict:
     return json.loads((root / "outputs" / RUN / "eval" / "metrics.json").read_text(encoding="utf-8"))
@@ -42,11 +52,12 @@ def _metrics(root: Path) -> dict:
 
 @pytest.fixture(scope="session")
 def evaluated_general(tuned_project, tmp_path_factory):
-    """eval-sft of base, adapter and merged on a copy of the tuned run, with general checks:
-    (project root, CLI result)."""
+    """eval-sft of base, adapter and merged on a copy of the tuned run, with general checks and
+    held-out text: (project root, CLI result)."""
     root = copy_project(tuned_project, tmp_path_factory.mktemp("evaluated-general") / "proj")
     (root / "general_checks.yaml").write_text(GENERAL_YAML, encoding="utf-8")
-    factory.update_config(root, {"eval": {"general_file": "general_checks.yaml",
+    (root / "heldout.txt").write_text(HELDOUT_TXT, encoding="utf-8")
+    factory.update_config(root, {"eval": {"general_file": "general_checks.yaml", "perplexity_file": "heldout.txt",
                                           "artifacts": ["base", "adapter", "merged"]}})
     return root, cli("eval-sft", root, "--run", RUN)
 
@@ -107,3 +118,97 @@ def test_a_bad_general_file_is_a_preflight_problem_named_by_its_key(tmp_path, ti
     result = cli("eval-sft", root, "--run", RUN, "--set", "eval.general_file=missing.yaml")
     assert result.code == 2
     assert "eval.general_file missing.yaml: file not found" in result.stderr
+
+
+@pytest.mark.slow
+def test_text_perplexity_per_artifact(evaluated_general):
+    from transformers import AutoTokenizer
+
+    from ftpipe.eval.text import read_documents, text_windows
+
+    root, result = evaluated_general
+    assert result.code == 0, result.output
+    doc = _metrics(root)
+    assert doc["perplexity_file"] == "heldout.txt"
+    arts = doc["artifacts"]
+    documents = read_documents(root / "heldout.txt")
+    windows = text_windows(AutoTokenizer.from_pretrained(root / "models" / "tiny"), documents, 2048)
+    for name in ("base", "adapter", "merged"):
+        a = arts[name]
+        assert a["text_windows"] == 3 and a["text_tokens"] == sum(len(w) - 1 for w in windows)
+        assert a["text_perplexity"] > 1
+        assert a["perplexity"] != a["text_perplexity"]  # the val split's stays as it was, next to it
+    assert arts["merged"]["text_perplexity"] == pytest.approx(arts["adapter"]["text_perplexity"], rel=1e-3)
+    assert "text_perplexity_delta_vs_merged" not in arts["merged"]  # only the quantized artifacts have one
+    manifest = json.loads((root / "logs" / RUN / "eval-sft" / "manifest.json").read_text())
+    assert manifest["metrics"]["artifacts"]["merged"]["text_perplexity"] == arts["merged"]["text_perplexity"]
+    assert "perplexity_text" in manifest["inputs"]
+
+
+def test_documents_are_blank_line_separated(tmp_path):
+    from ftpipe.eval.text import read_documents
+
+    f = tmp_path / "t.txt"
+    f.write_text(HELDOUT_TXT.replace("\n", "\r\n"), encoding="utf-8")
+    assert read_documents(f) == [
+        "The river rose slowly through the night, and by morning the low fields were under water.",
+        "Farmers moved their animals to the hills.\n  Some of them stayed there for a week.",
+        "Once the water went down, the soil was darker and richer than before.",
+    ]
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "eval.perplexity_file t.txt: file not found"),
+    (b"\n \n\n", "eval.perplexity_file t.txt: no text in it"),
+    (b"caf\xe9\n", "eval.perplexity_file t.txt: not UTF-8 text (byte 3)"),
+])
+def test_a_bad_text_file_is_one_line(tmp_path, content, message):
+    from ftpipe.core.errors import InputError
+    from ftpipe.eval.text import read_documents
+
+    if content is not None:
+        (tmp_path / "t.txt").write_bytes(content)
+    with pytest.raises(InputError) as err:
+        read_documents(tmp_path / "t.txt", "t.txt")
+    assert err.value.message == message
+
+
+def test_text_perplexity_windows_match_the_models_own_loss(tiny_model_dir):
+    """Windows of max_length tokens, first token of each window context only, batched and padded:
+    the same NLL as the model's own loss on each window alone."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftpipe.eval.measure import text_perplexity
+    from ftpipe.eval.text import read_documents, text_windows
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    docs = ["one two three four five six seven eight nine ten eleven twelve", "a b", "x"]
+    ids = [list(tok(d, add_special_tokens=True)["input_ids"]) for d in docs]
+    windows = text_windows(tok, docs, 5)
+    assert windows == [w for doc in ids for w in (doc[i:i + 5] for i in range(0, len(doc), 5)) if len(w) > 1]
+    assert all(len(w) <= 5 for w in windows) and len(windows) >= 3
+    got = text_perplexity(model, windows, batch_tokens=12)  # several batches, padded
+    nll = tokens = 0
+    with torch.inference_mode():
+        for w in windows:
+            x = torch.tensor([w])
+            nll += float(model(input_ids=x, labels=x).loss) * (len(w) - 1)
+            tokens += len(w) - 1
+    assert got["text_tokens"] == tokens and got["text_windows"] == len(windows)
+    assert got["text_perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-4)
+
+
+def test_the_quantized_artifacts_delta_is_relative_to_merged():
+    from ftpipe.eval.eval_sft import add_text_deltas
+
+    arts = {"adapter": {"text_perplexity": 9.0}, "merged": {"text_perplexity": 10.0}, "awq": {"text_perplexity": 11.0}}
+    add_text_deltas(arts)
+    assert arts["awq"]["text_perplexity_delta_vs_merged"] == pytest.approx(0.1)
+    assert "text_perplexity_delta_vs_merged" not in arts["adapter"] and "text_perplexity_delta_vs_merged" not in arts["merged"]
+    arts = {"merged": {"status": "skipped"}, "awq": {"text_perplexity": 11.0}}
+    add_text_deltas(arts)
+    assert arts["awq"]["text_perplexity_delta_vs_merged"] is None

@@ -95,7 +95,7 @@ def test_report_renders_in_chromium(evaluated, tmp_path):
     assert all(len(a["d"].split("L")) >= 2 for a in loss_paths)
     # The comparison table: one row per artifact, with the statuses.
     cells = [e for e in dom.inside("table", id="comparison") if e[0] == "td"]
-    assert len(cells) == 5 * 10
+    assert len(cells) == 5 * 12
     text = " ".join(dom.text)
     for needle in ("base", "adapter", "merged", "awq", "skipped", "not produced (ftpipe convert-awq --run r1)",
                    "not produced (ftpipe finetune-dpo --run r1)",

@@ -42,7 +42,10 @@ def test_the_stage_builds_the_spec_from_the_eval_config(tmp_path):
     cfg = EvalConfig(max_val_rows=5, max_length=300, batch_tokens=999, max_new_tokens=4, samples=1, max_pairs=7)
     ctx = SimpleNamespace(config=SimpleNamespace(eval=cfg, model=SimpleNamespace(dtype="bfloat16")))
     art = Artifact("merged", model="outputs/r1/merged", tokenizer="outputs/r1/merged")
+    general = {**CHECK, "name": "general-1"}
     plan = EvalSftPlan(val_file=tmp_path / "val.jsonl", prompts_file=None, checks=(CHECK,),
+                       general_file=tmp_path / "general.yaml", general=(general,),
+                       perplexity_file=tmp_path / "heldout.txt",
                        pairs_file=tmp_path / "pairs.jsonl", preference={}, artifacts=(art,))
     spec = eval_spec(ctx, plan, [art], "train")
     assert spec.artifacts == [ArtifactSpec(name="merged", model="outputs/r1/merged", tokenizer="outputs/r1/merged")]
@@ -50,6 +53,7 @@ def test_the_stage_builds_the_spec_from_the_eval_config(tmp_path):
         cfg.max_val_rows, cfg.max_length, cfg.batch_tokens, cfg.max_new_tokens, cfg.samples)
     assert (spec.environment, spec.dtype, spec.val_file) == ("train", "bfloat16", tmp_path / "val.jsonl")
     assert spec.checks == [PromptCheck(**CHECK)]
+    assert spec.general == [PromptCheck(**general)] and spec.perplexity_file == tmp_path / "heldout.txt"
     assert (spec.pairs_file, spec.max_pairs) == (tmp_path / "pairs.jsonl", 7)
 
 

@@ -29,8 +29,17 @@ class EvalConfig(Section):
         "general_passed / general_total, every artifact but base general_kept (the share of the checks "
         "the base passed that it passes too). None: no general checks.",
     )
+    perplexity_file: str | None = Field(
+        None,
+        description="Held-out plain text (not the training set) for text_perplexity: a UTF-8 text file, "
+        "documents separated by blank lines; relative to the project root. Each document is tokenized "
+        "without a chat template (the tokenizer's own BOS) and scored in consecutive windows of "
+        "eval.max_length tokens (no context across windows). None: no text perplexity.",
+    )
     max_val_rows: int | None = Field(None, gt=0, description="Limit val rows for perplexity.")
-    max_length: int = Field(2048, gt=1, description="Truncate val conversations to this many tokens.")
+    max_length: int = Field(
+        2048, gt=1, description="Truncate val conversations to this many tokens; the window length of "
+        "eval.perplexity_file's text.")
     batch_tokens: int = Field(
         4096, gt=0, description="Token budget per perplexity batch (rows x padded length)."
     )

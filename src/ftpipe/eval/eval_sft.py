@@ -5,8 +5,10 @@ For each artifact of the run that exists (base = the adapter's base model from
 LoRA adapter, when that stage completed; merged = outputs/<run>/merged; awq = outputs/<run>/awq), it
 measures perplexity on the val split over assistant tokens, runs the prompt checks of
 `eval.prompts_file`, the general-ability checks of `eval.general_file` (each artifact but base also
-gets `general_kept`: the share of the checks the base passed that it still passes) and greedy sample
-generations (`ftpipe.eval.measure`). When the config has a
+gets `general_kept`: the share of the checks the base passed that it still passes), perplexity on the
+held-out plain text of `eval.perplexity_file` (`text_perplexity`; the AWQ model's relative change
+against the merged model's is `text_perplexity_delta_vs_merged`) and greedy sample generations
+(`ftpipe.eval.measure`). When the config has a
 preference set (`preference.source`) whose held-out pairs exist (prepared/<preference.name>/val.jsonl,
 written by preprocess-dpo), base, adapter and dpo_adapter also get a preference accuracy: the share
 of pairs whose chosen answer has the higher summed log-prob, and the mean margin; without pairs
@@ -42,6 +44,7 @@ from ftpipe.core.manifest import read_manifest
 from ftpipe.core.model_ref import ModelRef
 from ftpipe.core.stage import StageContext, StageResult, require_upstream
 from ftpipe.eval.spec import ArtifactSpec, EvalSpec
+from ftpipe.eval.text import read_documents
 from ftpipe.handoff.base_model import read_base_model
 from ftpipe.handoff.checks import load_checks
 from ftpipe.handoff.pairs import pairs_dir, read_pairs
@@ -51,6 +54,7 @@ log = logging.getLogger(__name__)
 ARTIFACTS = ("base", "adapter", "dpo_adapter", "merged", "awq")
 EVALUATED_ARTIFACTS = ("dpo_adapter", "merged", "awq")  # made by other stages (`ctx.producers`)
 PREFERENCE_ARTIFACTS = ("base", "adapter", "dpo_adapter")  # scored on the held-out preference pairs
+QUANTIZED = ("awq",)  # compared with merged: text_perplexity_delta_vs_merged
 AWQ_ENV_MISSING = "awq environment not installed (bash scripts/bootstrap.sh awq)"
 
 
@@ -81,6 +85,7 @@ class EvalSftPlan:
     checks: tuple[dict[str, Any], ...]  # its checks (`ftpipe.handoff.checks.load_checks`)
     general_file: Path | None  # eval.general_file
     general: tuple[dict[str, Any], ...]  # its general-ability checks (same format)
+    perplexity_file: Path | None  # eval.perplexity_file: held-out plain text
     pairs_file: Path | None  # held-out preference pairs scored, when there are any
     preference: Mapping[str, Any]  # metrics.json's `preference`: {"val_file", "pairs"} or {"status", "reason"}
     artifacts: tuple[Artifact, ...]  # every artifact of ARTIFACTS, in that order, evaluated or skipped
@@ -101,6 +106,8 @@ def check(ctx: StageContext) -> dict[str, Path]:
         inputs["prompts"] = survey.prompts_file
     if survey.general_file is not None:
         inputs["general"] = survey.general_file
+    if survey.perplexity_file is not None:
+        inputs["perplexity_text"] = survey.perplexity_file
     if survey.pairs_file is not None:
         inputs["pairs"] = survey.pairs_file
     for name in EVALUATED_ARTIFACTS:
@@ -161,6 +168,12 @@ def preflight(ctx: StageContext) -> EvalSftPlan:
             general = load_checks(general_file, cfg.general_file, key="eval.general_file")
         except InputError as exc:
             problems.append(exc.message)
+    perplexity_file = project.resolve(cfg.perplexity_file) if cfg.perplexity_file else None
+    if perplexity_file is not None:
+        try:
+            read_documents(perplexity_file, cfg.perplexity_file)
+        except InputError as exc:
+            problems.append(exc.message)
     pairs_file, pairs_note = preference_pairs(ctx, problems)
     if problems:
         raise InputError("; ".join(problems), hint=f"ftpipe preprocess-sft, then ftpipe eval-sft --run {run.name}")
@@ -175,6 +188,7 @@ def preflight(ctx: StageContext) -> EvalSftPlan:
         checks=tuple(checks or ()),
         general_file=general_file,
         general=tuple(general or ()),
+        perplexity_file=perplexity_file,
         pairs_file=pairs_file,
         preference=pairs_note,
         artifacts=plan_artifacts(ctx, base, scored=pairs_file is not None),
@@ -284,6 +298,7 @@ def run(ctx: StageContext, plan: EvalSftPlan) -> StageResult:
                 artifacts[art.name]["adapter"] = project.rel(Path(art.adapter))
     artifacts = {name: artifacts[name] for name in ARTIFACTS}
     add_general_kept(artifacts)
+    add_text_deltas(artifacts)
 
     lm_eval_results = _lm_eval(cfg.lm_eval_tasks, plan.artifacts) if cfg.lm_eval_tasks else None
     metrics_doc = {
@@ -291,6 +306,7 @@ def run(ctx: StageContext, plan: EvalSftPlan) -> StageResult:
         "val_file": project.rel(plan.val_file),
         "prompts_file": project.rel(plan.prompts_file) if plan.prompts_file else None,
         "general_file": project.rel(plan.general_file) if plan.general_file else None,
+        "perplexity_file": project.rel(plan.perplexity_file) if plan.perplexity_file else None,
         "max_new_tokens": cfg.max_new_tokens,
         "preference": dict(plan.preference),
         "artifacts": artifacts,
@@ -322,6 +338,7 @@ def eval_spec(ctx: StageContext, plan: EvalSftPlan, arts: list[Artifact], enviro
         max_val_rows=cfg.max_val_rows, max_length=cfg.max_length, batch_tokens=cfg.batch_tokens,
         checks=list(plan.checks), general=list(plan.general), max_new_tokens=cfg.max_new_tokens, samples=cfg.samples,
         dtype=ctx.config.model.dtype, pairs_file=plan.pairs_file, max_pairs=cfg.max_pairs,
+        perplexity_file=plan.perplexity_file,
     )
 
 
@@ -391,6 +408,16 @@ def add_general_kept(artifacts: dict[str, dict[str, Any]]) -> None:
         a["general_kept"] = len(kept_by_base & passed) / len(kept_by_base) if kept_by_base else None
 
 
+def add_text_deltas(artifacts: dict[str, dict[str, Any]]) -> None:
+    """Set `text_perplexity_delta_vs_merged` on each quantized artifact (QUANTIZED) with a text
+    perplexity: (its text perplexity - merged's) / merged's, None when merged has none."""
+    merged = (artifacts.get("merged") or {}).get("text_perplexity")
+    for name in QUANTIZED:
+        a = artifacts.get(name) or {}
+        if a.get("text_perplexity") is not None:
+            a["text_perplexity_delta_vs_merged"] = (a["text_perplexity"] - merged) / merged if merged else None
+
+
 def summary_metrics(artifacts: dict[str, dict[str, Any]], preference: dict[str, Any] | None = None) -> dict[str, Any]:
     """Manifest metrics: a compact per-artifact comparison plus the tuned model's perplexity.
 
@@ -399,7 +426,8 @@ def summary_metrics(artifacts: dict[str, dict[str, Any]], preference: dict[str, 
     compact = {}
     for name, a in artifacts.items():
         keys = ("status", "reason", "error", "perplexity", "assistant_tokens", "checks_passed", "checks_total",
-                "general_passed", "general_total", "general_kept", "preference_accuracy", "preference_margin", "preference_pairs", "seconds", "environment")
+                "general_passed", "general_total", "general_kept", "text_perplexity", "text_perplexity_delta_vs_merged",
+                "preference_accuracy", "preference_margin", "preference_pairs", "seconds", "environment")
         compact[name] = {k: a[k] for k in keys if k in a}
     metrics: dict[str, Any] = {"artifacts": compact, "preference": preference or {}}
     for name, a in artifacts.items():

@@ -7,6 +7,8 @@ loads each artifact with transformers (and peft for an adapter), then measures:
   the same function convert-awq compares the merged and AWQ models with);
 - the prompt checks (greedy decoding, `eval.max_new_tokens`), judged by `ftpipe.handoff.checks`,
   and the general-ability checks of `eval.general_file` the same way;
+- perplexity on held-out plain text (`eval.perplexity_file`, no chat template, windows of
+  `eval.max_length` tokens: `ftpipe.eval.text`) as `text_perplexity`;
 - greedy sample generations of the val rows' prompts (`ftpipe.handoff.prepared.prompt`), next to
   their reference answers;
 - for the artifacts marked `preference` (base, adapter, dpo_adapter) when the spec names held-out
@@ -24,9 +26,11 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
+from ftpipe.eval.text import read_documents, text_windows
 from ftpipe.handoff.checks import judge
 from ftpipe.handoff.measure import generate, perplexity, preference_accuracy
 from ftpipe.handoff.pairs import read_pairs
@@ -51,6 +55,7 @@ def evaluate_spec(spec: EvalSpec) -> dict[str, Any]:
         "failed" (with "error"): one artifact failing does not stop the others.
     """
     rows = list(read_split(spec.val_file, spec.max_val_rows))  # every artifact measures the same rows
+    documents = read_documents(spec.perplexity_file) if spec.perplexity_file else []
     pairs = list(read_pairs(spec.pairs_file, spec.max_pairs)) if spec.pairs_file else []
     results: dict[str, Any] = {}
     generations: list[dict[str, Any]] = []
@@ -63,6 +68,9 @@ def evaluate_spec(spec: EvalSpec) -> dict[str, Any]:
             model, tokenizer = _load(art, spec.dtype, previous)
             previous = None if art.adapter else (art.model, model)
             result = _measure(model, tokenizer, rows, spec, name, generations)
+            if documents:
+                result.update(text_perplexity(model, text_windows(tokenizer, documents, spec.max_length), spec.batch_tokens))
+                log.info("eval %s: text perplexity %s over %d tokens", name, result["text_perplexity"], result["text_tokens"])
             if art.preference and pairs:
                 result.update(_preference(model, tokenizer, pairs, spec, name))
         except Exception as exc:  # noqa: BLE001 - recorded as this artifact's failure; the stage fails on it
@@ -152,6 +160,40 @@ def _checks(model, tokenizer, checks, max_new_tokens: int, name: str, kind: str,
             "failures": failures,
         })
     return judged
+
+
+def text_perplexity(model, windows: list[list[int]], batch_tokens: int) -> dict[str, Any]:
+    """exp(mean NLL) over every token of `windows` but each window's first (plain text: no mask), in
+    right-padded batches of at most `batch_tokens` tokens, use_cache=False.
+
+    Returns:
+        {"text_perplexity", "text_nll", "text_tokens" (tokens scored), "text_windows"}.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    windows = sorted(windows, key=len, reverse=True)
+    device = next(model.parameters()).device
+    total_nll, total_tokens, i = 0.0, 0, 0
+    with torch.inference_mode():
+        while i < len(windows):
+            width = len(windows[i])
+            batch = windows[i : i + max(1, batch_tokens // width)]
+            i += len(batch)
+            input_ids = torch.zeros((len(batch), width), dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            labels = torch.full((len(batch), width), -100, dtype=torch.long)
+            for b, ids in enumerate(batch):
+                input_ids[b, : len(ids)] = labels[b, : len(ids)] = torch.tensor(ids)
+                attention[b, : len(ids)] = 1
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False).logits
+            target = labels[:, 1:].to(device)
+            total_nll += float(F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                               ignore_index=-100, reduction="sum"))
+            total_tokens += int((target != -100).sum())
+    mean = total_nll / total_tokens if total_tokens else None
+    return {"text_perplexity": None if mean is None else math.exp(min(mean, 700.0)),  # capped: JSON has no inf
+            "text_nll": mean, "text_tokens": total_tokens, "text_windows": len(windows)}
 
 
 def _preference(model, tokenizer, pairs, spec: EvalSpec, name: str) -> dict[str, Any]:

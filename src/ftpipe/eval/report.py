@@ -406,16 +406,20 @@ def _section_eval(doc: dict[str, Any] | None, generations: list[dict[str, Any]],
         checks = f"{a['checks_passed']}/{a['checks_total']}" if a.get("checks_total") else "-"
         general = f"{a['general_passed']}/{a['general_total']}" if a.get("general_total") else "-"
         kept = a.get("general_kept")
+        delta = a.get("text_perplexity_delta_vs_merged")
         rows.append([
             _e(name), f'<span class="{cls}">{_e(status)}</span>',
             f'<td class="num">{_num(a.get("perplexity"))}</td>', f'<td class="num">{_num(a.get("assistant_tokens"))}</td>',
+            f'<td class="num">{_num(a.get("text_perplexity"))}</td>',
+            f'<td class="num">{_e(f"{delta:+.1%}") if _is_num(delta) else "-"}</td>',
             f'<td class="num">{_e(checks)}</td>', f'<td class="num">{_e(general)}</td>',
             f'<td class="num">{_e(f"{kept:.0%}") if _is_num(kept) else "-"}</td>',
             f'<td class="num">{_num(a.get("seconds"))}</td>',
             _e(a.get("environment") or "-"), _e(a.get("reason") or a.get("error") or ""),
         ])
     body = _table(
-        ["artifact", "status", "perplexity (val, assistant tokens)", "tokens", "checks passed", "general checks passed",
+        ["artifact", "status", "perplexity (val, assistant tokens)", "tokens", "perplexity (held-out text)",
+         "text perplexity vs merged", "checks passed", "general checks passed",
          "general kept (of base's passes)", "seconds", "environment", "note"],
         rows, "comparison",
     )

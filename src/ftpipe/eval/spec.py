@@ -60,5 +60,6 @@ class EvalSpec(HandOffFile):
     max_new_tokens: int = Field(gt=0, description="eval.max_new_tokens.")
     samples: int = Field(ge=0, description="eval.samples.")
     dtype: str = Field(description="model.dtype: `auto` or a torch dtype name.")
+    perplexity_file: Path | None = Field(None, description="eval.perplexity_file: held-out plain text (`ftpipe.eval.text`).")
     pairs_file: Path | None = Field(None, description="Held-out preference pairs (prepared/<preference.name>/val.jsonl).")
     max_pairs: int | None = Field(None, gt=0, description="eval.max_pairs.")
