@@ -52,13 +52,16 @@ def _metrics(root: Path) -> dict:
 
 @pytest.fixture(scope="session")
 def evaluated_general(tuned_project, tmp_path_factory):
-    """eval-sft of base, adapter and merged on a copy of the tuned run, with general checks and
-    held-out text: (project root, CLI result)."""
+    """eval-sft of base, adapter and merged on a copy of the tuned run, with general checks,
+    held-out text and bounds it passes: (project root, CLI result)."""
     root = copy_project(tuned_project, tmp_path_factory.mktemp("evaluated-general") / "proj")
     (root / "general_checks.yaml").write_text(GENERAL_YAML, encoding="utf-8")
     (root / "heldout.txt").write_text(HELDOUT_TXT, encoding="utf-8")
     factory.update_config(root, {"eval": {"general_file": "general_checks.yaml", "perplexity_file": "heldout.txt",
-                                          "artifacts": ["base", "adapter", "merged"]}})
+                                          "artifacts": ["base", "adapter", "merged"],
+                                          # bounds the run passes: base 0/3, tuned 2/3, kept 1/2
+                                          "max_base_pass_rate": 0.3, "min_tuned_pass_rate": 0.6,
+                                          "min_general_kept": 0.5}})
     return root, cli("eval-sft", root, "--run", RUN)
 
 
@@ -212,3 +215,86 @@ def test_the_quantized_artifacts_delta_is_relative_to_merged():
     arts = {"merged": {"status": "skipped"}, "awq": {"text_perplexity": 11.0}}
     add_text_deltas(arts)
     assert arts["awq"]["text_perplexity_delta_vs_merged"] is None
+
+
+@pytest.mark.slow
+def test_the_bounds_the_run_passes_are_recorded(evaluated_general):
+    root, result = evaluated_general
+    assert result.code == 0, result.output
+    bounds = [(b["key"], b["artifact"], b["value"], b["bound"], b["passed"]) for b in _metrics(root)["thresholds"]]
+    assert bounds == [
+        ("eval.max_base_pass_rate", "base", 0.0, 0.3, True),
+        ("eval.min_tuned_pass_rate", "adapter", pytest.approx(2 / 3), 0.6, True),
+        ("eval.min_tuned_pass_rate", "merged", pytest.approx(2 / 3), 0.6, True),
+        ("eval.min_general_kept", "adapter", 0.5, 0.5, True),
+        ("eval.min_general_kept", "merged", 0.5, 0.5, True),
+    ]
+
+
+@pytest.mark.slow
+def test_a_missed_bound_fails_the_stage_after_writing_the_results(evaluated_general, tmp_path):
+    src, _ = evaluated_general
+    root = copy_project(src, tmp_path / "proj")
+    result = cli("eval-sft", root, "--run", RUN, "--set", "eval.artifacts=[base, adapter]",
+                 "--set", "eval.min_tuned_pass_rate=0.8", "--set", "eval.min_general_kept=0.75")
+    assert result.code == 1, result.output
+    line = result.stderr.strip().splitlines()[-1]
+    assert line == (
+        "error: eval-sft: eval.min_tuned_pass_rate: adapter passed 0.667 (2/3 checks) < 0.8; "
+        "eval.min_general_kept: adapter general_kept 0.5 < 0.75; results in outputs/r1/eval/metrics.json "
+        "(next: see outputs/r1/eval/generations.jsonl)"
+    )
+    doc = _metrics(root)
+    assert doc["artifacts"]["adapter"]["checks_passed"] == 2 and doc["artifacts"]["merged"]["reason"] == "not in eval.artifacts"
+    assert [(b["key"], b["passed"]) for b in doc["thresholds"]] == [
+        ("eval.max_base_pass_rate", True), ("eval.min_tuned_pass_rate", False), ("eval.min_general_kept", False)]
+    assert (root / "outputs" / RUN / "eval" / "generations.jsonl").stat().st_size > 0
+    manifest = json.loads((root / "logs" / RUN / "eval-sft" / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["error"] == line.removeprefix("error: ")
+
+
+def test_a_bound_without_what_it_bounds_is_refused_up_front(tmp_path, tiny_model_dir):
+    from tests.eval.test_evaluate import _bare_run
+
+    root = _bare_run(tmp_path, tiny_model_dir, finetuned=True)
+    result = cli("eval-sft", root, "--run", RUN, "--set", "eval.prompts_file=null", "--set", "eval.min_tuned_pass_rate=0.8",
+                 "--set", "eval.min_general_kept=0.9", "--set", "eval.max_text_perplexity_delta=0.1",
+                 "--set", "eval.artifacts=[adapter, awq]")
+    assert result.code == 2, result.output
+    for part in ("eval.min_tuned_pass_rate: needs eval.prompts_file", "eval.min_general_kept: needs eval.general_file",
+                 "eval.min_general_kept: needs base in eval.artifacts",
+                 "eval.max_text_perplexity_delta: needs eval.perplexity_file",
+                 "eval.max_text_perplexity_delta: needs merged in eval.artifacts"):
+        assert part in result.stderr
+    assert not (root / "logs" / RUN / "eval-sft").exists()
+
+
+def _ok(passed: int, total: int = 10, **more) -> dict:
+    return {"status": "ok", "checks_passed": passed, "checks_total": total, **more}
+
+
+def test_which_artifacts_each_bound_applies_to():
+    from ftpipe.eval.config import EvalConfig
+    from ftpipe.eval.eval_sft import threshold_results
+
+    cfg = EvalConfig(prompts_file="p.yaml", general_file="g.yaml", perplexity_file="t.txt", max_base_pass_rate=0.3,
+                     min_tuned_pass_rate=0.8, min_general_kept=0.9, max_text_perplexity_delta=0.1)
+    arts = {"base": _ok(3), "adapter": _ok(8, general_kept=0.95), "dpo_adapter": {"status": "skipped", "reason": "x"},
+            "merged": _ok(7, general_kept=None), "awq": _ok(1, text_perplexity_delta_vs_merged=0.25)}
+    assert [b["message"] for b in threshold_results(cfg, arts)] == [
+        "eval.max_base_pass_rate: base passed 0.3 (3/10 checks) <= 0.3",
+        "eval.min_tuned_pass_rate: adapter passed 0.8 (8/10 checks) >= 0.8",
+        "eval.min_tuned_pass_rate: merged passed 0.7 (7/10 checks) < 0.8",
+        "eval.min_general_kept: adapter general_kept 0.95 >= 0.9",
+        "eval.min_general_kept: merged general_kept None (the base passed none of the general checks, or was not evaluated)",
+        "eval.max_text_perplexity_delta: awq text_perplexity_delta_vs_merged +0.25 > 0.1",
+    ]
+    assert [b["passed"] for b in threshold_results(cfg, arts)] == [True, True, False, True, False, False]
+    arts = {"base": {"status": "failed", "error": "OSError: gone"}, "adapter": {"status": "failed", "error": "e"},
+            "merged": {"status": "skipped", "reason": "not produced"}, "awq": {"status": "skipped", "reason": "y"}}
+    assert [b["message"] for b in threshold_results(cfg, arts)] == [
+        "eval.max_base_pass_rate: base not evaluated (OSError: gone)",
+        "eval.min_tuned_pass_rate: no tuned artifact (adapter, dpo_adapter, merged) was evaluated",
+        "eval.min_general_kept: no tuned artifact (adapter, dpo_adapter, merged) was evaluated",
+    ]
+    assert threshold_results(EvalConfig(), arts) == []

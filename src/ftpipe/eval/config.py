@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ftpipe.core.configbase import Section
+
+
+TUNED = ("adapter", "dpo_adapter", "merged")  # what eval.min_tuned_pass_rate / min_general_kept bound
 
 
 class EvalConfig(Section):
@@ -54,11 +57,51 @@ class EvalConfig(Section):
     worker_timeout: float = Field(
         3600.0, gt=0, description="Seconds the awq-environment worker may take before it is stopped."
     )
+    max_base_pass_rate: float | None = Field(
+        None, ge=0, le=1,
+        description="Bound the run must pass: the base model's share of eval.prompts_file's checks passed "
+        "must be at most this (the task is not already solved). Needs base in eval.artifacts. None: off.",
+    )
+    min_tuned_pass_rate: float | None = Field(
+        None, ge=0, le=1,
+        description="Bound the run must pass: every tuned full-precision artifact evaluated (adapter, "
+        "dpo_adapter, merged) must pass at least this share of eval.prompts_file's checks. None: off.",
+    )
+    min_general_kept: float | None = Field(
+        None, ge=0, le=1,
+        description="Bound the run must pass: every tuned full-precision artifact evaluated (adapter, "
+        "dpo_adapter, merged) must have general_kept (the share of the general checks the base passed "
+        "that it passes too) at least this. Needs eval.general_file and base in eval.artifacts. None: off.",
+    )
+    max_text_perplexity_delta: float | None = Field(
+        None, ge=0,
+        description="Bound the run must pass: every quantized artifact evaluated (awq) must have "
+        "text_perplexity_delta_vs_merged (its held-out text perplexity's relative increase over merged's) "
+        "at most this, e.g. 0.1 for +10%. Needs eval.perplexity_file and merged in eval.artifacts. None: off.",
+    )
     lm_eval_tasks: list[str] = Field(
         default_factory=list,
         description="Optional lm-evaluation-harness tasks (local task data) run on the merged "
         "model; needs `pip install lm-eval` in the train environment.",
     )
+
+    @model_validator(mode="after")
+    def _bounds_need_their_measure(self):
+        """A bound without what it bounds would fail every run after all the work: refused up front."""
+        problems = []
+        needs = (("max_base_pass_rate", "prompts_file", ("base",)), ("min_tuned_pass_rate", "prompts_file", TUNED),
+                 ("min_general_kept", "general_file", ("base",)), ("min_general_kept", "general_file", TUNED),
+                 ("max_text_perplexity_delta", "perplexity_file", ("merged",)))
+        for key, file_key, artifacts in needs:
+            if getattr(self, key) is None:
+                continue
+            if not getattr(self, file_key) and f"eval.{key}: needs eval.{file_key}" not in problems:
+                problems.append(f"eval.{key}: needs eval.{file_key}")
+            if not set(artifacts) & set(self.artifacts):
+                problems.append(f"eval.{key}: needs {' or '.join(artifacts)} in eval.artifacts")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class ReportConfig(Section):

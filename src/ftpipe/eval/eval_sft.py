@@ -17,7 +17,10 @@ environment; the AWQ model runs in the awq environment through `python -m ftpipe
 its result is merged in. An artifact that is absent, or whose environment is missing, is reported
 as skipped with the reason.
 
-Writes outputs/<run>/eval/metrics.json and generations.jsonl. Needs finetune-sft completed.
+Writes outputs/<run>/eval/metrics.json and generations.jsonl, then checks the bounds the run must
+pass (`eval.max_base_pass_rate`, `eval.min_tuned_pass_rate`, `eval.min_general_kept`,
+`eval.max_text_perplexity_delta`): one missed fails the stage (exit 1) with one line naming the key,
+the artifact and the value against the bound, the results already written. Needs finetune-sft completed.
 `check(ctx)` (`preflight`: every problem at once, from files alone) returns the inputs to compare;
 `plan(ctx)` returns the same survey as an `EvalSftPlan` (each artifact evaluated where, or skipped
 why); `run(ctx, plan)` loads and measures the models. The other artifacts' stages are found through
@@ -43,6 +46,7 @@ from ftpipe.core.logs import WORKER_LOG_ENV
 from ftpipe.core.manifest import read_manifest
 from ftpipe.core.model_ref import ModelRef
 from ftpipe.core.stage import StageContext, StageResult, require_upstream
+from ftpipe.eval.config import TUNED
 from ftpipe.eval.spec import ArtifactSpec, EvalSpec
 from ftpipe.eval.text import read_documents
 from ftpipe.handoff.base_model import read_base_model
@@ -268,7 +272,8 @@ def _plan_artifact(ctx: StageContext, name: str, base: ModelRef, preference: boo
 
 
 def run(ctx: StageContext, plan: EvalSftPlan) -> StageResult:
-    """Evaluate the planned artifacts, write metrics.json + generations.jsonl, fail on any failure."""
+    """Evaluate the planned artifacts, write metrics.json + generations.jsonl, then fail on a failed
+    artifact or on a bound of the `eval` config the results miss (`threshold_results`)."""
     cfg, run, project = ctx.config.eval, ctx.run, ctx.project
     out = run.eval
     out.mkdir(parents=True, exist_ok=True)
@@ -301,6 +306,7 @@ def run(ctx: StageContext, plan: EvalSftPlan) -> StageResult:
     add_text_deltas(artifacts)
 
     lm_eval_results = _lm_eval(cfg.lm_eval_tasks, plan.artifacts) if cfg.lm_eval_tasks else None
+    bounds = threshold_results(cfg, artifacts)
     metrics_doc = {
         "run": run.name,
         "val_file": project.rel(plan.val_file),
@@ -311,6 +317,7 @@ def run(ctx: StageContext, plan: EvalSftPlan) -> StageResult:
         "preference": dict(plan.preference),
         "artifacts": artifacts,
         "lm_eval": lm_eval_results,
+        "thresholds": bounds,
     }
     atomic_write_json(out / "metrics.json", metrics_doc)
     atomic_write_text(out / "generations.jsonl", "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in generations))
@@ -321,6 +328,12 @@ def run(ctx: StageContext, plan: EvalSftPlan) -> StageResult:
         raise StageError(
             f"eval-sft: {', '.join(failed)} failed ({detail}); partial results in {project.rel(out / 'metrics.json')}",
             hint=f"see {project.rel(ctx.log_dir / 'run.log')}",
+        )
+    missed = [b["message"] for b in bounds if not b["passed"]]
+    if missed:
+        raise StageError(
+            f"eval-sft: {'; '.join(missed)}; results in {project.rel(out / 'metrics.json')}",
+            hint=f"see {project.rel(out / 'generations.jsonl')}",
         )
     return StageResult(
         outputs=[out / "metrics.json", out / "generations.jsonl"],
@@ -416,6 +429,69 @@ def add_text_deltas(artifacts: dict[str, dict[str, Any]]) -> None:
         a = artifacts.get(name) or {}
         if a.get("text_perplexity") is not None:
             a["text_perplexity_delta_vs_merged"] = (a["text_perplexity"] - merged) / merged if merged else None
+
+
+def threshold_results(cfg, artifacts: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each configured bound (`eval.max_base_pass_rate`, `min_tuned_pass_rate`, `min_general_kept`,
+    `max_text_perplexity_delta`) checked on each artifact it applies to.
+
+    max_base_pass_rate bounds base; min_tuned_pass_rate and min_general_kept every tuned
+    full-precision artifact evaluated (TUNED: adapter, dpo_adapter, merged; a skipped one is not
+    checked, but at least one must have been evaluated); max_text_perplexity_delta every quantized
+    artifact evaluated (QUANTIZED). An artifact that should have a value and has none (base skipped
+    or failed, general_kept None) misses the bound.
+
+    Returns:
+        [{"key", "artifact", "value", "bound", "passed", "message"}] in that order; `message` is the
+        one-line account (e.g. "eval.min_tuned_pass_rate: adapter passed 0.667 (2/3 checks) < 0.8").
+    """
+    out: list[dict[str, Any]] = []
+
+    def add(key: str, artifact: str | None, value: float | None, bound: float, passed: bool, message: str) -> None:
+        out.append({"key": f"eval.{key}", "artifact": artifact, "value": value, "bound": bound, "passed": passed,
+                    "message": f"eval.{key}: {message}"})
+
+    def rate(a: dict[str, Any]) -> tuple[float | None, str]:
+        if a.get("status") != "ok" or not a.get("checks_total"):
+            return None, f"not evaluated ({a.get('reason') or a.get('error') or a.get('status')})"
+        value = a["checks_passed"] / a["checks_total"]
+        return value, f"{value:.3g} ({a['checks_passed']}/{a['checks_total']} checks)"
+
+    if cfg.max_base_pass_rate is not None:
+        value, shown = rate(artifacts.get("base") or {})
+        ok = value is not None and value <= cfg.max_base_pass_rate
+        add("max_base_pass_rate", "base", value, cfg.max_base_pass_rate, ok,
+            f"base passed {shown} {'<=' if ok else '>'} {cfg.max_base_pass_rate:g}" if value is not None else f"base {shown}")
+    tuned = [n for n in TUNED if (artifacts.get(n) or {}).get("status") == "ok"]
+    for key, bound in (("min_tuned_pass_rate", cfg.min_tuned_pass_rate), ("min_general_kept", cfg.min_general_kept)):
+        if bound is None:
+            continue
+        if not tuned:
+            add(key, None, None, bound, False, f"no tuned artifact ({', '.join(TUNED)}) was evaluated")
+        for name in tuned:
+            a = artifacts[name]
+            if key == "min_tuned_pass_rate":
+                value, shown = rate(a)
+            else:
+                value = a.get("general_kept")
+                shown = f"{value:.3g}" if value is not None else (
+                    "None (the base passed none of the general checks, or was not evaluated)")
+            ok = value is not None and value >= bound
+            verb = "passed" if key == "min_tuned_pass_rate" else "general_kept"
+            add(key, name, value, bound, ok,
+                f"{name} {verb} {shown}" + (f" {'>=' if ok else '<'} {bound:g}" if value is not None else ""))
+    if cfg.max_text_perplexity_delta is not None:
+        for name in QUANTIZED:
+            a = artifacts.get(name) or {}
+            if a.get("status") != "ok":
+                continue
+            value = a.get("text_perplexity_delta_vs_merged")
+            ok = value is not None and value <= cfg.max_text_perplexity_delta
+            shown = f"{value:+.3g}" if value is not None else "None (merged has no text perplexity)"
+            add("max_text_perplexity_delta", name, value, cfg.max_text_perplexity_delta, ok,
+                f"{name} text_perplexity_delta_vs_merged {shown}"
+                + (f" {'<=' if ok else '>'} {cfg.max_text_perplexity_delta:g}" if value is not None else ""))
+    return out
 
 
 def summary_metrics(artifacts: dict[str, dict[str, Any]], preference: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -424,6 +424,12 @@ def _section_eval(doc: dict[str, Any] | None, generations: list[dict[str, Any]],
         rows, "comparison",
     )
     body = body.replace("<table", '<table id="comparison"', 1)
+    bounds = [b for b in doc.get("thresholds") or [] if isinstance(b, dict)]
+    if bounds:
+        rows = [[_e(b.get("key", "")), _e(b.get("artifact") or "-"), f'<td class="num">{_num(b.get("value"))}</td>',
+                 f'<td class="num">{_num(b.get("bound"))}</td>',
+                 '<span class="ok">pass</span>' if b.get("passed") else '<span class="fail">fail</span>'] for b in bounds]
+        body += "<h3>Bounds the run must pass</h3>" + _table(["key", "artifact", "value", "bound", "result"], rows, "bounds")
     ppl = [(n, a["perplexity"]) for n, a in artifacts.items() if isinstance(a, dict) and _is_num(a.get("perplexity"))]
     if ppl:
         body += f'<div class="charts">{bar_chart(ppl, "perplexity by artifact (lower is better)", "perplexity", 480, 240)}</div>'
