@@ -96,7 +96,11 @@ def test_report_renders_in_chromium(evaluated, tmp_path):
     # The comparison table: one row per artifact, with the statuses.
     cells = [e for e in dom.inside("table", id="comparison") if e[0] == "td"]
     assert len(cells) == 5 * 12
+    # Answers side by side: the 3 checks (report.side_by_side 5), prompt, expectation, base / adapter / merged.
+    side = [e for e in dom.inside("table", id="side-by-side-table") if e[0] == "td"]
+    assert len(side) == 3 * (2 + 3)
     text = " ".join(dom.text)
+    assert 'exact: "positive"; must_stop: true' in text
     for needle in ("base", "adapter", "merged", "awq", "skipped", "not produced (ftpipe convert-awq --run r1)",
                    "not produced (ftpipe finetune-dpo --run r1)",
                    "Token-length histogram", "eval/loss", "sha256", "finetune-sft", "eval-sft"):
@@ -189,3 +193,59 @@ def test_histogram_shapes():
         ("d.histogram", [("0-8", 2.0), ("8-16", 1.0)]),
         ("e.histogram", [("1", 3.0), ("2", 4.0)]),
     ]
+
+
+def _side_by_side_page(tmp_path, count=5, smoke=None, evil=""):
+    from ftpipe.core.runs import Project, RunDir
+    from ftpipe.eval.report import render
+
+    project = Project(tmp_path, tmp_path / "prepared", tmp_path / "outputs", tmp_path / "logs")
+    arts = ("base", "adapter", "awq")
+    generations = [
+        {"artifact": a, "kind": "check", "name": f"c{i}{evil}", "prompt": f"prompt {i}{evil}", "expect": {"exact": f"yes{evil}"},
+         "output": f"{a} says {i}{evil}", "passed": a != "base"}
+        for a in arts for i in range(3)
+    ] + [{"artifact": "adapter", "kind": "general", "name": "g", "prompt": "p", "output": "not a check", "passed": True}]
+    eval_doc = {"artifacts": {"base": {"status": "ok"}, "adapter": {"status": "ok"}, "merged": {"status": "skipped"},
+                              "awq": {"status": "ok"}}}
+    return render(title="t", run=RunDir(project, "r1"), dataset="d", manifests={}, metadata=None, scalars={},
+                  eval_doc=eval_doc, generations=generations, smoke=smoke, side_by_side=count)
+
+
+def test_answers_side_by_side(tmp_path):
+    smoke = {"model": "r1", "artifact": "merged", "url": "http://127.0.0.1:8765/v1",
+             "prompt_checks": [{"name": "c0", "prompt": "prompt 0", "answer": "served yes", "passed": True},
+                               {"name": "c1", "prompt": "prompt 1", "answer": "served no", "passed": False}]}
+    dom = Dom()
+    dom.feed(_side_by_side_page(tmp_path, count=2, smoke=smoke))
+    table = [e for e in dom.inside("table", id="side-by-side-table")]
+    headers = [t for t, _, _ in table if t == "th"]
+    assert len(headers) == 2 + 3 + 1 and len([t for t, _, _ in table if t == "tr"]) == 1 + 2  # report.side_by_side: 2
+    html = _side_by_side_page(tmp_path, count=2, smoke=smoke)
+    part = html[html.index('id="side-by-side"'):html.index("</table>", html.index('id="side-by-side-table"'))]
+    assert "<th>served: r1, merged</th>" in part
+    assert ('<td><b>c0</b><br>prompt 0</td><td>exact: &quot;yes&quot;</td>'
+            '<td><span class="fail">fail</span> <code>base says 0</code></td>'
+            '<td><span class="ok">pass</span> <code>adapter says 0</code></td>'
+            '<td><span class="ok">pass</span> <code>awq says 0</code></td>'
+            '<td><span class="ok">pass</span> <code>served yes</code></td>') in part
+    assert '<span class="fail">fail</span> <code>served no</code>' in part
+    assert "c2" not in part and "not a check" not in part
+    assert "the first 2 of 3 prompt checks" in part
+    assert 'id="side-by-side"' not in _side_by_side_page(tmp_path, count=0)
+
+
+def test_side_by_side_is_escaped(tmp_path):
+    evil = '<script>alert("x")</script>'
+    html = _side_by_side_page(tmp_path, evil=evil)
+    assert "<script" not in html and "&lt;script&gt;" in html[html.index('id="side-by-side"'):]
+
+
+def test_side_by_side_has_a_column_per_served_model_name(tmp_path):
+    """serve --artifact adapters serves <run>-base, <run>-sft, <run>-dpo: one served column each."""
+    checks = [{"name": "c0", "answer": "x", "passed": True}]
+    smoke = {"model": "r1-sft", "artifact": "adapters", "prompt_checks": checks,
+             "models": {"r1-base": {"prompt_checks": [{"name": "c0", "answer": "y", "passed": False}]},
+                        "r1-sft": {"prompt_checks": checks}}}
+    html = _side_by_side_page(tmp_path, smoke=smoke)
+    assert "<th>served: r1-base</th><th>served: r1-sft</th>" in html

@@ -111,3 +111,8 @@ class ReportConfig(Section):
     generations_shown: int = Field(
         20, ge=0, description="Generations per artifact shown in the report (from generations.jsonl)."
     )
+    side_by_side: int = Field(
+        5, ge=0,
+        description="Prompt checks (the first ones of eval.prompts_file) shown side by side: the expectation, "
+        "each evaluated artifact's answer and the served model's (smoke-test), each marked pass/fail. 0: none.",
+    )

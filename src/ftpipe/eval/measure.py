@@ -157,7 +157,7 @@ def _checks(model, tokenizer, checks, max_new_tokens: int, name: str, kind: str,
         generations.append({
             "artifact": name, "kind": kind, "name": check.name, "prompt": check.prompt,
             "output": output, "stopped": stopped, "new_tokens": n_tokens, "passed": not failures,
-            "failures": failures,
+            "failures": failures, "expect": check.expect,
         })
     return judged
 

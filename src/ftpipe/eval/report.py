@@ -55,6 +55,7 @@ class ReportPlan:
     eval_metrics: Path  # outputs/<run>/eval/metrics.json
     generations: Path  # outputs/<run>/eval/generations.jsonl
     generations_shown: int  # report.generations_shown
+    side_by_side: int  # report.side_by_side
     trainer_state: Path  # TensorBoard event files under it
     smoke_results: Path  # logs/<run>/smoke-test/results.json
 
@@ -83,7 +84,7 @@ def plan(ctx: StageContext) -> ReportPlan:
         title=cfg.title or f"ftpipe run {run.name}", page=run.report, dataset=dataset, manifests=manifests,
         metadata=project.prepared_dir(dataset) / "metadata.json", eval_metrics=run.eval / "metrics.json",
         generations=run.eval / "generations.jsonl", generations_shown=cfg.generations_shown,
-        trainer_state=run.trainer_state, smoke_results=run.log_dir("smoke-test") / SMOKE_RESULTS,
+        side_by_side=cfg.side_by_side, trainer_state=run.trainer_state, smoke_results=run.log_dir("smoke-test") / SMOKE_RESULTS,
     )
 
 
@@ -105,6 +106,7 @@ def run(ctx: StageContext, plan: ReportPlan) -> StageResult:
         eval_doc=eval_doc if isinstance(eval_doc, dict) else None,
         generations=generations,
         generations_shown=plan.generations_shown,
+        side_by_side=plan.side_by_side,
         smoke=smoke if isinstance(smoke, dict) else None,
     )
     atomic_write_text(plan.page, page)
@@ -225,6 +227,7 @@ def render(
     generations: list[dict[str, Any]],
     generations_shown: int = 20,
     smoke: dict[str, Any] | None = None,
+    side_by_side: int = 5,
 ) -> str:
     """The whole page as one HTML string (inline CSS and SVG, nothing external)."""
     generated = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -233,6 +236,7 @@ def render(
         _section_data(dataset, metadata),
         _section_training(scalars, manifests.get("finetune-sft")),
         _section_eval(eval_doc, generations, generations_shown),
+        _section_side_by_side(eval_doc, generations, smoke, side_by_side),
         _section_sft_vs_dpo(eval_doc, smoke),
         _section_served(smoke, eval_doc),
         _section_sizes(run, manifests),
@@ -480,6 +484,77 @@ def _check_matrix(artifacts: dict[str, Any], generations: list[dict[str, Any]], 
                        + ("".join(f"<br><small>{_e(f)}</small>" for f in c.get("failures") or [])))
         rows.append(row)
     return f"<h3>{_e(title)}</h3>" + _table(["check", *names], rows)
+
+
+def _expectation(expect: Any) -> str:
+    """A check's `expect` mapping as one short line (`exact: "positive"; must_stop: true`)."""
+    if not isinstance(expect, dict) or not expect:
+        return "-"
+    return "; ".join(f"{k}: {json.dumps(v, ensure_ascii=False)}" for k, v in expect.items())
+
+
+def _verdict(passed: Any, answer: Any) -> str:
+    mark = '<span class="ok">pass</span>' if passed else '<span class="fail">fail</span>'
+    return f'{mark} <code>{_e(str(answer)[:200])}</code>'
+
+
+def _served_checks(smoke: dict[str, Any] | None) -> list[tuple[str, dict[str, dict[str, Any]]]]:
+    """(column label, check name -> result) of each served model name that answered the prompt checks:
+    every name of results.json's `models` (serve --artifact adapters serves several), else the one model."""
+    if not smoke:
+        return []
+    models = smoke.get("models") if isinstance(smoke.get("models"), dict) else {}
+    found = [(str(n), m.get("prompt_checks")) for n, m in models.items() if isinstance(m, dict)]
+    if not found:
+        found = [(str(smoke.get("model") or "served"), smoke.get("prompt_checks"))]
+    artifact = f", {smoke['artifact']}" if smoke.get("artifact") and len(found) == 1 else ""
+    return [(f"served: {n}{artifact}", {c.get("name"): c for c in checks if isinstance(c, dict)})
+            for n, checks in found if isinstance(checks, list) and checks]
+
+
+def _section_side_by_side(eval_doc: dict[str, Any] | None, generations: list[dict[str, Any]],
+                          smoke: dict[str, Any] | None, count: int) -> str:
+    """The first `count` prompt checks, one row each: the prompt and what is expected, then each
+    artifact's greedy answer (eval-sft's generations.jsonl) and each served model's answer
+    (smoke-test's results.json), each marked pass/fail."""
+    if count <= 0:
+        return ""
+    head = '<h2 id="side-by-side">Answers side by side (held-out prompt checks)</h2>'
+    answers: dict[tuple[str, str], dict[str, Any]] = {}
+    names: list[str] = []
+    prompts: dict[str, dict[str, Any]] = {}
+    for g in generations:
+        if g.get("kind") != "check":
+            continue
+        name, artifact = str(g.get("name")), str(g.get("artifact"))
+        answers[(name, artifact)] = g
+        prompts.setdefault(name, g)
+        if name not in names:
+            names.append(name)
+    served = _served_checks(smoke)
+    for _, checks in served:
+        for name, c in checks.items():
+            prompts.setdefault(str(name), c)
+            if str(name) not in names:
+                names.append(str(name))
+    if not names:
+        return head + '<p class="na">no prompt checks answered in this run (eval.prompts_file, ftpipe eval-sft)</p>'
+    order = list(((eval_doc or {}).get("artifacts") or {}))
+    artifacts = sorted({a for _, a in answers}, key=lambda a: order.index(a) if a in order else len(order))
+    rows = []
+    for name in names[:count]:
+        first = prompts[name]
+        row = [f"<b>{_e(name)}</b><br>{_e(first.get('prompt', ''))}", _e(_expectation(first.get("expect")))]
+        for artifact in artifacts:
+            g = answers.get((name, artifact))
+            row.append(_verdict(g.get("passed"), g.get("output", "")) if g else "-")
+        for _, checks in served:
+            c = checks.get(name)
+            row.append(_verdict(c.get("passed"), c.get("answer", "")) if c else "-")
+        rows.append(row)
+    note = f'<p class="meta">the first {len(rows)} of {len(names)} prompt checks (report.side_by_side)</p>'
+    return head + note + _table(["check / prompt", "expected", *artifacts, *(label for label, _ in served)],
+                                rows, "side-by-side").replace("<table", '<table id="side-by-side-table"', 1)
 
 
 def _section_served(smoke: dict[str, Any] | None, eval_doc: dict[str, Any] | None) -> str:
