@@ -67,7 +67,10 @@ def test_gguf_f16_q8_0_match_hf(gguf_project):
         assert m[f"{t}_tokenization_equal"] is True
         assert m[f"{t}_chat_template_present"] is True
         assert m[f"{t}_chat_template_roundtrip_equal"] is True
-    assert (gguf_project / "logs/r1/export-gguf/convert.log").is_file()
+    # The converter ran once (f16); q8_0 was quantized from that file, as llama.cpp's workflow does.
+    convert_log = (gguf_project / "logs/r1/export-gguf/convert.log").read_text()
+    runs = [line for line in convert_log.splitlines() if line.startswith("$ ") and "gguf_convert" in line]
+    assert len(runs) == 1 and runs[0].endswith("--outtype f16"), runs
 
     merged = gguf_project / "outputs/r1/merged"
     tok = AutoTokenizer.from_pretrained(merged)

@@ -58,8 +58,8 @@ class GgufConfig(Section):
     outtypes: list[Literal["f16", "q8_0", "q4_k_m"]] = Field(
         default_factory=lambda: ["f16", "q8_0"],
         min_length=1,
-        description="GGUF types to write; q4_k_m is made from f16 by llama-quantize (or its "
-        "llama-cpp-python binding) and its greedy agreement is reported, not enforced.",
+        description="GGUF types to write; q8_0 and q4_k_m are made from f16 by llama-quantize (or "
+        "its llama-cpp-python binding); q4_k_m's greedy agreement is reported, not enforced.",
     )
     verify_prompts: int = Field(
         3, ge=1, description="Sample prompts (from the prepared val split) for the llama.cpp check."
