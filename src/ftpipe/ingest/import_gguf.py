@@ -28,6 +28,7 @@ The stage contract (`ftpipe/core/stage.py`):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -265,22 +266,10 @@ def write_folder(plan: ImportGgufPlan, folder: Path) -> dict:
         InputError: transformers cannot rebuild the tokenizer or the weights from the file.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     where, name = str(plan.gguf.parent), plan.gguf.name
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
-    except Exception as exc:  # noqa: BLE001 - any failure of the GGUF tokenizer reader is this one line
-        raise InputError(f"import-gguf: the tokenizer cannot be rebuilt from {name} ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
-    try:
-        # dequantize=True: plain Linear layers (transformers would otherwise keep quantized blocks when a
-        # GGUF kernel is installed, and such a model cannot be saved or trained).
-        model = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32,
-                                                     quantization_config=GgufConfig(dequantize=True))
-    except Exception as exc:  # noqa: BLE001 - a corrupt tensor or an unreadable config: this one line
-        raise InputError(f"import-gguf: the weights of {name} cannot be loaded ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    with _one_parse(plan.gguf):
+        tokenizer, model = _load(where, name)
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None:
         quantizer.remove_quantization_config(model)
@@ -321,6 +310,61 @@ def write_folder(plan: ImportGgufPlan, folder: Path) -> dict:
         "sentencepiece_model": sentencepiece,
         "end_of_turn_tokens": tokenizer.convert_ids_to_tokens(end_of_turn),
     }
+
+
+def _load(where: str, name: str):
+    """transformers' tokenizer and dequantized fp32 model from the GGUF `name` in folder `where`.
+
+    Raises:
+        InputError: either cannot be rebuilt from the file.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
+    except Exception as exc:  # noqa: BLE001 - any failure of the GGUF tokenizer reader is this one line
+        raise InputError(f"import-gguf: the tokenizer cannot be rebuilt from {name} ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    try:
+        # dequantize=True: plain Linear layers (transformers would otherwise keep quantized blocks when a
+        # GGUF kernel is installed, and such a model cannot be saved or trained).
+        model = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32,
+                                                     quantization_config=GgufConfig(dequantize=True))
+    except Exception as exc:  # noqa: BLE001 - a corrupt tensor or an unreadable config: this one line
+        raise InputError(f"import-gguf: the weights of {name} cannot be loaded ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    return tokenizer, model
+
+
+@contextlib.contextmanager
+def _one_parse(path: Path):
+    """Within the block, transformers' GGUF loader parses `path` once, not three times.
+
+    `load_gguf_checkpoint` builds a `gguf.GGUFReader` (every metadata field, each vocabulary string
+    and merge a numpy view) for the tokenizer, again for the config and again for the weights; for
+    Llama 3's 128k-token vocabulary each parse takes 8-13 s on 2 cores. The reader is read-only, so
+    the one parsed here serves all three (transformers imports `GGUFReader` from `gguf` at call time).
+    """
+    import gguf
+
+    original = gguf.GGUFReader
+    parsed: dict[str, object] = {}
+    target = str(path.resolve())
+
+    def reader(file, *args, **kwargs):
+        key = str(Path(file).resolve())
+        if key != target or args or kwargs:
+            return original(file, *args, **kwargs)
+        if key not in parsed:
+            parsed[key] = original(file)
+        return parsed[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
 
 
 def _load_json(path: Path):
@@ -389,6 +433,8 @@ def sentencepiece_form(gguf: Path, header: GgufHeader, folder: Path) -> bool:
     """
     from ftpipe.handoff import spm
 
+    if header.metadata.get("tokenizer.ggml.model") != "llama":
+        return False  # byte-level BPE and the rest: decided from the header, without parsing the vocabulary
     if not spm.write_sentencepiece_model(gguf, folder):
         return False
     tokenizer_json = folder / "tokenizer.json"
