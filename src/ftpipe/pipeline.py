@@ -40,17 +40,23 @@ class StageOutcome:
     manifests: list[str] = field(default_factory=list)
 
 
-def pipeline_order(serve_artifact: str) -> list[str]:
+def pipeline_order(serve_artifact: str, eval_after_gguf: bool = False) -> list[str]:
     """The order `ftpipe run` takes: the table's, except that the server step goes before export-gguf
-    when it serves another artifact than the GGUF.
+    when it serves another artifact than the GGUF, and eval-sft goes right after export-gguf when it
+    evaluates GGUF files (`eval_after_gguf`: a gguf_* artifact in eval.artifacts).
 
     Nothing in that step waits for the GGUF, whose environment (llama.cpp, compiled on first use) is
     the last one a first run gets, so serving and checking the merged model overlaps that build
-    instead of waiting behind it (docs/setup.md: the first run).
+    instead of waiting behind it (docs/setup.md: the first run). eval-sft otherwise comes before
+    export-gguf, so a run that does not evaluate the GGUF has its evaluation before that build.
     """
-    if serve_artifact == "gguf" or "serve" not in ORDER or "export-gguf" not in ORDER:
-        return list(ORDER)
-    order = [name for name in ORDER if name != "serve"]
+    order = list(ORDER)
+    if eval_after_gguf and "eval-sft" in order and "export-gguf" in order:
+        order.remove("eval-sft")
+        order.insert(order.index("export-gguf") + 1, "eval-sft")
+    if serve_artifact == "gguf" or "serve" not in order or "export-gguf" not in order:
+        return order
+    order.remove("serve")
     order.insert(order.index("export-gguf"), "serve")
     return order
 
@@ -80,7 +86,9 @@ def open_pipeline_run(loaded, run_name: str | None, start: str | None, stop: str
         ConfigError: bad stage names; InputError: --runtime compose without its stack file or a Docker engine.
     """
     cfg = loaded.config
-    stages = select_stages(cfg.run.stages, start, stop, pipeline_order(cfg.serve.artifact))
+    # eval-sft's GGUF artifacts (gguf_f16, gguf_q8_0, gguf_q4_k_m) are export-gguf's files.
+    eval_after_gguf = any(a.startswith("gguf_") for a in cfg.eval.artifacts)
+    stages = select_stages(cfg.run.stages, start, stop, pipeline_order(cfg.serve.artifact, eval_after_gguf))
     project = Project.from_config(loaded)
     if cfg.runtime.mode == "compose":  # refuse before a run folder and latest.txt are written
         from ftpipe.core.executor import require_compose

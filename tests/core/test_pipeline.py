@@ -29,6 +29,18 @@ def test_the_server_step_does_not_wait_for_the_gguf_it_does_not_serve() -> None:
     assert chosen == ["serve", "export-gguf", "report"]
 
 
+def test_eval_sft_follows_export_gguf_when_it_evaluates_the_gguf() -> None:
+    """eval-sft's gguf_* artifacts are export-gguf's files: asked for, eval-sft goes right after it."""
+    for artifact in ("merged", "gguf"):
+        order = pipeline_order(artifact, eval_after_gguf=True)
+        assert sorted(order) == sorted(ORDER)
+        assert order.index("eval-sft") == order.index("export-gguf") + 1
+        assert order[-1] == "report"
+        assert [s for s in order if s not in ("eval-sft", "serve")] == [s for s in ORDER if s not in ("eval-sft", "serve")]
+    assert pipeline_order("merged", eval_after_gguf=False) == pipeline_order("merged")
+    assert pipeline_order("merged", eval_after_gguf=True)[-4:] == ["serve", "export-gguf", "eval-sft", "report"]
+
+
 def test_bad_stage_names() -> None:
     with pytest.raises(ConfigError, match=r"run.stages: unknown stage\(s\) finetune"):
         select_stages(["finetune"], None, None)

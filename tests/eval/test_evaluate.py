@@ -33,7 +33,7 @@ def test_tuned_beats_base_and_checks_pass_or_fail_as_the_yaml_says(evaluated):
     root, result = evaluated
     assert result.code == 0, result.output
     arts = _metrics(root)["artifacts"]
-    assert list(arts) == ["base", "adapter", "dpo_adapter", "merged", "awq"]
+    assert list(arts) == ["base", "adapter", "dpo_adapter", "merged", "awq", "gguf_f16", "gguf_q8_0", "gguf_q4_k_m"]
     base, adapter, merged = arts["base"], arts["adapter"], arts["merged"]
     assert base["status"] == adapter["status"] == merged["status"] == "ok"
     # Perplexity over assistant tokens only (label + end-of-turn: 2 per val row).
@@ -49,7 +49,8 @@ def test_tuned_beats_base_and_checks_pass_or_fail_as_the_yaml_says(evaluated):
     # The project has no .venv-awq and no awq output: reported, never silently dropped.
     assert arts["awq"] == {"status": "skipped", "reason": "not produced (ftpipe convert-awq --run r1)"}
     assert arts["dpo_adapter"] == {"status": "skipped", "reason": "not produced (ftpipe finetune-dpo --run r1)"}
-    assert "eval-sft: evaluated base, adapter, merged; skipped dpo_adapter, awq" in result.stdout
+    assert arts["gguf_q8_0"] == {"status": "skipped", "reason": "not in eval.artifacts"}  # GGUFs: asked for by name
+    assert "eval-sft: evaluated base, adapter, merged; skipped dpo_adapter, awq, gguf_f16, gguf_q8_0, gguf_q4_k_m" in result.stdout
     # No preference set in this config: the preference column is "-" with the reason, no failure.
     assert _metrics(root)["preference"] == {"status": "skipped", "reason": "no preference set (preference.source is not set)"}
     assert "preference accuracy: - (no preference set (preference.source is not set))" in result.stdout

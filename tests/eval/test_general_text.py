@@ -16,53 +16,12 @@ from pathlib import Path
 
 import pytest
 
-import tests.project_factory as factory
 from tests.dpo_fixture import copy_project
-from tests.eval.conftest import RUN, cli
-
-# Unrelated to the sentiment task. The random base answers 8 random tokens: it passes
-# "short-answer" and "not-a-label" and never stops. The tuned model answers a label to anything.
-GENERAL_YAML = """\
-checks:
-  - name: short-answer
-    prompt: "What is the capital of France?"
-    expect: {max_length: 200}
-  - name: not-a-label
-    prompt: "Name a colour."
-    expect: {regex: "^(?!(positive|negative)$)"}
-  - name: stops
-    prompt: "Say hello."
-    expect: {must_stop: true}
-"""
-
-# Held-out plain text, three documents (blank-line separated), none of it in the sentiment data.
-HELDOUT_TXT = """\
-The river rose slowly through the night, and by morning the low fields were under water.
-
-Farmers moved their animals to the hills.
-  Some of them stayed there for a week.
-   \t
-Once the water went down, the soil was darker and richer than before.
-"""
+from tests.eval.conftest import HELDOUT_TXT, RUN, cli
 
 
 def _metrics(root: Path) -> dict:
     return json.loads((root / "outputs" / RUN / "eval" / "metrics.json").read_text(encoding="utf-8"))
-
-
-@pytest.fixture(scope="session")
-def evaluated_general(tuned_project, tmp_path_factory):
-    """eval-sft of base, adapter and merged on a copy of the tuned run, with general checks,
-    held-out text and bounds it passes: (project root, CLI result)."""
-    root = copy_project(tuned_project, tmp_path_factory.mktemp("evaluated-general") / "proj")
-    (root / "general_checks.yaml").write_text(GENERAL_YAML, encoding="utf-8")
-    (root / "heldout.txt").write_text(HELDOUT_TXT, encoding="utf-8")
-    factory.update_config(root, {"eval": {"general_file": "general_checks.yaml", "perplexity_file": "heldout.txt",
-                                          "artifacts": ["base", "adapter", "merged"],
-                                          # bounds the run passes: base 0/3, tuned 2/3, kept 1/2
-                                          "max_base_pass_rate": 0.3, "min_tuned_pass_rate": 0.6,
-                                          "min_general_kept": 0.5}})
-    return root, cli("eval-sft", root, "--run", RUN)
 
 
 @pytest.mark.slow

@@ -95,7 +95,7 @@ def test_report_renders_in_chromium(evaluated, tmp_path):
     assert all(len(a["d"].split("L")) >= 2 for a in loss_paths)
     # The comparison table: one row per artifact, with the statuses.
     cells = [e for e in dom.inside("table", id="comparison") if e[0] == "td"]
-    assert len(cells) == 5 * 12
+    assert len(cells) == 8 * 12
     # Answers side by side: the 3 checks (report.side_by_side 5), prompt, expectation, base / adapter / merged.
     side = [e for e in dom.inside("table", id="side-by-side-table") if e[0] == "td"]
     assert len(side) == 3 * (2 + 3)

@@ -15,10 +15,12 @@ TUNED = ("adapter", "dpo_adapter", "merged")  # what eval.min_tuned_pass_rate / 
 class EvalConfig(Section):
     """`eval-sft`: perplexity and prompt checks per artifact."""
 
-    artifacts: list[Literal["base", "adapter", "dpo_adapter", "merged", "awq"]] = Field(
+    artifacts: list[Literal["base", "adapter", "dpo_adapter", "merged", "awq", "gguf_f16", "gguf_q8_0", "gguf_q4_k_m"]] = Field(
         default_factory=lambda: ["base", "adapter", "dpo_adapter", "merged", "awq"],
         description="Artifacts to evaluate (those that exist; the others are reported as skipped). "
-        "dpo_adapter: finetune-dpo's adapter on the same base.",
+        "dpo_adapter: finetune-dpo's adapter on the same base. gguf_f16 / gguf_q8_0 / gguf_q4_k_m (not in "
+        "the default): export-gguf's outputs/<run>/gguf/model-<type>.gguf measured with llama.cpp in the "
+        "gguf environment; asking for one makes `ftpipe run` run eval-sft after export-gguf.",
     )
     prompts_file: str | None = Field(
         None,
@@ -75,7 +77,8 @@ class EvalConfig(Section):
     )
     max_text_perplexity_delta: float | None = Field(
         None, ge=0,
-        description="Bound the run must pass: every quantized artifact evaluated (awq) must have "
+        description="Bound the run must pass: every quantized artifact evaluated (awq, gguf_f16, gguf_q8_0, "
+        "gguf_q4_k_m) must have "
         "text_perplexity_delta_vs_merged (its held-out text perplexity's relative increase over merged's) "
         "at most this, e.g. 0.1 for +10%. Needs eval.perplexity_file and merged in eval.artifacts. None: off.",
     )

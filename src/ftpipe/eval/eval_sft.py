@@ -1,8 +1,10 @@
-"""Stage `eval-sft`: base vs adapter vs DPO adapter vs merged vs AWQ, measured the same way, side by side.
+"""Stage `eval-sft`: base vs adapter vs DPO adapter vs merged vs AWQ vs GGUF, measured the same way, side by side.
 
 For each artifact of the run that exists (base = the adapter's base model from
 `ftpipe_base_model.json`; adapter = base + the run's LoRA adapter; dpo_adapter = base + finetune-dpo's
-LoRA adapter, when that stage completed; merged = outputs/<run>/merged; awq = outputs/<run>/awq), it
+LoRA adapter, when that stage completed; merged = outputs/<run>/merged; awq = outputs/<run>/awq;
+gguf_f16 / gguf_q8_0 / gguf_q4_k_m = outputs/<run>/gguf/model-<type>.gguf, when named in
+eval.artifacts), it
 measures perplexity on the val split over assistant tokens, runs the prompt checks of
 `eval.prompts_file`, the general-ability checks of `eval.general_file` (each artifact but base also
 gets `general_kept`: the share of the checks the base passed that it still passes), perplexity on the
@@ -13,8 +15,9 @@ preference set (`preference.source`) whose held-out pairs exist (prepared/<prefe
 written by preprocess-dpo), base, adapter and dpo_adapter also get a preference accuracy: the share
 of pairs whose chosen answer has the higher summed log-prob, and the mean margin; without pairs
 that column is "-" with the reason. base / adapter / dpo_adapter / merged run here, in the train
-environment; the AWQ model runs in the awq environment through `python -m ftpipe.eval.worker`, and
-its result is merged in. An artifact that is absent, or whose environment is missing, is reported
+environment; the AWQ model runs in the awq environment through `python -m ftpipe.eval.worker`, the
+GGUF files in the gguf environment through the same worker (llama.cpp, `ftpipe.eval.gguf`), and
+their results are merged in. An artifact that is absent, or whose environment is missing, is reported
 as skipped with the reason.
 
 Writes outputs/<run>/eval/metrics.json and generations.jsonl, then checks the bounds the run must
@@ -55,11 +58,15 @@ from ftpipe.handoff.pairs import pairs_dir, read_pairs
 
 log = logging.getLogger(__name__)
 
-ARTIFACTS = ("base", "adapter", "dpo_adapter", "merged", "awq")
-EVALUATED_ARTIFACTS = ("dpo_adapter", "merged", "awq")  # made by other stages (`ctx.producers`)
+# GGUF artifact -> its type: export-gguf's outputs/<run>/gguf/model-<type>.gguf, measured with llama.cpp.
+GGUF_ARTIFACTS = {"gguf_f16": "f16", "gguf_q8_0": "q8_0", "gguf_q4_k_m": "q4_k_m"}
+ARTIFACTS = ("base", "adapter", "dpo_adapter", "merged", "awq", *GGUF_ARTIFACTS)
+# made by other stages (`ctx.producers`: artifact -> stage; every GGUF artifact is export-gguf's "gguf")
+EVALUATED_ARTIFACTS = ("dpo_adapter", "merged", "awq", "gguf")
 PREFERENCE_ARTIFACTS = ("base", "adapter", "dpo_adapter")  # scored on the held-out preference pairs
-QUANTIZED = ("awq",)  # compared with merged: text_perplexity_delta_vs_merged
+QUANTIZED = ("awq", *GGUF_ARTIFACTS)  # compared with merged: text_perplexity_delta_vs_merged
 AWQ_ENV_MISSING = "awq environment not installed (bash scripts/bootstrap.sh awq)"
+GGUF_ENV_MISSING = "gguf environment not installed (bash scripts/bootstrap.sh gguf)"
 
 
 @dataclass(frozen=True)
@@ -68,7 +75,8 @@ class Artifact:
 
     name: str
     environment: str = "train"
-    model: str | None = None  # what from_pretrained loads (folder or hub id)
+    model: str | None = None  # what from_pretrained loads (folder or hub id); the .gguf file for format gguf
+    format: str = "hf"  # hf (transformers) or gguf (llama.cpp)
     revision: str | None = None
     tokenizer: str | None = None
     adapter: str | None = None
@@ -76,7 +84,7 @@ class Artifact:
     preference: bool = False  # scored on the held-out preference pairs
 
     def spec(self) -> ArtifactSpec:
-        return ArtifactSpec(name=self.name, model=self.model, revision=self.revision,
+        return ArtifactSpec(name=self.name, model=self.model, format=self.format, revision=self.revision,
                             tokenizer=self.tokenizer, adapter=self.adapter, preference=self.preference)
 
 
@@ -115,10 +123,14 @@ def check(ctx: StageContext) -> dict[str, Path]:
     if survey.pairs_file is not None:
         inputs["pairs"] = survey.pairs_file
     for name in EVALUATED_ARTIFACTS:
+        if name == "gguf" and not set(GGUF_ARTIFACTS) & set(ctx.config.eval.artifacts):
+            continue  # export-gguf runs after eval-sft then: its manifest is not an input
         upstream = ctx.producers[name]
         if run.manifest_path(upstream).exists():
             inputs[name] = run.manifest_path(upstream)
     inputs["awq_environment"] = venv_python(ctx.project.root, ENVIRONMENTS["awq"])
+    if set(GGUF_ARTIFACTS) & set(ctx.config.eval.artifacts):
+        inputs["gguf_environment"] = venv_python(ctx.project.root, ENVIRONMENTS["gguf"])
     return inputs
 
 
@@ -236,6 +248,8 @@ def _plan_artifact(ctx: StageContext, name: str, base: ModelRef, preference: boo
     run, project = ctx.run, ctx.project
     if name not in ctx.config.eval.artifacts:
         return Artifact(name, preference=preference, skipped="not in eval.artifacts")
+    if name in GGUF_ARTIFACTS:
+        return _plan_gguf(ctx, name)
     adapter_dir = str(run.adapter)
     # base, adapter and dpo_adapter load the adapter's base model (a LoRA on it for the adapters).
     on_base = {"model": base.load_from, "revision": base.revision if not base.path else None, "tokenizer": adapter_dir}
@@ -263,12 +277,36 @@ def _plan_artifact(ctx: StageContext, name: str, base: ModelRef, preference: boo
         str(run.merged if (run.merged / "tokenizer_config.json").is_file() else run.adapter))
     if name != "awq":
         return Artifact(name, model=str(folder), tokenizer=tokenizer, preference=preference)
-    skipped = None
+    return Artifact(name, environment="awq", model=str(folder), tokenizer=tokenizer, preference=preference,
+                    skipped=_other_environment(ctx, "awq", AWQ_ENV_MISSING))
+
+
+def _other_environment(ctx: StageContext, environment: str, missing: str) -> str | None:
+    """Why an artifact measured by the worker in `environment` cannot be (None: it can)."""
     if ctx.config.runtime.mode == "compose" or os.environ.get("FTPIPE_SERVICE"):
-        skipped = "awq evaluation under --runtime compose is not supported yet (use --runtime local)"
-    elif not installed(project.root, ENVIRONMENTS["awq"]):
-        skipped = AWQ_ENV_MISSING
-    return Artifact(name, environment="awq", model=str(folder), tokenizer=tokenizer, skipped=skipped, preference=preference)
+        return f"{environment} evaluation under --runtime compose is not supported yet (use --runtime local)"
+    if not installed(ctx.project.root, ENVIRONMENTS[environment]):
+        return missing
+    return None
+
+
+def _plan_gguf(ctx: StageContext, name: str) -> Artifact:
+    """A GGUF artifact: export-gguf's outputs/<run>/gguf/model-<type>.gguf under its completed manifest,
+    measured in the gguf environment on the ids of the tokenizer it was converted with (merged's)."""
+    run, project = ctx.run, ctx.project
+    upstream = ctx.producers["gguf"]
+    command = f"ftpipe {upstream} --run {run.name}"
+    outtype = GGUF_ARTIFACTS[name]
+    path = run.gguf / f"model-{outtype}.gguf"  # export-gguf's name for it (ftpipe.export.artifacts.gguf_name)
+    manifest = read_manifest(run.manifest_path(upstream))
+    status = manifest.get("status") if manifest else None
+    if not path.is_file():
+        return Artifact(name, skipped=f"not produced ({command}, with {outtype} in gguf.outtypes)")
+    if status != "completed":
+        return Artifact(name, skipped=f"{project.rel(path)} exists but {upstream} is {status or 'missing'} ({command})")
+    tokenizer = run.merged if (run.merged / "tokenizer_config.json").is_file() else run.adapter
+    return Artifact(name, environment="gguf", model=str(path), format="gguf", tokenizer=str(tokenizer),
+                    skipped=_other_environment(ctx, "gguf", GGUF_ENV_MISSING))
 
 
 def run(ctx: StageContext, plan: EvalSftPlan) -> StageResult:
@@ -289,8 +327,9 @@ def run(ctx: StageContext, plan: EvalSftPlan) -> StageResult:
         artifacts.update(result["artifacts"])
         generations.extend(result["generations"])
 
-    for art in (a for a in todo if a.environment != "train"):
-        result = _run_worker(ctx, art, eval_spec(ctx, plan, [art], ENVIRONMENTS[art.environment].name))
+    for environment in dict.fromkeys(a.environment for a in todo if a.environment != "train"):
+        arts = [a for a in todo if a.environment == environment]
+        result = _run_worker(ctx, environment, eval_spec(ctx, plan, arts, ENVIRONMENTS[environment].name))
         artifacts.update(result["artifacts"])
         generations.extend(result["generations"])
 
@@ -355,13 +394,15 @@ def eval_spec(ctx: StageContext, plan: EvalSftPlan, arts: list[Artifact], enviro
     )
 
 
-def _run_worker(ctx: StageContext, art: Artifact, spec: EvalSpec) -> dict[str, Any]:
-    """Evaluate one artifact in its own environment via `python -m ftpipe.eval.worker`."""
+def _run_worker(ctx: StageContext, environment: str, spec: EvalSpec) -> dict[str, Any]:
+    """Evaluate the spec's artifacts in another environment via `python -m ftpipe.eval.worker`
+    (one process for all of them; its log is logs/<run>/eval-sft/<environment>-worker.log)."""
     import ftpipe
 
-    env = ENVIRONMENTS[art.environment]
-    spec_file = ctx.run.eval / f"{art.name}-spec.json"
-    result_file = ctx.run.eval / f"{art.name}-result.json"
+    env = ENVIRONMENTS[environment]
+    names = [a.name for a in spec.artifacts]
+    spec_file = ctx.run.eval / f"{env.name}-spec.json"
+    result_file = ctx.run.eval / f"{env.name}-result.json"
     result_file.unlink(missing_ok=True)
     spec.write(spec_file)
     wait_for_build(ctx.project.root, env)  # bootstrap.sh --background may still be building it
@@ -370,18 +411,20 @@ def _run_worker(ctx: StageContext, art: Artifact, spec: EvalSpec) -> dict[str, A
     src = str(Path(ftpipe.__file__).resolve().parents[1])
     child_env = {**os.environ, ENV_MARKER: env.name, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
                  WORKER_LOG_ENV: str(ctx.log_dir / "run.log")}  # its log lines also go to run.log, live
-    log.info("eval %s: running in environment %s (%s)", art.name, env.name, env.venv)
+    log.info("eval %s: running in environment %s (%s)", ", ".join(names), env.name, env.venv)
     try:
         run_tool(
             [python, "-m", "ftpipe.eval.worker", "--spec", spec_file, "--out", result_file],
-            log_file=ctx.log_dir / f"{art.name}-worker.log", cwd=ctx.project.root, env=child_env,
+            log_file=ctx.log_dir / f"{env.name}-worker.log", cwd=ctx.project.root, env=child_env,
             timeout=ctx.config.eval.worker_timeout,
         )
         result = read_json(result_file)
-        if not isinstance(result, dict) or art.name not in result.get("artifacts", {}):
-            raise StageError(f"worker wrote no result for {art.name} ({ctx.project.rel(result_file)})")
+        missing = [n for n in names if not isinstance(result, dict) or n not in result.get("artifacts", {})]
+        if missing:
+            raise StageError(f"worker wrote no result for {', '.join(missing)} ({ctx.project.rel(result_file)})")
     except StageError as exc:
-        result = {"artifacts": {art.name: {"status": "failed", "error": exc.message, "environment": env.name}}, "generations": []}
+        result = {"artifacts": {n: {"status": "failed", "error": exc.message, "environment": env.name} for n in names},
+                  "generations": []}
     finally:
         spec_file.unlink(missing_ok=True)
         result_file.unlink(missing_ok=True)

@@ -16,7 +16,8 @@ loads each artifact with transformers (and peft for an adapter), then measures:
   summed log-prob given the prompt, and the mean margin (`ftpipe.handoff.measure.preference_accuracy`).
 
 The train environment calls `evaluate_spec` in process; the awq environment runs the same code
-through `python -m ftpipe.eval.worker`. Only torch, transformers (peft for adapters), the
+through `python -m ftpipe.eval.worker`, and so does the gguf environment, where a GGUF artifact is
+measured with llama.cpp instead (`ftpipe.eval.gguf`: the same checks, token ids and judging). Only torch, transformers (peft for adapters), the
 standard library and `ftpipe.handoff` / `ftpipe.core.errors` are imported here.
 
     ftpipe eval-sft --config debug_config.yaml --run my-run
@@ -28,7 +29,7 @@ import importlib.metadata
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from ftpipe.eval.text import read_documents, text_windows
 from ftpipe.handoff.checks import judge
@@ -65,14 +66,20 @@ def evaluate_spec(spec: EvalSpec) -> dict[str, Any]:
         start = time.monotonic()
         log.info("eval %s: loading %s%s", name, art.model, f" + adapter {art.adapter}" if art.adapter else "")
         try:
-            model, tokenizer = _load(art, spec.dtype, previous)
-            previous = None if art.adapter else (art.model, model)
-            result = _measure(model, tokenizer, rows, spec, name, generations)
+            if art.format == "gguf":
+                from ftpipe.eval.gguf import evaluate_gguf  # llama-cpp-python: the gguf environment only
+
+                result = evaluate_gguf(art, rows, documents, spec, generations)
+            else:
+                model, tokenizer = _load(art, spec.dtype, previous)
+                previous = None if art.adapter else (art.model, model)
+                result = _measure(model, tokenizer, rows, spec, name, generations)
+                if documents:
+                    result.update(text_perplexity(model, text_windows(tokenizer, documents, spec.max_length), spec.batch_tokens))
+                if art.preference and pairs:
+                    result.update(_preference(model, tokenizer, pairs, spec, name))
             if documents:
-                result.update(text_perplexity(model, text_windows(tokenizer, documents, spec.max_length), spec.batch_tokens))
                 log.info("eval %s: text perplexity %s over %d tokens", name, result["text_perplexity"], result["text_tokens"])
-            if art.preference and pairs:
-                result.update(_preference(model, tokenizer, pairs, spec, name))
         except Exception as exc:  # noqa: BLE001 - recorded as this artifact's failure; the stage fails on it
             log.exception("eval %s failed", name)
             result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500]}
@@ -110,48 +117,54 @@ def _load(art: ArtifactSpec, dtype: str, previous: tuple[str, Any] | None):
 
 def _measure(model, tokenizer, rows, spec: EvalSpec, name, generations) -> dict[str, Any]:
     ppl = perplexity(model, tokenizer, rows, spec.max_length, spec.batch_tokens)
-    checks = _checks(model, tokenizer, spec.checks, spec.max_new_tokens, name, "check", generations)
-    general = _checks(model, tokenizer, spec.general, spec.max_new_tokens, name, "general", generations)
+
+    def answer(messages):
+        return generate(model, tokenizer, messages, spec.max_new_tokens)
+
+    result = measure_answers(answer, rows, spec, name, generations)
+    log.info("eval %s: perplexity %s, checks %d/%d", name, ppl["perplexity"], result["checks_passed"], result["checks_total"])
+    return {"status": "ok", **ppl, **result, "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def measure_answers(answer: Callable[[list[dict[str, Any]]], tuple[str, bool, int]], rows, spec: EvalSpec, name: str,
+                    generations: list[dict[str, Any]]) -> dict[str, Any]:
+    """The prompt checks, the general checks and the sample generations of one artifact, answered by
+    `answer(messages) -> (text, stopped on an end-of-turn token, new tokens)` (greedy; transformers
+    here, llama.cpp in `ftpipe.eval.gguf`); each answer is also appended to `generations`.
+
+    Returns:
+        {"checks_passed", "checks_total", "checks"} and, with general checks, "general_passed",
+        "general_total", "general".
+    """
+    checks = _checks(answer, spec.checks, name, "check", generations)
+    general = _checks(answer, spec.general, name, "general", generations)
     for i, messages in enumerate(rows[: spec.samples]):
-        answer = reference(messages)
-        if answer is None:
+        expected = reference(messages)
+        if expected is None:
             continue
         asked = prompt(messages)
-        output, stopped, n_tokens = generate(model, tokenizer, asked, spec.max_new_tokens)
+        output, stopped, n_tokens = answer(asked)
         generations.append({
             "artifact": name, "kind": "sample", "name": f"val-{i}",
-            "prompt": asked[-1]["content"] if asked else "", "reference": answer,
+            "prompt": asked[-1]["content"] if asked else "", "reference": expected,
             "output": output, "stopped": stopped, "new_tokens": n_tokens,
         })
-    passed = sum(c["passed"] for c in checks)
-    log.info("eval %s: perplexity %s, checks %d/%d", name, ppl["perplexity"], passed, len(checks))
-    result = {
-        "status": "ok",
-        **ppl,
-        "checks_passed": passed,
-        "checks_total": len(checks),
-        "checks": checks,
-        "parameters": sum(p.numel() for p in model.parameters()),
-    }
+    result: dict[str, Any] = {"checks_passed": sum(c["passed"] for c in checks), "checks_total": len(checks),
+                              "checks": checks}
     if general:
-        result.update(general_result(general))
+        result.update(general_passed=sum(c["passed"] for c in general), general_total=len(general), general=general)
         log.info("eval %s: general checks %d/%d", name, result["general_passed"], result["general_total"])
     return result
 
 
-def general_result(general: list[dict[str, Any]]) -> dict[str, Any]:
-    """An artifact's general-ability entries of metrics.json from its judged general checks."""
-    return {"general_passed": sum(c["passed"] for c in general), "general_total": len(general), "general": general}
-
-
-def _checks(model, tokenizer, checks, max_new_tokens: int, name: str, kind: str, generations) -> list[dict[str, Any]]:
-    """Answer and judge `checks` greedily; each answer is also a generations row of `kind` ("check" for
+def _checks(answer, checks, name: str, kind: str, generations) -> list[dict[str, Any]]:
+    """Answer and judge `checks`; each answer is also a generations row of `kind` ("check" for
     eval.prompts_file, "general" for eval.general_file)."""
     judged = []
     for check in checks:
         messages = ([{"role": "system", "content": check.system}] if check.system else [])
         messages.append({"role": "user", "content": check.prompt})
-        output, stopped, n_tokens = generate(model, tokenizer, messages, max_new_tokens)
+        output, stopped, n_tokens = answer(messages)
         failures = judge(output, stopped, check.expect)
         judged.append({"name": check.name, "passed": not failures, "failures": failures})
         generations.append({
@@ -206,7 +219,7 @@ def _preference(model, tokenizer, pairs, spec: EvalSpec, name: str) -> dict[str,
 
 def _versions() -> dict[str, str]:
     versions = {}
-    for name in ("torch", "transformers", "peft", "compressed-tensors"):
+    for name in ("torch", "transformers", "peft", "compressed-tensors", "llama_cpp_python"):
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:

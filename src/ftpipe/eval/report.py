@@ -397,7 +397,7 @@ def _section_training(scalars: dict[str, list[tuple[int, float]]], finetune: dic
 
 
 def _section_eval(doc: dict[str, Any] | None, generations: list[dict[str, Any]], shown: int) -> str:
-    head = '<h2 id="eval">Evaluation: base vs tuned vs merged vs AWQ</h2>'
+    head = '<h2 id="eval">Evaluation: base vs tuned vs merged vs AWQ vs GGUF</h2>'
     artifacts = (doc or {}).get("artifacts")
     if not isinstance(artifacts, dict) or not artifacts:
         return head + NA

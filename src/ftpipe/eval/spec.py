@@ -1,8 +1,8 @@
 """The eval spec: what `eval-sft` asks `ftpipe.eval.measure.evaluate_spec` to measure, typed.
 
 `eval-sft` (`ftpipe/eval/eval_sft.py`) builds it from the `eval` config section and the run's
-artifacts; the train environment passes it in process, the awq environment gets it as JSON
-through `python -m ftpipe.eval.worker`, which validates it with these same models. Imports only
+artifacts; the train environment passes it in process, the awq and gguf environments get it as
+JSON through `python -m ftpipe.eval.worker`, which validates it with these same models. Imports only
 pydantic and ftpipe.core: it loads in every environment.
 
     .venv-awq/bin/python -m ftpipe.eval.worker --spec outputs/<run>/eval/awq-spec.json --out result.json
@@ -11,7 +11,7 @@ pydantic and ftpipe.core: it loads in every environment.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,8 +25,11 @@ class _Strict(BaseModel):
 class ArtifactSpec(_Strict):
     """One model to evaluate: `model` (plus the peft `adapter` when given) and its tokenizer."""
 
-    name: str = Field(description="Artifact name: base, adapter, dpo_adapter, merged or awq.")
-    model: str = Field(description="What from_pretrained loads: a folder or a hub id.")
+    name: str = Field(description="Artifact name: base, adapter, dpo_adapter, merged, awq or gguf_<type>.")
+    model: str = Field(description="What from_pretrained loads: a folder or a hub id; for format gguf, the .gguf file.")
+    format: Literal["hf", "gguf"] = Field(
+        "hf", description="hf: loaded with transformers; gguf: a GGUF file measured with llama-cpp-python "
+        "(`ftpipe.eval.gguf`), prompts rendered by `tokenizer`.")
     revision: str | None = Field(None, description="Hub revision of `model` (None for a folder).")
     tokenizer: str = Field(description="Folder or hub id of the tokenizer.")
     adapter: str | None = Field(None, description="peft adapter folder applied on top of `model`.")
