@@ -8,8 +8,8 @@ eval.artifacts), it
 measures perplexity on the val split over assistant tokens, runs the prompt checks of
 `eval.prompts_file`, the general-ability checks of `eval.general_file` (each artifact but base also
 gets `general_kept`: the share of the checks the base passed that it still passes), perplexity on the
-held-out plain text of `eval.perplexity_file` (`text_perplexity`; the AWQ model's relative change
-against the merged model's is `text_perplexity_delta_vs_merged`) and greedy sample generations
+held-out plain text of `eval.perplexity_file` (`text_perplexity`; the AWQ and GGUF models' relative
+change against the merged model's is `text_perplexity_delta_vs_merged`) and greedy sample generations
 (`ftpipe.eval.measure`). When the config has a
 preference set (`preference.source`) whose held-out pairs exist (prepared/<preference.name>/val.jsonl,
 written by preprocess-dpo), base, adapter and dpo_adapter also get a preference accuracy: the share
