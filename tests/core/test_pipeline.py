@@ -102,3 +102,24 @@ def test_force_goes_only_to_commands_that_take_it(tmp_path) -> None:
         for _, argv in _steps(stages.get(name), common, run, True, config):
             res = CliRunner().invoke(app, [*argv, "--help"])
             assert res.exit_code == 0, (argv, res.output)
+
+
+def test_import_gguf_is_a_first_step_that_run_only_takes_when_asked(tmp_path) -> None:
+    """import-gguf can open `ftpipe run` (the real-model demo imports its model first); it is never in
+    the default run.stages, and its manifest is the model folder's (logs/_models/<name>/), which the
+    pipeline compares before and after to tell completed from skipped."""
+    from types import SimpleNamespace
+
+    from ftpipe import stages
+    from ftpipe.core.runs import Project, RunDir
+    from ftpipe.pipeline import _manifest_paths
+
+    assert ORDER[0] == "import-gguf" and "import-gguf" not in stages.DEFAULT_STAGES
+    assert select_stages(["preprocess-sft", "import-gguf"], None, "preprocess-sft") == ["import-gguf", "preprocess-sft"]
+    project = Project(tmp_path, tmp_path / "prepared", tmp_path / "outputs", tmp_path / "logs")
+    config = SimpleNamespace(import_gguf=SimpleNamespace(name="smollm2"), data=SimpleNamespace(name="travel"))
+    run = RunDir(project, "r1")
+    assert _manifest_paths(project, run, stages.get("import-gguf"), config) == [
+        tmp_path / "logs/_models/smollm2/manifest.json"]
+    assert _manifest_paths(project, run, stages.get("preprocess-sft"), config) == [
+        tmp_path / "logs/_prepared/travel/manifest.json"]
