@@ -100,7 +100,7 @@ def test_report_renders_in_chromium(evaluated, tmp_path):
     side = [e for e in dom.inside("table", id="side-by-side-table") if e[0] == "td"]
     assert len(side) == 3 * (2 + 3)
     text = " ".join(dom.text)
-    assert 'exact: "positive"; must_stop: true' in text
+    assert "exact: positive; must_stop: true" in text
     for needle in ("base", "adapter", "merged", "awq", "skipped", "not produced (ftpipe convert-awq --run r1)",
                    "not produced (ftpipe finetune-dpo --run r1)",
                    "Token-length histogram", "eval/loss", "sha256", "finetune-sft", "eval-sft"):
@@ -224,7 +224,7 @@ def test_answers_side_by_side(tmp_path):
     html = _side_by_side_page(tmp_path, count=2, smoke=smoke)
     part = html[html.index('id="side-by-side"'):html.index("</table>", html.index('id="side-by-side-table"'))]
     assert "<th>served: r1, merged</th>" in part
-    assert ('<td><b>c0</b><br>prompt 0</td><td>exact: &quot;yes&quot;</td>'
+    assert ('<td><b>c0</b><br>prompt 0</td><td>exact: yes</td>'
             '<td><span class="fail">fail</span> <code>base says 0</code></td>'
             '<td><span class="ok">pass</span> <code>adapter says 0</code></td>'
             '<td><span class="ok">pass</span> <code>awq says 0</code></td>'

@@ -487,10 +487,19 @@ def _check_matrix(artifacts: dict[str, Any], generations: list[dict[str, Any]], 
 
 
 def _expectation(expect: Any) -> str:
-    """A check's `expect` mapping as one short line (`exact: "positive"; must_stop: true`)."""
+    """A check's `expect` mapping as one short line (`exact: positive; must_stop: true`): texts as
+    written (an expected JSON answer stays readable), lists joined, other values as JSON."""
     if not isinstance(expect, dict) or not expect:
         return "-"
-    return "; ".join(f"{k}: {json.dumps(v, ensure_ascii=False)}" for k, v in expect.items())
+
+    def shown(v: Any) -> str:
+        if isinstance(v, str):
+            return v
+        if isinstance(v, list) and all(isinstance(x, str) for x in v):
+            return " | ".join(v)
+        return json.dumps(v, ensure_ascii=False)
+
+    return "; ".join(f"{k}: {shown(v)}" for k, v in expect.items())
 
 
 def _verdict(passed: Any, answer: Any) -> str:
