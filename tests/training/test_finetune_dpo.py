@@ -284,3 +284,15 @@ def test_bad_loss_type_names_the_key(dpo_project):
     with pytest.raises(ConfigError) as err:
         _load(dpo_project, "dpo.loss_type=nope")
     assert "dpo.loss_type" in str(err.value)
+
+
+def test_sft_weight_adds_trls_sft_loss_to_the_preference_loss(tmp_path) -> None:
+    """dpo.sft_weight > 0: TRL's loss types [<loss_type>, sft] weighted [1, sft_weight] (RPO); 0: the
+    preference loss alone."""
+    from ftpipe.training.config import DpoConfig
+    from ftpipe.training.finetune_dpo import dpo_args
+
+    plain = dpo_args(DpoConfig(), tmp_path, "cpu", "fp32", has_eval=False)
+    assert plain.loss_type == ["sigmoid"] and plain.loss_weights is None
+    mixed = dpo_args(DpoConfig(loss_type="apo_zero", sft_weight=0.5), tmp_path, "cpu", "fp32", has_eval=False)
+    assert mixed.loss_type == ["apo_zero", "sft"] and mixed.loss_weights == [1.0, 0.5]

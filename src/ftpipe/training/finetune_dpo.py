@@ -216,7 +216,8 @@ def dpo_args(dpo, output_dir: Path, device: str, precision: str, has_eval: bool)
     return DPOConfig(
         output_dir=str(output_dir),
         beta=dpo.beta,
-        loss_type=[dpo.loss_type],
+        loss_type=[dpo.loss_type, "sft"] if dpo.sft_weight > 0 else [dpo.loss_type],
+        loss_weights=[1.0, dpo.sft_weight] if dpo.sft_weight > 0 else None,
         label_smoothing=dpo.label_smoothing,
         learning_rate=dpo.learning_rate,
         lr_scheduler_type=dpo.lr_scheduler,
@@ -328,6 +329,7 @@ def _finish(ctx: StageContext, plan: FinetuneDpoPlan, trainer, metrics: dict[str
         "precision": plan.precision,
         "beta": dpo.beta,
         "loss_type": dpo.loss_type,
+        "sft_weight": dpo.sft_weight,
         "tensorboard_dir": ctx.project.rel(plan.state_dir / TENSORBOARD_DIR),
     })
     if held_out is not None:
