@@ -170,20 +170,8 @@ def preflight(ctx: StageContext) -> EvalSftPlan:
         base = read_base_model(run)
     except InputError as exc:
         problems.append(exc.message)
-    prompts_file = checks = None
-    if cfg.prompts_file:
-        prompts_file = project.resolve(cfg.prompts_file)
-        try:
-            checks = load_checks(prompts_file, cfg.prompts_file)
-        except InputError as exc:
-            problems.append(exc.message)
-    general_file = general = None
-    if cfg.general_file:
-        general_file = project.resolve(cfg.general_file)
-        try:
-            general = load_checks(general_file, cfg.general_file, key="eval.general_file")
-        except InputError as exc:
-            problems.append(exc.message)
+    prompts_file, checks = _checks_file(project, cfg.prompts_file, "eval.prompts_file", problems)
+    general_file, general = _checks_file(project, cfg.general_file, "eval.general_file", problems)
     perplexity_file = project.resolve(cfg.perplexity_file) if cfg.perplexity_file else None
     if perplexity_file is not None:
         try:
@@ -209,6 +197,19 @@ def preflight(ctx: StageContext) -> EvalSftPlan:
         preference=pairs_note,
         artifacts=plan_artifacts(ctx, base, scored=pairs_file is not None),
     )
+
+
+def _checks_file(project, name: str | None, key: str, problems: list[str]) -> tuple[Path | None, list | None]:
+    """(the resolved file, its checks) for config key `key` naming `name`; (None, None) when unset.
+    A file that cannot be read or is not checks is a problem (appended to `problems`)."""
+    if not name:
+        return None, None
+    path = project.resolve(name)
+    try:
+        return path, load_checks(path, name, key=key)
+    except InputError as exc:
+        problems.append(exc.message)
+        return path, None
 
 
 def preference_pairs(ctx: StageContext, problems: list[str]) -> tuple[Path | None, dict[str, Any]]:

@@ -8,8 +8,8 @@ into consecutive windows of at most `eval.max_length` tokens; no context crosses
 the first token of each window is context only. Every artifact scores the same token ids (the GGUF
 worker gives llama.cpp these ids, not its own tokenization), so the perplexities compare.
 
-Imports only the standard library and ftpipe.core.errors: eval-sft's pre-flight and every
-environment's worker read the file with it.
+Imports only the standard library, ftpipe.core.errors and ftpipe.handoff.checks (standard library
+only): eval-sft's pre-flight and every environment's worker read the file with it.
 
     ftpipe eval-sft --run my-run --set eval.perplexity_file=data/heldout.txt
 """
@@ -29,17 +29,10 @@ def read_documents(path: Path, shown: str | None = None) -> list[str]:
         InputError: missing or unreadable file, not UTF-8, or no document in it.
     """
     from ftpipe.core.errors import InputError
+    from ftpipe.handoff.checks import read_named_file
 
     shown = shown or str(path)
-    hint = f"fix the file, or set {KEY} (docs/eval-report.md shows the format)"
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"{KEY} {shown}: file not found", hint=hint) from None
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{KEY} {shown}: not UTF-8 text (byte {exc.start})", hint=hint) from None
-    except OSError as exc:
-        raise InputError(f"{KEY} {shown}: cannot read ({type(exc).__name__})", hint=hint) from None
+    text, hint = read_named_file(path, KEY, shown)
     documents = [d.strip() for d in re.split(r"\n[ \t\r\f\v]*\n", text.replace("\r\n", "\n")) if d.strip()]
     if not documents:
         raise InputError(f"{KEY} {shown}: no text in it", hint=hint)

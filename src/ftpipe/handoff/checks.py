@@ -26,6 +26,26 @@ from typing import Any
 EXPECT_KEYS = ("exact", "contains", "regex", "max_length", "must_stop")
 
 
+def read_named_file(path: Path, key: str, shown: str) -> tuple[str, str]:
+    """The UTF-8 text of the file config key `key` names (shown as `shown`), and the hint its
+    messages carry.
+
+    Raises:
+        InputError: one line naming the key and the file: not found, not UTF-8, unreadable.
+    """
+    from ftpipe.core.errors import InputError
+
+    hint = f"fix the file, or set {key} (docs/eval-report.md shows the format)"
+    try:
+        return Path(path).read_text(encoding="utf-8"), hint
+    except FileNotFoundError:
+        raise InputError(f"{key} {shown}: file not found", hint=hint) from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{key} {shown}: not UTF-8 text (byte {exc.start})", hint=hint) from None
+    except OSError as exc:
+        raise InputError(f"{key} {shown}: cannot read ({type(exc).__name__})", hint=hint) from None
+
+
 def load_checks(path: Path, shown: str | None = None, key: str = "eval.prompts_file") -> list[dict[str, Any]]:
     """Read and validate a checks file; every problem is reported at once.
 
@@ -44,13 +64,7 @@ def load_checks(path: Path, shown: str | None = None, key: str = "eval.prompts_f
     from ftpipe.core.errors import InputError
 
     shown = shown or str(path)
-    hint = f"fix the file, or set {key} (docs/eval-report.md shows the format)"
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"{key} {shown}: file not found", hint=hint) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{key} {shown}: cannot read ({type(exc).__name__})", hint=hint) from None
+    text, hint = read_named_file(path, key, shown)
     data = _parse(text, Path(path).suffix.lower(), shown, hint)
     if isinstance(data, dict):
         data = data.get("checks")

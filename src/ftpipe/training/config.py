@@ -101,12 +101,12 @@ class DpoConfig(Section):
     loss_type: Literal[DPO_LOSS_TYPES] = Field(  # type: ignore[valid-type]
         "sigmoid", description="TRL loss: sigmoid (DPO), ipo, hinge, robust or apo_zero.",
     )
-    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Assumed label noise (loss_type=robust).")
     sft_weight: float = Field(
         0.0, ge=0.0, description="Weight of an SFT term (the chosen answer's mean token NLL, TRL's loss "
         "type `sft`) added to the preference loss, as in RPO: it keeps the chosen answer likely when the "
         "rejected one shares most of its tokens (a near-miss). 0: the preference loss alone.",
     )
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Assumed label noise (loss_type=robust).")
     learning_rate: float = Field(5e-6, gt=0, description="Peak learning rate.")
     lr_scheduler: str = Field("linear", description="transformers LR scheduler name.")
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Warm-up fraction of steps.")
