@@ -96,18 +96,28 @@ PREFERENCE_PAIRS = 300
 PREFERENCE_VAL_PAIRS = 60
 
 
-def sft(rng) -> None:
-    rows, seen = [], set()
-    while len(rows) < SFT_ROWS:
-        text, out, _, _ = trip(rng, *TRAIN)
-        if text in seen:
-            continue
-        seen.add(text)
-        rows.append({"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text},
-                                  {"role": "assistant", "content": out}]})
-    with open(HERE / "travel.jsonl", "w", encoding="utf-8") as fh:
+def unique_trips(rng, pool, count: int):
+    """`count` trips from `pool` with distinct user texts, drawn lazily (the caller's own draws from
+    `rng` between two trips stay in the same order)."""
+    seen: set[str] = set()
+    while len(seen) < count:
+        drawn = trip(rng, *pool)
+        if drawn[0] not in seen:
+            seen.add(drawn[0])
+            yield drawn
+
+
+def write_jsonl(name: str, rows: list[dict]) -> None:
+    with open(HERE / name, "w", encoding="utf-8") as fh:
         for row in rows:
             fh.write(json.dumps(row) + "\n")
+
+
+def sft(rng) -> None:
+    rows = [{"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text},
+                          {"role": "assistant", "content": out}]}
+            for text, out, _, _ in unique_trips(rng, TRAIN, SFT_ROWS)]
+    write_jsonl("travel.jsonl", rows)
     checks = []
     for i in range(CHECKS):
         text, out, _, _ = trip(rng, *HELD_OUT)
@@ -143,18 +153,11 @@ def rejected(rng, fields: dict, written: str) -> str:
 def preference(rng) -> None:
     for name, count, pool in (("preference.jsonl", PREFERENCE_PAIRS, TRAIN),
                               ("preference_val.jsonl", PREFERENCE_VAL_PAIRS, HELD_OUT)):
-        pairs, seen = [], set()
-        while len(pairs) < count:
-            text, out, fields, written = trip(rng, *pool)
-            if text in seen:
-                continue
-            seen.add(text)
-            pairs.append({"prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}],
-                          "chosen": [{"role": "assistant", "content": out}],
-                          "rejected": [{"role": "assistant", "content": rejected(rng, fields, written)}]})
-        with open(HERE / name, "w", encoding="utf-8") as fh:
-            for pair in pairs:
-                fh.write(json.dumps(pair) + "\n")
+        pairs = [{"prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}],
+                  "chosen": [{"role": "assistant", "content": out}],
+                  "rejected": [{"role": "assistant", "content": rejected(rng, fields, written)}]}
+                 for text, out, fields, written in unique_trips(rng, pool, count)]
+        write_jsonl(name, pairs)
 
 
 if __name__ == "__main__":
