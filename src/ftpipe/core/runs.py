@@ -132,6 +132,12 @@ def _under_run(name: str, doc: str | None = None) -> property:
     return property(lambda self: self.path / name, doc=doc or f"outputs/<run>/{name}")
 
 
+def gguf_name(outtype: str) -> str:
+    """File name of one GGUF type inside outputs/<run>/gguf/ (written by export-gguf, read by
+    ollama-load and eval-sft)."""
+    return f"model-{outtype}.gguf"
+
+
 @dataclass(frozen=True)
 class RunDir:
     """One run: outputs/<name>/ and logs/<name>/."""

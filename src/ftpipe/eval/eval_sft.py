@@ -48,6 +48,7 @@ from ftpipe.core.fsutil import atomic_write_json, atomic_write_text, read_json
 from ftpipe.core.logs import WORKER_LOG_ENV
 from ftpipe.core.manifest import read_manifest
 from ftpipe.core.model_ref import ModelRef
+from ftpipe.core.runs import gguf_name
 from ftpipe.core.stage import StageContext, StageResult, require_upstream
 from ftpipe.eval.config import TUNED
 from ftpipe.eval.spec import ArtifactSpec, EvalSpec
@@ -298,7 +299,7 @@ def _plan_gguf(ctx: StageContext, name: str) -> Artifact:
     upstream = ctx.producers["gguf"]
     command = f"ftpipe {upstream} --run {run.name}"
     outtype = GGUF_ARTIFACTS[name]
-    path = run.gguf / f"model-{outtype}.gguf"  # export-gguf's name for it (ftpipe.export.artifacts.gguf_name)
+    path = run.gguf / gguf_name(outtype)
     manifest = read_manifest(run.manifest_path(upstream))
     status = manifest.get("status") if manifest else None
     if not path.is_file():

@@ -25,9 +25,6 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"
 ADAPTER_MARKERS = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
 
-def gguf_name(outtype: str) -> str:
-    """File name of one GGUF type inside outputs/<run>/gguf/ (written by export-gguf, read by ollama-load)."""
-    return f"model-{outtype}.gguf"
 
 
 def weight_files(folder: Path) -> list[Path]:

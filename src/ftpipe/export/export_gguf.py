@@ -37,11 +37,10 @@ from pathlib import Path
 
 from ftpipe.core.errors import InputError, StageError
 from ftpipe.core.executor import run_tool
-from ftpipe.core.runs import Project
+from ftpipe.core.runs import Project, gguf_name
 from ftpipe.core.stage import StageContext, StageResult, require_upstream, upstream_state
 from ftpipe.export.artifacts import (
     fresh_tmp_dir,
-    gguf_name,
     is_adapter_only,
     replace_dir,
     require_full_model,

@@ -34,7 +34,8 @@ from pathlib import Path
 
 from ftpipe.core.errors import InputError, StageError
 from ftpipe.core.stage import StageContext, StageResult, require_upstream
-from ftpipe.export.artifacts import CHAT_TEMPLATE_FILE, gguf_name
+from ftpipe.core.runs import gguf_name
+from ftpipe.export.artifacts import CHAT_TEMPLATE_FILE
 from ftpipe.export.chat_families import ChatFamily
 from ftpipe.export.template_check import choose_family, stop_strings, tokenizer_renderer
 from ftpipe.handoff.prepared import prompt, sample_conversations
