@@ -121,6 +121,7 @@ for env in "$@"; do
   if [ -f "scripts/post-install-$env.sh" ]; then bash "scripts/post-install-$env.sh" "$dir"; fi
   "$dir/bin/python" -c "import ftpipe" # fail here, not in the middle of a test run
   lock_hash "$env" > "$dir/.ftpipe-lock"
-  rm -f "$dir/.ftpipe-building"
+  # The line first, then the marker: whoever waits on the marker (wait_for_build) finds the log complete.
   echo "bootstrap: $dir built in $(( $(date +%s) - started )) s"
+  rm -f "$dir/.ftpipe-building"
 done
