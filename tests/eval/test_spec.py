@@ -24,7 +24,7 @@ def _spec(tmp_path) -> EvalSpec:
                    ArtifactSpec(name="adapter", model="models/tiny", revision="abc123", tokenizer="outputs/r1/adapter",
                                 adapter="outputs/r1/adapter")],
         environment="awq", val_file=tmp_path / "val.jsonl", max_val_rows=7, max_length=512, batch_tokens=1024,
-        checks=[CHECK], max_new_tokens=8, samples=2, dtype="float32",
+        checks=[CHECK], max_new_tokens=8, samples=2, generate_batch_size=4, dtype="float32",
     )
 
 
@@ -39,7 +39,8 @@ def test_round_trip_through_json(tmp_path):
 
 def test_the_stage_builds_the_spec_from_the_eval_config(tmp_path):
     """Every setting comes from the `eval` section (none is a default repeated where the spec is read)."""
-    cfg = EvalConfig(max_val_rows=5, max_length=300, batch_tokens=999, max_new_tokens=4, samples=1, max_pairs=7)
+    cfg = EvalConfig(max_val_rows=5, max_length=300, batch_tokens=999, max_new_tokens=4, samples=1, max_pairs=7,
+                     generate_batch_size=3)
     ctx = SimpleNamespace(config=SimpleNamespace(eval=cfg, model=SimpleNamespace(dtype="bfloat16")))
     art = Artifact("merged", model="outputs/r1/merged", tokenizer="outputs/r1/merged")
     general = {**CHECK, "name": "general-1"}
@@ -49,8 +50,9 @@ def test_the_stage_builds_the_spec_from_the_eval_config(tmp_path):
                        pairs_file=tmp_path / "pairs.jsonl", preference={}, artifacts=(art,))
     spec = eval_spec(ctx, plan, [art], "train")
     assert spec.artifacts == [ArtifactSpec(name="merged", model="outputs/r1/merged", tokenizer="outputs/r1/merged")]
-    assert (spec.max_val_rows, spec.max_length, spec.batch_tokens, spec.max_new_tokens, spec.samples) == (
-        cfg.max_val_rows, cfg.max_length, cfg.batch_tokens, cfg.max_new_tokens, cfg.samples)
+    assert (spec.max_val_rows, spec.max_length, spec.batch_tokens, spec.max_new_tokens, spec.samples,
+            spec.generate_batch_size) == (
+        cfg.max_val_rows, cfg.max_length, cfg.batch_tokens, cfg.max_new_tokens, cfg.samples, cfg.generate_batch_size)
     assert (spec.environment, spec.dtype, spec.val_file) == ("train", "bfloat16", tmp_path / "val.jsonl")
     assert spec.checks == [PromptCheck(**CHECK)]
     assert spec.general == [PromptCheck(**general)] and spec.perplexity_file == tmp_path / "heldout.txt"

@@ -29,7 +29,7 @@ CONVERSATIONS = [
 
 def test_convert_awq_and_eval_sft_use_the_same_functions():
     assert convert_awq.perplexity is eval_measure.perplexity is measure.perplexity
-    assert convert_awq.greedy is measure.greedy and eval_measure.generate is measure.generate
+    assert convert_awq.greedy is measure.greedy and eval_measure.generate_batch is measure.generate_batch
     # No second definition left in convert-awq's helpers.
     assert not hasattr(awq_quality, "perplexity") and not hasattr(awq_quality, "greedy")
 
@@ -83,3 +83,102 @@ def test_greedy_and_generate_are_one_decoding(model_and_tokenizer):
     with torch.no_grad():
         first = int(model(input_ids=torch.tensor([list(ids)])).logits[0, -1].argmax())
     assert new[0] == first
+
+
+# Prompts of different lengths (one to three turns, with and without a system message).
+ASKED = [
+    [{"role": "user", "content": "Great kettle."}],
+    [{"role": "system", "content": "Label the sentiment of the review as positive or negative."},
+     {"role": "user", "content": "The kettle was broken and terrible, and the lid came off on the second day of use."}],
+    prompt(CONVERSATIONS[1]),
+    [{"role": "user", "content": "Awful sofa."}],
+    [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Name a colour, please."}],
+]
+MAX_NEW = 8
+
+
+@pytest.fixture(scope="module")
+def varied(model_and_tokenizer):
+    """A copy of the tiny model with noise on every weight: the random model alone repeats one token
+    for ever, this one says varied tokens (a stop id in mid-answer is then possible)."""
+    import copy
+
+    import torch
+
+    model, tok = model_and_tokenizer
+    model = copy.deepcopy(model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model, tok
+
+
+def _ids(tok, messages) -> list[int]:
+    return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+
+
+@pytest.fixture
+def one_stops_early(varied, monkeypatch):
+    """`varied` with one more end-of-turn id: the 3rd token of the first prompt's answer, which no
+    other answer says, so that answer stops after 3 tokens while the others run to MAX_NEW."""
+    model, tok = varied
+    free = [measure.greedy(model, tok, _ids(tok, messages), MAX_NEW) for messages in ASKED]
+    assert all(len(new) == MAX_NEW and not stopped for new, stopped in free), free
+    stop = free[0][0][2]
+    assert stop not in free[0][0][:2] and all(stop not in new for new, _ in free[1:]), free
+    config = model.generation_config
+    monkeypatch.setattr(config, "eos_token_id", [*config.eos_token_id, stop])
+    return model, tok
+
+
+@pytest.mark.parametrize("pad", ["pad token", "no pad token"])
+def test_batched_generation_is_one_at_a_time_generation(one_stops_early, pad):
+    import copy
+
+    model, tok = one_stops_early
+    if pad == "no pad token":  # greedy and greedy_batch then pad with an end-of-turn id
+        tok = copy.deepcopy(tok)
+        tok.pad_token = None
+        assert tok.pad_token_id is None
+    alone = [measure.generate(model, tok, messages, MAX_NEW) for messages in ASKED]
+    assert alone[0][1:] == (True, 3)  # stopped on its 3rd token, counted
+    assert all(a[1:] == (False, MAX_NEW) for a in alone[1:])  # ran to max_new_tokens
+    assert len({len(_ids(tok, m)) for m in ASKED}) > 2  # padded batches
+    for batch_size in (1, 3, len(ASKED) + 4):
+        assert measure.generate_batch(model, tok, ASKED, MAX_NEW, batch_size) == alone, batch_size
+    # Results come back in the order asked, whatever the batches (sorted by length) were.
+    order = (3, 0, 4, 2, 1)
+    assert measure.generate_batch(model, tok, [ASKED[i] for i in order], MAX_NEW, 2) == [alone[i] for i in order]
+    assert measure.generate_batch(model, tok, [], MAX_NEW, 4) == []
+
+
+def test_a_stopped_row_does_not_count_what_its_batch_generated_after_its_stop(one_stops_early):
+    model, tok = one_stops_early
+    prompts = [_ids(tok, m) for m in ASKED]
+    batched = measure.greedy_batch(model, tok, prompts, MAX_NEW, len(prompts))
+    assert batched == [measure.greedy(model, tok, ids, MAX_NEW) for ids in prompts]
+    new, stopped = batched[0]
+    assert stopped and len(new) == 3 and new[-1] in measure._stop_ids(model, tok)
+
+
+def test_batched_generation_through_a_peft_model(varied):
+    """A LoRA adapter (non-zero B, so it changes the answers) answers through PeftModel.generate."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    base, tok = varied
+    torch.manual_seed(0)
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                          init_lora_weights=False)).eval()
+    alone = [measure.generate(model, tok, messages, MAX_NEW) for messages in ASKED]
+    assert alone != [measure.generate(base, tok, messages, MAX_NEW) for messages in ASKED]  # the adapter is on
+    assert measure.generate_batch(model, tok, ASKED, MAX_NEW, 3) == alone
+
+
+def test_a_batch_size_below_one_is_refused(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        measure.greedy_batch(model, tok, [[1, 2]], 4, 0)

@@ -53,6 +53,13 @@ class EvalConfig(Section):
         "scored for preference accuracy.",
     )
     max_new_tokens: int = Field(32, gt=0, description="Tokens generated per prompt (greedy).")
+    generate_batch_size: int = Field(
+        8, gt=0,
+        description="Prompts (checks, general checks, samples) generated together in one left-padded batch "
+        "for the transformers artifacts (GGUF artifacts: one at a time). Batched float32 greedy decoding can "
+        "pick another token than one prompt alone at an exact near-tie (tiny numeric differences); 1: one "
+        "prompt at a time, as before.",
+    )
     samples: int = Field(
         3, ge=0, description="Greedy sample generations per artifact for the first val rows."
     )

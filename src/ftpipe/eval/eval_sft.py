@@ -391,8 +391,8 @@ def eval_spec(ctx: StageContext, plan: EvalSftPlan, arts: list[Artifact], enviro
         artifacts=[a.spec() for a in arts], environment=environment, val_file=plan.val_file,
         max_val_rows=cfg.max_val_rows, max_length=cfg.max_length, batch_tokens=cfg.batch_tokens,
         checks=list(plan.checks), general=list(plan.general), max_new_tokens=cfg.max_new_tokens, samples=cfg.samples,
-        dtype=ctx.config.model.dtype, pairs_file=plan.pairs_file, max_pairs=cfg.max_pairs,
-        perplexity_file=plan.perplexity_file,
+        generate_batch_size=cfg.generate_batch_size, dtype=ctx.config.model.dtype, pairs_file=plan.pairs_file,
+        max_pairs=cfg.max_pairs, perplexity_file=plan.perplexity_file,
     )
 
 

@@ -46,7 +46,7 @@ def evaluate_gguf(art: ArtifactSpec, rows, documents: list[str], spec: EvalSpec,
     from llama_cpp import Llama
     from transformers import AutoTokenizer, GenerationConfig
 
-    from ftpipe.eval.measure import measure_answers
+    from ftpipe.eval.measure import measure_answers, one_at_a_time
 
     tokenizer = AutoTokenizer.from_pretrained(art.tokenizer)
     try:
@@ -80,7 +80,8 @@ def evaluate_gguf(art: ArtifactSpec, rows, documents: list[str], spec: EvalSpec,
             new, stopped = greedy(llm, list(ids), spec.max_new_tokens, stop_ids)
             return tokenizer.decode(new, skip_special_tokens=True).strip(), stopped, len(new)
 
-        result.update(measure_answers(answer, rows, spec, art.name, generations))
+        # One prompt at a time (eval.generate_batch_size is for the transformers artifacts).
+        result.update(measure_answers(one_at_a_time(answer), rows, spec, art.name, generations))
     finally:
         llm.close()
     log.info("eval %s: perplexity %s, checks %d/%d (llama.cpp)", art.name, result["perplexity"],

@@ -6,7 +6,9 @@ loads each artifact with transformers (and peft for an adapter), then measures:
 - perplexity on the val split over assistant tokens only (`ftpipe.handoff.measure.perplexity`,
   the same function convert-awq compares the merged and AWQ models with);
 - the prompt checks (greedy decoding, `eval.max_new_tokens`), judged by `ftpipe.handoff.checks`,
-  and the general-ability checks of `eval.general_file` the same way;
+  and the general-ability checks of `eval.general_file` the same way; checks, general checks and
+  samples are answered together in left-padded batches of `eval.generate_batch_size` prompts
+  (`ftpipe.handoff.measure.generate_batch`);
 - perplexity on held-out plain text (`eval.perplexity_file`, no chat template, windows of
   `eval.max_length` tokens: `ftpipe.eval.text`) as `text_perplexity`;
 - greedy sample generations of the val rows' prompts (`ftpipe.handoff.prepared.prompt`), next to
@@ -33,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ftpipe.eval.text import read_documents, text_windows
 from ftpipe.handoff.checks import judge
-from ftpipe.handoff.measure import generate, perplexity, preference_accuracy
+from ftpipe.handoff.measure import generate_batch, perplexity, preference_accuracy
 from ftpipe.handoff.pairs import read_pairs
 from ftpipe.handoff.prepared import prompt, read_split, reference
 
@@ -118,35 +120,46 @@ def _load(art: ArtifactSpec, dtype: str, previous: tuple[str, Any] | None):
 def _measure(model, tokenizer, rows, spec: EvalSpec, name, generations) -> dict[str, Any]:
     ppl = perplexity(model, tokenizer, rows, spec.max_length, spec.batch_tokens)
 
-    def answer(messages):
-        return generate(model, tokenizer, messages, spec.max_new_tokens)
+    def answer_all(conversations):
+        return generate_batch(model, tokenizer, conversations, spec.max_new_tokens, spec.generate_batch_size)
 
-    result = measure_answers(answer, rows, spec, name, generations)
+    result = measure_answers(answer_all, rows, spec, name, generations)
     log.info("eval %s: perplexity %s, checks %d/%d", name, ppl["perplexity"], result["checks_passed"], result["checks_total"])
     return {"status": "ok", **ppl, **result, "parameters": sum(p.numel() for p in model.parameters())}
 
 
-def measure_answers(answer: Callable[[list[dict[str, Any]]], tuple[str, bool, int]], rows, spec: EvalSpec, name: str,
+Answer = tuple[str, bool, int]  # (text, stopped on an end-of-turn token, new tokens)
+
+
+def one_at_a_time(answer: Callable[[list[dict[str, Any]]], Answer]) -> Callable[[list[list[dict[str, Any]]]], list[Answer]]:
+    """`measure_answers`'s `answer_all` from a function that answers one conversation (llama.cpp's)."""
+    return lambda conversations: [answer(messages) for messages in conversations]
+
+
+def measure_answers(answer_all: Callable[[list[list[dict[str, Any]]]], list[Answer]], rows, spec: EvalSpec, name: str,
                     generations: list[dict[str, Any]]) -> dict[str, Any]:
     """The prompt checks, the general checks and the sample generations of one artifact, answered by
-    `answer(messages) -> (text, stopped on an end-of-turn token, new tokens)` (greedy; transformers
-    here, llama.cpp in `ftpipe.eval.gguf`); each answer is also appended to `generations`.
+    `answer_all(conversations) -> [(text, stopped on an end-of-turn token, new tokens)]` in one call
+    (greedy; batched transformers here, llama.cpp one at a time in `ftpipe.eval.gguf`); each answer is
+    also appended to `generations`: the checks, then the general checks, then the samples.
 
     Returns:
         {"checks_passed", "checks_total", "checks"} and, with general checks, "general_passed",
         "general_total", "general".
     """
-    checks = _checks(answer, spec.checks, name, "check", generations)
-    general = _checks(answer, spec.general, name, "general", generations)
-    for i, messages in enumerate(rows[: spec.samples]):
-        expected = reference(messages)
-        if expected is None:
-            continue
-        asked = prompt(messages)
-        output, stopped, n_tokens = answer(asked)
+    samples = [(i, prompt(messages), expected) for i, messages in enumerate(rows[: spec.samples])
+               if (expected := reference(messages)) is not None]
+    asked = [_messages(c) for c in spec.checks] + [_messages(c) for c in spec.general] + [p for _, p, _ in samples]
+    answers = answer_all(asked)
+    if len(answers) != len(asked):
+        raise RuntimeError(f"eval {name}: {len(answers)} answers to {len(asked)} prompts")
+    n_checks, n_general = len(spec.checks), len(spec.general)
+    checks = _judge(spec.checks, answers[:n_checks], name, "check", generations)
+    general = _judge(spec.general, answers[n_checks:n_checks + n_general], name, "general", generations)
+    for (i, messages, expected), (output, stopped, n_tokens) in zip(samples, answers[n_checks + n_general:]):
         generations.append({
             "artifact": name, "kind": "sample", "name": f"val-{i}",
-            "prompt": asked[-1]["content"] if asked else "", "reference": expected,
+            "prompt": messages[-1]["content"] if messages else "", "reference": expected,
             "output": output, "stopped": stopped, "new_tokens": n_tokens,
         })
     result: dict[str, Any] = {"checks_passed": sum(c["passed"] for c in checks), "checks_total": len(checks),
@@ -157,14 +170,17 @@ def measure_answers(answer: Callable[[list[dict[str, Any]]], tuple[str, bool, in
     return result
 
 
-def _checks(answer, checks, name: str, kind: str, generations) -> list[dict[str, Any]]:
-    """Answer and judge `checks`; each answer is also a generations row of `kind` ("check" for
+def _messages(check) -> list[dict[str, Any]]:
+    """The conversation a check asks: its system message, if any, and its prompt."""
+    messages = [{"role": "system", "content": check.system}] if check.system else []
+    return [*messages, {"role": "user", "content": check.prompt}]
+
+
+def _judge(checks, answers: list[Answer], name: str, kind: str, generations) -> list[dict[str, Any]]:
+    """Judge the answers to `checks`; each answer is also a generations row of `kind` ("check" for
     eval.prompts_file, "general" for eval.general_file)."""
     judged = []
-    for check in checks:
-        messages = ([{"role": "system", "content": check.system}] if check.system else [])
-        messages.append({"role": "user", "content": check.prompt})
-        output, stopped, n_tokens = answer(messages)
+    for check, (output, stopped, n_tokens) in zip(checks, answers):
         failures = judge(output, stopped, check.expect)
         judged.append({"name": check.name, "passed": not failures, "failures": failures})
         generations.append({

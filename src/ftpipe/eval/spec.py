@@ -61,6 +61,7 @@ class EvalSpec(HandOffFile):
     checks: list[PromptCheck] = Field(description="The checks of eval.prompts_file (may be empty).")
     general: list[PromptCheck] = Field(default_factory=list, description="The checks of eval.general_file (may be empty).")
     max_new_tokens: int = Field(gt=0, description="eval.max_new_tokens.")
+    generate_batch_size: int = Field(gt=0, description="eval.generate_batch_size.")
     samples: int = Field(ge=0, description="eval.samples.")
     dtype: str = Field(description="model.dtype: `auto` or a torch dtype name.")
     perplexity_file: Path | None = Field(None, description="eval.perplexity_file: held-out plain text (`ftpipe.eval.text`).")

@@ -7,7 +7,8 @@
   `use_cache=False`. eval-sft reports it per artifact; convert-awq compares the merged and AWQ models with it
   (`awq.max_perplexity_increase`), so the two stages never disagree on what perplexity means.
 - `greedy` (token ids) and `generate` (a conversation, answered as text): greedy decoding that
-  stops at the model's end-of-turn tokens.
+  stops at the model's end-of-turn tokens; `greedy_batch` / `generate_batch` the same for many
+  prompts in left-padded batches (eval-sft's checks and samples, `eval.generate_batch_size`).
 - `preference_logps` / `preference_accuracy`: the summed log-probability of each answer of a
   preference pair (the completion tokens after the rendered prompt, as TRL's DPOTrainer scores
   them) and the share of pairs whose chosen answer is the likelier one (finetune-dpo's tests, eval).
@@ -276,6 +277,77 @@ def generate(model, tokenizer, messages: list[dict[str, Any]], max_new_tokens: i
     enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     new, stopped = greedy(model, tokenizer, list(enc["input_ids"]), max_new_tokens)
     return tokenizer.decode(new, skip_special_tokens=True).strip(), stopped, len(new)
+
+
+def greedy_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
+                 batch_size: int) -> list[tuple[list[int], bool]]:
+    """`greedy` for many prompts, `batch_size` at a time: left-padded batches with an attention mask
+    (so each row's positions start at 0, as alone), the same stop ids and pad id as `greedy`.
+
+    The prompts are sorted by length (longest first: a batch that does not fit in memory fails at
+    once) so rows of a batch need little padding. Each row is cut after its first stop id: generate
+    keeps filling a row that stopped until every row of its batch has, and those tokens are not
+    the row's answer. A row that did not stop ran `max_new_tokens`, like `greedy`.
+
+    Args:
+        prompts: token ids of each prompt (chat template + generation prompt).
+        batch_size: rows per generate call; 1 is `greedy` one prompt at a time.
+
+    Returns:
+        [(new token ids, stopped on an end-of-turn token)] in the order of `prompts`.
+
+    Raises:
+        ValueError: `batch_size` below 1.
+    """
+    import torch
+
+    if batch_size < 1:
+        raise ValueError(f"greedy_batch: batch_size must be at least 1 (got {batch_size})")
+    device = next(model.parameters()).device
+    stop_ids = _stop_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(stop_ids), 0)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+    results: dict[int, tuple[list[int], bool]] = {}
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        width = len(prompts[rows[0]])
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, i in enumerate(rows):
+            n = len(prompts[i])
+            ids[b, width - n:] = torch.tensor(list(prompts[i]), dtype=torch.long)
+            attention[b, width - n:] = 1
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=attention.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=sorted(stop_ids) or None,
+                pad_token_id=pad_id,
+            )
+        for b, i in enumerate(rows):
+            new = out[b, width:].tolist()
+            end = next((t for t, token in enumerate(new) if token in stop_ids), None)
+            results[i] = (new, False) if end is None else (new[:end + 1], True)
+    return [results[i] for i in range(len(prompts))]
+
+
+def generate_batch(model, tokenizer, conversations: list[list[dict[str, Any]]], max_new_tokens: int,
+                   batch_size: int) -> list[tuple[str, bool, int]]:
+    """`generate` for many conversations, `batch_size` at a time (`greedy_batch`).
+
+    In float32 a padded batch can pick another token than the same prompt alone at an exact near-tie
+    (the attention sums run over other shapes): `batch_size` 1 reproduces `generate`.
+
+    Returns:
+        [(text without special tokens, stopped on an end-of-turn token, number of new tokens)] in the
+        order of `conversations`.
+    """
+    prompts = [list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True)["input_ids"]) for messages in conversations]
+    return [(tokenizer.decode(new, skip_special_tokens=True).strip(), stopped, len(new))
+            for new, stopped in greedy_batch(model, tokenizer, prompts, max_new_tokens, batch_size)]
 
 
 def _stop_ids(model, tokenizer) -> set[int]:
