@@ -16,7 +16,9 @@ generalised the format, not that it memorised rows. Dates use the two spellings 
 ("12 March", "March 12") in both sets.
 
 Files written next to this script:
-  travel.jsonl           SFT rows (chat "messages": system, user, assistant)
+  travel.jsonl           SFT rows (chat "messages": system, user, assistant), and the rows of
+                         replay.jsonl (make_replay.py: the base model's own answers to general
+                         questions, against forgetting) mixed in
   eval_prompts.json      held-out task checks (exact answer, must stop)
   preference.jsonl       DPO pairs on training names/cities/templates: chosen = the house answer,
                          rejected = a plausible wrong one (origin and destination swapped, day and
@@ -37,14 +39,32 @@ MONTHS = ["January", "February", "March", "April", "May", "June", "July", "Augus
 
 TRAIN_FIRST = ["Anna", "Lars", "Maria", "Tom", "Sofia", "David", "Emma", "Peter", "Laura", "Jonas", "Clara",
                "Mark", "Julia", "Felix", "Nina", "Oscar", "Eva", "Hugo", "Lena", "Paul", "Sara", "Ivan",
-               "Mia", "Leo", "Alice", "Ben", "Olga", "Omar", "Rosa", "Karl", "Ines", "Ali"]
+               "Mia", "Leo", "Alice", "Ben", "Olga", "Omar", "Rosa", "Karl", "Ines", "Ali", "Aino", "Bram",
+               "Chiara", "Dmitri", "Elif", "Farid", "Gustav", "Hiroshi", "Ingrid", "Jakub", "Kerstin", "Luca",
+               "Mateo", "Noor", "Odile", "Pavel", "Quentin", "Rania", "Stefan", "Tomasz", "Ulla", "Vera",
+               "Wim", "Yusuf", "Zofia", "Agnes", "Bjorn", "Carmen", "Dario", "Esther", "Fatima", "Goran",
+               "Helga", "Igor", "Janne", "Kofi", "Liesel", "Milos", "Nadia", "Orla", "Priya", "Rui", "Selma",
+               "Teodor", "Ugo", "Vilma", "Xavier", "Yara", "Zeno"]
 TRAIN_LAST = ["Berg", "Novak", "Silva", "Meyer", "Rossi", "Smith", "Jensen", "Kowalski", "Dubois", "Garcia",
               "Fischer", "Olsen", "Brown", "Costa", "Weber", "Popescu", "Horvat", "Larsen", "Moreau", "Khan",
-              "Lopez", "Nowak", "Schmidt", "Taylor", "Ferrari", "Svensson", "Murphy", "Ivanova"]
+              "Lopez", "Nowak", "Schmidt", "Taylor", "Ferrari", "Svensson", "Murphy", "Ivanova", "Aalto",
+              "Brandt", "Castellano", "Dimitrov", "Eriksen", "Fontaine", "Gallo", "Haugen", "Iqbal", "Jovanovic",
+              "Keller", "Lindgren", "Mancini", "Nakamura", "Oliveira", "Pereira", "Quist", "Ricci", "Szabo",
+              "Toth", "Urban", "Varga", "Wagner", "Yilmaz", "Zeller", "Achterberg", "Baptiste", "Ciobanu",
+              "Duarte", "Engel", "Forsberg", "Grimaldi", "Hoffmann", "Kaminski", "Lehmann", "Marin", "Nagy",
+              "Okafor", "Pellegrini", "Rasmussen", "Sorensen", "Tanaka", "Vasquez", "Wojcik"]
 TRAIN_CITIES = ["Oslo", "Lisbon", "Berlin", "Madrid", "Rome", "Vienna", "Prague", "Dublin", "Warsaw",
                 "Athens", "Paris", "London", "Helsinki", "Zurich", "Munich", "Milan", "Porto", "Lyon",
                 "Krakow", "Budapest", "Hamburg", "Seville", "Naples", "Geneva", "Brussels", "Copenhagen",
-                "Stockholm", "Amsterdam", "Barcelona", "Valencia", "Bergen", "Riga"]
+                "Stockholm", "Amsterdam", "Barcelona", "Valencia", "Bergen", "Riga", "Aarhus", "Antwerp",
+                "Basel", "Bilbao", "Bordeaux", "Bratislava", "Bremen", "Bristol", "Cologne", "Coimbra",
+                "Dresden", "Dubrovnik", "Edinburgh", "Florence", "Frankfurt", "Gothenburg", "Graz", "Hanover",
+                "Innsbruck", "Kaunas", "Leeds", "Leipzig", "Ljubljana", "Lodz", "Malaga", "Malmo", "Marseille",
+                "Nantes", "Nice", "Nuremberg", "Odense", "Palermo", "Pisa", "Plovdiv", "Poznan", "Reykjavik",
+                "Rotterdam", "Sarajevo", "Sofia", "Split", "Stuttgart", "Tampere", "Thessaloniki", "Trieste",
+                "Turin", "Turku", "Utrecht", "Verona", "Wroclaw", "Zagreb", "Aberdeen", "Alicante", "Bari",
+                "Belgrade", "Bucharest", "Cardiff", "Cluj", "Galway", "Ghent", "Linz", "Lille", "Lugano",
+                "Mostar", "Nicosia", "Oulu", "Rennes", "Skopje", "Tirana", "Uppsala", "Valletta", "Zaragoza"]
 HELD_OUT_FIRST = ["Greta", "Victor", "Hanna", "Rafael", "Elsa", "Marco", "Tara", "Simon"]
 HELD_OUT_LAST = ["Lindqvist", "Moretti", "Nielsen", "Petrov", "Walsh", "Herrera", "Bakker", "Sato"]
 HELD_OUT_CITIES = ["Tallinn", "Vilnius", "Bologna", "Granada", "Salzburg", "Gdansk", "Bruges", "Toulouse",
@@ -77,7 +97,8 @@ def trip(rng, firsts, lasts, cities, templates):
     """(user text, house answer, fields) for one random trip."""
     name = f"{rng.choice(firsts)} {rng.choice(lasts)}"
     a, b = rng.sample(cities, 2)
-    month, day = rng.randrange(12), rng.randint(1, 28)
+    # day: half of them single-digit, the zero padding ("06-01") a model most often drops
+    month, day = rng.randrange(12), (rng.randint(1, 9) if rng.random() < 0.5 else rng.randint(10, 28))
     written = f"{day} {MONTHS[month]}" if rng.random() < 0.5 else f"{MONTHS[month]} {day}"
     text = rng.choice(templates).format(n=name, a=a, b=b, d=written)
     fields = {"name": name, "from": a, "to": b, "date": f"{month + 1:02d}-{day:02d}"}
@@ -117,6 +138,11 @@ def sft(rng) -> None:
     rows = [{"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text},
                           {"role": "assistant", "content": out}]}
             for text, out, _, _ in unique_trips(rng, TRAIN, SFT_ROWS)]
+    # replay.jsonl (make_replay.py): the base model's own answers to general questions, spread through
+    # the task rows at seeded places (their own generator: the checks below stay as they are)
+    place = random.Random(2930)
+    for row in (json.loads(line) for line in (HERE / "replay.jsonl").read_text(encoding="utf-8").splitlines()):
+        rows.insert(place.randrange(len(rows) + 1), row)
     write_jsonl("travel.jsonl", rows)
     checks = []
     for i in range(CHECKS):

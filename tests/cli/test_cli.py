@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from typer.testing import CliRunner
+
 from conftest import REPO, run_cli
+from ftpipe.cli.main import app
 
 DESIGN_COMMANDS = [
     "import-gguf", "preprocess-sft", "preprocess-dpo", "finetune-sft", "finetune-dpo", "export-merged", "convert-awq", "eval-sft", "export-gguf",
@@ -142,3 +146,25 @@ def test_runs_list_and_show(tmp_path: Path) -> None:
     assert listed.code == 0 and "r1 (latest)" in listed.stdout and "finetune-sft:completed" in listed.stdout
     shown = run_cli("runs", "show", "r1", "--config", str(tmp_path / "config.yaml"))
     assert shown.code == 0 and "train_loss=1.25" in shown.stdout
+
+
+@pytest.mark.parametrize("config, argv, expected", [
+    ("debug_config.yaml", [], "demo"),                                # the tiny demo's run
+    ("configs/demo-smollm2.yaml", [], "smollm2-demo"),                # the config's run.name
+    ("configs/demo-smollm2.yaml", ["--run", "mine"], "mine"),         # --run wins
+])
+def test_demo_names_its_run_after_the_config(config: str, argv: list[str], expected: str, monkeypatch) -> None:
+    """`ftpipe demo` takes run.name from its config before its own default, so the real-model demo
+    (configs/demo-smollm2.yaml) never reuses the tiny demo's run folder."""
+    import ftpipe.pipeline
+
+    seen = []
+
+    def stop_here(loaded, run_name, start, stop):
+        seen.append(run_name)
+        raise SystemExit(3)
+
+    monkeypatch.setattr(ftpipe.pipeline, "open_pipeline_run", stop_here)
+    monkeypatch.chdir(REPO)
+    result = CliRunner().invoke(app, ["demo", "--config", config, *argv])
+    assert result.exit_code == 3 and seen == [expected], result.output

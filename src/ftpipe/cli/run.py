@@ -43,20 +43,20 @@ def run(
 def demo(
     config: Annotated[Path, typer.Option("--config", "-c", help="Demo config.")] = DEMO_CONFIG,
     sets: SetOpt = None,
-    run_name: Annotated[str, typer.Option("--run", help="Run name.")] = DEMO_RUN,
+    run_name: Annotated[Optional[str], typer.Option("--run", help=f"Run name. [default: the config's run.name, else {DEMO_RUN}]")] = None,
     start: FromOpt = None,
     stop: ToOpt = None,
     force: ForceOpt = False,
 ) -> None:
     """The whole pipeline on the embedded tiny model and the shipped demo data, on the CPU."""
-    _pipeline(config, sets or [], run_name, "local", start, stop, force, title="ftpipe demo")
+    _pipeline(config, sets or [], run_name, "local", start, stop, force, title="ftpipe demo", default_run=DEMO_RUN)
 
 
-def _pipeline(config, sets, run_name, runtime, start, stop, force, title) -> None:
+def _pipeline(config, sets, run_name, runtime, start, stop, force, title, default_run: str | None = None) -> None:
     from ftpipe.pipeline import open_pipeline_run, run_pipeline
 
     loaded = load(config, sets, flags={"runtime.mode": runtime})
-    run_dir, stages = open_pipeline_run(loaded, run_name, start, stop)
+    run_dir, stages = open_pipeline_run(loaded, run_name or loaded.config.run.name or default_run, start, stop)
     console.print(f"[bold]{title}[/bold]: run [cyan]{run_dir.name}[/cyan], stages: {' -> '.join(stages)}")
     started = time.monotonic()
 
