@@ -266,6 +266,31 @@ def test_embedded_templates_choose_their_family_by_rendering(case):
     assert all(s in template or s == eos for s in family.stop)
 
 
+# HuggingFaceTB/SmolLM2-135M-Instruct (as its GGUF ships it): ChatML with a default system prompt. Its
+# BOS token is `<|im_start|>`, which the template writes itself; its GGUF adds no BOS.
+SMOLLM2 = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_smollm2_keeps_its_default_system_prompt_and_its_bos_text():
+    """SmolLM2's BOS token is `<|im_start|>`: a GGUF that adds no BOS (gguf_bos_text -> None) must
+    get the whole text from Ollama, default system prompt included. Stripping the BOS text as if
+    Ollama added it (what ollama-load did before) matched no family: qwen2.5's system prompt is
+    Qwen's, chatml has none."""
+    render_hf = _renderer(SMOLLM2, "<|im_start|>", "<|im_end|>")
+    family = choose_family(render_hf, SMOLLM2, None, "smollm2")
+    assert family.name == "smollm2"
+    for name, messages in PROBES.items():
+        assert render(family.template, ollama_values(messages)) == render_hf(messages, None), name
+    assert "named SmolLM" in render(family.template, ollama_values(PROBES["no-system"]))
+    with pytest.raises(InputError, match="smollm2 Ollama template renders the no-system conversation differently"):
+        choose_family(render_hf, SMOLLM2, "<|im_start|>", "smollm2")
+
+
 @pytest.mark.parametrize("name", TINY_PARAMS)
 def test_tiny_family_templates_render_exactly(family_model, name):
     from transformers import AutoTokenizer

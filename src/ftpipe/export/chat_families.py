@@ -64,6 +64,16 @@ QWEN25 = ChatFamily(
     ("<|im_start|>", "<|im_end|>"), _JSON_TOOLS, "Qwen2.5-Instruct",
 )
 
+# SmolLM2-Instruct: ChatML, and SmolLM's default system prompt when the conversation has none.
+SMOLLM2 = ChatFamily(
+    "smollm2", ("<|im_start|>", "<|im_end|>", "named SmolLM"),
+    "{{- $first := index .Messages 0 }}"
+    "{{- if ne $first.Role \"system\" }}<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    "{{ end }}" + _CHATML_TURNS,
+    ("<|im_start|>", "<|im_end|>"), _NO_TOOLS, "SmolLM2-135M/360M/1.7B-Instruct",
+)
+
 # Llama 3 (no tools): header per message, <|eot_id|> closes it.
 LLAMA3 = ChatFamily(
     "llama3", ("<|start_header_id|>", "<|eot_id|>"),
@@ -149,7 +159,7 @@ PHI3 = ChatFamily(
     "Phi-3-mini-instruct, Phi-3.5-mini-instruct",
 )
 
-FAMILIES: tuple[ChatFamily, ...] = (LLAMA31, LLAMA3, GEMMA4, GEMMA, PHI3, MISTRAL_NEMO, MISTRAL, QWEN25, CHATML)
+FAMILIES: tuple[ChatFamily, ...] = (LLAMA31, LLAMA3, GEMMA4, GEMMA, PHI3, MISTRAL_NEMO, MISTRAL, SMOLLM2, QWEN25, CHATML)
 
 
 def candidates(chat_template: str | None, where: str) -> list[ChatFamily]:

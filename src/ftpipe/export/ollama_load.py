@@ -37,7 +37,7 @@ from ftpipe.core.stage import StageContext, StageResult, require_upstream
 from ftpipe.core.runs import gguf_name
 from ftpipe.export.artifacts import CHAT_TEMPLATE_FILE
 from ftpipe.export.chat_families import ChatFamily
-from ftpipe.export.template_check import choose_family, stop_strings, tokenizer_renderer
+from ftpipe.export.template_check import choose_family, gguf_bos_text, stop_strings, tokenizer_renderer
 from ftpipe.handoff.prepared import prompt, sample_conversations
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def plan(ctx: StageContext) -> OllamaLoadPlan:
     run, project = ctx.run, ctx.project
     tokenizer = AutoTokenizer.from_pretrained(run.merged)
     family = choose_family(tokenizer_renderer(tokenizer) if tokenizer.chat_template else None, tokenizer.chat_template,
-                           tokenizer.bos_token, project.rel(run.merged / CHAT_TEMPLATE_FILE))
+                           gguf_bos_text(tokenizer, run.merged), project.rel(run.merged / CHAT_TEMPLATE_FILE))
     return OllamaLoadPlan(
         gguf=_gguf(ctx),
         family=family,

@@ -101,7 +101,8 @@ def _excerpt(got: str, expected: str, at: int) -> str:
 
 
 def hf_probe_texts(render_hf: RenderHF, bos: str | None) -> tuple[dict[str, str], dict[str, str]]:
-    """The HF text of each probe with BOS text removed (Ollama adds BOS as a token), and the probes
+    """The HF text of each probe with the BOS text `bos` removed (Ollama adds it as a token: pass None
+    when the GGUF adds no BOS, `gguf_bos_text`), and the probes
     the HF template refuses (raise_exception: e.g. Gemma 2 has no system role) with the reason."""
     from jinja2 import TemplateError
 
@@ -184,6 +185,15 @@ def _load_tokenizer(model: Path):
     return tokenizer
 
 
+def gguf_bos_text(tokenizer, model: Path) -> str | None:
+    """The BOS text that a GGUF runtime (llama.cpp, Ollama) adds as a token for this model, so the
+    Ollama templates of chat_families leave it out; None when the GGUF adds no BOS (SmolLM2: its BOS
+    `<|im_start|>` is written by the template itself, and must stay in the text Ollama renders)."""
+    if tokenizer_adds_bos(tokenizer) or _converter_forces_bos(Path(model)):
+        return tokenizer.bos_token
+    return None
+
+
 def _converter_forces_bos(model: Path) -> bool:
     """llama.cpp's Gemma 4 converter writes add_bos_token=true whatever the tokenizer says
     (conversion/gemma.py, Gemma4Model.set_vocab)."""
@@ -228,7 +238,7 @@ def check(model: Path) -> dict[str, Any]:
     where = str(Path(model) / "chat_template.jinja")
     family, family_error = None, None
     try:
-        family = choose_family(render_hf, tokenizer.chat_template, bos, where)
+        family = choose_family(render_hf, tokenizer.chat_template, bos if gguf_bos else None, where)
     except InputError as exc:
         family_error = exc.one_line()
     conversations: dict[str, tuple[list, list | None]] = {n: (m, None) for n, m in PROBES.items()}
@@ -262,7 +272,7 @@ def check(model: Path) -> dict[str, Any]:
             rows.append(Row(name, "ollama", "refused", f"{family.name}: no tools in Ollama ({family.tools})"))
             continue
         go_text = render(family.template, ollama_values(messages))
-        ref_text = text[len(bos):] if bos and text.startswith(bos) else text
+        ref_text = text[len(bos):] if gguf_bos and bos and text.startswith(bos) else text
         ollama_ids = ([bos_id] if gguf_bos else []) + encode(go_text)
         row = _compare(Row(name, "ollama"), go_text, ollama_ids, ref_text, ids, bos_id)
         if row.detail.startswith("differs at char"):
