@@ -43,7 +43,7 @@ def run(
 def demo(
     config: Annotated[Path, typer.Option("--config", "-c", help="Demo config.")] = DEMO_CONFIG,
     sets: SetOpt = None,
-    run_name: Annotated[Optional[str], typer.Option("--run", help=f"Run name. [default: the config's run.name, else {DEMO_RUN}]")] = None,
+    run_name: Annotated[Optional[str], typer.Option("--run", help=f"Run name (default: the config's run.name, else {DEMO_RUN}).")] = None,
     start: FromOpt = None,
     stop: ToOpt = None,
     force: ForceOpt = False,
