@@ -408,7 +408,7 @@ def _execute(step: Step, project: Path) -> None:
         _NODES.append((step, _start_node(argv, project)))
         return
     try:
-        result = run_cli(*argv, cwd=project, timeout=1200)
+        result = run_cli(*argv, cwd=project, timeout=1800)  # the real-model demo: ~12 min alone, 20+ under load
     finally:
         nodes = [(node, *_finish_node(proc)) for node, proc in _NODES]
         _NODES.clear()
