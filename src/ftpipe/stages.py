@@ -71,7 +71,7 @@ class Stage:
     help: str  # the command's --help line
     scope: Literal["project", "new-run", "run"]  # prepared/<data>/, a new (or --run) run, an existing run
     owns: tuple[Section, ...] = ()  # config sections of this stage
-    reads: tuple[str, ...] = ()  # other sections that change its result (hashed with `model` and `owns`)
+    reads: tuple[str, ...] = ()  # other sections that change its result (hashed with `owns`, and `model`)
     upstream: tuple[str, ...] = ()  # stages whose completed manifests it needs (checked in check)
     produces: str | None = None  # the artifact it writes under outputs/<run>/, if any
     options: tuple[Option, ...] = ()
@@ -96,8 +96,11 @@ class Stage:
 
     @property
     def sections(self) -> tuple[str, ...]:
-        """The config sections hashed into the manifest (with `model`)."""
-        return tuple(dict.fromkeys([*(s.name for s in self.owns), *self.reads]))
+        """The config sections hashed into the manifest: `model`, its own and those it reads. A stage
+        that writes a model folder (import-gguf) does not read `model:`, so editing it does not
+        import again."""
+        model = () if self.model_folder else ("model",)
+        return tuple(dict.fromkeys([*model, *(s.name for s in self.owns), *self.reads]))
 
     @property
     def command(self) -> str:

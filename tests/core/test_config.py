@@ -95,6 +95,22 @@ def test_config_hash_changes_only_with_its_sections(tmp_path: Path) -> None:
     assert base.section_hash("finetune") != other_train.section_hash("finetune")
 
 
+def test_model_is_hashed_by_every_stage_but_the_one_that_writes_a_model(tmp_path: Path) -> None:
+    """`ftpipe import-gguf --package P --name N` and a config naming the same import under another
+    model.path are one import (the real-model demo after the README's import command)."""
+    from ftpipe import stages
+
+    path = write(tmp_path, "model:\n  path: m\nimport_gguf:\n  package: p==1\n  name: n\n")
+    base, moved = load_config(path, environ={}), load_config(path, ["model.path=models/n"], environ={})
+    importing = stages.get("import-gguf").sections
+    assert "model" not in importing and base.section_hash(*importing) == moved.section_hash(*importing)
+    assert base.section_hash(*importing) != load_config(path, ["import_gguf.name=o"], environ={}).section_hash(*importing)
+    for stage in stages.STAGES:
+        if stage.model_folder is None:
+            assert stage.sections[0] == "model", stage.name
+            assert base.section_hash(*stage.sections) != moved.section_hash(*stage.sections), stage.name
+
+
 @pytest.mark.parametrize(
     "args, expected",
     [

@@ -123,8 +123,8 @@ class LoadedConfig:
     origins: dict[str, str] = field(default_factory=dict)
 
     def section_hash(self, *sections: str) -> str:
-        """sha256 of the named sections (plus `model`), the basis of stage skipping."""
-        data = {name: _hashed(getattr(self.config, name)) for name in ("model", *sections)}
+        """sha256 of the named sections, the basis of stage skipping."""
+        data = {name: _hashed(getattr(self.config, name)) for name in sections}
         return sha256_text(json.dumps(data, sort_keys=True))
 
     def redacted(self) -> dict[str, Any]:

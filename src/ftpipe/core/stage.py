@@ -120,7 +120,7 @@ def execute(
         ctx: the stage context.
         plan: the stage's `plan` (runs once, only when the stage is not up to date).
         run: the stage's `run`.
-        sections: config sections that affect the result (hashed, with `model`).
+        sections: config sections that affect the result (hashed; `Stage.sections`).
         inputs: what `check` returned: named input files/folders/upstream manifests (recorded and
             compared), or `Remote` inputs (recorded, never up to date).
         environment: the stage environment name recorded in the manifest.
