@@ -59,7 +59,7 @@ def test_merged_command_names_the_run_and_keeps_the_key_off_argv(project, tiny_m
         "--served-model-name", "r1", "--max-num-seqs", "8", "--enforce-eager",
     ]
     env = server_environment(served, cfg, base={"PATH": "/bin", "API_KEY": "inherited", "VLLM_API_KEY": "inherited"})
-    assert env == {"PATH": "/bin", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_API_KEY": KEY}
+    assert env == {"PATH": "/bin", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_API_KEY": KEY}
     # No key configured: an inherited VLLM_API_KEY must not switch authentication on silently.
     plain = _loaded(config).config.serve
     assert "VLLM_API_KEY" not in server_environment(served, plain, base={"VLLM_API_KEY": "inherited"})

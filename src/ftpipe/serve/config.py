@@ -45,6 +45,10 @@ class SmokeTestConfig(Section):
     prompts: int = Field(4, gt=0, description="How many val prompts to send.")
     max_tokens: int = Field(32, gt=0, description="max_tokens per request; answers must stop at EOS before it.")
     timeout: float = Field(60.0, gt=0, description="Seconds per request.")
+    concurrency: int = Field(
+        8, gt=0, description="Requests in flight at once against vLLM, which batches them (greedy answers are the same "
+        "as one at a time); 1 sends them one by one. llama.cpp's server is always asked one request at a time.",
+    )
     check_template: bool = Field(
         True, description="Compare the server's /tokenize of chat messages with HF apply_chat_template (vLLM only)."
     )

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -104,6 +105,22 @@ def _chat(client, model: str, messages, max_tokens: int) -> tuple[str, str | Non
         raise MalformedAnswer(f"a chat completion without choices: {str(response)[:120]!r}", CHAT)
     choice = response.choices[0]
     return choice.message.content or "", choice.finish_reason
+
+
+def _ask_all(client, model: str, conversations: list, max_tokens: int, in_flight: int) -> list[tuple[str, str | None]]:
+    """Every conversation's (answer, finish_reason), in order, with up to `in_flight` requests at once.
+
+    vLLM batches requests that arrive together, so 20 checks take about as long as one; greedy
+    answers are the same as one at a time. llama.cpp's server answers one request at a time: it is
+    asked with `in_flight` 1, so no request waits in its queue past `smoke_test.timeout`.
+
+    Raises:
+        the first failed request's error (openai / httpx error, `MalformedAnswer`), in order.
+    """
+    if in_flight <= 1 or len(conversations) <= 1:
+        return [_chat(client, model, messages, max_tokens) for messages in conversations]
+    with ThreadPoolExecutor(max_workers=min(in_flight, len(conversations))) as pool:
+        return list(pool.map(lambda messages: _chat(client, model, messages, max_tokens), conversations))
 
 
 def server_failure(exc: BaseException, url: str, server_log: Path | None, since: int, project, pid: int | None) -> StageError:
@@ -269,10 +286,14 @@ def _check_model(ctx: StageContext, plan: SmokeTestPlan, client, url: str, key: 
         {"answers", "chat_template", "prompt_checks", "problems"} (problems: what failed, unprefixed).
     """
     st, served = ctx.config.smoke_test, plan.served
+    check_messages = [([{"role": "system", "content": c["system"]}] if c["system"] else []) + [
+        {"role": "user", "content": c["prompt"]}] for c in checks]
+    replies = _ask_all(client, name, [*plan.prompts, *check_messages], st.max_tokens,
+                       st.concurrency if served.kind == "vllm" else 1)
     problems: list[str] = []
     answers = []
     for i, messages in enumerate(plan.prompts):
-        text, finish = _chat(client, name, messages, st.max_tokens)
+        text, finish = replies[i]
         ok = bool(text.strip()) and finish == "stop"
         if not text.strip():
             problems.append(f"val[{i}]: empty answer")
@@ -293,13 +314,7 @@ def _check_model(ctx: StageContext, plan: SmokeTestPlan, client, url: str, key: 
         template["reason"] = "llama.cpp's server has no chat /tokenize" if served.kind != "vllm" else "no tokenizer folder"
         log.info("chat template check skipped: %s", template["reason"])
 
-    checks_out = []
-    for check in checks:
-        messages = ([{"role": "system", "content": check["system"]}] if check["system"] else []) + [
-            {"role": "user", "content": check["prompt"]}
-        ]
-        text, finish = _chat(client, name, messages, st.max_tokens)
-        checks_out.append(check_verdict(check, text, finish))
+    checks_out = [check_verdict(check, *reply) for check, reply in zip(checks, replies[len(plan.prompts):])]
     if checks_out:
         passed = sum(c["passed"] for c in checks_out)
         rate = passed / len(checks_out)
