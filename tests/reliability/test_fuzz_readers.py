@@ -262,5 +262,6 @@ def test_hostile_rows_in_process(tmp_path, renderer, case):
         assert len(lines) >= 1  # the good row survives the bad one
 
 
+@pytest.mark.slow  # it counts the rows of the slow fuzz tests above: run alone it would fail
 def test_more_than_10000_rows_were_fuzzed():
     assert ROWS["total"] >= 10_000, ROWS
