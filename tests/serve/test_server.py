@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 
 import pytest
@@ -83,7 +84,7 @@ def test_adapter_is_served_as_a_lora_on_its_base(project, tiny_model_dir):
     assert argv[argv.index("--max-lora-rank") + 1] == "32" and "--enable-lora" in argv
 
 
-def test_gguf_is_served_by_llama_cpp_with_the_key_in_its_environment(project):
+def test_gguf_is_served_by_llama_cpp_with_the_key_in_its_environment(project, caplog):
     root, config = project
 
     def fill(run):
@@ -100,6 +101,12 @@ def test_gguf_is_served_by_llama_cpp_with_the_key_in_its_environment(project):
     assert argv == ["/venv-gguf/python", "-m", "llama_cpp.server", "--model", served.model, "--model_alias", "r3",
                     "--host", "127.0.0.1", "--port", str(loaded.config.serve.port), "--n_ctx", "256"]
     assert server_environment(served, loaded.config.serve, base={})["API_KEY"] == KEY
+    # vLLM's extra arguments stay off llama.cpp's command line (its parser would stop at them); its own go on.
+    both = _loaded(config, "serve.extra_args=[--enforce-eager]", "serve.llama_cpp_args=[--n_threads,'2']")
+    with caplog.at_level(logging.WARNING, logger="ftpipe.serve.serve"):
+        argv = llama_cpp_command("/venv-gguf/python", served, both.config.serve)
+    assert argv[-3:] == ["256", "--n_threads", "2"] and "--enforce-eager" not in argv
+    assert "serve.extra_args ['--enforce-eager'] are vLLM's: not passed to llama.cpp's server" in caplog.text
     with pytest.raises(InputError, match=r"expected one q4_k_m GGUF among the export-gguf outputs, found: model-f16.gguf, model-q8_0.gguf"):
         resolve_artifact(run, "gguf", "q4_k_m", producers=producers())
 

@@ -32,7 +32,12 @@ class ServeConfig(Section):
     )
     gguf_type: Literal["f16", "q8_0", "q4_k_m"] = Field("q8_0", description="Which GGUF file to serve (artifact gguf).")
     extra_args: list[str] = Field(
-        default_factory=list, description="Extra server arguments appended as given (e.g. [--enforce-eager])."
+        default_factory=list, description="Extra vLLM arguments appended as given (e.g. [--enforce-eager]); "
+        "not passed to llama.cpp's server (serve.llama_cpp_args).",
+    )
+    llama_cpp_args: list[str] | None = Field(
+        None, description="Extra arguments of llama-cpp-python's server (artifact gguf), appended as given "
+        "(e.g. [--n_threads, '2']).", json_schema_extra={"in_hash": "when set"},
     )
 
 

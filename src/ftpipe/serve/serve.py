@@ -141,13 +141,21 @@ def chat_content_format(served: Served) -> str | None:
 
 
 def llama_cpp_command(python: str, served: Served, cfg) -> list[str]:
-    """argv of llama-cpp-python's OpenAI server; it applies the chat template stored in the GGUF."""
+    """argv of llama-cpp-python's OpenAI server; it applies the chat template stored in the GGUF.
+
+    `serve.extra_args` are vLLM's (a config that serves merged with [--enforce-eager] would stop
+    llama.cpp's server at its argument parser): they are left out, and said so; llama.cpp's own are
+    `serve.llama_cpp_args`.
+    """
+    if cfg.extra_args:
+        log.warning("serve.extra_args %s are vLLM's: not passed to llama.cpp's server (its own: serve.llama_cpp_args)",
+                    cfg.extra_args)
     return [
         python, "-m", "llama_cpp.server",
         "--model", served.model, "--model_alias", served.name,
         "--host", cfg.host, "--port", str(cfg.port),
         "--n_ctx", str(cfg.max_model_len),
-        *cfg.extra_args,
+        *(cfg.llama_cpp_args or ()),
     ]
 
 
