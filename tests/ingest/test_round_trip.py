@@ -21,13 +21,12 @@ like `tokenizers` reads the released tokenizer.json. Gemma 3 1B's layout (one KV
 norms, post-attention and post-MLP norms, sliding window, tied), random weights; like Llama 2's, it goes
 the whole user path (the SentencePiece files import-gguf writes for Gemma must survive training and
 the merge).
-Qwen3 (Qwen2's vocabulary under its own architecture) runs with FTPIPE_ROUND_TRIP_ALL=1.
+Qwen3 carries Qwen2's vocabulary under its own architecture (q/k norms, head size 128).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,11 +70,9 @@ SOURCES = {
     "phi3": Source("phi-3", "phi3", "microsoft-Phi-3.5-mini-instruct", "Phi 3.5 Mini Instruct", tied=False,
                    settings=(("tokenizer.ggml.add_bos_token", False),)),
     "gemma3": Source(GEMMA3_VOCAB, "gemma3", "", "Gemma 3 1b It", tied=True, full_path=True),
+    "qwen3": Source("qwen2", "qwen3", "Qwen-Qwen3-0.6B", "Qwen3 0.6B", tied=True),
 }
-# Qwen3 passes too (59 s here) but is not in the tier by default: Qwen2.5's vocabulary under the qwen3
-# architecture adds no tokenizer case, and the tier keeps to its time. FTPIPE_ROUND_TRIP_ALL=1 adds it.
-EXTRA = {"qwen3": Source("qwen2", "qwen3", "Qwen-Qwen3-0.6B", "Qwen3 0.6B", tied=True)}
-TIER = [*SOURCES, *(EXTRA if os.environ.get("FTPIPE_ROUND_TRIP_ALL") else ())]
+TIER = list(SOURCES)
 PROBES = (
     "Hello world! How are you?",
     "Grüße aus Köln: naïve café, 東京, русский, 한국어 🙂👍🏽",
@@ -279,7 +276,7 @@ def round_trip(tmp_path_factory):
     def get(family: str) -> RoundTrip:
         if family in done:
             return done[family]
-        source = {**SOURCES, **EXTRA}[family]
+        source = SOURCES[family]
         root = tmp_path_factory.mktemp(f"round-trip-{family}")
         gguf = write_source(source, root / f"{family}.gguf")
         name = family.replace(".", "")
