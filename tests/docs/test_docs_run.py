@@ -247,10 +247,10 @@ STEPS: list[Step] = [
     Step("ftpipe export-merged --run R --force"),
     Step("ftpipe check-template --model outputs/R/merged", expect=r"all consumers agree"),
     Step("ftpipe export-gguf --run R"),
-    # llama.cpp's server on R's GGUF (without the config's vLLM-only --enforce-eager): it starts in
-    # seconds, where vLLM takes half a minute, and stop treats every server of a run alike (vLLM's
-    # stop: the guide's and serve.md's steps above).
-    Step("ftpipe serve --run R --artifact gguf --set serve.extra_args=[] --detach", "setup",
+    # llama.cpp's server on R's GGUF: it starts in seconds, where vLLM takes half a minute, and stop
+    # treats every server of a run alike (vLLM's stop: the guide's and serve.md's steps above). The
+    # config's serve.extra_args [--enforce-eager] are vLLM's and must not reach llama.cpp's parser.
+    Step("ftpipe serve --run R --artifact gguf --detach", "setup",
          why="the server that `ftpipe serve stop --run R` stops"),
     Step("ftpipe serve stop --run R", expect=r"stopped the server of run R"),
     # docs/compose.md and the README's GPU quick start: the scratch project has no stack file (and
