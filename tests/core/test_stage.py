@@ -202,3 +202,25 @@ def test_killed_stage_is_never_completed(setup) -> None:
     assert read_manifest(run.manifest_path("slow"))["status"] == "running"
     with pytest.raises(InputError, match="stage slow is running"):
         require_completed(run, "slow", "ftpipe slow")
+
+
+def test_exclusive_makes_a_second_process_wait_for_the_first(tmp_path) -> None:
+    """fsutil.exclusive: while one process holds the lock, another's `with exclusive(...)` waits; it
+    enters once the holder leaves (the llama.cpp material and the package cache fill under it)."""
+    import subprocess
+    import sys
+    import time
+
+    from ftpipe.core.fsutil import exclusive
+
+    lock, order = tmp_path / ".fetch.lock", tmp_path / "order.txt"
+    waiter = ("import sys, pathlib; from ftpipe.core.fsutil import exclusive\n"
+              "with exclusive(pathlib.Path(sys.argv[1])):\n"
+              "    open(sys.argv[2], 'a').write('second\\n')\n")
+    with exclusive(lock):
+        proc = subprocess.Popen([sys.executable, "-c", waiter, str(lock), str(order)])
+        time.sleep(3)  # the other process has started and is waiting for the lock
+        assert proc.poll() is None and not order.exists()
+        order.write_text("first\n")
+    assert proc.wait(timeout=60) == 0
+    assert order.read_text().split() == ["first", "second"]

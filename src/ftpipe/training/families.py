@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftpipe.core.errors import InputError, StageError
+from ftpipe.core.fsutil import exclusive
 from ftpipe.handoff import spm
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,15 @@ def material_dir(root: Path) -> Path:
     dest = Path(root) / CACHE_DIR / f"llama.cpp-{LLAMA_CPP_PYTHON}" / "models"
     if (dest / "FTPIPE_COMPLETE").is_file():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(dest.parent / ".fetch.lock"):  # a second process waits here, then finds it fetched
+        if (dest / "FTPIPE_COMPLETE").is_file():
+            return dest
+        _fetch_material(dest)
+    log.info("llama.cpp vocabularies and templates -> %s", dest)
+    return dest
+
+
+def _fetch_material(dest: Path) -> None:
     with tempfile.TemporaryDirectory(dir=dest.parent) as work:
         log.info("fetching the llama-cpp-python %s sdist for real vocabularies and chat templates", LLAMA_CPP_PYTHON)
         argv = [sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check", "--no-deps",
@@ -171,8 +180,6 @@ def material_dir(root: Path) -> Path:
 
             shutil.rmtree(dest)
         staged.rename(dest)
-    log.info("llama.cpp vocabularies and templates -> %s", dest)
-    return dest
 
 
 def available(root: Path) -> dict[str, list[str]]:
@@ -204,9 +211,12 @@ def build_tokenizer(fam: Family, root: Path, max_length: int):
         with tempfile.TemporaryDirectory(dir=models.parent) as work:
             tokenizer.save_pretrained(work)
             cached.parent.mkdir(parents=True, exist_ok=True)
-            if not cached.exists():
+            try:
                 Path(work).rename(cached)
                 Path(work).mkdir()  # TemporaryDirectory removes it again
+            except OSError:  # another process converted it first: theirs is kept
+                if not (cached / "tokenizer.json").is_file():
+                    raise
     fast = AutoTokenizer.from_pretrained(cached)
     missing = [t for t in (fam.bos, fam.eos, fam.pad, *fam.end_of_turn) if t and fast.convert_tokens_to_ids(t) in (None, fast.unk_token_id)]
     if missing:
