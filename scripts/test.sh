@@ -14,4 +14,11 @@ if ! command -v chromium >/dev/null 2>&1; then
   else echo "test.sh: install Debian's chromium (sudo apt-get install chromium) for the report test" >&2; fi
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec .venv/bin/python -m pytest "$@"
+# OpenMP threads that wait for work sleep instead of spinning: two workers each running torch on both
+# cores then share them instead of burning each other's time (bench/omp_wait_policy.py: alone the same
+# speed, two at once 9.5-10 s each instead of 12-13.5 s, against 8.6 s ideal).
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
+# Two workers (pytest-xdist) on any machine: a serial run keeps 2 cores busy only ~57% of the time
+# (interpreter starts, server start-ups, single-threaded steps). Each test file is one unit of work,
+# the longest first (tests/conftest.py). FTPIPE_TEST_WORKERS=0 runs everything in this process.
+exec .venv/bin/python -m pytest -n "${FTPIPE_TEST_WORKERS:-2}" "$@"

@@ -17,6 +17,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A pytest-xdist worker starts with COLUMNS=80 and LINES=24 in its environment, and rich fixes a
+# console's width from COLUMNS when the console is built (at import): the CLI's tables would then wrap
+# at 80 columns whatever run_cli sets. Without them, the width is read at each print (run_cli: 200).
+for _name in ("COLUMNS", "LINES"):
+    os.environ.pop(_name, None)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -180,6 +185,59 @@ def project(tmp_path, tiny_model_dir) -> Path:
     })
 
 
+# Parallel runs (scripts/test.sh: pytest-xdist, two workers). Each test file is one unit of work that
+# runs on one worker, in file order (module fixtures built once, the docs' steps in sequence), except:
+# - files sharing an expensive session fixture form one unit (a session fixture is built once per
+#   worker): the tuned SFT -> DPO project (tests/dpo_fixture.py) and the evaluation of it; and the
+#   family matrix with the test of docs/families.md that reads this session's rows;
+# - the real model's documented steps (tests/docs/test_docs_run.py) are a unit beside the other steps.
+# The longest units are handed out first, so that none starts last and runs alone. The scheduler is
+# ours (pytest_xdist_make_scheduler below) because xdist's `loadgroup` has no effect under pytest 9.2
+# (it renames `item._nodeid`, which pytest 9.2 no longer reads) and `load` would split a file.
+SHARED_FIXTURE_UNITS = {
+    "family-matrix": ("tests/e2e/test_family_matrix.py", "tests/e2e/test_family_matrix_docs.py"),  # rows, then the docs' table
+    "tuned-project": ("tests/eval/test_evaluate.py", "tests/eval/test_general_text.py", "tests/eval/test_preference.py",
+                      "tests/eval/test_report.py", "tests/eval/test_gguf_eval.py", "tests/serve/test_serve_adapters.py",
+                      "tests/core/test_stage_contract.py"),
+}
+FUNCTION_UNITS = {"tests/docs/test_docs_run.py::test_real_model_doc_command_runs": "real-model"}
+LONGEST_FIRST = ("real-model", "tests/docs/test_docs_run.py", "family-matrix",
+                 "tests/ingest/test_round_trip.py", "tests/e2e/test_demo.py", "tuned-project",
+                 "tests/reliability/test_crash_finetune.py", "tests/training/test_finetune_dpo.py",
+                 "tests/serve/test_serve_awq.py", "tests/cli/test_check_template.py")
+
+
+def work_unit(nodeid: str) -> str:
+    """The unit of work a test belongs to (see SHARED_FIXTURE_UNITS)."""
+    path, _, rest = nodeid.partition("::")
+    function = f"{path}::{rest.split('[')[0]}"
+    if function in FUNCTION_UNITS:
+        return FUNCTION_UNITS[function]
+    return next((unit for unit, files in SHARED_FIXTURE_UNITS.items() if path in files), path)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items) -> None:
+    """The longest units first; the order of tests within a unit is kept."""
+    rank = {unit: i for i, unit in enumerate(LONGEST_FIRST)}
+    units = [work_unit(item.nodeid) for item in items]
+    first_seen = {unit: i for i, unit in reversed(list(enumerate(units)))}
+    order = sorted(range(len(items)), key=lambda i: (rank.get(units[i], len(rank)), first_seen[units[i]], i))
+    items[:] = [items[i] for i in order]
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Whole units of work per worker, in collection order (any `--dist` given is overridden)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class UnitScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    config.option.loadscopereorder = False
+    return UnitScheduling(config, log)
+
+
 # Time per tier (the first folder under tests/, fast and slow apart), printed at the end of every run
 # (`bash scripts/test.sh` shows it; docs/setup.md records it): where the suite's minutes go.
 _TIER_SECONDS: dict[tuple[str, str], list[float]] = {}
@@ -194,8 +252,19 @@ def pytest_runtest_logreport(report) -> None:
     entry[1] += report.when == "call"
 
 
-def pytest_terminal_summary(terminalreporter) -> None:
-    if not _TIER_SECONDS:
+_STARTED = [0.0]
+
+
+def pytest_sessionstart(session) -> None:
+    import time
+
+    _STARTED[0] = time.monotonic()
+
+
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    import time
+
+    if not _TIER_SECONDS or hasattr(config, "workerinput"):
         return
     total = sum(seconds for seconds, _ in _TIER_SECONDS.values())
     terminalreporter.section("time per tier (set-up, call and teardown of each test)")
@@ -203,6 +272,9 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.write_line(f"{tier + ' (' + speed + ')':<22} {count:>4} tests {_clock(seconds):>8} "
                                     f"{100 * seconds / total:5.1f} %")
     terminalreporter.write_line(f"{'all':<22} {sum(c for _, c in _TIER_SECONDS.values()):>4} tests {_clock(total):>8}")
+    workers = getattr(config.option, "numprocesses", None) or 0
+    terminalreporter.write_line(f"wall clock {_clock(time.monotonic() - _STARTED[0])} with "
+                                + (f"{workers} workers (the tiers' times add up the workers' time)" if workers else "one process"))
 
 
 def _clock(seconds: float) -> str:

