@@ -16,9 +16,10 @@ fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # OpenMP threads that wait for work sleep instead of spinning: two workers each running torch on both
 # cores then share them instead of burning each other's time (bench/omp_wait_policy.py: alone the same
-# speed, two at once 9.5-10 s each instead of 12-13.5 s, against 8.6 s ideal).
+# speed; two at once 2.00x the time alone instead of 2.82x).
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
-# Two workers (pytest-xdist) on any machine: a serial run keeps 2 cores busy only ~57% of the time
-# (interpreter starts, server start-ups, single-threaded steps). Each test file is one unit of work,
+# Two workers (pytest-xdist) on any machine: the suite needs about 57 CPU-minutes, which one process
+# spread over 55 minutes on 2 cores (interpreter starts, server start-ups, single-threaded steps) and
+# two workers over 33 (docs/setup.md). Each test file is one unit of work,
 # the longest first (tests/conftest.py). FTPIPE_TEST_WORKERS=0 runs everything in this process.
 exec .venv/bin/python -m pytest -n "${FTPIPE_TEST_WORKERS:-2}" "$@"

@@ -226,6 +226,7 @@ def pytest_collection_modifyitems(config, items) -> None:
     items[:] = [items[i] for i in order]
 
 
+@pytest.hookimpl(optionalhook=True)  # xdist's hook: without xdist (or `-p no:xdist`) it is simply unused
 def pytest_xdist_make_scheduler(config, log):
     """Whole units of work per worker, in collection order (any `--dist` given is overridden)."""
     from xdist.scheduler import LoadScopeScheduling

@@ -25,8 +25,10 @@ How each step is executed (STEPS, in order; each later step may rely on earlier 
 - node: one node of a multi-node command (the docs' second terminal): started in the background,
   it must exit 0 (`expect` on its stdout) once the next step, which it waits for, has run.
 
-Run alone (7 minutes on this 2-core CPU, 13 when other work loads it):
+Run alone, in one process (about 18 minutes on a 2-core CPU, the real model's steps 11 of them), or
+with the two lists side by side on two workers:
     HF_HUB_OFFLINE=1 .venv/bin/python -m pytest tests/docs/test_docs_run.py -q -x
+    HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE .venv/bin/python -m pytest -n 2 tests/docs/test_docs_run.py -q
 """
 
 from __future__ import annotations

