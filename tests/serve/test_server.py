@@ -15,7 +15,7 @@ from ftpipe.config import load_config
 from ftpipe.core.errors import InputError
 from ftpipe.core.runs import Project, RunDir
 from ftpipe.core.stage import StageResult
-from ftpipe.serve.serve import check_port_free, llama_cpp_command, server_environment, vllm_command
+from ftpipe.serve.serve import check_port_free, llama_cpp_command, server_environment, vllm_command, vllm_downcast
 from ftpipe.serve.served import resolve_artifact
 from ftpipe.stages import producers
 from serve.helpers import fabricate_merged, free_port, write_project
@@ -64,6 +64,25 @@ def test_merged_command_names_the_run_and_keeps_the_key_off_argv(project, tiny_m
     # No key configured: an inherited VLLM_API_KEY must not switch authentication on silently.
     plain = _loaded(config).config.serve
     assert "VLLM_API_KEY" not in server_environment(served, plain, base={"VLLM_API_KEY": "inherited"})
+
+
+@pytest.mark.parametrize(("saved", "dtype", "told"), [
+    ("float32", "auto", True),      # vLLM would downcast what eval-sft measured in fp32
+    ("float32", "float32", False),  # served as evaluated
+    ("bfloat16", "auto", False),    # auto keeps bf16
+])
+def test_a_float32_artifact_served_with_dtype_auto_is_named_as_downcast(project, tiny_model_dir, saved, dtype, told):
+    root, config = project
+    fabricate_merged(root, "r1", tiny_model_dir)
+    loaded = _loaded(config, f"serve.dtype={dtype}")
+    run = RunDir(Project.from_config(loaded), "r1")
+    model_config = json.loads((run.merged / "config.json").read_text())
+    model_config.pop("torch_dtype", None)
+    (run.merged / "config.json").write_text(json.dumps({**model_config, "dtype": saved}))
+    note = vllm_downcast(resolve_artifact(run, "merged", producers=producers()), loaded.config.serve)
+    assert (note is not None) == told
+    if told:
+        assert "bfloat16" in note and "serve.dtype: float32" in note
 
 
 def test_adapter_is_served_as_a_lora_on_its_base(project, tiny_model_dir):

@@ -195,6 +195,25 @@ def check_vllm_architecture(served: Served, project: Project) -> list[str]:
     return architectures
 
 
+def vllm_downcast(served: Served, cfg) -> str | None:
+    """Why vLLM will compute in another dtype than the artifact's (None: it will not, or cannot be told).
+
+    vLLM's `--dtype auto` serves a float32 checkpoint in bfloat16 (fp16 on GPUs without bf16); the
+    merged model ftpipe writes on the CPU is float32, and eval-sft measured it in float32. On a small
+    model near-ties flip: the real-model demo's merged SmolLM2 passed 18 of 20 held-out checks in
+    float32 and 15 served in bfloat16 (docs/real-model.md). `serve.dtype: float32` serves the
+    numbers eval-sft measured.
+    """
+    if served.kind != "vllm" or cfg.dtype != "auto" or not Path(served.model).is_dir():
+        return None
+    config = read_json(Path(served.model) / "config.json") or {}
+    saved = config.get("dtype") or config.get("torch_dtype")
+    if saved != "float32":
+        return None
+    return (f"vLLM computes {served.name!r} in bfloat16, not the artifact's float32 (serve.dtype auto downcasts; "
+            "answers can differ from eval-sft's); serve.dtype: float32 serves the numbers eval-sft measured")
+
+
 def servable_here(served: Served, run: RunDir) -> InputError | None:
     """Why this machine's vLLM cannot run the served model (None: it can, or it cannot be told here).
 
@@ -411,6 +430,9 @@ def plan(ctx: StageContext) -> ServePlan:
     if served.kind == "vllm":
         check_vllm_architecture(served, project)
         content_format = chat_content_format(served)
+        downcast = vllm_downcast(served, cfg)
+        if downcast:
+            log.info("%s", downcast)
     check_port_free(cfg.host, cfg.port)
     python = sys.executable
     argv = (vllm_command(python, served, cfg, content_format) if served.kind == "vllm"
