@@ -37,8 +37,10 @@ class AwqConfig(Section):
     )
     calibration_samples: int = Field(64, gt=0, description="Calibration rows drawn from the train split.")
     calibration_max_length: int = Field(256, gt=0, description="Tokens per calibration row (longer rows are cut).")
-    dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="dtype the model is quantized in; unquantized tensors (embeddings, norms) keep it."
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="dtype the model is quantized in; unquantized tensors (embeddings, norms) keep it. "
+        "auto: bfloat16 on a GPU or a CPU with native bf16 (AVX512-BF16 / AMX), float32 on other CPUs, where "
+        "emulated bf16 made AWQ 3.5x slower (docs/awq.md).",
     )
     n_grid: int = Field(
         20, ge=3, description="AWQ grid-search points per smoothed layer (fewer: faster, slightly worse scales)."

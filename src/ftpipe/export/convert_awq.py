@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ftpipe.core.errors import InputError, StageError
+from ftpipe.core.runtime_info import cpu_flags
 from ftpipe.core.stage import StageContext, StageResult, upstream_state
 from ftpipe.export import awq_quality as q
 from ftpipe.export.artifacts import fresh_tmp_dir, replace_dir
@@ -59,6 +60,7 @@ class ConvertAwqPlan:
     val_file: Path  # prepared/<data.name>/val.jsonl (named in errors)
     eval_rows: tuple[Messages, ...]  # the first awq.eval_rows val rows: perplexity
     prompt_rows: tuple[Messages, ...]  # the first awq.verify_prompts val rows: greedy prompts
+    dtype: str = "bfloat16"  # awq.dtype resolved for this machine (`quantize_dtype`)
 
 
 @dataclass
@@ -146,6 +148,25 @@ def _refuse_unmapped(config_json: Path, known: frozenset[str], run_name: str) ->
         )
 
 
+def quantize_dtype(configured: str) -> tuple[str, str]:
+    """awq.dtype resolved for this machine, and why.
+
+    `auto` is bfloat16 on a CUDA GPU or a CPU with native bf16 dot products (AVX512-BF16, AMX), and
+    float32 on other CPUs: there oneDNN emulates bf16, and the real-model demo's AWQ took 484 s in
+    bfloat16 against 137 s in float32 (AVX2 kernels, docs/awq.md). float32 keeps the unquantized
+    embeddings in float32 (a bigger output).
+    """
+    if configured != "auto":
+        return configured, "awq.dtype"
+    import torch
+
+    if torch.cuda.is_available():
+        return "bfloat16", "CUDA"
+    if cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+        return "bfloat16", "CPU with native bf16"
+    return "float32", "CPU without native bf16 (no avx512_bf16/amx_bf16): emulated bf16 is several times slower"
+
+
 def plan(ctx: StageContext) -> ConvertAwqPlan:
     """The architecture against llm-compressor's registry (in the awq environment), and the rows.
 
@@ -157,6 +178,8 @@ def plan(ctx: StageContext) -> ConvertAwqPlan:
     data_dir = project.prepared_dir(ctx.config.data.name)
     val_file = data_dir / "val.jsonl"
     val_rows = list(read_split(val_file, max(cfg.eval_rows, cfg.verify_prompts)))
+    dtype, why = quantize_dtype(cfg.dtype)
+    log.info("awq: quantizing in %s (%s)", dtype, why)
     if not val_rows:
         raise InputError(
             f"{project.rel(val_file)} is empty: convert-awq measures perplexity on the val split",
@@ -169,6 +192,7 @@ def plan(ctx: StageContext) -> ConvertAwqPlan:
         val_file=val_file,
         eval_rows=tuple(val_rows[: cfg.eval_rows]),
         prompt_rows=tuple(val_rows[: cfg.verify_prompts]),
+        dtype=dtype,
     )
 
 
@@ -201,9 +225,10 @@ def run(ctx: StageContext, plan: ConvertAwqPlan) -> StageResult:
         calibration = q.calibration_dataset(
             tokenizer, list(plan.train_rows), cfg.calibration_samples, cfg.calibration_max_length, cfg.seed
         )
-        _quantize_and_save(plan.merged, tmp, tokenizer, calibration, cfg, trust)
-        quant_method, after = _measure_saved(tmp, cfg, trust, measure)
-        metrics = _metrics(plan.merged, tmp, tokenizer, cfg, len(calibration), quant_method, before, after)
+        _quantize_and_save(plan.merged, tmp, tokenizer, calibration, cfg, plan.dtype, trust)
+        quant_method, after = _measure_saved(tmp, plan.dtype, trust, measure)
+        metrics = {**_metrics(plan.merged, tmp, tokenizer, cfg, len(calibration), quant_method, before, after),
+                   "dtype": plan.dtype}
         _verify(before, after, quant_method, cfg)
         replace_dir(tmp, plan.output)
     finally:
@@ -255,14 +280,14 @@ def _measure_merged(merged: Path, trust: bool, measure) -> _Measured:
     return measured
 
 
-def _quantize_and_save(merged: Path, folder: Path, tokenizer, calibration, cfg, trust: bool) -> None:
-    """Load the merged model in awq.dtype, AWQ-quantize it, save it compressed with the tokenizer and
+def _quantize_and_save(merged: Path, folder: Path, tokenizer, calibration, cfg, dtype: str, trust: bool) -> None:
+    """Load the merged model in `dtype` (awq.dtype resolved), AWQ-quantize it, save it compressed with the tokenizer and
     the carried files into `folder`."""
     import torch
     from transformers import AutoModelForCausalLM
 
     log.info("calibrating AWQ %s on %d train rows (max %d tokens)", cfg.scheme, len(calibration), cfg.calibration_max_length)
-    model = AutoModelForCausalLM.from_pretrained(merged, dtype=getattr(torch, cfg.dtype), trust_remote_code=trust)
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=getattr(torch, dtype), trust_remote_code=trust)
     quantize(model, tokenizer, calibration, cfg)
     model.save_pretrained(folder, save_compressed=True)
     tokenizer.save_pretrained(folder)
@@ -271,13 +296,13 @@ def _quantize_and_save(merged: Path, folder: Path, tokenizer, calibration, cfg, 
             shutil.copy2(merged / name, folder / name)
 
 
-def _measure_saved(folder: Path, cfg, trust: bool, measure) -> tuple[str | None, _Measured]:
+def _measure_saved(folder: Path, dtype: str, trust: bool, measure) -> tuple[str | None, _Measured]:
     """The files as written, reloaded with plain transformers (compressed-tensors): their
     quantization method and measurements."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    awq_model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, cfg.dtype), trust_remote_code=trust)
+    awq_model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), trust_remote_code=trust)
     quant_method = _quant_method(awq_model.config)
     measured = measure(awq_model)
     del awq_model

@@ -22,6 +22,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from ftpipe.core.errors import ConfigError
+from ftpipe.core.runtime_info import cpu_flags
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +62,7 @@ def cpu_supports_bf16() -> bool:
     fp32 (docs/finetune.md), so the CPU flags are what counts, not
     `torch.ops.mkldnn._is_mkldnn_bf16_supported()`.
     """
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def bf16_matmul_speedup(rows: int, hidden: int, inner: int, seconds: float = 0.3) -> float:
