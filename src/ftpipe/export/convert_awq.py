@@ -60,7 +60,7 @@ class ConvertAwqPlan:
     val_file: Path  # prepared/<data.name>/val.jsonl (named in errors)
     eval_rows: tuple[Messages, ...]  # the first awq.eval_rows val rows: perplexity
     prompt_rows: tuple[Messages, ...]  # the first awq.verify_prompts val rows: greedy prompts
-    dtype: str = "bfloat16"  # awq.dtype resolved for this machine (`quantize_dtype`)
+    dtype: str  # awq.dtype resolved for this machine (`quantize_dtype`)
 
 
 @dataclass
@@ -281,8 +281,8 @@ def _measure_merged(merged: Path, trust: bool, measure) -> _Measured:
 
 
 def _quantize_and_save(merged: Path, folder: Path, tokenizer, calibration, cfg, dtype: str, trust: bool) -> None:
-    """Load the merged model in `dtype` (awq.dtype resolved), AWQ-quantize it, save it compressed with the tokenizer and
-    the carried files into `folder`."""
+    """Load the merged model in `dtype` (awq.dtype resolved), AWQ-quantize it, save it compressed with
+    the tokenizer and the carried files into `folder`."""
     import torch
     from transformers import AutoModelForCausalLM
 
