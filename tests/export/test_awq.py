@@ -274,9 +274,10 @@ def test_perplexity_bound_fails_the_stage(tmp_path, tiny_model_dir) -> None:
 def test_awq_dtype_auto_follows_the_machine(monkeypatch, configured, cuda, flags, expected) -> None:
     import torch
 
+    from ftpipe.core import runtime_info
     from ftpipe.export import convert_awq
 
-    monkeypatch.setattr(convert_awq, "cpu_flags", lambda: set(flags))
+    monkeypatch.setattr(runtime_info, "cpu_flags", lambda: set(flags))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     dtype, why = convert_awq.quantize_dtype(configured)
     assert dtype == expected

@@ -7,8 +7,9 @@ from transformers import LlamaConfig
 
 from ftpipe.config import load_config
 from ftpipe.core.errors import ConfigError
+from ftpipe.core.runtime_info import cpu_native_bf16
 from ftpipe.training.config import FinetuneConfig
-from ftpipe.training.plan import BF16_CPU_MIN_HIDDEN, cpu_supports_bf16, make_plan
+from ftpipe.training.plan import BF16_CPU_MIN_HIDDEN, make_plan
 
 
 def llama(hidden: int, layers: int = 2) -> LlamaConfig:
@@ -21,7 +22,7 @@ def test_cpu_precision_follows_hardware_and_model_size():
     assert (small.device, small.precision, small.base_dtype) == ("cpu", "fp32", "float32")
     big = make_plan(FinetuneConfig(), llama(576), "lora", [30, 40])
     assert 576 >= BF16_CPU_MIN_HIDDEN
-    if not cpu_supports_bf16():
+    if not cpu_native_bf16():
         # oneDNN emulates bf16 on plain AVX-512, several times slower than fp32.
         assert big.precision == "fp32"
         assert big.reasons["precision"].startswith("CPU without native bf16")
@@ -36,7 +37,7 @@ def test_cpu_precision_follows_hardware_and_model_size():
 
 def test_native_bf16_is_read_from_the_cpu_flags():
     flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    assert cpu_supports_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+    assert cpu_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
 
 
 def test_packing_and_checkpointing_auto():

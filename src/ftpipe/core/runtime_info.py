@@ -79,11 +79,21 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def cpu_native_bf16() -> bool:
+    """True when the CPU has native bf16 dot products (AVX512-BF16 or AMX-BF16).
+
+    oneDNN also "supports" bf16 on plain AVX-512 by emulation, which is several times slower than
+    fp32 (docs/finetune.md, docs/awq.md), so the CPU flags are what counts, not
+    `torch.ops.mkldnn._is_mkldnn_bf16_supported()`.
+    """
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
 def devices() -> dict[str, Any]:
     """CUDA devices (when torch is importable here) and CPU bf16 support."""
     flags = cpu_flags()
     info: dict[str, Any] = {
-        "cpu_bf16": bool(flags & {"avx512_bf16", "amx_bf16"}),
+        "cpu_bf16": cpu_native_bf16(),
         "cpu_flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}),
         "cuda": False,
         "cuda_devices": [],

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ftpipe.core.errors import InputError, StageError
-from ftpipe.core.runtime_info import cpu_flags
+from ftpipe.core.runtime_info import cpu_native_bf16
 from ftpipe.core.stage import StageContext, StageResult, upstream_state
 from ftpipe.export import awq_quality as q
 from ftpipe.export.artifacts import fresh_tmp_dir, replace_dir
@@ -162,7 +162,7 @@ def quantize_dtype(configured: str) -> tuple[str, str]:
 
     if torch.cuda.is_available():
         return "bfloat16", "CUDA"
-    if cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+    if cpu_native_bf16():
         return "bfloat16", "CPU with native bf16"
     return "float32", "CPU without native bf16 (no avx512_bf16/amx_bf16): emulated bf16 is several times slower"
 

@@ -22,7 +22,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from ftpipe.core.errors import ConfigError
-from ftpipe.core.runtime_info import cpu_flags
+from ftpipe.core.runtime_info import cpu_native_bf16
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +53,6 @@ class TrainPlan:
     def record(self) -> dict:
         """Manifest metrics form."""
         return asdict(self)
-
-
-def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bf16 dot products (AVX512-BF16 or AMX-BF16).
-
-    oneDNN also "supports" bf16 on plain AVX-512 by emulation, which is several times slower than
-    fp32 (docs/finetune.md), so the CPU flags are what counts, not
-    `torch.ops.mkldnn._is_mkldnn_bf16_supported()`.
-    """
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def bf16_matmul_speedup(rows: int, hidden: int, inner: int, seconds: float = 0.3) -> float:
@@ -142,7 +132,7 @@ def make_plan(cfg, model_config, method: str, sample_lengths: list[int]) -> Trai
         if cuda:
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
             reasons["precision"] = f"CUDA {'with' if precision == 'bf16' else 'without'} bf16 support"
-        elif not cpu_supports_bf16():
+        elif not cpu_native_bf16():
             precision = "fp32"
             reasons["precision"] = "CPU without native bf16 (no avx512_bf16/amx_bf16): emulated bf16 is slower"
         elif hidden < BF16_CPU_MIN_HIDDEN:
@@ -157,7 +147,7 @@ def make_plan(cfg, model_config, method: str, sample_lengths: list[int]) -> Trai
         reasons["precision"] = "finetune.precision"
     if precision == "fp16" and not cuda:
         raise ConfigError("finetune.precision=fp16 needs a CUDA GPU", hint="--set finetune.precision=auto")
-    if precision == "bf16" and not cuda and not cpu_supports_bf16():
+    if precision == "bf16" and not cuda and not cpu_native_bf16():
         log.warning("finetune.precision=bf16 on a CPU without native bf16: expect it to be slow")
 
     # The frozen base needs no fp32 master copy: loading it in the compute dtype halves its memory
